@@ -1,0 +1,279 @@
+//! The pricing catalog: which Apollo endpoint a call hit and what it cost.
+//!
+//! A [`Catalog`] is loaded once from TOML (the built-in `config/apollo-catalog.toml`, or a file
+//! named by `catalog.path`; the format is described in `spec.rs`). For each proxied call the proxy
+//! [`classify`](Catalog::classify)s method and path into an [`Endpoint`], parses the request's
+//! [`RequestParams`], copies the response body if the endpoint
+//! [`inspects_body`](Endpoint::inspects_body), and at the end of the body asks for its
+//! [`price`](Catalog::price): credits by type in thousandths, where the figure came from, and
+//! record counts. Nothing here knows about sockets or HTTP libraries.
+
+mod decode;
+mod params;
+mod pattern;
+mod pricing;
+mod rules;
+mod spec;
+#[cfg(test)]
+mod testutil;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use decode::{decode_body, DecodeError};
+pub use params::RequestParams;
+pub use pricing::{CreditSource, Credits, Pricing, ResponseView};
+
+use pattern::Pattern;
+use rules::{Charge, FieldPath, RecordsMatched, RecordsRequested};
+
+/// The built-in Apollo catalog.
+const BUILTIN_TOML: &str = include_str!("../../config/apollo-catalog.toml");
+
+/// How the built-in catalog is named in errors and in `check-config`.
+const BUILTIN_ORIGIN: &str = "<built-in apollo-catalog.toml>";
+
+/// The endpoint name of calls no catalog entry matches.
+const OTHER: &str = "other";
+
+/// A loaded, validated catalog. Immutable, `Send + Sync`; share it in an `Arc`.
+#[derive(Debug)]
+pub struct Catalog {
+    version: String,
+    /// In file order.
+    endpoints: Vec<Endpoint>,
+    /// Every endpoint path under every prefix, most specific first.
+    routes: Vec<Route>,
+    other: Endpoint,
+}
+
+/// One path pattern, under one prefix, leading to an endpoint.
+#[derive(Debug)]
+struct Route {
+    pattern: Pattern,
+    /// Index into `Catalog::endpoints`.
+    endpoint: usize,
+}
+
+impl Catalog {
+    /// The built-in Apollo catalog (`config/apollo-catalog.toml`, compiled in).
+    pub fn builtin() -> Catalog {
+        // The embedded text is a constant that `tests::builtin_catalog_parses` checks, so the
+        // fallback (every call priced as `other`) is unreachable in a tested build.
+        Catalog::from_toml(BUILTIN_TOML, BUILTIN_ORIGIN).unwrap_or_else(|_| Catalog {
+            version: "invalid-builtin".to_owned(),
+            endpoints: Vec::new(),
+            routes: Vec::new(),
+            other: Endpoint::other(),
+        })
+    }
+
+    /// Parses and validates a catalog. `origin` (usually the file path) names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
+        spec::parse(text, origin)
+    }
+
+    /// Reads and parses a catalog file.
+    pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Catalog::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The catalog's `version`, recorded with every ledger row (`catalog_version`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The catalogued endpoints in file order (without the implicit `other`).
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter()
+    }
+
+    /// The endpoint for a call. `path` is the request path without its query string; one
+    /// trailing `/` is ignored and the method is compared case-insensitively. When several
+    /// endpoints match, the pattern with the most literal segments wins (`people/match` over
+    /// `people/{id}`), then the earlier one in the file. No match gives the `other` endpoint,
+    /// which charges nothing. Does not allocate.
+    pub fn classify(&self, method: &str, path: &str) -> &Endpoint {
+        self.endpoint(self.classify_id(method, path))
+    }
+
+    /// Like [`classify`](Self::classify), but returns a copyable id to keep with a call across
+    /// tasks; [`endpoint`](Self::endpoint) turns it back into the endpoint.
+    pub fn classify_id(&self, method: &str, path: &str) -> EndpointId {
+        let segments = pattern::segments(path);
+        self.routes
+            .iter()
+            .filter(|route| route.pattern.matches(segments.clone()))
+            .find(|route| {
+                self.endpoints
+                    .get(route.endpoint)
+                    .is_some_and(|ep| ep.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+            })
+            .map_or(EndpointId(usize::MAX), |route| EndpointId(route.endpoint))
+    }
+
+    /// The endpoint an id from [`classify_id`](Self::classify_id) names (`other` if none).
+    pub fn endpoint(&self, id: EndpointId) -> &Endpoint {
+        self.endpoints.get(id.0).unwrap_or(&self.other)
+    }
+
+    /// Prices a finished call to `ep` (as returned by [`classify`](Self::classify)).
+    ///
+    /// Non-2xx responses and the `other` endpoint cost 0 with source [`CreditSource::None`].
+    /// A 2xx on a catalogued endpoint is priced by its rules (source `Catalog`, even at 0),
+    /// unless the response reports its own figure (source `Reported`). Never panics, whatever
+    /// the bytes; what could not be read is explained in [`Pricing::note`].
+    pub fn price(&self, ep: &Endpoint, req: &RequestParams, resp: &ResponseView<'_>) -> Pricing {
+        pricing::price(ep, req, resp)
+    }
+}
+
+/// Names an endpoint of one [`Catalog`]; `other` when no entry matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointId(usize);
+
+/// A named Apollo endpoint and its pricing rules.
+#[derive(Debug)]
+pub struct Endpoint {
+    name: String,
+    /// Upper-case.
+    methods: Vec<String>,
+    /// Path patterns as written in the catalog, relative to the prefixes.
+    paths: Vec<String>,
+    records_requested: Option<RecordsRequested>,
+    records_matched: Option<RecordsMatched>,
+    reported: Option<FieldPath>,
+    charges: Vec<Charge>,
+    inspects_body: bool,
+    /// False only for `other`.
+    catalogued: bool,
+}
+
+impl Endpoint {
+    fn other() -> Endpoint {
+        Endpoint {
+            name: OTHER.to_owned(),
+            methods: Vec::new(),
+            paths: Vec::new(),
+            records_requested: None,
+            records_matched: None,
+            reported: None,
+            charges: Vec::new(),
+            inspects_body: false,
+            catalogued: false,
+        }
+    }
+
+    /// The endpoint name (`people_match`, …, or `other`), as used in the ledger and metrics.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The HTTP methods it answers, upper-case.
+    pub fn methods(&self) -> &[String] {
+        &self.methods
+    }
+
+    /// Its path patterns as written in the catalog (relative to the prefixes).
+    pub fn paths(&self) -> &[String] {
+        &self.paths
+    }
+
+    /// True when pricing or record counting reads the response body; the proxy copies the
+    /// body only then.
+    pub fn inspects_body(&self) -> bool {
+        self.inspects_body
+    }
+
+    /// The most this request can cost, in milli-credits, by the catalog's rules (a figure the
+    /// response reports itself may differ), for budget reservations. An `each` charge is
+    /// bounded by the endpoint's `records_requested`. `None` when there is no bound: the
+    /// `other` endpoint, or an `each` charge whose record count the request does not give.
+    pub fn worst_case_milli(&self, req: &RequestParams) -> Option<i64> {
+        if !self.catalogued {
+            return None;
+        }
+        let records = self.records_requested.as_ref().and_then(|r| r.count(req));
+        self.charges
+            .iter()
+            .filter(|charge| charge.applies(req))
+            .try_fold(0_i64, |sum, charge| {
+                Some(sum.saturating_add(charge.max_milli(records)?))
+            })
+    }
+}
+
+/// One line for `check-config`:
+/// `people_match  GET|POST people/match: 1 lead if `person` is present; …`.
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}  {} {}: ",
+            self.name,
+            self.methods.join("|"),
+            self.paths.join(", ")
+        )?;
+        if self.charges.is_empty() {
+            f.write_str("free")?;
+        }
+        for (i, charge) in self.charges.iter().enumerate() {
+            write!(f, "{}{charge}", if i == 0 { "" } else { "; " })?;
+        }
+        if let Some(field) = &self.reported {
+            write!(f, " (or the reported `{field}`)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a catalog could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The file could not be read.
+    #[error("cannot read catalog {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or not the catalog's shape (unknown key, wrong type, unknown credit
+    /// type). The message is toml's own; the line is where toml places the problem.
+    #[error("{origin}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Syntax {
+        /// The file (or other origin) given to [`Catalog::from_toml`].
+        origin: String,
+        /// 1-based line, when toml gives one.
+        line: Option<usize>,
+        /// toml's message.
+        message: String,
+    },
+    /// Well-formed, but a rule does not make sense (bad pattern, duplicate name, a `per`
+    /// without its `field`, …). `subject` names the endpoint or rule.
+    #[error("{origin}:{line}: {subject}: {problem}")]
+    Invalid {
+        /// The file (or other origin) given to [`Catalog::from_toml`].
+        origin: String,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// The endpoint or rule at fault, e.g. "endpoint `people_match`, charge 2".
+        subject: String,
+        /// What is wrong, and how to fix it.
+        problem: String,
+    },
+}
+
+// The proxy shares one catalog across connection tasks in an `Arc`.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Catalog>();
+};
+
+#[cfg(test)]
+mod tests;

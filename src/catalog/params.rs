@@ -1,0 +1,467 @@
+//! The parameters of one request, as Apollo's Rails server would see them.
+//!
+//! Callers send parameters in the query string (Rails form keys such as `details[][email]`),
+//! in a JSON body, or both; Apollo merges the two. Pricing rules read the merged view:
+//! `reveal_phone_number` to price a phone reveal, `details` to count requested records.
+
+use serde_json::{Map, Value};
+
+/// Deepest bracket nesting honoured in a query key (`a[b][c]` has 2 levels). Deeper keys are
+/// kept whole as flat keys, which bounds the recursion a hostile query string can cause.
+const MAX_KEY_DEPTH: usize = 16;
+
+/// Identifier kinds in the order [`RequestParams::identifier_kinds`] reports them (sorted).
+const IDENTIFIER_KINDS: [&str; 5] = ["email", "id", "linkedin_url", "name", "name+domain"];
+
+/// The merged parameters of a request: the query string first, then the top-level keys of a
+/// JSON object body, which win on conflict. Query values are strings; body values keep their
+/// JSON types.
+#[derive(Debug, Clone, Default)]
+pub struct RequestParams {
+    params: Map<String, Value>,
+    note: Option<String>,
+}
+
+impl RequestParams {
+    /// Merges `query` (without the `?`) and `body`. Never fails: a body that is not a JSON
+    /// object is ignored, and [`note`](Self::note) says why. An empty body is simply absent.
+    pub fn parse(query: Option<&str>, body: &[u8]) -> RequestParams {
+        let mut params = query.map(parse_query).unwrap_or_default();
+        let note = if body.iter().all(u8::is_ascii_whitespace) {
+            None
+        } else {
+            match serde_json::from_slice::<Value>(body) {
+                Ok(Value::Object(fields)) => {
+                    params.extend(fields);
+                    None
+                }
+                Ok(other) => Some(format!(
+                    "request body is a JSON {}, not an object; its parameters were ignored",
+                    json_kind(&other)
+                )),
+                Err(e) => Some(format!(
+                    "request body is not JSON ({e}); its parameters were ignored"
+                )),
+            }
+        };
+        RequestParams { params, note }
+    }
+
+    /// The value of a top-level parameter.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.params.get(key)
+    }
+
+    /// Whether a parameter is set to a true value: `true`, `1`, or the strings `"true"`,
+    /// `"1"`, `"yes"` in any case. Absent and anything else is false.
+    pub fn truthy(&self, key: &str) -> bool {
+        match self.get(key) {
+            Some(Value::Bool(b)) => *b,
+            Some(Value::Number(n)) => n.as_u64() == Some(1) || n.as_f64() == Some(1.0),
+            Some(Value::String(s)) => ["true", "1", "yes"]
+                .iter()
+                .any(|t| s.trim().eq_ignore_ascii_case(t)),
+            _ => false,
+        }
+    }
+
+    /// The `api_key` parameter (older clients send it in the query or the body), if it is a
+    /// non-empty string.
+    pub fn api_key(&self) -> Option<&str> {
+        self.get("api_key")
+            .and_then(Value::as_str)
+            .filter(|key| !key.is_empty())
+    }
+
+    /// Why the body's parameters were ignored, if they were.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// The kinds of person identifier the request carries (never their values), sorted:
+    /// `email` (`email`, `hashed_email`), `id` (`id`, `person_id`), `linkedin_url`,
+    /// `name+domain` (`first_name` and `last_name`, or `name`, plus `domain` or
+    /// `organization_name`) and `name` (a name without a company). Top-level parameters and
+    /// every object in a bulk `details` array are included.
+    pub fn identifier_kinds(&self) -> Vec<&'static str> {
+        let mut found = [false; IDENTIFIER_KINDS.len()];
+        let details = match self.get("details") {
+            Some(Value::Array(items)) => items.as_slice(),
+            _ => &[],
+        };
+        let people = details.iter().filter_map(Value::as_object);
+        for person in std::iter::once(&self.params).chain(people) {
+            let has = |key: &str| match person.get(key) {
+                Some(Value::String(s)) => !s.trim().is_empty(),
+                Some(Value::Number(_)) => true,
+                _ => false,
+            };
+            let name = (has("first_name") && has("last_name")) || has("name");
+            let company = has("domain") || has("organization_name");
+            for (slot, present) in found.iter_mut().zip([
+                has("email") || has("hashed_email"),
+                has("id") || has("person_id"),
+                has("linkedin_url"),
+                name && !company,
+                name && company,
+            ]) {
+                *slot |= present;
+            }
+        }
+        IDENTIFIER_KINDS
+            .iter()
+            .zip(found)
+            .filter_map(|(kind, present)| present.then_some(*kind))
+            .collect()
+    }
+}
+
+/// A JSON value's type, for messages.
+pub(super) fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Parses a query string the way Rails does: `a[]=x` appends to an array, `a[b]=1` nests an
+/// object, `a[][k]=v` builds an array of objects, `a[0][k]=v` an indexed array. A plain
+/// repeated key keeps its last value.
+fn parse_query(query: &str) -> Map<String, Value> {
+    let mut params = Map::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(key);
+        let value = Value::String(percent_decode(value));
+        match split_key(&key) {
+            Some((base, subkeys)) => insert(&mut params, base, &subkeys, value),
+            None if key.is_empty() => {}
+            None => {
+                params.insert(key, value);
+            }
+        }
+    }
+    params.values_mut().for_each(index_to_array);
+    params
+}
+
+/// Splits `details[][email]` into `details` and `["", "email"]`. `None` for a key without
+/// brackets, with malformed brackets, or nested deeper than [`MAX_KEY_DEPTH`].
+fn split_key(key: &str) -> Option<(&str, Vec<&str>)> {
+    let (base, mut rest) = key.split_at(key.find('[')?);
+    if base.is_empty() {
+        return None;
+    }
+    let mut subkeys = Vec::new();
+    while !rest.is_empty() {
+        let (subkey, after) = rest.strip_prefix('[')?.split_once(']')?;
+        subkeys.push(subkey);
+        rest = after;
+    }
+    (subkeys.len() <= MAX_KEY_DEPTH).then_some((base, subkeys))
+}
+
+/// Stores `value` at `key` + `subkeys` (Rails' `normalize_params`). A value of the wrong type
+/// in the way (`a=1&a[b]=2`) is replaced, where Rails would reject the request.
+fn insert(params: &mut Map<String, Value>, key: &str, subkeys: &[&str], value: Value) {
+    let Some((first, rest)) = subkeys.split_first() else {
+        params.insert(key.to_owned(), value);
+        return;
+    };
+    let slot = params.entry(key).or_insert(Value::Null);
+    if first.is_empty() {
+        if !slot.is_array() {
+            *slot = Value::Array(Vec::new());
+        }
+        let Value::Array(items) = slot else { return };
+        let Some((next, deeper)) = rest.split_first() else {
+            items.push(value);
+            return;
+        };
+        // `a[][k]=v` fills the last element until it already holds `k`, then starts a new one.
+        let fill_last = matches!(items.last(), Some(Value::Object(last)) if !has_path(last, rest));
+        if !fill_last {
+            items.push(Value::Object(Map::new()));
+        }
+        if let Some(Value::Object(last)) = items.last_mut() {
+            insert(last, next, deeper, value);
+        }
+    } else {
+        if !slot.is_object() {
+            *slot = Value::Object(Map::new());
+        }
+        if let Value::Object(inner) = slot {
+            insert(inner, first, rest, value);
+        }
+    }
+}
+
+/// Whether `map` already holds a value at `path`. Paths through `[]` never count as held,
+/// as in Rails, so `a[][tags][]=x&a[][tags][]=y` builds one element with two tags.
+fn has_path(map: &Map<String, Value>, path: &[&str]) -> bool {
+    match path.split_first() {
+        Some((&"", _)) | None => false,
+        Some((key, [])) => map.contains_key(*key),
+        Some((key, rest)) => {
+            matches!(map.get(*key), Some(Value::Object(inner)) if has_path(inner, rest))
+        }
+    }
+}
+
+/// Turns objects whose keys are all decimal indexes (`details[0][email]`, `details[1][email]`)
+/// into arrays, ordered by index.
+fn index_to_array(value: &mut Value) {
+    match value {
+        Value::Array(items) => items.iter_mut().for_each(index_to_array),
+        Value::Object(map) => {
+            map.values_mut().for_each(index_to_array);
+            let indexed = !map.is_empty()
+                && map
+                    .keys()
+                    .all(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()));
+            if indexed {
+                let mut entries: Vec<(u64, Value)> = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (k.parse().unwrap_or(u64::MAX), v))
+                    .collect();
+                entries.sort_by_key(|(index, _)| *index);
+                *value = Value::Array(entries.into_iter().map(|(_, v)| v).collect());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Decodes `%XX` escapes and `+` (a space in form encoding). A `%` not followed by two hex
+/// digits is kept as is; bytes that are not UTF-8 become U+FFFD.
+fn percent_decode(text: &str) -> String {
+    if !text.contains(['%', '+']) {
+        return text.to_owned();
+    }
+    let mut bytes = text.bytes();
+    let mut out = Vec::with_capacity(text.len());
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let mut ahead = bytes.clone();
+                match (
+                    ahead.next().and_then(hex_value),
+                    ahead.next().and_then(hex_value),
+                ) {
+                    (Some(high), Some(low)) => {
+                        out.push(high << 4 | low);
+                        bytes = ahead;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            _ => out.push(b),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn query(q: &str) -> Value {
+        Value::Object(parse_query(q))
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a+b%20c"), "a b c");
+        assert_eq!(percent_decode("jane%40acme.com"), "jane@acme.com");
+        assert_eq!(percent_decode("%E2%9C%93"), "✓");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        assert_eq!(percent_decode("plain"), "plain");
+    }
+
+    #[test]
+    fn plain_keys_last_one_wins() {
+        assert_eq!(
+            query("a=1&a=2&b&=x&&c="),
+            json!({"a": "2", "b": "", "c": ""})
+        );
+    }
+
+    #[test]
+    fn rails_arrays_and_objects() {
+        assert_eq!(
+            query("person_titles[]=CEO&person_titles[]=VP+Sales&revenue_range[min]=1&revenue_range[max]=10"),
+            json!({"person_titles": ["CEO", "VP Sales"], "revenue_range": {"min": "1", "max": "10"}})
+        );
+        assert_eq!(query("a%5B%5D=x&a%5B%5D=y"), json!({"a": ["x", "y"]}));
+    }
+
+    #[test]
+    fn rails_arrays_of_objects_start_a_new_element_on_a_repeated_key() {
+        assert_eq!(
+            query("details[][email]=a@x.com&details[][first_name]=Ann&details[][email]=b@y.com&details[][last_name]=Bo"),
+            json!({"details": [
+                {"email": "a@x.com", "first_name": "Ann"},
+                {"email": "b@y.com", "last_name": "Bo"},
+            ]})
+        );
+        assert_eq!(
+            query("a[][tags][]=x&a[][tags][]=y&a[][addr][city]=P&a[][addr][city]=Q"),
+            json!({"a": [{"tags": ["x", "y"], "addr": {"city": "P"}}, {"addr": {"city": "Q"}}]})
+        );
+    }
+
+    #[test]
+    fn rails_indexed_arrays() {
+        assert_eq!(
+            query("details[1][email]=b@y.com&details[0][email]=a@x.com&details[0][id]=7"),
+            json!({"details": [{"email": "a@x.com", "id": "7"}, {"email": "b@y.com"}]})
+        );
+        // A huge index does not allocate a huge array.
+        assert_eq!(query("d[99999999999999999999]=x"), json!({"d": ["x"]}));
+        // Top-level numeric keys stay keys.
+        assert_eq!(query("0=a"), json!({"0": "a"}));
+    }
+
+    #[test]
+    fn malformed_and_overdeep_keys_stay_flat() {
+        assert_eq!(
+            query("a[b=1&c]d=2&[x]=3"),
+            json!({"a[b": "1", "c]d": "2", "[x]": "3"})
+        );
+        assert_eq!(query("a[b]c=1"), json!({"a[b]c": "1"}));
+        let deep = format!("a{}=1", "[b]".repeat(MAX_KEY_DEPTH + 1));
+        assert!(parse_query(&deep).contains_key(&deep[..deep.len() - 2]));
+    }
+
+    #[test]
+    fn conflicting_shapes_replace_rather_than_fail() {
+        assert_eq!(query("a=1&a[b]=2"), json!({"a": {"b": "2"}}));
+        assert_eq!(query("a[b]=2&a[]=3"), json!({"a": ["3"]}));
+    }
+
+    #[test]
+    fn query_only() {
+        let p = RequestParams::parse(Some("email=a%40x.com&reveal_phone_number=true"), b"");
+        assert_eq!(p.get("email"), Some(&json!("a@x.com")));
+        assert!(p.truthy("reveal_phone_number"));
+        assert_eq!(p.note(), None);
+    }
+
+    #[test]
+    fn json_only() {
+        let p = RequestParams::parse(
+            None,
+            br#"{"details":[{"email":"a@x.com"}],"reveal_phone_number":1}"#,
+        );
+        assert_eq!(p.get("details"), Some(&json!([{"email": "a@x.com"}])));
+        assert!(p.truthy("reveal_phone_number"));
+    }
+
+    #[test]
+    fn body_wins_over_query() {
+        let p = RequestParams::parse(
+            Some("domain=q.com&api_key=k1&page=2"),
+            br#"{"domain":"b.com"}"#,
+        );
+        assert_eq!(p.get("domain"), Some(&json!("b.com")));
+        assert_eq!(p.get("page"), Some(&json!("2")));
+        assert_eq!(p.api_key(), Some("k1"));
+    }
+
+    #[test]
+    fn unusable_bodies_are_noted_not_fatal() {
+        let p = RequestParams::parse(Some("a=1"), b"domain=acme.com");
+        assert!(p
+            .note()
+            .is_some_and(|n| n.starts_with("request body is not JSON")));
+        assert_eq!(p.get("a"), Some(&json!("1")));
+
+        let p = RequestParams::parse(None, b"[1,2]");
+        assert_eq!(
+            p.note(),
+            Some("request body is a JSON array, not an object; its parameters were ignored")
+        );
+        assert_eq!(RequestParams::parse(None, b" \r\n").note(), None);
+    }
+
+    #[test]
+    fn truthy_values() {
+        let p = RequestParams::parse(
+            Some("a=TRUE&b=1&c=Yes&d=false&e=0&f=&g=on"),
+            br#"{"h":true,"i":1,"j":1.0,"k":2,"l":false,"m":null,"n":["true"]}"#,
+        );
+        for key in ["a", "b", "c", "h", "i", "j"] {
+            assert!(p.truthy(key), "{key}");
+        }
+        for key in ["d", "e", "f", "g", "k", "l", "m", "n", "missing"] {
+            assert!(!p.truthy(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn api_key_must_be_a_non_empty_string() {
+        assert_eq!(
+            RequestParams::parse(None, br#"{"api_key":"k"}"#).api_key(),
+            Some("k")
+        );
+        assert_eq!(RequestParams::parse(Some("api_key="), b"").api_key(), None);
+        assert_eq!(
+            RequestParams::parse(None, br#"{"api_key":5}"#).api_key(),
+            None
+        );
+    }
+
+    #[test]
+    fn identifier_kinds_for_a_single_match() {
+        let kinds = |q: &str| RequestParams::parse(Some(q), b"").identifier_kinds();
+        assert_eq!(kinds("email=a%40x.com"), ["email"]);
+        assert_eq!(
+            kinds("hashed_email=abc&linkedin_url=http%3A%2F%2Fl"),
+            ["email", "linkedin_url"]
+        );
+        assert_eq!(
+            kinds("first_name=A&last_name=B&domain=x.com"),
+            ["name+domain"]
+        );
+        assert_eq!(kinds("name=A+B&organization_name=Acme"), ["name+domain"]);
+        assert_eq!(kinds("first_name=A&last_name=B"), ["name"]);
+        assert_eq!(kinds("first_name=A&domain=x.com"), Vec::<&str>::new());
+        assert_eq!(kinds("id=&email=+"), Vec::<&str>::new());
+        assert_eq!(
+            RequestParams::parse(None, br#"{"person_id":123,"email":"a@x.com"}"#)
+                .identifier_kinds(),
+            ["email", "id"]
+        );
+    }
+
+    #[test]
+    fn identifier_kinds_for_bulk_are_the_union_over_details() {
+        let p = RequestParams::parse(
+            None,
+            br#"{"details":[{"email":"a@x.com"},{"id":"p1"},{"email":"b@y.com"},null,
+                {"first_name":"A","last_name":"B","domain":"x.com"},{"name":"C"}]}"#,
+        );
+        assert_eq!(p.identifier_kinds(), ["email", "id", "name", "name+domain"]);
+
+        let p = RequestParams::parse(Some("details[][linkedin_url]=u&details[][email]=e"), b"");
+        assert_eq!(p.identifier_kinds(), ["email", "linkedin_url"]);
+    }
+}

@@ -1,0 +1,592 @@
+//! Configuration: one serde tree read from TOML, with a documented default for every key.
+//!
+//! Unknown keys are rejected (`deny_unknown_fields`), and the error names the key and the line,
+//! because toml's span-carrying errors flow through unchanged. Durations and sizes are written
+//! the way people write them (`"30s"`, `"16MiB"`). Cross-field rules live in [`Config::validate`],
+//! whose messages say how to fix the problem.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Default proxy listener: loopback, so a fresh install is not reachable from the network.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listener (`/metrics`, `/healthz`, `/readyz`): loopback.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+/// Default upstream: Apollo's API host.
+pub const DEFAULT_UPSTREAM: &str = "https://api.apollo.io";
+/// Default ledger file, relative to the working directory.
+pub const DEFAULT_LEDGER_PATH: &str = "creditmeter.db";
+/// Largest request body accepted from a caller. Apollo requests are small JSON documents.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
+/// Time a caller has to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time to establish a TCP (and TLS) connection to the upstream.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a whole upstream exchange: request sent to last response byte.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long idle pooled upstream connections are kept.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle pooled upstream connections kept per host.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 256;
+/// When a caller disconnects mid-response, how much more of the upstream body is read to price it.
+pub const DEFAULT_CANCELLED_DRAIN_MAX: u64 = 64 * 1024 * 1024;
+/// The copy of a response body kept for pricing (encoded bytes).
+pub const DEFAULT_MAX_INSPECT: u64 = 16 * 1024 * 1024;
+/// The decoded size a response may reach while being priced (decompression-bomb guard).
+pub const DEFAULT_MAX_DECODED: u64 = 64 * 1024 * 1024;
+/// Rows committed in one ledger transaction at most.
+pub const DEFAULT_BATCH_MAX: usize = 1024;
+/// Distinct `table` / `workflow` metric label values before new ones become `_other`.
+pub const DEFAULT_MAX_LABEL_VALUES: usize = 500;
+/// How long shutdown waits for in-flight calls.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// toml's message already carries the line, column and key.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The whole configuration. Every section and key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub ledger: LedgerConfig,
+    pub catalog: CatalogConfig,
+    pub attribution: AttributionConfig,
+    pub metrics: MetricsConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[proxy]`: the listener callers point their Apollo base URL at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// `proxy.listen`, default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// `proxy.tls_cert`: PEM certificate chain; with `tls_key`, the listener speaks HTTPS (h2 + HTTP/1.1).
+    pub tls_cert: Option<PathBuf>,
+    /// `proxy.tls_key`: PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// `proxy.max_request_body`, default 10MiB; larger bodies get a 413 and nothing goes upstream.
+    pub max_request_body: ByteSize,
+    /// `proxy.header_read_timeout`, default 30s.
+    pub header_read_timeout: HumanDuration,
+    /// `proxy.cancelled_drain_max`, default 64MiB: upstream bytes read after a caller leaves.
+    pub cancelled_drain_max: ByteSize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: parse_default_addr(DEFAULT_PROXY_LISTEN),
+            tls_cert: None,
+            tls_key: None,
+            max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
+            header_read_timeout: HumanDuration(DEFAULT_HEADER_READ_TIMEOUT),
+            cancelled_drain_max: ByteSize(DEFAULT_CANCELLED_DRAIN_MAX),
+        }
+    }
+}
+
+/// `[admin]`: metrics and health, on a listener of their own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `admin.listen`, default `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: parse_default_addr(DEFAULT_ADMIN_LISTEN),
+        }
+    }
+}
+
+/// `[upstream]`: where calls are forwarded. Only this host is ever contacted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `upstream.base_url`, default `https://api.apollo.io`. Request paths are appended to it.
+    pub base_url: String,
+    /// `upstream.ca_file`: an extra trusted CA (PEM), on top of the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// `upstream.connect_timeout`, default 10s.
+    pub connect_timeout: HumanDuration,
+    /// `upstream.timeout`, default 120s: the whole exchange, from sending to the last body byte.
+    pub timeout: HumanDuration,
+    /// `upstream.pool_idle_timeout`, default 90s.
+    pub pool_idle_timeout: HumanDuration,
+    /// `upstream.pool_max_idle_per_host`, default 256.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: DEFAULT_UPSTREAM.to_owned(),
+            ca_file: None,
+            connect_timeout: HumanDuration(DEFAULT_CONNECT_TIMEOUT),
+            timeout: HumanDuration(DEFAULT_UPSTREAM_TIMEOUT),
+            pool_idle_timeout: HumanDuration(DEFAULT_POOL_IDLE_TIMEOUT),
+            pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE,
+        }
+    }
+}
+
+/// When a call's ledger row must be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// The row is committed before the caller sees the end of the response body (default).
+    Commit,
+    /// The row is queued; the response does not wait for the disk. A crash can lose the queue.
+    Background,
+}
+
+/// SQLite `synchronous` level for the ledger (WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// Survives a killed process; the last commits can be lost on power failure (default).
+    Normal,
+    /// fsync on every commit: survives power failure too, at a cost per group commit.
+    Full,
+}
+
+/// `[ledger]`: the SQLite file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// `ledger.path`, default `creditmeter.db`.
+    pub path: PathBuf,
+    /// `ledger.durability`, `"commit"` (default) or `"background"`.
+    pub durability: Durability,
+    /// `ledger.synchronous`, `"normal"` (default) or `"full"`.
+    pub synchronous: Synchronous,
+    /// `ledger.batch_max`, default 1024 rows per transaction.
+    pub batch_max: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from(DEFAULT_LEDGER_PATH),
+            durability: Durability::Commit,
+            synchronous: Synchronous::Normal,
+            batch_max: DEFAULT_BATCH_MAX,
+        }
+    }
+}
+
+/// `[catalog]`: the pricing rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// `catalog.path`: a catalog TOML file; default the built-in Apollo catalog.
+    pub path: Option<PathBuf>,
+    /// `catalog.max_inspect`, default 16MiB of encoded response kept for pricing.
+    pub max_inspect: ByteSize,
+    /// `catalog.max_decoded`, default 64MiB: decoded size cap (decompression bombs).
+    pub max_decoded: ByteSize,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_inspect: ByteSize(DEFAULT_MAX_INSPECT),
+            max_decoded: ByteSize(DEFAULT_MAX_DECODED),
+        }
+    }
+}
+
+/// `[attribution]`: how calls are tied to tables and workflows.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttributionConfig {
+    /// `attribution.require_table`, default false: when true, a call without a table gets a 400.
+    pub require_table: bool,
+}
+
+/// `[metrics]`: label cardinality.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `metrics.max_label_values`, default 500 per label (`table`, `workflow`).
+    pub max_label_values: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_label_values: DEFAULT_MAX_LABEL_VALUES,
+        }
+    }
+}
+
+/// `[shutdown]`: draining on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// `shutdown.grace`, default 30s for in-flight calls to finish.
+    pub grace: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: HumanDuration(DEFAULT_SHUTDOWN_GRACE),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file; `None` gives the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            let config = Config::default();
+            config.validate()?;
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })?;
+        config.resolve_relative_paths(path.parent().unwrap_or(Path::new(".")));
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without touching the file system.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source,
+        })
+    }
+
+    /// Paths in a config file are relative to that file, as a reader of the file expects.
+    fn resolve_relative_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.ledger.path);
+        for p in [
+            &mut self.proxy.tls_cert,
+            &mut self.proxy.tls_key,
+            &mut self.upstream.ca_file,
+            &mut self.catalog.path,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// Cross-field rules; messages say how to fix the problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.upstream_uri()?;
+        match (&self.proxy.tls_cert, &self.proxy.tls_key) {
+            (Some(_), None) => return Err(invalid("proxy.tls_key", "`proxy.tls_cert` is set, so `proxy.tls_key` must name its private key (PEM)")),
+            (None, Some(_)) => return Err(invalid("proxy.tls_cert", "`proxy.tls_key` is set, so `proxy.tls_cert` must name the certificate chain (PEM)")),
+            _ => {}
+        }
+        if self.proxy.listen == self.admin.listen && self.proxy.listen.port() != 0 {
+            return Err(invalid(
+                "admin.listen",
+                "must differ from `proxy.listen`: admin endpoints are served on their own listener",
+            ));
+        }
+        if self.ledger.path.as_os_str().is_empty() {
+            return Err(invalid("ledger.path", "must name the SQLite ledger file"));
+        }
+        if self.ledger.batch_max == 0 {
+            return Err(invalid("ledger.batch_max", "must be at least 1"));
+        }
+        if self.metrics.max_label_values == 0 {
+            return Err(invalid("metrics.max_label_values", "must be at least 1"));
+        }
+        for (key, d) in [
+            ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.timeout", self.upstream.timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(invalid(key, "must be longer than zero, e.g. \"30s\""));
+            }
+        }
+        if self.proxy.max_request_body.0 == 0 {
+            return Err(invalid("proxy.max_request_body", "must be above zero, e.g. \"10MiB\""));
+        }
+        Ok(())
+    }
+
+    /// The upstream base URL, checked: http or https, a host, no query or fragment.
+    pub fn upstream_uri(&self) -> Result<http::Uri, ConfigError> {
+        let raw = self.upstream.base_url.trim();
+        let uri: http::Uri = raw.parse().map_err(|e| {
+            invalid("upstream.base_url", format!("{raw:?} is not a URL ({e}); e.g. \"https://api.apollo.io\""))
+        })?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                return Err(invalid(
+                    "upstream.base_url",
+                    format!("{raw:?} must start with https:// or http://"),
+                ))
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(invalid("upstream.base_url", format!("{raw:?} has no host")));
+        }
+        if uri.query().is_some() || raw.contains('#') {
+            return Err(invalid(
+                "upstream.base_url",
+                format!("{raw:?} must not carry a query string or fragment"),
+            ));
+        }
+        Ok(uri)
+    }
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn parse_default_addr(s: &str) -> SocketAddr {
+    // The defaults are literals above; a unit test proves they parse.
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`, or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// Parses the human form; the error says what was expected.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration; write e.g. \"30s\", \"250ms\", \"5m\""))?;
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "" | "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            other => {
+                return Err(format!(
+                    "unknown duration unit {other:?} in {s:?}; use ms, s, m, h or d"
+                ))
+            }
+        };
+        Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{s:?} is out of range"))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(HumanDuration(Duration::from_secs(n))),
+            Raw::Text(s) => HumanDuration::parse(&s)
+                .map(HumanDuration)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A size written as `"16MiB"`, `"512KiB"`, `"10MB"`, `"1GiB"`, or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses the human form; the error says what was expected.
+    pub fn parse(s: &str) -> Result<u64, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let value: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size; write e.g. \"16MiB\", \"512KiB\""))?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
+        };
+        value
+            .checked_mul(scale)
+            .ok_or_else(|| format!("{s:?} is out of range"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b >= 1 << 20 && b % (1 << 20) == 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+            write!(f, "{}KiB", b >> 10)
+        } else {
+            write!(f, "{b}B")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => ByteSize::parse(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+        assert_eq!(c.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.upstream.base_url, "https://api.apollo.io");
+        assert_eq!(c.ledger.durability, Durability::Commit);
+        assert_eq!(c.proxy.max_request_body.0, 10 << 20);
+    }
+
+    #[test]
+    fn example_config_file_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/creditmeter.toml");
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.upstream.timeout.0, DEFAULT_UPSTREAM_TIMEOUT);
+    }
+
+    #[test]
+    fn human_units() {
+        let c = Config::from_toml(
+            "[proxy]\nmax_request_body = \"16MiB\"\nheader_read_timeout = \"250ms\"\n[upstream]\ntimeout = 5\nconnect_timeout = \"2m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.max_request_body.0, 16 << 20);
+        assert_eq!(c.proxy.header_read_timeout.0, Duration::from_millis(250));
+        assert_eq!(c.upstream.timeout.0, Duration::from_secs(5));
+        assert_eq!(c.upstream.connect_timeout.0, Duration::from_secs(120));
+        assert_eq!(ByteSize::parse("10MB").unwrap(), 10_000_000);
+        assert!(ByteSize::parse("10 parsecs").is_err());
+        assert!(HumanDuration::parse("soon").is_err());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::from_toml("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_unit_names_line() {
+        let err = Config::from_toml("\n[upstream]\ntimeout = \"30 fortnights\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("fortnights"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let c = Config::from_toml("[proxy]\ntls_cert = \"a.pem\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("proxy.tls_key"));
+        let c = Config::from_toml("[upstream]\nbase_url = \"ftp://x\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("upstream.base_url"));
+        let c = Config::from_toml("[upstream]\nbase_url = \"https://x/?a=1\"\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("[proxy]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("admin.listen"));
+        let c = Config::from_toml("[ledger]\ndurability = \"sometimes\"\n");
+        assert!(c.unwrap_err().to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[ledger]\npath = \"data/l.db\"\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.ledger.path, dir.path().join("data/l.db"));
+    }
+}

@@ -1,0 +1,95 @@
+//! The ledger's public schema and its forward migrations, versioned with `PRAGMA user_version`.
+//!
+//! Column names are a contract with people who query the file with `sqlite3`: extend, never
+//! rename. Each migration runs once, inside one transaction, in order.
+
+use rusqlite::Connection;
+
+/// Migrations, index = version reached after running it (minus one).
+const MIGRATIONS: &[&str] = &[
+    // v1: calls, meta (install secret), views in plain credits.
+    r#"
+    CREATE TABLE calls (
+        id                INTEGER PRIMARY KEY,
+        request_id        TEXT    NOT NULL UNIQUE,
+        started_at        INTEGER NOT NULL,  -- unix ms, UTC
+        finished_at       INTEGER NOT NULL,  -- unix ms, UTC
+        method            TEXT    NOT NULL,
+        path              TEXT    NOT NULL,  -- no query string
+        endpoint          TEXT    NOT NULL,  -- catalog endpoint name, `other` if unknown
+        status            INTEGER,           -- upstream status; NULL if no upstream response
+        outcome           TEXT    NOT NULL,  -- ok, upstream_error, upstream_timeout, client_cancelled, rejected
+        table_name        TEXT,              -- X-Meter-Table; NULL = unattributed
+        workflow          TEXT,
+        tags              TEXT,              -- JSON object of X-Meter-Tag-* values
+        key_fp            TEXT,              -- HMAC fingerprint of the API key, never the key
+        credits_milli     INTEGER NOT NULL DEFAULT 0,
+        lead_milli        INTEGER NOT NULL DEFAULT 0,
+        direct_dial_milli INTEGER NOT NULL DEFAULT 0,
+        export_milli      INTEGER NOT NULL DEFAULT 0,
+        credit_source     TEXT    NOT NULL,  -- reported, catalog, none
+        records_requested INTEGER,
+        records_matched   INTEGER,
+        catalog_version   TEXT    NOT NULL,
+        upstream_ms       INTEGER,
+        request_bytes     INTEGER NOT NULL DEFAULT 0,
+        response_bytes    INTEGER NOT NULL DEFAULT 0,
+        error             TEXT,
+        id_kinds          TEXT               -- identifier kinds of a people enrichment (e.g. "email,linkedin_url"), never values
+    );
+    CREATE INDEX calls_started_at ON calls(started_at);
+    CREATE INDEX calls_table_started ON calls(table_name, started_at);
+
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+
+    CREATE VIEW spend_by_table_day AS
+    SELECT date(started_at / 1000, 'unixepoch')           AS day,
+           COALESCE(table_name, '_unattributed')          AS table_name,
+           count(*)                                       AS calls,
+           sum(credits_milli) / 1000.0                    AS credits,
+           sum(lead_milli) / 1000.0                       AS lead_credits,
+           sum(direct_dial_milli) / 1000.0                AS direct_dial_credits,
+           sum(export_milli) / 1000.0                     AS export_credits,
+           sum(records_requested)                         AS records_requested,
+           sum(records_matched)                           AS records_matched
+      FROM calls
+     GROUP BY 1, 2;
+
+    CREATE VIEW spend_by_hour AS
+    SELECT strftime('%Y-%m-%d %H:00', started_at / 1000, 'unixepoch') AS hour,
+           COALESCE(table_name, '_unattributed')          AS table_name,
+           COALESCE(workflow, '_none')                    AS workflow,
+           endpoint,
+           count(*)                                       AS calls,
+           sum(credits_milli) / 1000.0                    AS credits,
+           sum(lead_milli) / 1000.0                       AS lead_credits,
+           sum(direct_dial_milli) / 1000.0                AS direct_dial_credits,
+           sum(export_milli) / 1000.0                     AS export_credits
+      FROM calls
+     GROUP BY 1, 2, 3, 4;
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema forward to [`SCHEMA_VERSION`]. Refuses a file from a newer build.
+pub fn migrate(conn: &mut Connection) -> Result<(), super::LedgerError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(super::LedgerError::TooNew {
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The `creditmeter` command: parse the CLI, load and validate config, init tracing, run.
+//! Exit code 64 (EX_USAGE) on bad configuration or arguments, 1 on runtime failure.
+#![allow(clippy::print_stdout)] // this is the CLI's output code
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use creditmeter::config::Config;
+use creditmeter::ledger::queries::GroupBy;
+use creditmeter::report::{self, Format, ReportRequest};
+use tracing_subscriber::EnvFilter;
+
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "creditmeter", version, about = "A metering proxy for Apollo.io: which table burned our credits, and when?")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the main job).
+    Serve {
+        /// Config file (TOML). Without it, every key takes its documented default.
+        #[arg(long, short, env = "CREDITMETER_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and the catalog, and print what is in force.
+    CheckConfig {
+        #[arg(long, short, env = "CREDITMETER_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Spend from the ledger.
+    Report {
+        /// Ledger file; default: `ledger.path` from --config, else ./creditmeter.db.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        #[arg(long, short, env = "CREDITMETER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Start of the window: RFC 3339, a date, or relative (24h, 7d). Default: all time.
+        #[arg(long)]
+        since: Option<String>,
+        /// End of the window (exclusive). Default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// table, workflow, endpoint, key, status, outcome or tag:<name>.
+        #[arg(long, default_value = "table")]
+        by: String,
+        /// Only the N biggest spenders.
+        #[arg(long)]
+        top: Option<usize>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// A deterministic stand-in for the Apollo API (tests, benchmarks, demos).
+    SimApollo {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Calls per minute per endpoint and key before 429 (0 = unlimited).
+        #[arg(long, default_value_t = 1000)]
+        rate_limit_minute: u32,
+        /// Leave `credits_consumed` out of bulk_match responses.
+        #[arg(long)]
+        no_credits_consumed: bool,
+        /// Serve HTTPS with this certificate chain (PEM)...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// ...and this key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Simulator + proxy + simulated Clay traffic in one command, then the report.
+    Demo {
+        /// How many calls to send.
+        #[arg(long, default_value_t = 3000)]
+        calls: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Where to put the ledger (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep serving after the report (metrics stay up) until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Exit 0 if URL answers 2xx (for container health checks).
+    Healthcheck {
+        #[arg(default_value = "http://127.0.0.1:9464/healthz")]
+        url: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("creditmeter: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,rustls=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("creditmeter: {e}");
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Serve { config } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let proxy = tokio::net::TcpListener::bind(config.proxy.listen)
+                    .await
+                    .with_context(|| format!("binding proxy.listen {}", config.proxy.listen))?;
+                let admin = tokio::net::TcpListener::bind(config.admin.listen)
+                    .await
+                    .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+                match creditmeter::run(config, proxy, admin, shutdown_signal()).await {
+                    Ok(()) => Ok(ExitCode::SUCCESS),
+                    Err(e @ (creditmeter::RunError::Config(_) | creditmeter::RunError::Catalog(_) | creditmeter::RunError::Tls(_) | creditmeter::RunError::Upstream(_))) => {
+                        eprintln!("creditmeter: {e}");
+                        Ok(ExitCode::from(EX_USAGE))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            })
+        }
+        Command::CheckConfig { config } => {
+            let path = config.clone();
+            let config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let catalog = match creditmeter::load_catalog(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("creditmeter: catalog: {e}");
+                    return Ok(ExitCode::from(EX_USAGE));
+                }
+            };
+            if let (Some(c), Some(k)) = (&config.proxy.tls_cert, &config.proxy.tls_key) {
+                if let Err(e) = creditmeter::proxy::listener::tls_acceptor(c, k) {
+                    eprintln!("creditmeter: {e}");
+                    return Ok(ExitCode::from(EX_USAGE));
+                }
+            }
+            println!("config: {}", path.map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into()));
+            println!("  proxy.listen            {}{}", config.proxy.listen, if config.proxy.tls_cert.is_some() { " (TLS)" } else { "" });
+            println!("  admin.listen            {}", config.admin.listen);
+            println!("  upstream.base_url       {}", config.upstream.base_url);
+            println!("  upstream.ca_file        {}", config.upstream.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(webpki roots only)".into()));
+            println!("  upstream.timeout        {} (connect {})", config.upstream.timeout, config.upstream.connect_timeout);
+            println!("  proxy.max_request_body  {}", config.proxy.max_request_body);
+            println!("  ledger.path             {}", config.ledger.path.display());
+            println!("  ledger.durability       {:?}", config.ledger.durability);
+            println!("  attribution.require_table {}", config.attribution.require_table);
+            println!("catalog: {} ({})", catalog.version(), config.catalog.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in".into()));
+            for ep in catalog.endpoints() {
+                println!("  {}", ep.name());
+            }
+            println!("ok");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { db, config, since, until, by, top, format } => {
+            let db = match (db, config) {
+                (Some(db), _) => db,
+                (None, Some(c)) => match load_config(Some(&c)) {
+                    Ok(c) => c.ledger.path,
+                    Err(code) => return Ok(code),
+                },
+                (None, None) => PathBuf::from(creditmeter::config::DEFAULT_LEDGER_PATH),
+            };
+            let now = creditmeter::meter::now_ms();
+            let parse = |s: Option<String>, default: i64, flag: &str| -> Result<i64, String> {
+                match s {
+                    None => Ok(default),
+                    Some(s) => report::parse_time(&s, now).map_err(|e| format!("--{flag}: {e}")),
+                }
+            };
+            let window = parse(since, 0, "since").and_then(|s| Ok((s, parse(until, report::default_until(), "until")?)));
+            let by = GroupBy::parse(&by).map_err(|e| format!("--by: {e}"));
+            let (since_ms, until_ms, by) = match (window, by) {
+                (Ok((s, u)), Ok(by)) => (s, u, by),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("creditmeter: {e}");
+                    return Ok(ExitCode::from(EX_USAGE));
+                }
+            };
+            print!("{}", report::run(&ReportRequest { db, by, since_ms, until_ms, top, format })?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SimApollo { listen, seed, rate_limit_minute, no_credits_consumed, tls_cert, tls_key } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some(creditmeter::proxy::listener::tls_acceptor(&c, &k)?),
+                _ => None,
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let sim = creditmeter::sim::Sim::new(creditmeter::sim::SimConfig {
+                    seed,
+                    rate_limit_minute,
+                    report_credits_consumed: !no_credits_consumed,
+                    ..Default::default()
+                });
+                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                eprintln!("sim-apollo listening on {}://{listen}", if tls.is_some() { "https" } else { "http" });
+                let tls_config = tls.map(|a| a.config().clone());
+                sim.serve(listener, tls_config, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Demo { calls, concurrency, dir, hold } => {
+            let rt = runtime()?;
+            let out = rt.block_on(creditmeter::demo::run(creditmeter::demo::DemoOptions { calls, concurrency, dir, hold }))?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { url } => {
+            let rt = runtime()?;
+            rt.block_on(async {
+                use http_body_util::Empty;
+                use hyper_util::client::legacy::Client;
+                let client: Client<_, Empty<bytes::Bytes>> =
+                    Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+                let uri: http::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+                let resp = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri)).await;
+                Ok(match resp {
+                    Ok(Ok(r)) if r.status().is_success() => ExitCode::SUCCESS,
+                    Ok(Ok(r)) => {
+                        eprintln!("{url}: {}", r.status());
+                        ExitCode::from(1)
+                    }
+                    Ok(Err(e)) => {
+                        eprintln!("{url}: {e}");
+                        ExitCode::from(1)
+                    }
+                    Err(_) => {
+                        eprintln!("{url}: timed out");
+                        ExitCode::from(1)
+                    }
+                })
+            })
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,293 @@
+//! Metering: turns a finished call into a priced ledger row and metric increments.
+//!
+//! The proxy creates one [`CallMeter`] per call and hands it along with the call (into the
+//! upstream task, then into the response body). It records the call exactly once: through
+//! [`CallMeter::finish`], or, if the call is abandoned anywhere on the way, from its `Drop`, so a
+//! call can never vanish without a row.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::attribution::Attribution;
+use crate::catalog::{Catalog, CreditSource, RequestParams, ResponseView};
+use crate::config::Durability;
+use crate::ledger::writer::Ack;
+use crate::ledger::{CallRecord, LedgerHandle, Outcome};
+use crate::metrics::Metrics;
+
+/// Shared by every call: where rows and counts go.
+pub struct Meter {
+    pub catalog: Arc<Catalog>,
+    pub ledger: LedgerHandle,
+    pub metrics: Arc<Metrics>,
+    pub durability: Durability,
+    /// Cap on the encoded response bytes kept for pricing.
+    pub max_inspect: usize,
+    /// Cap on decoded bytes while pricing.
+    pub max_decoded: usize,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Makes `request_id`s: time-ordered, unique across restarts (random per-process part).
+pub struct RequestIds {
+    process: u32,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        let mut b = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Self {
+            process: u32::from_le_bytes(b) ^ nanos.rotate_left(16) ^ std::process::id(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// 32 hex digits: 12 of unix ms, 8 of process id, 12 of a per-process counter.
+    pub fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff;
+        format!("{:012x}{:08x}{:012x}", now_ms() as u64 & 0xffff_ffff_ffff, self.process, n)
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What is known about a call before it goes upstream.
+pub struct CallContext {
+    pub request_id: String,
+    pub started_at: i64,
+    pub method: String,
+    pub path: String,
+    pub endpoint: crate::catalog::EndpointId,
+    pub params: RequestParams,
+    pub attribution: Attribution,
+    pub key_fp: Option<String>,
+    pub request_bytes: i64,
+}
+
+/// The response bytes kept for pricing: shared `Bytes` chunks, no copies until the end.
+#[derive(Default)]
+pub struct Captured {
+    chunks: Vec<Bytes>,
+    len: usize,
+    truncated: bool,
+}
+
+impl Captured {
+    /// Keeps `data` if it fits under `cap`; past the cap, marks the capture truncated.
+    pub fn push(&mut self, data: &Bytes, cap: usize) {
+        if self.truncated {
+            return;
+        }
+        if self.len + data.len() > cap {
+            self.truncated = true;
+            self.chunks.clear();
+            return;
+        }
+        self.len += data.len();
+        self.chunks.push(data.clone());
+    }
+
+    /// Marks the copy incomplete (the body was cut short), so body-based charges don't apply.
+    pub fn mark_truncated(&mut self) {
+        self.truncated = true;
+    }
+
+    fn contiguous(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.chunks.as_slice() {
+            [] => std::borrow::Cow::Borrowed(&[]),
+            [one] => std::borrow::Cow::Borrowed(one.as_ref()),
+            many => {
+                let mut v = Vec::with_capacity(self.len);
+                for c in many {
+                    v.extend_from_slice(c);
+                }
+                std::borrow::Cow::Owned(v)
+            }
+        }
+    }
+}
+
+/// How a call ended, as the proxy saw it.
+pub struct Finish {
+    pub outcome: Outcome,
+    pub body: Captured,
+    pub response_bytes: u64,
+    pub error: Option<String>,
+}
+
+/// One call's meter. Records exactly once (see the module docs).
+pub struct CallMeter {
+    meter: Arc<Meter>,
+    ctx: Option<Box<CallContext>>,
+    status: Option<u16>,
+    content_encoding: Option<String>,
+    upstream_started: Option<Instant>,
+}
+
+impl CallMeter {
+    pub fn new(meter: Arc<Meter>, ctx: CallContext) -> Self {
+        Self {
+            meter,
+            ctx: Some(Box::new(ctx)),
+            status: None,
+            content_encoding: None,
+            upstream_started: None,
+        }
+    }
+
+    /// The call's `request_id`.
+    pub fn request_id(&self) -> &str {
+        self.ctx.as_ref().map(|c| c.request_id.as_str()).unwrap_or("")
+    }
+
+    /// Whether pricing needs the response body (otherwise the proxy keeps no copy).
+    pub fn inspects_body(&self) -> bool {
+        self.ctx
+            .as_ref()
+            .is_some_and(|c| self.meter.catalog.endpoint(c.endpoint).inspects_body())
+    }
+
+    /// The cap on the kept response copy.
+    pub fn max_inspect(&self) -> usize {
+        self.meter.max_inspect
+    }
+
+    /// Marks the moment the call was sent upstream.
+    pub fn upstream_sent(&mut self) {
+        self.upstream_started = Some(Instant::now());
+    }
+
+    /// Notes the upstream response head: status, encoding, and Apollo's rate-limit headers.
+    pub fn response_head(&mut self, status: u16, headers: &http::HeaderMap) {
+        self.status = Some(status);
+        self.content_encoding = headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(ctx) = &self.ctx {
+            let limits = crate::ratelimit::parse(headers);
+            if !limits.is_empty() {
+                let name = self.meter.catalog.endpoint(ctx.endpoint).name();
+                self.meter.metrics.observe_rate_limits(name, &limits);
+            }
+        }
+    }
+
+    /// Prices and records the call. Returns the commit acknowledgement to wait for when the
+    /// ledger runs in `commit` durability.
+    pub fn finish(&mut self, f: Finish) -> Option<Ack> {
+        let ctx = self.ctx.take()?;
+        let record = self.build(*ctx, f);
+        self.meter.metrics.observe_call(&record);
+        let want_ack = self.meter.durability == Durability::Commit;
+        self.meter.ledger.submit(record, want_ack)
+    }
+
+    fn build(&self, ctx: CallContext, f: Finish) -> CallRecord {
+        let catalog = &self.meter.catalog;
+        let ep = catalog.endpoint(ctx.endpoint);
+        let body = f.body.contiguous();
+        let pricing = match self.status {
+            Some(status) => catalog.price(
+                ep,
+                &ctx.params,
+                &ResponseView {
+                    status,
+                    content_encoding: self.content_encoding.as_deref(),
+                    body: &body,
+                    // An incomplete body can never justify a body-based charge.
+                    truncated: f.body.truncated || f.outcome != Outcome::Ok && f.outcome != Outcome::ClientCancelled,
+                    max_decoded: self.meter.max_decoded,
+                },
+            ),
+            None => catalog.price(
+                ep,
+                &ctx.params,
+                &ResponseView {
+                    status: 0,
+                    content_encoding: None,
+                    body: &[],
+                    truncated: true,
+                    max_decoded: self.meter.max_decoded,
+                },
+            ),
+        };
+        let error = match (f.error, pricing.note.filter(|_| pricing.source != CreditSource::Reported)) {
+            (Some(e), Some(n)) if self.status.is_some_and(|s| (200..300).contains(&s)) => Some(format!("{e}; pricing: {n}")),
+            (Some(e), _) => Some(e),
+            (None, Some(n)) if self.status.is_some_and(|s| (200..300).contains(&s)) && ep.inspects_body() => {
+                Some(format!("pricing: {n}"))
+            }
+            (None, _) => None,
+        };
+        let kinds = ctx.params.identifier_kinds();
+        CallRecord {
+            request_id: ctx.request_id,
+            started_at: ctx.started_at,
+            finished_at: now_ms(),
+            method: ctx.method,
+            path: ctx.path,
+            endpoint: ep.name().to_owned(),
+            status: self.status,
+            outcome: f.outcome,
+            table_name: ctx.attribution.table.clone(),
+            workflow: ctx.attribution.workflow.clone(),
+            tags: ctx.attribution.tags_json(),
+            key_fp: ctx.key_fp,
+            lead_milli: pricing.credits.lead_milli,
+            direct_dial_milli: pricing.credits.direct_dial_milli,
+            export_milli: pricing.credits.export_milli,
+            credit_source: pricing.source.as_str(),
+            records_requested: pricing.records_requested,
+            records_matched: pricing.records_matched,
+            catalog_version: catalog.version().to_owned(),
+            upstream_ms: self
+                .upstream_started
+                .filter(|_| self.status.is_some())
+                .map(|t| t.elapsed().as_millis() as i64),
+            request_bytes: ctx.request_bytes,
+            response_bytes: f.response_bytes as i64,
+            error,
+            id_kinds: (!kinds.is_empty()).then(|| kinds.join(",")),
+        }
+    }
+}
+
+impl Drop for CallMeter {
+    fn drop(&mut self) {
+        if self.ctx.is_some() {
+            // Abandoned on the way (task cancelled at shutdown, runtime gone): still a row.
+            let outcome = if self.status.is_some() {
+                Outcome::ClientCancelled
+            } else {
+                Outcome::UpstreamError
+            };
+            self.finish(Finish {
+                outcome,
+                body: Captured::default(),
+                response_bytes: 0,
+                error: Some("call abandoned before it completed (shutdown)".into()),
+            });
+        }
+    }
+}

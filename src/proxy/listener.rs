@@ -1,0 +1,172 @@
+//! Accept loops: plain TCP or TLS (tokio-rustls, ALPN h2 + http/1.1), HTTP/1.1 and h2 through
+//! hyper-util's auto builder, each connection watched for graceful shutdown.
+//!
+//! `serve` returns once `stop` is cancelled and it has stopped accepting; the returned
+//! [`GracefulShutdown`] then drains open connections (in-flight requests finish, idle
+//! keep-alive connections close). Connections still open at `hard_stop` are dropped.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::tap::BoxError;
+
+/// Why the TLS listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("proxy.tls_cert {path}: {source}")]
+    Cert {
+        path: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("proxy.tls_cert {path}: no certificate in the file")]
+    NoCert { path: String },
+    #[error("proxy.tls_key {path}: {source}")]
+    Key {
+        path: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("proxy.tls_cert / proxy.tls_key do not form a usable pair: {0}")]
+    Pair(#[source] rustls::Error),
+}
+
+/// Loads the certificate chain and key and builds an acceptor offering h2 and HTTP/1.1.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsSetupError::Cert {
+            path: cert.display().to_string(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::NoCert {
+            path: cert.display().to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsSetupError::Key {
+        path: key.display().to_string(),
+        source,
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsSetupError::Pair)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsSetupError::Pair)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Server-side HTTP settings.
+pub fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(50)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Accepts until `stop` is cancelled, then returns the handle that drains the open connections.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<S, B, F>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    make_service: F,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+    handshake_timeout: Duration,
+) -> GracefulShutdown
+where
+    F: Fn() -> S,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = make_service();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let hard_stop = hard_stop.clone();
+        tracker.spawn(async move {
+            let run = async {
+                match tls {
+                    None => serve_one(&builder, TokioIo::new(stream), service, watcher).await,
+                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => serve_one(&builder, TokioIo::new(tls_stream), service, watcher).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    },
+                }
+            };
+            tokio::select! {
+                _ = run => {}
+                _ = hard_stop.cancelled() => tracing::debug!(%peer, "connection dropped at shutdown deadline"),
+            }
+        });
+    }
+    graceful
+}
+
+async fn serve_one<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: TokioIo<I>,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let conn = builder.serve_connection(io, service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Waits for `fut` until `deadline`; says whether it finished.
+pub async fn until<F: Future>(deadline: tokio::time::Instant, fut: F) -> bool {
+    tokio::time::timeout_at(deadline, fut).await.is_ok()
+}

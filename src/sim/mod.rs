@@ -1,0 +1,383 @@
+//! `sim`: a deterministic stand-in for the Apollo.io API, for tests, benchmarks and
+//! `creditmeter demo`.
+//!
+//! One request flows: body read (capped) → `/__sim/` control endpoint, or an Apollo route
+//! (`/api/v1/…`, `/v1/…` or the host root; anything else is `404 {"error":"Not Found"}`) →
+//! parameters (Rails-style query merged with the JSON body) → API key (`X-Api-Key`,
+//! `Authorization: Bearer`, or `api_key`; none is Apollo's plain-text 401) → fixed-window rate
+//! limit per (key, endpoint) → the answer and its credits → the account is debited → the body
+//! is encoded (gzip when accepted).
+//!
+//! Records are a pure function of ([`SimConfig::seed`], identifier), so a test can predict them
+//! and a benchmark repeats exactly. What the sim billed is its own ground truth, kept in
+//! [`Sim::billed`] and sent per response as `x-sim-billed-milli` (a sim-only header) so the
+//! proxy's ledger can be checked against it.
+//!
+//! Control endpoints (not Apollo): `GET /__sim/billed`, `POST /__sim/debit`,
+//! `POST /__sim/reset_cycle`; see `control.rs`.
+
+mod account;
+mod api;
+mod control;
+mod data;
+mod params;
+mod rate;
+mod reply;
+#[cfg(test)]
+mod tests;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{request, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info};
+
+use account::{Account, Charge};
+use params::{text, Params};
+use rate::{Exceeded, RateLimiter};
+use reply::Reply;
+
+/// Apollo's 401 body, sent as `text/plain`.
+const INVALID_API_KEY: &str =
+    "Invalid API key. See https://docs.apollo.io/reference/authentication for how to authenticate.";
+/// Sim-only response header: the credits this call billed, in thousandths.
+const BILLED_HEADER: HeaderName = HeaderName::from_static("x-sim-billed-milli");
+/// Where the control endpoints live.
+const CONTROL_PREFIX: &str = "/__sim/";
+/// Request bodies larger than this are refused with a 413.
+const MAX_BODY_BYTES: usize = 1 << 20;
+/// A TLS client that has not finished its handshake by then is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (such as EMFILE) before trying again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How the sim behaves. [`SimConfig::default`] is a paid Apollo plan with a 70% match rate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Seeds every generated record and match decision. Default 42.
+    pub seed: u64,
+    /// Percent of identifiers (emails, domains, searches…) that find a record. Default 70;
+    /// 0 matches nothing, 100 or more matches everything.
+    pub match_rate_pct: u8,
+    /// Calls per minute per (API key, endpoint). Default 1000; 0 = unlimited (an empty limit
+    /// header and no usage headers).
+    pub rate_limit_minute: u32,
+    /// Calls per hour per (API key, endpoint). Default 0 (unlimited).
+    pub rate_limit_hourly: u32,
+    /// Calls per 24 hours per (API key, endpoint). Default 0 (unlimited).
+    pub rate_limit_daily: u32,
+    /// Spell the day window's headers as older accounts get them (`x-rate-limit-daily`,
+    /// `x-daily-usage`, `x-daily-requests-left`) instead of `…24-hour…`. Default false.
+    pub legacy_daily_headers: bool,
+    /// Include `credits_consumed` (all credits the call billed) in `people/bulk_match` answers.
+    /// Default true.
+    pub report_credits_consumed: bool,
+    /// Each credit type's allowance per cycle in `usage_stats`, in credits. Default 1,000,000.
+    pub initial_credits: i64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            match_rate_pct: 70,
+            rate_limit_minute: 1_000,
+            rate_limit_hourly: 0,
+            rate_limit_daily: 0,
+            legacy_daily_headers: false,
+            report_credits_consumed: true,
+            initial_credits: 1_000_000,
+        }
+    }
+}
+
+/// Running totals of what the sim billed, in thousandths of a credit.
+///
+/// `calls` counts every request to an Apollo path (`/__sim/` excluded), answered or refused;
+/// `billed_calls` those that billed anything. Out-of-band debits are not included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Billed {
+    pub lead_milli: i64,
+    pub direct_dial_milli: i64,
+    pub export_milli: i64,
+    pub calls: u64,
+    pub billed_calls: u64,
+}
+
+/// A running Apollo stand-in. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Sim {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: SimConfig,
+    limiter: Mutex<RateLimiter>,
+    account: Mutex<Account>,
+    /// Admitted calls so far; numbers each call for its per-call ids.
+    calls: AtomicU64,
+}
+
+impl fmt::Debug for Sim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sim")
+            .field("cfg", &self.inner.cfg)
+            .field("billed", &self.billed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sim {
+    /// A sim with fresh counters and a full balance.
+    pub fn new(cfg: SimConfig) -> Sim {
+        let limits = [
+            cfg.rate_limit_minute,
+            cfg.rate_limit_hourly,
+            cfg.rate_limit_daily,
+        ];
+        Sim {
+            inner: Arc::new(Inner {
+                limiter: Mutex::new(RateLimiter::new(
+                    limits,
+                    cfg.legacy_daily_headers,
+                    Instant::now(),
+                )),
+                account: Mutex::new(Account::new(cfg.initial_credits)),
+                calls: AtomicU64::new(0),
+                cfg,
+            }),
+        }
+    }
+
+    /// Serves HTTP/1.1 and h2 on `listener` (over TLS with `tls`, whose ALPN the caller sets)
+    /// until `shutdown` resolves; then stops accepting and waits for open connections to finish
+    /// their requests. Connection errors are logged at debug and never end the server.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let addr = listener.local_addr()?;
+        let tls = tls.map(TlsAcceptor::from);
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        info!(%addr, tls = tls.is_some(), "Apollo sim listening");
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let connection = self.clone().serve_connection(
+                            stream,
+                            peer,
+                            tls.clone(),
+                            builder.clone(),
+                            graceful.watcher(),
+                        );
+                        tokio::spawn(connection);
+                    }
+                    Err(err) => {
+                        debug!(error = %err, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        debug!(connections = graceful.count(), "Apollo sim draining");
+        graceful.shutdown().await;
+        info!(%addr, "Apollo sim stopped");
+        Ok(())
+    }
+
+    /// What the sim has billed so far.
+    pub fn billed(&self) -> Billed {
+        lock(&self.inner.account).billed()
+    }
+
+    async fn serve_connection(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        builder: auto::Builder<TokioExecutor>,
+        watcher: Watcher,
+    ) {
+        let service = service_fn(move |request| {
+            let sim = self.clone();
+            async move { Ok::<_, Infallible>(sim.handle(request).await) }
+        });
+        let served = match tls {
+            None => {
+                watcher
+                    .watch(builder.serve_connection(TokioIo::new(stream), service))
+                    .await
+            }
+            Some(acceptor) => {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(stream), service))
+                            .await
+                    }
+                    Ok(Err(err)) => {
+                        debug!(%peer, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(err) = served {
+            debug!(%peer, error = %err, "connection ended with an error");
+        }
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let gzip = reply::accepts_gzip(request.headers());
+        let (parts, body) = request.into_parts();
+        let reply = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+            Ok(body) => self.dispatch(&parts, &body.to_bytes(), Instant::now()),
+            Err(err) if err.is::<LengthLimitError>() => Reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+            ),
+            Err(err) => {
+                debug!(error = %err, "reading a request body failed");
+                Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_REQUEST",
+                    "the request body could not be read",
+                )
+            }
+        };
+        reply.into_response(gzip)
+    }
+
+    /// Answers one request whose body has been read, as of `now`.
+    fn dispatch(&self, parts: &request::Parts, body: &[u8], now: Instant) -> Reply {
+        let path = parts.uri.path();
+        if let Some(action) = path.strip_prefix(CONTROL_PREFIX) {
+            return control::answer(&parts.method, action, body, &self.inner.account);
+        }
+        let (mut reply, charge) = match api::route(&parts.method, path) {
+            Some(route) => self.call(route, parts, body, now),
+            None => (Reply::not_found(), Charge::NONE),
+        };
+        lock(&self.inner.account).bill(charge);
+        if charge.total_milli() > 0 {
+            reply
+                .headers
+                .insert(BILLED_HEADER, HeaderValue::from(charge.total_milli()));
+        }
+        reply
+    }
+
+    /// Authenticates, rate-limits and answers a call of an Apollo endpoint.
+    fn call(
+        &self,
+        route: api::Route<'_>,
+        parts: &request::Parts,
+        body: &[u8],
+        now: Instant,
+    ) -> (Reply, Charge) {
+        let query = params::parse_query(parts.uri.query().unwrap_or_default());
+        let body = params::parse_body(body);
+        let Some(api_key) = api_key(&parts.headers, [body.as_ref().ok(), query.as_ref().ok()])
+        else {
+            return (
+                Reply::text(StatusCode::UNAUTHORIZED, INVALID_API_KEY),
+                Charge::NONE,
+            );
+        };
+        let rate = lock(&self.inner.limiter).admit(&api_key, route.endpoint.path(), now);
+        let (mut reply, charge) = match (rate.exceeded, query, body) {
+            (Some(exceeded), _, _) => (too_many_requests(route.endpoint, exceeded), Charge::NONE),
+            (None, Ok(query), Ok(body)) => {
+                let ctx = api::Ctx {
+                    cfg: &self.inner.cfg,
+                    call: self.inner.calls.fetch_add(1, Ordering::Relaxed),
+                    account: &self.inner.account,
+                };
+                let answer = api::answer(&ctx, route, &params::merge(query, body));
+                (answer.reply, answer.charge)
+            }
+            (None, Err(err), _) | (None, _, Err(err)) => (
+                Reply::error(StatusCode::BAD_REQUEST, "INVALID_REQUEST", err.to_string()),
+                Charge::NONE,
+            ),
+        };
+        rate.write_headers(&mut reply.headers);
+        (reply, charge)
+    }
+}
+
+/// The caller's API key: `X-Api-Key`, then `Authorization: Bearer`, then `api_key` in the
+/// parameter sets given (body first).
+fn api_key(headers: &HeaderMap, params: [Option<&Params>; 2]) -> Option<String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .filter(|value| !value.is_empty())
+    };
+    fn bearer(value: &str) -> Option<&str> {
+        let (scheme, token) = value.split_once(' ')?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    }
+    header("x-api-key")
+        .or_else(|| header(AUTHORIZATION.as_str()).and_then(bearer))
+        .or_else(|| params.into_iter().flatten().find_map(|p| text(p, "api_key")))
+        .map(str::to_owned)
+}
+
+/// Apollo's 429, with `retry-after`.
+fn too_many_requests(endpoint: api::Endpoint, exceeded: Exceeded) -> Reply {
+    let message = format!(
+        "The maximum number of api calls allowed for api/v1/{} is {} times per {}. \
+         Please upgrade your plan from https://app.apollo.io/#/settings/plans/upgrade.",
+        endpoint.path(),
+        exceeded.limit,
+        exceeded.window.unit(),
+    );
+    let mut reply = Reply::json(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::json!({ "message": message }),
+    );
+    reply.headers.insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(exceeded.retry_after_secs),
+    );
+    reply
+}
+
+/// Locks shared state; a panic elsewhere while holding the lock cannot leave these counters
+/// inconsistent, so a poisoned lock is used as is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
