@@ -25,9 +25,15 @@ pub struct Admin {
 
 impl Admin {
     /// Serves one admin request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n".into()));
+            return Ok(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET is served here\n".into(),
+            ));
         }
         Ok(match req.uri().path() {
             "/metrics" => {
@@ -49,14 +55,23 @@ impl Admin {
                     "durability": self.durability,
                     "draining": draining,
                 });
-                let status = if ledger_ok && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if ledger_ok && !draining {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
                 *r.status_mut() = status;
-                r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 r
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz or /readyz\n".into(),
+            ),
         })
     }
 }
@@ -64,7 +79,9 @@ impl Admin {
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }

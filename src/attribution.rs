@@ -38,7 +38,9 @@ impl AttributionError {
     /// The header or parameter at fault, for the JSON error body.
     pub fn field(&self) -> Option<&str> {
         match self {
-            AttributionError::Invalid { name, .. } | AttributionError::Duplicate { name } => Some(name),
+            AttributionError::Invalid { name, .. } | AttributionError::Duplicate { name } => {
+                Some(name)
+            }
             AttributionError::TooManyTags => Some("X-Meter-Tag-*"),
             AttributionError::TableRequired => Some("X-Meter-Table"),
         }
@@ -191,26 +193,9 @@ fn display_header(lower: &str) -> String {
     }
 }
 
-/// Decodes `%XX` escapes and `+` (form encoding). `None` if the result is not UTF-8 or an escape
-/// is malformed.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
+/// Decodes a form-encoded component; `None` if the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    String::from_utf8(crate::catalog::percent_decode_bytes(s).into_owned()).ok()
 }
 
 /// The API key a call carries in its headers: `X-Api-Key` or `Authorization: Bearer …`.
@@ -222,7 +207,11 @@ pub fn api_key_from_headers(headers: &HeaderMap) -> Option<&str> {
             return Some(k);
         }
     }
-    let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let auth = headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
     let (scheme, token) = auth.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
@@ -327,7 +316,7 @@ mod tests {
         }
         let ok = [b'a'; 128];
         assert!(extract(&mut hdrs(&[("x-meter-table", &ok)]), None, false).is_ok());
-        let err = extract(&mut HeaderMap::new(), Some("meter_table=%ZZ"), false).unwrap_err();
+        let err = extract(&mut HeaderMap::new(), Some("meter_table=%FF"), false).unwrap_err();
         assert_eq!(err.field(), Some("meter_table"));
         let err = extract(&mut HeaderMap::new(), Some("meter_table=%01x"), false).unwrap_err();
         assert!(err.to_string().contains("control"));
@@ -336,20 +325,36 @@ mod tests {
     #[test]
     fn duplicates_and_require_table() {
         let mut h = hdrs(&[("x-meter-table", b"a"), ("x-meter-table", b"b")]);
-        assert!(matches!(extract(&mut h, None, false), Err(AttributionError::Duplicate { .. })));
+        assert!(matches!(
+            extract(&mut h, None, false),
+            Err(AttributionError::Duplicate { .. })
+        ));
         assert_eq!(
             extract(&mut HeaderMap::new(), None, true),
             Err(AttributionError::TableRequired)
         );
         assert!(extract(&mut HeaderMap::new(), Some("meter_table=x"), true).is_ok());
-        assert!(extract(&mut HeaderMap::new(), None, false).unwrap().0.table.is_none());
+        assert!(extract(&mut HeaderMap::new(), None, false)
+            .unwrap()
+            .0
+            .table
+            .is_none());
     }
 
     #[test]
     fn api_keys_from_headers() {
-        assert_eq!(api_key_from_headers(&hdrs(&[("x-api-key", b"k1")])), Some("k1"));
-        assert_eq!(api_key_from_headers(&hdrs(&[("authorization", b"Bearer tok")])), Some("tok"));
-        assert_eq!(api_key_from_headers(&hdrs(&[("authorization", b"Basic abc")])), None);
+        assert_eq!(
+            api_key_from_headers(&hdrs(&[("x-api-key", b"k1")])),
+            Some("k1")
+        );
+        assert_eq!(
+            api_key_from_headers(&hdrs(&[("authorization", b"Bearer tok")])),
+            Some("tok")
+        );
+        assert_eq!(
+            api_key_from_headers(&hdrs(&[("authorization", b"Basic abc")])),
+            None
+        );
         assert_eq!(api_key_from_headers(&HeaderMap::new()), None);
     }
 

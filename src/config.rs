@@ -321,8 +321,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.upstream_uri()?;
         match (&self.proxy.tls_cert, &self.proxy.tls_key) {
-            (Some(_), None) => return Err(invalid("proxy.tls_key", "`proxy.tls_cert` is set, so `proxy.tls_key` must name its private key (PEM)")),
-            (None, Some(_)) => return Err(invalid("proxy.tls_cert", "`proxy.tls_key` is set, so `proxy.tls_cert` must name the certificate chain (PEM)")),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "proxy.tls_key",
+                    "`proxy.tls_cert` is set, so `proxy.tls_key` must name its private key (PEM)",
+                ))
+            }
+            (None, Some(_)) => return Err(invalid(
+                "proxy.tls_cert",
+                "`proxy.tls_key` is set, so `proxy.tls_cert` must name the certificate chain (PEM)",
+            )),
             _ => {}
         }
         if self.proxy.listen == self.admin.listen && self.proxy.listen.port() != 0 {
@@ -350,7 +358,10 @@ impl Config {
             }
         }
         if self.proxy.max_request_body.0 == 0 {
-            return Err(invalid("proxy.max_request_body", "must be above zero, e.g. \"10MiB\""));
+            return Err(invalid(
+                "proxy.max_request_body",
+                "must be above zero, e.g. \"10MiB\"",
+            ));
         }
         Ok(())
     }
@@ -359,7 +370,10 @@ impl Config {
     pub fn upstream_uri(&self) -> Result<http::Uri, ConfigError> {
         let raw = self.upstream.base_url.trim();
         let uri: http::Uri = raw.parse().map_err(|e| {
-            invalid("upstream.base_url", format!("{raw:?} is not a URL ({e}); e.g. \"https://api.apollo.io\""))
+            invalid(
+                "upstream.base_url",
+                format!("{raw:?} is not a URL ({e}); e.g. \"https://api.apollo.io\""),
+            )
         })?;
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
@@ -408,9 +422,9 @@ impl HumanDuration {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration; write e.g. \"30s\", \"250ms\", \"5m\""))?;
+        let value: f64 = num.parse().map_err(|_| {
+            format!("{s:?} is not a duration; write e.g. \"30s\", \"250ms\", \"5m\"")
+        })?;
         let scale = match unit.trim() {
             "ms" => 0.001,
             "" | "s" => 1.0,
@@ -570,13 +584,28 @@ mod tests {
     #[test]
     fn cross_field_rules() {
         let c = Config::from_toml("[proxy]\ntls_cert = \"a.pem\"\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("proxy.tls_key"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("proxy.tls_key"));
         let c = Config::from_toml("[upstream]\nbase_url = \"ftp://x\"\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("upstream.base_url"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("upstream.base_url"));
         let c = Config::from_toml("[upstream]\nbase_url = \"https://x/?a=1\"\n").unwrap();
         assert!(c.validate().is_err());
-        let c = Config::from_toml("[proxy]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("admin.listen"));
+        let c = Config::from_toml(
+            "[proxy]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin.listen"));
         let c = Config::from_toml("[ledger]\ndurability = \"sometimes\"\n");
         assert!(c.unwrap_err().to_string().contains("sometimes"));
     }

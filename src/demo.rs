@@ -119,13 +119,24 @@ pub struct DriveStats {
 }
 
 /// Sends `calls` through the proxy at `proxy` with `concurrency` workers.
-pub async fn drive(proxy: SocketAddr, api_key: &str, calls: Vec<DemoCall>, concurrency: usize) -> DriveStats {
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+pub async fn drive(
+    proxy: SocketAddr,
+    api_key: &str,
+    calls: Vec<DemoCall>,
+    concurrency: usize,
+) -> DriveStats {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     let calls = Arc::new(calls);
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (client, calls, next, key) = (client.clone(), calls.clone(), next.clone(), api_key.to_owned());
+        let (client, calls, next, key) = (
+            client.clone(),
+            calls.clone(),
+            next.clone(),
+            api_key.to_owned(),
+        );
         workers.spawn(async move {
             let mut stats = DriveStats::default();
             loop {
@@ -198,20 +209,27 @@ pub struct DemoOptions {
 
 /// Runs the demo and returns what to print.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
-    let dir = opts
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("creditmeter-demo-{}", std::process::id())));
+    let dir = opts.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("creditmeter-demo-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("ledger.db");
 
-    let sim = Sim::new(SimConfig { rate_limit_minute: 0, ..SimConfig::default() });
+    let sim = Sim::new(SimConfig {
+        rate_limit_minute: 0,
+        ..SimConfig::default()
+    });
     let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
     let sim_addr = sim_listener.local_addr()?;
     let (sim_stop, sim_stopped) = tokio::sync::oneshot::channel::<()>();
     let sim_task = {
         let sim = sim.clone();
-        tokio::spawn(async move { sim.serve(sim_listener, None, async { let _ = sim_stopped.await; }).await })
+        tokio::spawn(async move {
+            sim.serve(sim_listener, None, async {
+                let _ = sim_stopped.await;
+            })
+            .await
+        })
     };
 
     let mut config = Config::default();
@@ -227,7 +245,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     }));
 
     let started = std::time::Instant::now();
-    let stats = drive(proxy_addr, "demo-api-key", workload(opts.calls), opts.concurrency).await;
+    let stats = drive(
+        proxy_addr,
+        "demo-api-key",
+        workload(opts.calls),
+        opts.concurrency,
+    )
+    .await;
     let elapsed = started.elapsed();
 
     let mut out = String::new();
@@ -262,7 +286,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
         #[allow(clippy::print_stdout)]
         {
             print!("{out}");
-            println!("\nServing: proxy http://{proxy_addr}  admin http://{admin_addr}  (Ctrl-C to stop)");
+            println!(
+                "\nServing: proxy http://{proxy_addr}  admin http://{admin_addr}  (Ctrl-C to stop)"
+            );
         }
         out.clear();
         let _ = tokio::signal::ctrl_c().await;

@@ -78,9 +78,13 @@ pub async fn run(
 
     let conn = ledger::open_for_write(&config.ledger.path, config.ledger.synchronous)?;
     let secret = ledger::install_secret(&conn)?;
-    let metrics = Arc::new(Metrics::new(config.metrics.max_label_values, catalog.version())?);
+    let metrics = Arc::new(Metrics::new(
+        config.metrics.max_label_values,
+        catalog.version(),
+    )?);
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
-    let (writer, ledger_handle) = LedgerWriter::spawn(conn, config.ledger.batch_max, metrics.ledger())?;
+    let (writer, ledger_handle) =
+        LedgerWriter::spawn(conn, config.ledger.batch_max, metrics.ledger())?;
 
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -121,7 +125,9 @@ pub async fn run(
     });
     drop(ledger_handle);
 
-    let builder = Arc::new(proxy::listener::http_builder(config.proxy.header_read_timeout.0));
+    let builder = Arc::new(proxy::listener::http_builder(
+        config.proxy.header_read_timeout.0,
+    ));
     tracing::info!(
         proxy = %proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -178,7 +184,9 @@ pub async fn run(
     }
     tracker.close();
     if !proxy::listener::until(deadline, tracker.wait()).await {
-        tracing::warn!("shutdown grace expired with calls still draining; recording them as cut short");
+        tracing::warn!(
+            "shutdown grace expired with calls still draining; recording them as cut short"
+        );
     }
     hard_stop.cancel();
     tracker.wait().await;
@@ -186,7 +194,11 @@ pub async fn run(
 
     admin_stop.cancel();
     if let Ok(graceful) = admin_task.await {
-        let _ = proxy::listener::until(Instant::now() + std::time::Duration::from_secs(2), graceful.shutdown()).await;
+        let _ = proxy::listener::until(
+            Instant::now() + std::time::Duration::from_secs(2),
+            graceful.shutdown(),
+        )
+        .await;
     }
     admin_hard.cancel();
     admin_tracker.close();

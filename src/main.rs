@@ -16,7 +16,11 @@ use tracing_subscriber::EnvFilter;
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "creditmeter", version, about = "A metering proxy for Apollo.io: which table burned our credits, and when?")]
+#[command(
+    name = "creditmeter",
+    version,
+    about = "A metering proxy for Apollo.io: which table burned our credits, and when?"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -110,8 +114,14 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,rustls=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,rustls=warn"));
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -145,7 +155,12 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
                 match creditmeter::run(config, proxy, admin, shutdown_signal()).await {
                     Ok(()) => Ok(ExitCode::SUCCESS),
-                    Err(e @ (creditmeter::RunError::Config(_) | creditmeter::RunError::Catalog(_) | creditmeter::RunError::Tls(_) | creditmeter::RunError::Upstream(_))) => {
+                    Err(
+                        e @ (creditmeter::RunError::Config(_)
+                        | creditmeter::RunError::Catalog(_)
+                        | creditmeter::RunError::Tls(_)
+                        | creditmeter::RunError::Upstream(_)),
+                    ) => {
                         eprintln!("creditmeter: {e}");
                         Ok(ExitCode::from(EX_USAGE))
                     }
@@ -172,24 +187,70 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EX_USAGE));
                 }
             }
-            println!("config: {}", path.map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into()));
-            println!("  proxy.listen            {}{}", config.proxy.listen, if config.proxy.tls_cert.is_some() { " (TLS)" } else { "" });
+            println!(
+                "config: {}",
+                path.map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(defaults)".into())
+            );
+            println!(
+                "  proxy.listen            {}{}",
+                config.proxy.listen,
+                if config.proxy.tls_cert.is_some() {
+                    " (TLS)"
+                } else {
+                    ""
+                }
+            );
             println!("  admin.listen            {}", config.admin.listen);
             println!("  upstream.base_url       {}", config.upstream.base_url);
-            println!("  upstream.ca_file        {}", config.upstream.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(webpki roots only)".into()));
-            println!("  upstream.timeout        {} (connect {})", config.upstream.timeout, config.upstream.connect_timeout);
-            println!("  proxy.max_request_body  {}", config.proxy.max_request_body);
+            println!(
+                "  upstream.ca_file        {}",
+                config
+                    .upstream
+                    .ca_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(webpki roots only)".into())
+            );
+            println!(
+                "  upstream.timeout        {} (connect {})",
+                config.upstream.timeout, config.upstream.connect_timeout
+            );
+            println!(
+                "  proxy.max_request_body  {}",
+                config.proxy.max_request_body
+            );
             println!("  ledger.path             {}", config.ledger.path.display());
             println!("  ledger.durability       {:?}", config.ledger.durability);
-            println!("  attribution.require_table {}", config.attribution.require_table);
-            println!("catalog: {} ({})", catalog.version(), config.catalog.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in".into()));
+            println!(
+                "  attribution.require_table {}",
+                config.attribution.require_table
+            );
+            println!(
+                "catalog: {} ({})",
+                catalog.version(),
+                config
+                    .catalog
+                    .path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "built-in".into())
+            );
             for ep in catalog.endpoints() {
                 println!("  {}", ep.name());
             }
             println!("ok");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { db, config, since, until, by, top, format } => {
+        Command::Report {
+            db,
+            config,
+            since,
+            until,
+            by,
+            top,
+            format,
+        } => {
             let db = match (db, config) {
                 (Some(db), _) => db,
                 (None, Some(c)) => match load_config(Some(&c)) {
@@ -205,7 +266,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     Some(s) => report::parse_time(&s, now).map_err(|e| format!("--{flag}: {e}")),
                 }
             };
-            let window = parse(since, 0, "since").and_then(|s| Ok((s, parse(until, report::default_until(), "until")?)));
+            let window = parse(since, 0, "since")
+                .and_then(|s| Ok((s, parse(until, report::default_until(), "until")?)));
             let by = GroupBy::parse(&by).map_err(|e| format!("--by: {e}"));
             let (since_ms, until_ms, by) = match (window, by) {
                 (Ok((s, u)), Ok(by)) => (s, u, by),
@@ -214,10 +276,27 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EX_USAGE));
                 }
             };
-            print!("{}", report::run(&ReportRequest { db, by, since_ms, until_ms, top, format })?);
+            print!(
+                "{}",
+                report::run(&ReportRequest {
+                    db,
+                    by,
+                    since_ms,
+                    until_ms,
+                    top,
+                    format
+                })?
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::SimApollo { listen, seed, rate_limit_minute, no_credits_consumed, tls_cert, tls_key } => {
+        Command::SimApollo {
+            listen,
+            seed,
+            rate_limit_minute,
+            no_credits_consumed,
+            tls_cert,
+            tls_key,
+        } => {
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(creditmeter::proxy::listener::tls_acceptor(&c, &k)?),
                 _ => None,
@@ -230,16 +309,31 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     report_credits_consumed: !no_credits_consumed,
                     ..Default::default()
                 });
-                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-                eprintln!("sim-apollo listening on {}://{listen}", if tls.is_some() { "https" } else { "http" });
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding {listen}"))?;
+                eprintln!(
+                    "sim-apollo listening on {}://{listen}",
+                    if tls.is_some() { "https" } else { "http" }
+                );
                 let tls_config = tls.map(|a| a.config().clone());
                 sim.serve(listener, tls_config, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Demo { calls, concurrency, dir, hold } => {
+        Command::Demo {
+            calls,
+            concurrency,
+            dir,
+            hold,
+        } => {
             let rt = runtime()?;
-            let out = rt.block_on(creditmeter::demo::run(creditmeter::demo::DemoOptions { calls, concurrency, dir, hold }))?;
+            let out = rt.block_on(creditmeter::demo::run(creditmeter::demo::DemoOptions {
+                calls,
+                concurrency,
+                dir,
+                hold,
+            }))?;
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
@@ -250,8 +344,11 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 use hyper_util::client::legacy::Client;
                 let client: Client<_, Empty<bytes::Bytes>> =
                     Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-                let uri: http::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
-                let resp = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri)).await;
+                let uri: http::Uri = url
+                    .parse()
+                    .with_context(|| format!("{url:?} is not a URL"))?;
+                let resp =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri)).await;
                 Ok(match resp {
                     Ok(Ok(r)) if r.status().is_success() => ExitCode::SUCCESS,
                     Ok(Ok(r)) => {

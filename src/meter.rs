@@ -61,7 +61,12 @@ impl RequestIds {
     /// 32 hex digits: 12 of unix ms, 8 of process id, 12 of a per-process counter.
     pub fn next(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff;
-        format!("{:012x}{:08x}{:012x}", now_ms() as u64 & 0xffff_ffff_ffff, self.process, n)
+        format!(
+            "{:012x}{:08x}{:012x}",
+            now_ms() as u64 & 0xffff_ffff_ffff,
+            self.process,
+            n
+        )
     }
 }
 
@@ -157,7 +162,10 @@ impl CallMeter {
 
     /// The call's `request_id`.
     pub fn request_id(&self) -> &str {
-        self.ctx.as_ref().map(|c| c.request_id.as_str()).unwrap_or("")
+        self.ctx
+            .as_ref()
+            .map(|c| c.request_id.as_str())
+            .unwrap_or("")
     }
 
     /// Whether pricing needs the response body (otherwise the proxy keeps no copy).
@@ -216,7 +224,8 @@ impl CallMeter {
                     content_encoding: self.content_encoding.as_deref(),
                     body: &body,
                     // An incomplete body can never justify a body-based charge.
-                    truncated: f.body.truncated || f.outcome != Outcome::Ok && f.outcome != Outcome::ClientCancelled,
+                    truncated: f.body.truncated
+                        || f.outcome != Outcome::Ok && f.outcome != Outcome::ClientCancelled,
                     max_decoded: self.meter.max_decoded,
                 },
             ),
@@ -232,10 +241,19 @@ impl CallMeter {
                 },
             ),
         };
-        let error = match (f.error, pricing.note.filter(|_| pricing.source != CreditSource::Reported)) {
-            (Some(e), Some(n)) if self.status.is_some_and(|s| (200..300).contains(&s)) => Some(format!("{e}; pricing: {n}")),
+        let error = match (
+            f.error,
+            pricing
+                .note
+                .filter(|_| pricing.source != CreditSource::Reported),
+        ) {
+            (Some(e), Some(n)) if self.status.is_some_and(|s| (200..300).contains(&s)) => {
+                Some(format!("{e}; pricing: {n}"))
+            }
             (Some(e), _) => Some(e),
-            (None, Some(n)) if self.status.is_some_and(|s| (200..300).contains(&s)) && ep.inspects_body() => {
+            (None, Some(n))
+                if self.status.is_some_and(|s| (200..300).contains(&s)) && ep.inspects_body() =>
+            {
                 Some(format!("pricing: {n}"))
             }
             (None, _) => None,

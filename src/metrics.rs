@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::sync::RwLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder, CounterVec,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::ledger::queries::SeedTotals;
@@ -48,15 +48,24 @@ impl Metrics {
     pub fn new(max_label_values: usize, catalog_version: &str) -> Result<Metrics, MetricsError> {
         let registry = Registry::new();
         let credits = CounterVec::new(
-            Opts::new("creditmeter_credits_total", "Apollo credits billed, by credit type."),
+            Opts::new(
+                "creditmeter_credits_total",
+                "Apollo credits billed, by credit type.",
+            ),
             &["table", "workflow", "endpoint", "credit_type"],
         )?;
         let requests = IntCounterVec::new(
-            Opts::new("creditmeter_requests_total", "Calls handled, by upstream status code and outcome."),
+            Opts::new(
+                "creditmeter_requests_total",
+                "Calls handled, by upstream status code and outcome.",
+            ),
             &["table", "endpoint", "code", "outcome"],
         )?;
         let records = IntCounterVec::new(
-            Opts::new("creditmeter_records_total", "Records requested from and matched by Apollo."),
+            Opts::new(
+                "creditmeter_records_total",
+                "Records requested from and matched by Apollo.",
+            ),
             &["table", "endpoint", "result"],
         )?;
         let upstream_duration = HistogramVec::new(
@@ -64,11 +73,16 @@ impl Metrics {
                 "creditmeter_upstream_duration_seconds",
                 "Time from sending a call upstream to its last response byte.",
             )
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
             &["endpoint"],
         )?;
         let rate_limit = IntGaugeVec::new(
-            Opts::new("creditmeter_apollo_rate_limit", "Apollo's rate limit per endpoint and window, from its response headers."),
+            Opts::new(
+                "creditmeter_apollo_rate_limit",
+                "Apollo's rate limit per endpoint and window, from its response headers.",
+            ),
             &["endpoint", "window"],
         )?;
         let rate_limit_remaining = IntGaugeVec::new(
@@ -79,19 +93,36 @@ impl Metrics {
             &["endpoint", "window"],
         )?;
         let label_overflow = IntCounterVec::new(
-            Opts::new("creditmeter_label_overflow_total", "Label values replaced by _other because of the cap."),
+            Opts::new(
+                "creditmeter_label_overflow_total",
+                "Label values replaced by _other because of the cap.",
+            ),
             &["label"],
         )?;
         let ledger = LedgerMetrics {
-            pending: IntGauge::new("creditmeter_ledger_pending", "Ledger rows waiting to be committed.")?,
-            commit_seconds: Histogram::with_opts(
-                HistogramOpts::new("creditmeter_ledger_commit_seconds", "Time per ledger group commit.")
-                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
+            pending: IntGauge::new(
+                "creditmeter_ledger_pending",
+                "Ledger rows waiting to be committed.",
             )?,
-            errors: IntCounter::new("creditmeter_ledger_errors_total", "Ledger commits that failed.")?,
+            commit_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "creditmeter_ledger_commit_seconds",
+                    "Time per ledger group commit.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+                ]),
+            )?,
+            errors: IntCounter::new(
+                "creditmeter_ledger_errors_total",
+                "Ledger commits that failed.",
+            )?,
         };
         let build_info = IntGaugeVec::new(
-            Opts::new("creditmeter_build_info", "Always 1; carries the version and catalog version."),
+            Opts::new(
+                "creditmeter_build_info",
+                "Always 1; carries the version and catalog version.",
+            ),
             &["version", "catalog_version"],
         )?;
         build_info
@@ -168,7 +199,14 @@ impl Metrics {
             .inc();
         if r.credits_milli() != 0 {
             let workflow = self.workflow_label(r.workflow.as_deref());
-            self.add_credits(table, workflow, &r.endpoint, r.lead_milli, r.direct_dial_milli, r.export_milli);
+            self.add_credits(
+                table,
+                workflow,
+                &r.endpoint,
+                r.lead_milli,
+                r.direct_dial_milli,
+                r.export_milli,
+            );
         }
         self.add_records(table, &r.endpoint, r.records_requested, r.records_matched);
         if let Some(ms) = r.upstream_ms {
@@ -178,7 +216,15 @@ impl Metrics {
         }
     }
 
-    fn add_credits(&self, table: &str, workflow: &str, endpoint: &str, lead: i64, dd: i64, export: i64) {
+    fn add_credits(
+        &self,
+        table: &str,
+        workflow: &str,
+        endpoint: &str,
+        lead: i64,
+        dd: i64,
+        export: i64,
+    ) {
         for (ty, milli) in [("lead", lead), ("direct_dial", dd), ("export", export)] {
             if milli != 0 {
                 self.credits
@@ -188,7 +234,13 @@ impl Metrics {
         }
     }
 
-    fn add_records(&self, table: &str, endpoint: &str, requested: Option<i64>, matched: Option<i64>) {
+    fn add_records(
+        &self,
+        table: &str,
+        endpoint: &str,
+        requested: Option<i64>,
+        matched: Option<i64>,
+    ) {
         for (result, n) in [("requested", requested), ("matched", matched)] {
             if let Some(n) = n.filter(|n| *n > 0) {
                 self.records
@@ -203,17 +255,34 @@ impl Metrics {
         for c in &totals.credits {
             let table = self.table_label(c.table_name.as_deref());
             let workflow = self.workflow_label(c.workflow.as_deref());
-            self.add_credits(table, workflow, &c.endpoint, c.lead_milli, c.direct_dial_milli, c.export_milli);
+            self.add_credits(
+                table,
+                workflow,
+                &c.endpoint,
+                c.lead_milli,
+                c.direct_dial_milli,
+                c.export_milli,
+            );
         }
         for r in &totals.requests {
             let table = self.table_label(r.table_name.as_deref());
             self.requests
-                .with_label_values(&[table, &r.endpoint, status_label(r.status).as_ref(), &r.outcome])
+                .with_label_values(&[
+                    table,
+                    &r.endpoint,
+                    status_label(r.status).as_ref(),
+                    &r.outcome,
+                ])
                 .inc_by(r.calls);
         }
         for r in &totals.records {
             let table = self.table_label(r.table_name.as_deref());
-            self.add_records(table, &r.endpoint, Some(r.requested as i64), Some(r.matched as i64));
+            self.add_records(
+                table,
+                &r.endpoint,
+                Some(r.requested as i64),
+                Some(r.matched as i64),
+            );
         }
     }
 
@@ -221,7 +290,9 @@ impl Metrics {
     pub fn observe_rate_limits(&self, endpoint: &str, limits: &[crate::ratelimit::WindowLimit]) {
         for l in limits {
             if let Some(limit) = l.limit {
-                self.rate_limit.with_label_values(&[endpoint, l.window]).set(limit);
+                self.rate_limit
+                    .with_label_values(&[endpoint, l.window])
+                    .set(limit);
             }
             if let Some(remaining) = l.remaining {
                 self.rate_limit_remaining
@@ -301,6 +372,9 @@ mod tests {
         assert_eq!(m.table_label(Some("a")), "a");
         assert_eq!(m.table_label(None), UNATTRIBUTED);
         let text = String::from_utf8(m.encode()).unwrap();
-        assert!(text.contains("creditmeter_label_overflow_total{label=\"table\"} 1"), "{text}");
+        assert!(
+            text.contains("creditmeter_label_overflow_total{label=\"table\"} 1"),
+            "{text}"
+        );
     }
 }

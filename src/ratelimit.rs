@@ -16,10 +16,30 @@ pub struct WindowLimit {
 
 /// (label, limit header, usage header, requests-left header), current and legacy spellings.
 const WINDOWS: &[(&str, &str, &str, &str)] = &[
-    ("minute", "x-rate-limit-minute", "x-minute-usage", "x-minute-requests-left"),
-    ("hour", "x-rate-limit-hourly", "x-hourly-usage", "x-hourly-requests-left"),
-    ("day", "x-rate-limit-24-hour", "x-24-hour-usage", "x-24-hour-requests-left"),
-    ("day", "x-rate-limit-daily", "x-daily-usage", "x-daily-requests-left"),
+    (
+        "minute",
+        "x-rate-limit-minute",
+        "x-minute-usage",
+        "x-minute-requests-left",
+    ),
+    (
+        "hour",
+        "x-rate-limit-hourly",
+        "x-hourly-usage",
+        "x-hourly-requests-left",
+    ),
+    (
+        "day",
+        "x-rate-limit-24-hour",
+        "x-24-hour-usage",
+        "x-24-hour-requests-left",
+    ),
+    (
+        "day",
+        "x-rate-limit-daily",
+        "x-daily-usage",
+        "x-daily-requests-left",
+    ),
 ];
 
 /// Reads the windows present in `headers`. Windows without a numeric limit are left out.
@@ -72,16 +92,34 @@ mod tests {
         assert_eq!(
             w,
             vec![
-                WindowLimit { window: "minute", limit: Some(1000), remaining: Some(997) },
-                WindowLimit { window: "day", limit: Some(50000), remaining: Some(49990) },
+                WindowLimit {
+                    window: "minute",
+                    limit: Some(1000),
+                    remaining: Some(997)
+                },
+                WindowLimit {
+                    window: "day",
+                    limit: Some(50000),
+                    remaining: Some(49990)
+                },
             ]
         );
     }
 
     #[test]
     fn legacy_daily_spelling() {
-        let h = headers(&[("x-rate-limit-daily", "2000"), ("x-daily-requests-left", "1999")]);
-        assert_eq!(parse(&h), vec![WindowLimit { window: "day", limit: Some(2000), remaining: Some(1999) }]);
+        let h = headers(&[
+            ("x-rate-limit-daily", "2000"),
+            ("x-daily-requests-left", "1999"),
+        ]);
+        assert_eq!(
+            parse(&h),
+            vec![WindowLimit {
+                window: "day",
+                limit: Some(2000),
+                remaining: Some(1999)
+            }]
+        );
     }
 
     #[test]

@@ -75,7 +75,9 @@ pub fn parse_time(s: &str, now: i64) -> Result<i64, String> {
 
 fn parse_rfc3339(s: &str) -> Option<i64> {
     let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { std::str::from_utf8(b.get(r)?).ok()?.parse().ok() };
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        std::str::from_utf8(b.get(r)?).ok()?.parse().ok()
+    };
     if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
         return None;
     }
@@ -145,17 +147,27 @@ pub fn format_time(ms: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Runs the report and renders it.
 pub fn run(req: &ReportRequest) -> Result<String, ReportError> {
     if !req.db.exists() {
-        return Err(ReportError::Missing { path: req.db.clone() });
+        return Err(ReportError::Missing {
+            path: req.db.clone(),
+        });
     }
     let conn = crate::ledger::open_for_read(&req.db)?;
     let mut rows = queries::spend(&conn, &req.by, req.since_ms, req.until_ms)?;
-    let mut total = SpendRow { key: "TOTAL".into(), ..Default::default() };
+    let mut total = SpendRow {
+        key: "TOTAL".into(),
+        ..Default::default()
+    };
     for r in &rows {
         total.add(r);
     }
@@ -166,7 +178,10 @@ pub fn run(req: &ReportRequest) -> Result<String, ReportError> {
 }
 
 fn credits(milli: i64) -> String {
-    format!("{:.3}", milli as f64 / 1000.0).trim_end_matches('0').trim_end_matches('.').to_owned()
+    format!("{:.3}", milli as f64 / 1000.0)
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_owned()
 }
 
 fn render(req: &ReportRequest, rows: &[SpendRow], total: &SpendRow) -> String {
@@ -197,26 +212,53 @@ fn render(req: &ReportRequest, rows: &[SpendRow], total: &SpendRow) -> String {
                 let _ = writeln!(
                     out,
                     "{},{},{},{},{},{},{},{},{},{}",
-                    csv_field(&r.key), r.calls, credits(r.credits_milli), credits(r.lead_milli),
-                    credits(r.direct_dial_milli), credits(r.export_milli), r.records_requested, r.records_matched,
-                    r.match_rate().map(|m| format!("{m:.4}")).unwrap_or_default(),
-                    r.credits_per_match().map(|c| format!("{c:.3}")).unwrap_or_default(),
+                    csv_field(&r.key),
+                    r.calls,
+                    credits(r.credits_milli),
+                    credits(r.lead_milli),
+                    credits(r.direct_dial_milli),
+                    credits(r.export_milli),
+                    r.records_requested,
+                    r.records_matched,
+                    r.match_rate()
+                        .map(|m| format!("{m:.4}"))
+                        .unwrap_or_default(),
+                    r.credits_per_match()
+                        .map(|c| format!("{c:.3}"))
+                        .unwrap_or_default(),
                 );
             }
             out
         }
         Format::Table => {
             let header = [
-                req.by.label(), "calls".into(), "credits".into(), "lead".into(), "direct_dial".into(),
-                "export".into(), "requested".into(), "matched".into(), "match".into(), "cr/match".into(),
+                req.by.label(),
+                "calls".into(),
+                "credits".into(),
+                "lead".into(),
+                "direct_dial".into(),
+                "export".into(),
+                "requested".into(),
+                "matched".into(),
+                "match".into(),
+                "cr/match".into(),
             ];
             let cells = |r: &SpendRow| -> [String; 10] {
                 [
-                    r.key.clone(), r.calls.to_string(), credits(r.credits_milli), credits(r.lead_milli),
-                    credits(r.direct_dial_milli), credits(r.export_milli), r.records_requested.to_string(),
+                    r.key.clone(),
+                    r.calls.to_string(),
+                    credits(r.credits_milli),
+                    credits(r.lead_milli),
+                    credits(r.direct_dial_milli),
+                    credits(r.export_milli),
+                    r.records_requested.to_string(),
                     r.records_matched.to_string(),
-                    r.match_rate().map(|m| format!("{:.1}%", m * 100.0)).unwrap_or_else(|| "-".into()),
-                    r.credits_per_match().map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
+                    r.match_rate()
+                        .map(|m| format!("{:.1}%", m * 100.0))
+                        .unwrap_or_else(|| "-".into()),
+                    r.credits_per_match()
+                        .map(|c| format!("{c:.2}"))
+                        .unwrap_or_else(|| "-".into()),
                 ]
             };
             let body: Vec<[String; 10]> = rows.iter().map(cells).collect();
@@ -238,10 +280,16 @@ fn render(req: &ReportRequest, rows: &[SpendRow], total: &SpendRow) -> String {
                 }
                 s.trim_end().to_owned() + "\n"
             };
-            let mut out = format!(
-                "Spend by {} from {} to {}\n\n",
-                req.by.label(), format_time(req.since_ms), format_time(req.until_ms)
-            );
+            let window = if req.since_ms <= 0 {
+                format!("all time to {}", format_time(req.until_ms))
+            } else {
+                format!(
+                    "{} to {}",
+                    format_time(req.since_ms),
+                    format_time(req.until_ms)
+                )
+            };
+            let mut out = format!("Spend by {}, {window}\n\n", req.by.label());
             out.push_str(&line(&header));
             let rule: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
             out.push_str(&"-".repeat(rule));
@@ -281,8 +329,14 @@ mod tests {
         assert_eq!(parse_time("7d", now).unwrap(), now - 7 * 86_400_000);
         assert_eq!(parse_time("now", now).unwrap(), now);
         assert_eq!(parse_time("1970-01-02", now).unwrap(), 86_400_000);
-        assert_eq!(parse_time("2023-11-14T22:13:20Z", now).unwrap(), 1_700_000_000_000);
-        assert_eq!(parse_time("2023-11-14T23:13:20.5+01:00", now).unwrap(), 1_700_000_000_500);
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z", now).unwrap(),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            parse_time("2023-11-14T23:13:20.5+01:00", now).unwrap(),
+            1_700_000_000_500
+        );
         assert!(parse_time("yesterday", now).is_err());
         assert!(parse_time("2023-13-01", now).is_err());
         assert!(parse_time("5x", now).is_err());

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! End-to-end: real sockets on 127.0.0.1, the simulator behind a TLS CA the test makes, and a
 //! real SQLite ledger. Each test asserts what a user would notice.
 
@@ -33,15 +34,25 @@ async fn bodies_arrive_byte_identical_gzip_included() {
         assert_eq!(status, 200);
         assert_eq!(h.get("content-encoding").unwrap(), "gzip", "{script}");
         assert_eq!(body.len(), expected.len(), "{script}");
-        assert!(body == expected, "{script}: the caller got different bytes than upstream sent");
+        assert!(
+            body == expected,
+            "{script}: the caller got different bytes than upstream sent"
+        );
         if script == "blob" {
-            assert_eq!(h.get("content-length").unwrap().to_str().unwrap(), expected.len().to_string());
+            assert_eq!(
+                h.get("content-length").unwrap().to_str().unwrap(),
+                expected.len().to_string()
+            );
         }
     }
     // The copy kept for pricing was decoded: the person in the gzip body was billed.
     let (credits, bytes): (i64, i64) = proxy
         .ledger()
-        .query_row("SELECT sum(credits_milli), max(response_bytes) FROM calls WHERE table_name = 'bytes'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT sum(credits_milli), max(response_bytes) FROM calls WHERE table_name = 'bytes'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     assert_eq!(credits, 2000);
     assert_eq!(bytes as usize, expected.len());
@@ -51,18 +62,50 @@ async fn bodies_arrive_byte_identical_gzip_included() {
 async fn responses_through_the_proxy_match_the_tls_simulator() {
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
-    let sim = SimServer::start(SimConfig { rate_limit_minute: 0, ..Default::default() }, Some(&pki)).await;
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        Some(&pki),
+    )
+    .await;
     let proxy = Proxy::start(config_for(&sim.url(true), Some(&pki.ca_pem)), dir.path()).await;
 
     // A direct TLS client to the simulator, trusting the test CA: the reference answers.
     let direct = direct_tls_client(&pki);
     let c = client();
     let cases: Vec<(&str, &str, Option<&str>, bool)> = vec![
-        ("POST", "/api/v1/people/match", Some(r#"{"email":"ada@example.com"}"#), true),
-        ("POST", "/api/v1/people/match", Some(r#"{"email":"ada@example.com"}"#), false),
-        ("POST", "/api/v1/people/bulk_match", Some(r#"{"details":[{"email":"a@x.com"},{"email":"b@y.com"},{"email":"c@z.com"}]}"#), true),
-        ("GET", "/api/v1/organizations/enrich?domain=apollo.io", None, true),
-        ("POST", "/api/v1/mixed_companies/search", Some(r#"{"q_organization_name":"acme","page":1}"#), true),
+        (
+            "POST",
+            "/api/v1/people/match",
+            Some(r#"{"email":"ada@example.com"}"#),
+            true,
+        ),
+        (
+            "POST",
+            "/api/v1/people/match",
+            Some(r#"{"email":"ada@example.com"}"#),
+            false,
+        ),
+        (
+            "POST",
+            "/api/v1/people/bulk_match",
+            Some(r#"{"details":[{"email":"a@x.com"},{"email":"b@y.com"},{"email":"c@z.com"}]}"#),
+            true,
+        ),
+        (
+            "GET",
+            "/api/v1/organizations/enrich?domain=apollo.io",
+            None,
+            true,
+        ),
+        (
+            "POST",
+            "/api/v1/mixed_companies/search",
+            Some(r#"{"q_organization_name":"acme","page":1}"#),
+            true,
+        ),
         ("GET", "/api/v1/no/such/endpoint", None, false),
     ];
     for (method, path, body, gzip) in cases {
@@ -75,26 +118,38 @@ async fn responses_through_the_proxy_match_the_tls_simulator() {
             if gzip {
                 b = b.header("accept-encoding", "gzip");
             }
-            b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap()
+            b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+                .unwrap()
         };
         let (ds, dh, db) = send_any(&direct, build(format!("{}{path}", sim.url(true)))).await;
         let mut req = build(proxy.url(path));
-        req.headers_mut().insert("x-meter-table", "identity-check".parse().unwrap());
+        req.headers_mut()
+            .insert("x-meter-table", "identity-check".parse().unwrap());
         let (ps, ph, pb) = send(&c, req).await;
         assert_eq!(ps, ds, "{method} {path}: status");
-        assert_eq!(ph.get("content-encoding"), dh.get("content-encoding"), "{path}");
+        assert_eq!(
+            ph.get("content-encoding"),
+            dh.get("content-encoding"),
+            "{path}"
+        );
         assert_eq!(ph.get("content-type"), dh.get("content-type"), "{path}");
-        assert_eq!(ph.get("x-sim-billed-milli"), dh.get("x-sim-billed-milli"), "{path}");
+        assert_eq!(
+            ph.get("x-sim-billed-milli"),
+            dh.get("x-sim-billed-milli"),
+            "{path}"
+        );
         // Each Apollo answer carries its own request_id; everything else is the same.
         let decode = |b: &Bytes, h: &http::HeaderMap| -> serde_json::Value {
             let raw = if h.get("content-encoding").is_some_and(|v| v == "gzip") {
                 let mut out = Vec::new();
-                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&b[..]), &mut out).unwrap();
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&b[..]), &mut out)
+                    .unwrap();
                 out
             } else {
                 b.to_vec()
             };
-            let mut v: serde_json::Value = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
             if let Some(o) = v.as_object_mut() {
                 o.remove("request_id");
             }
@@ -102,23 +157,36 @@ async fn responses_through_the_proxy_match_the_tls_simulator() {
         };
         assert_eq!(decode(&pb, &ph), decode(&db, &dh), "{method} {path}");
         if gzip && ps.is_success() {
-            assert_eq!(ph.get("content-encoding").map(|v| v.to_str().unwrap()), Some("gzip"));
+            assert_eq!(
+                ph.get("content-encoding").map(|v| v.to_str().unwrap()),
+                Some("gzip")
+            );
         }
-        assert!(ph.get("x-meter-request-id").is_some(), "every response carries X-Meter-Request-Id");
+        assert!(
+            ph.get("x-meter-request-id").is_some(),
+            "every response carries X-Meter-Request-Id"
+        );
     }
 }
 
-fn direct_tls_client(pki: &TestPki) -> hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>> {
+fn direct_tls_client(
+    pki: &TestPki,
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_file_iter(&pki.ca_pem).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
@@ -128,7 +196,10 @@ fn direct_tls_client(pki: &TestPki) -> hyper_util::client::legacy::Client<hyper_
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
 }
 
-async fn send_any<C>(client: &hyper_util::client::legacy::Client<C, Full<Bytes>>, req: http::Request<Full<Bytes>>) -> (http::StatusCode, http::HeaderMap, Bytes)
+async fn send_any<C>(
+    client: &hyper_util::client::legacy::Client<C, Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> (http::StatusCode, http::HeaderMap, Bytes)
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
@@ -163,18 +234,38 @@ async fn meter_headers_are_stripped_and_everything_else_arrives() {
     assert_eq!(seen.len(), 1);
     let s = &seen[0];
     assert_eq!(s.method, "POST");
-    assert_eq!(s.uri, "/api/v1/people/match?reveal_personal_emails=true&person_titles%5B%5D=CEO");
-    assert!(s.headers.keys().all(|k| !k.as_str().starts_with("x-meter-")), "{:?}", s.headers);
+    assert_eq!(
+        s.uri,
+        "/api/v1/people/match?reveal_personal_emails=true&person_titles%5B%5D=CEO"
+    );
+    assert!(
+        s.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-meter-")),
+        "{:?}",
+        s.headers
+    );
     assert_eq!(s.headers.get("x-api-key").unwrap(), "sk-live-123");
     assert_eq!(s.headers.get("authorization").unwrap(), "Bearer oauth-tok");
     assert_eq!(s.headers.get("x-custom-thing").unwrap(), "keep-me");
     assert_eq!(s.headers.get("user-agent").unwrap(), "clay/1.0");
     assert_eq!(s.headers.get("accept").unwrap(), "application/json");
-    assert!(s.headers.get("x-hop").is_none(), "headers named in Connection are hop-by-hop");
-    assert_eq!(s.headers.get("host").unwrap().to_str().unwrap(), up.addr.to_string());
+    assert!(
+        s.headers.get("x-hop").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
+    assert_eq!(
+        s.headers.get("host").unwrap().to_str().unwrap(),
+        up.addr.to_string()
+    );
     assert_eq!(s.body, Bytes::from(body));
     // The ledger has the attribution, and no trace of the key.
-    let id = headers.get("x-meter-request-id").unwrap().to_str().unwrap().to_owned();
+    let id = headers
+        .get("x-meter-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     let (table, workflow, tags, key_fp, credits): (String, String, String, String, i64) = proxy
         .ledger()
         .query_row(
@@ -191,7 +282,10 @@ async fn meter_headers_are_stripped_and_everything_else_arrives() {
     let raw = std::fs::read(&proxy.db).unwrap();
     let wal = std::fs::read(proxy.db.with_extension("db-wal")).unwrap_or_default();
     for bytes in [raw, wal] {
-        assert!(!bytes.windows(11).any(|w| w == b"sk-live-123"), "API key written to the ledger");
+        assert!(
+            !bytes.windows(11).any(|w| w == b"sk-live-123"),
+            "API key written to the ledger"
+        );
     }
 }
 
@@ -199,7 +293,14 @@ async fn meter_headers_are_stripped_and_everything_else_arrives() {
 async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
-    let sim = SimServer::start(SimConfig { rate_limit_minute: 0, ..Default::default() }, Some(&pki)).await;
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        Some(&pki),
+    )
+    .await;
     let mut proxy = Proxy::start(config_for(&sim.url(true), Some(&pki.ca_pem)), dir.path()).await;
 
     // What the simulator billed, per table, from the responses the callers received.
@@ -215,7 +316,10 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
             let mut out = Vec::new();
             for call in chunk {
                 let mut uri = format!("{base}{}", call.path_and_query);
-                let mut b = http::Request::builder().method(call.method).header("x-api-key", "k").header("x-meter-workflow", call.workflow);
+                let mut b = http::Request::builder()
+                    .method(call.method)
+                    .header("x-api-key", "k")
+                    .header("x-meter-workflow", call.workflow);
                 if let Some(t) = call.table {
                     if call.via_query {
                         uri.push(if uri.contains('?') { '&' } else { '?' });
@@ -224,10 +328,22 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
                         b = b.header("x-meter-table", t);
                     }
                 }
-                let req = b.uri(uri).body(Full::new(Bytes::from(call.body.clone().unwrap_or_default()))).unwrap();
+                let req = b
+                    .uri(uri)
+                    .body(Full::new(Bytes::from(
+                        call.body.clone().unwrap_or_default(),
+                    )))
+                    .unwrap();
                 let (status, h, _) = send(&c, req).await;
-                let billed: i64 = h.get("x-sim-billed-milli").map(|v| v.to_str().unwrap().parse().unwrap()).unwrap_or(0);
-                out.push((call.table.unwrap_or("_unattributed").to_owned(), status, billed));
+                let billed: i64 = h
+                    .get("x-sim-billed-milli")
+                    .map(|v| v.to_str().unwrap().parse().unwrap())
+                    .unwrap_or(0);
+                out.push((
+                    call.table.unwrap_or("_unattributed").to_owned(),
+                    status,
+                    billed,
+                ));
             }
             out
         });
@@ -244,36 +360,76 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
     let conn = proxy.ledger();
     let ledger = ledger_by_table(&conn);
     for (table, billed) in &billed_by_table {
-        assert_eq!(ledger.get(table).copied().unwrap_or(0), *billed, "table {table:?}: ledger vs simulator");
+        assert_eq!(
+            ledger.get(table).copied().unwrap_or(0),
+            *billed,
+            "table {table:?}: ledger vs simulator"
+        );
     }
     let total: i64 = billed_by_table.values().sum();
     let sim_total = sim.sim.billed();
-    assert_eq!(total, sim_total.lead_milli + sim_total.direct_dial_milli + sim_total.export_milli);
-    assert!(billed_by_table[creditmeter::demo::HEAVY_TABLE] > billed_by_table["Inbound leads"], "the heavy spender spends most");
-    let rows: i64 = conn.query_row("SELECT count(*) FROM calls", [], |r| r.get(0)).unwrap();
+    assert_eq!(
+        total,
+        sim_total.lead_milli + sim_total.direct_dial_milli + sim_total.export_milli
+    );
+    assert!(
+        billed_by_table[creditmeter::demo::HEAVY_TABLE] > billed_by_table["Inbound leads"],
+        "the heavy spender spends most"
+    );
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(rows, 400);
 
     let m = proxy.metrics().await;
     let metric_total = metric_sum(&m, "creditmeter_credits_total", &[]);
-    assert!((metric_total - total as f64 / 1000.0).abs() < 1e-6, "metrics {metric_total} vs ledger {total}");
+    assert!(
+        (metric_total - total as f64 / 1000.0).abs() < 1e-6,
+        "metrics {metric_total} vs ledger {total}"
+    );
     for (table, billed) in &billed_by_table {
         let got = metric_sum(&m, "creditmeter_credits_total", &[("table", table)]);
-        assert!((got - *billed as f64 / 1000.0).abs() < 1e-6, "metric for {table}: {got}");
+        assert!(
+            (got - *billed as f64 / 1000.0).abs() < 1e-6,
+            "metric for {table}: {got}"
+        );
     }
     assert_eq!(metric_sum(&m, "creditmeter_requests_total", &[]), 400.0);
-    let unattributed = creditmeter::demo::workload(400).iter().filter(|c| c.table.is_none()).count();
-    assert_eq!(metric_sum(&m, "creditmeter_requests_total", &[("table", "_unattributed")]), unattributed as f64);
+    let unattributed = creditmeter::demo::workload(400)
+        .iter()
+        .filter(|c| c.table.is_none())
+        .count();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_requests_total",
+            &[("table", "_unattributed")]
+        ),
+        unattributed as f64
+    );
     let (bulk_dd,): (i64,) = conn
-        .query_row("SELECT sum(direct_dial_milli) FROM calls WHERE endpoint = 'people_bulk_match'", [], |r| Ok((r.get(0)?,)))
+        .query_row(
+            "SELECT sum(direct_dial_milli) FROM calls WHERE endpoint = 'people_bulk_match'",
+            [],
+            |r| Ok((r.get(0)?,)),
+        )
         .unwrap();
     assert!(bulk_dd > 0, "phone reveals are booked as direct_dial");
-    assert!(metric_sum(&m, "creditmeter_credits_total", &[("credit_type", "direct_dial")]) > 0.0);
+    assert!(
+        metric_sum(
+            &m,
+            "creditmeter_credits_total",
+            &[("credit_type", "direct_dial")]
+        ) > 0.0
+    );
 
     // A restart starts the counters from the ledger, so nothing is lost between scrapes.
     proxy.shutdown().await;
     let proxy2 = Proxy::start(config_for(&sim.url(true), Some(&pki.ca_pem)), dir.path()).await;
     let m2 = proxy2.metrics().await;
-    assert!((metric_sum(&m2, "creditmeter_credits_total", &[]) - total as f64 / 1000.0).abs() < 1e-6);
+    assert!(
+        (metric_sum(&m2, "creditmeter_credits_total", &[]) - total as f64 / 1000.0).abs() < 1e-6
+    );
     assert_eq!(metric_sum(&m2, "creditmeter_requests_total", &[]), 400.0);
 }
 
@@ -285,33 +441,58 @@ async fn invalid_attribution_gets_400_and_nothing_reaches_upstream() {
     cfg.attribution.require_table = true;
     let proxy = Proxy::start(cfg, dir.path()).await;
     let long = "t".repeat(129);
-    let cases: Vec<(Vec<(&str, &[u8])>, &str, &str)> = vec![
-        (vec![("x-meter-table", long.as_bytes())], "", "X-Meter-Table"),
-        (vec![("x-meter-table", b"ok"), ("x-meter-workflow", b"\xc3\x28bad")], "", "X-Meter-Workflow"),
-        (vec![("x-meter-table", b"ok"), ("x-meter-tag-team", b"a\tb")], "", "X-Meter-Tag-team"),
+    type Case<'a> = (Vec<(&'a str, &'a [u8])>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![("x-meter-table", long.as_bytes())],
+            "",
+            "X-Meter-Table",
+        ),
+        (
+            vec![
+                ("x-meter-table", b"ok"),
+                ("x-meter-workflow", b"\xc3\x28bad"),
+            ],
+            "",
+            "X-Meter-Workflow",
+        ),
+        (
+            vec![("x-meter-table", b"ok"), ("x-meter-tag-team", b"a\tb")],
+            "",
+            "X-Meter-Tag-team",
+        ),
         (vec![], "?meter_table=%FF", "meter_table"),
         (vec![], "", "X-Meter-Table"), // require_table
     ];
     for (headers, query, field) in cases {
-        let mut b = http::Request::post(proxy.url(&format!("/api/v1/people/match{query}"))).header("x-api-key", "k");
+        let mut b = http::Request::post(proxy.url(&format!("/api/v1/people/match{query}")))
+            .header("x-api-key", "k");
         for (k, v) in &headers {
             b = b.header(*k, http::HeaderValue::from_bytes(v).unwrap());
         }
-        let (status, h, body) = send(&client(), b.body(Full::new(Bytes::from("{}"))).unwrap()).await;
+        let (status, h, body) =
+            send(&client(), b.body(Full::new(Bytes::from("{}"))).unwrap()).await;
         assert_eq!(status, 400, "{field}");
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["field"], field, "{json}");
         assert!(json["message"].as_str().unwrap().contains(field), "{json}");
         assert!(h.get("x-meter-request-id").is_some());
     }
-    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was sent upstream");
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was sent upstream"
+    );
     let rejected: i64 = proxy
         .ledger()
         .query_row("SELECT count(*) FROM calls WHERE outcome = 'rejected' AND credits_milli = 0 AND status IS NULL", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rejected, 5, "refused calls are recorded too");
     // A valid table passes.
-    let req = http::Request::post(proxy.url("/api/v1/people/match?meter_table=Valid")).header("x-api-key", "k").body(Full::new(Bytes::from("{}"))).unwrap();
+    let req = http::Request::post(proxy.url("/api/v1/people/match?meter_table=Valid"))
+        .header("x-api-key", "k")
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
     assert_eq!(send(&client(), req).await.0, 200);
 }
 
@@ -321,16 +502,28 @@ async fn absolute_uris_and_connect_are_refused() {
     let up = Scripted::start().await;
     let proxy = Proxy::start(config_for(&up.url(), None), dir.path()).await;
     for (request, want) in [
-        ("GET http://evil.example.com/steal HTTP/1.1\r\nHost: evil.example.com\r\n\r\n", "400"),
-        ("CONNECT evil.example.com:443 HTTP/1.1\r\nHost: evil.example.com:443\r\n\r\n", "405"),
+        (
+            "GET http://evil.example.com/steal HTTP/1.1\r\nHost: evil.example.com\r\n\r\n",
+            "400",
+        ),
+        (
+            "CONNECT evil.example.com:443 HTTP/1.1\r\nHost: evil.example.com:443\r\n\r\n",
+            "405",
+        ),
     ] {
         let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
         let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         let text = String::from_utf8_lossy(&buf[..n]);
         assert!(text.starts_with(&format!("HTTP/1.1 {want}")), "{text}");
-        assert!(text.contains("not an open proxy") || text.contains("CONNECT is not supported"), "{text}");
+        assert!(
+            text.contains("not an open proxy") || text.contains("CONNECT is not supported"),
+            "{text}"
+        );
     }
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
@@ -338,7 +531,14 @@ async fn absolute_uris_and_connect_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_row_is_committed_before_the_caller_sees_the_end_of_the_body() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = SimServer::start(SimConfig { rate_limit_minute: 0, ..Default::default() }, None).await;
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
     let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
     let c = client();
     let conn = proxy.ledger();
@@ -346,12 +546,20 @@ async fn the_row_is_committed_before_the_caller_sees_the_end_of_the_body() {
         let req = http::Request::post(proxy.url("/api/v1/people/match"))
             .header("x-api-key", "k")
             .header("x-meter-table", "durable")
-            .body(Full::new(Bytes::from(format!(r#"{{"email":"p{i}@example.com"}}"#))))
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"email":"p{i}@example.com"}}"#
+            ))))
             .unwrap();
         let (_, h, _) = send(&c, req).await;
         let id = h.get("x-meter-request-id").unwrap().to_str().unwrap();
         // No waiting: the body's end was released only after the commit.
-        let n: i64 = conn.query_row("SELECT count(*) FROM calls WHERE request_id = ?1", [id], |r| r.get(0)).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM calls WHERE request_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
         assert_eq!(n, 1, "call {i} received in full but not in the ledger");
     }
 }
@@ -369,7 +577,10 @@ async fn a_client_disconnect_mid_body_still_leaves_a_priced_row() {
     let mut got = Vec::new();
     let mut buf = vec![0u8; 8192];
     while !String::from_utf8_lossy(&got).contains("Slow Person") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
@@ -393,11 +604,21 @@ async fn a_client_disconnect_mid_body_still_leaves_a_priced_row() {
     let (outcome, credits, source, status, bytes) = row.expect("a row for the cancelled call");
     assert_eq!(outcome, "client_cancelled");
     assert_eq!(status, 200);
-    assert_eq!(credits, 1000, "the person matched, so Apollo billed 1 credit");
+    assert_eq!(
+        credits, 1000,
+        "the person matched, so Apollo billed 1 credit"
+    );
     assert_eq!(source, "catalog");
     assert!(bytes > 64 * 1024, "the whole body was read: {bytes}");
     let m = proxy.metrics().await;
-    assert_eq!(metric_sum(&m, "creditmeter_requests_total", &[("table", "leaver"), ("outcome", "client_cancelled")]), 1.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_requests_total",
+            &[("table", "leaver"), ("outcome", "client_cancelled")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,26 +634,50 @@ async fn upstream_failures_give_502_or_504_with_json_and_a_row() {
             drop(s);
         }
     });
-    let proxy = Proxy::start(config_for(&format!("http://{reset_addr}"), None), dir.path()).await;
-    let req = http::Request::post(proxy.url("/api/v1/people/match")).header("x-meter-table", "t").header("x-api-key", "k").body(Full::new(Bytes::from("{}"))).unwrap();
+    let proxy = Proxy::start(
+        config_for(&format!("http://{reset_addr}"), None),
+        dir.path(),
+    )
+    .await;
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("x-meter-table", "t")
+        .header("x-api-key", "k")
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
     let (status, _, body) = send(&client(), req).await;
     assert_eq!(status, 502);
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["error"], "upstream_error");
     let (outcome, st, err): (String, Option<i64>, String) = proxy
         .ledger()
-        .query_row("SELECT outcome, status, error FROM calls", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row("SELECT outcome, status, error FROM calls", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .unwrap();
     assert_eq!((outcome.as_str(), st), ("upstream_error", None));
     assert!(!err.is_empty());
 
     // Nothing listening: connection refused.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let dir2 = tempfile::tempdir().unwrap();
     let proxy2 = Proxy::start(config_for(&format!("http://{closed}"), None), dir2.path()).await;
-    let (status, _, body) = send(&client(), http::Request::get(proxy2.url("/v1/people/match")).body(Full::new(Bytes::new())).unwrap()).await;
+    let (status, _, body) = send(
+        &client(),
+        http::Request::get(proxy2.url("/v1/people/match"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 502);
-    assert!(String::from_utf8_lossy(&body).contains("could not connect"), "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("could not connect"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
 
     // A stall past upstream.timeout: 504.
     let up = Scripted::start().await;
@@ -440,10 +685,19 @@ async fn upstream_failures_give_502_or_504_with_json_and_a_row() {
     let mut cfg = config_for(&up.url(), None);
     cfg.upstream.timeout = creditmeter::config::HumanDuration(Duration::from_millis(500));
     let proxy3 = Proxy::start(cfg, dir3.path()).await;
-    let (status, _, body) = send(&client(), http::Request::get(proxy3.url("/v1/people/match?script=stall")).body(Full::new(Bytes::new())).unwrap()).await;
+    let (status, _, body) = send(
+        &client(),
+        http::Request::get(proxy3.url("/v1/people/match?script=stall"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 504);
     assert!(String::from_utf8_lossy(&body).contains("upstream_timeout"));
-    let outcome: String = proxy3.ledger().query_row("SELECT outcome FROM calls", [], |r| r.get(0)).unwrap();
+    let outcome: String = proxy3
+        .ledger()
+        .query_row("SELECT outcome FROM calls", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(outcome, "upstream_timeout");
 }
 
@@ -464,17 +718,28 @@ async fn an_upstream_reset_mid_body_is_recorded() {
         }
     });
     let proxy = Proxy::start(config_for(&format!("http://{up_addr}"), None), dir.path()).await;
-    let req = http::Request::post(proxy.url("/api/v1/people/match")).header("x-meter-table", "t").body(Full::new(Bytes::from("{}"))).unwrap();
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("x-meter-table", "t")
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
     let resp = client().request(req).await.unwrap();
     assert_eq!(resp.status(), 200, "the head had already been forwarded");
-    assert!(resp.into_body().collect().await.is_err(), "the caller sees the body cut short");
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the caller sees the body cut short"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (outcome, credits, err): (String, i64, String) = proxy
         .ledger()
-        .query_row("SELECT outcome, credits_milli, error FROM calls", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row("SELECT outcome, credits_milli, error FROM calls", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .unwrap();
     assert_eq!(outcome, "upstream_error");
-    assert_eq!(credits, 0, "a cut-short body justifies no body-based charge");
+    assert_eq!(
+        credits, 0,
+        "a cut-short body justifies no body-based charge"
+    );
     assert!(err.contains("upstream response body"), "{err}");
 }
 
@@ -483,7 +748,10 @@ async fn shutdown_drains_a_body_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let up = Scripted::start().await;
     let mut proxy = Proxy::start(config_for(&up.url(), None), dir.path()).await;
-    let req = http::Request::post(proxy.url("/api/v1/people/match?script=slow")).header("x-meter-table", "drain").body(Full::new(Bytes::from("{}"))).unwrap();
+    let req = http::Request::post(proxy.url("/api/v1/people/match?script=slow"))
+        .header("x-meter-table", "drain")
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
     let resp = client().request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     // Shutdown starts while the body is still streaming (upstream sends the rest 400 ms later).
@@ -491,11 +759,20 @@ async fn shutdown_drains_a_body_in_flight() {
     let stopper = tokio::spawn(async move {
         proxy.shutdown().await;
     });
-    let body = resp.into_body().collect().await.expect("body not cut off").to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body not cut off")
+        .to_bytes();
     assert!(body.ends_with(b"\"request_id\": -1}"));
     stopper.await.unwrap();
     let conn = rusqlite::Connection::open(&db).unwrap();
-    let (outcome, credits): (String, i64) = conn.query_row("SELECT outcome, credits_milli FROM calls", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    let (outcome, credits): (String, i64) = conn
+        .query_row("SELECT outcome, credits_milli FROM calls", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
     assert_eq!((outcome.as_str(), credits), ("ok", 1000));
     // The listener is closed after shutdown.
 }
@@ -510,19 +787,43 @@ async fn tls_listener_speaks_h2_and_rate_limits_become_gauges() {
     cfg.proxy.tls_key = Some(pki.key_pem.clone());
     let proxy = Proxy::start(cfg, dir.path()).await;
     let c = direct_tls_client(&pki);
-    let req = http::Request::post(format!("https://localhost:{}/api/v1/people/match", proxy.addr.port()))
-        .header("x-api-key", "k")
-        .header("x-meter-table", "tls")
-        .body(Full::new(Bytes::from(r#"{"email":"x@y.com"}"#)))
-        .unwrap();
+    let req = http::Request::post(format!(
+        "https://localhost:{}/api/v1/people/match",
+        proxy.addr.port()
+    ))
+    .header("x-api-key", "k")
+    .header("x-meter-table", "tls")
+    .body(Full::new(Bytes::from(r#"{"email":"x@y.com"}"#)))
+    .unwrap();
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2, "ALPN picks h2");
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.unwrap();
     let m = proxy.metrics().await;
-    assert_eq!(metric_sum(&m, "creditmeter_apollo_rate_limit", &[("endpoint", "people_match"), ("window", "minute")]), 1000.0);
-    assert_eq!(metric_sum(&m, "creditmeter_apollo_rate_limit_remaining", &[("endpoint", "people_match"), ("window", "minute")]), 999.0);
-    assert_eq!(metric_sum(&m, "creditmeter_requests_total", &[("table", "tls"), ("code", "200")]), 1.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_apollo_rate_limit",
+            &[("endpoint", "people_match"), ("window", "minute")]
+        ),
+        1000.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_apollo_rate_limit_remaining",
+            &[("endpoint", "people_match"), ("window", "minute")]
+        ),
+        999.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_requests_total",
+            &[("table", "tls"), ("code", "200")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,7 +834,9 @@ async fn request_body_cap_gives_413_without_calling_upstream() {
     cfg.proxy.max_request_body = creditmeter::config::ByteSize(1024);
     let proxy = Proxy::start(cfg, dir.path()).await;
     let big = "x".repeat(4096);
-    let req = post(&proxy.url("/api/v1/people/bulk_match"), &big).body(Full::new(Bytes::from(big.clone()))).unwrap();
+    let req = post(&proxy.url("/api/v1/people/bulk_match"), &big)
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
     let (status, _, body) = send(&client(), req).await;
     assert_eq!(status, 413);
     assert!(String::from_utf8_lossy(&body).contains("max_request_body"));

@@ -67,6 +67,10 @@ impl Coding {
 /// `None`, an empty header and `identity` leave the bytes as they are (borrowed, no copy).
 /// Deflate is taken as zlib-wrapped (what RFC 9110 means) and, if that fails, as raw deflate
 /// (what some servers send). Each stage may produce at most `max_decoded` bytes.
+///
+/// # Errors
+/// An unknown coding, bytes that are not valid for their coding (including a stream cut
+/// short), or output beyond `max_decoded`.
 pub fn decode_body<'a>(
     content_encoding: Option<&str>,
     body: &'a [u8],
@@ -139,7 +143,7 @@ fn read_capped(
     Ok(out)
 }
 
-/// A byte count printed in the largest binary unit that divides it exactly ("64 MiB", "1000 bytes").
+/// A byte count in the largest binary unit that divides it exactly ("64 MiB", "1000 bytes").
 struct ByteSize(usize);
 
 impl std::fmt::Display for ByteSize {

@@ -1,12 +1,12 @@
 //! The pricing catalog: which Apollo endpoint a call hit and what it cost.
 //!
-//! A [`Catalog`] is loaded once from TOML (the built-in `config/apollo-catalog.toml`, or a file
-//! named by `catalog.path`; the format is described in `spec.rs`). For each proxied call the proxy
-//! [`classify`](Catalog::classify)s method and path into an [`Endpoint`], parses the request's
-//! [`RequestParams`], copies the response body if the endpoint
-//! [`inspects_body`](Endpoint::inspects_body), and at the end of the body asks for its
-//! [`price`](Catalog::price): credits by type in thousandths, where the figure came from, and
-//! record counts. Nothing here knows about sockets or HTTP libraries.
+//! A [`Catalog`] is loaded once from TOML: the built-in `config/apollo-catalog.toml`, or a
+//! file named by `catalog.path` (the format is described in `spec.rs` and in the built-in
+//! file). For each proxied call the proxy [`classify`](Catalog::classify)s method and path
+//! into an [`Endpoint`], parses the request's [`RequestParams`], copies the response body if
+//! the endpoint [`inspects_body`](Endpoint::inspects_body), and at the end of the body asks
+//! for its [`price`](Catalog::price): credits by type in thousandths, where the figure came
+//! from, and record counts. Nothing here knows about sockets or HTTP libraries.
 
 mod decode;
 mod params;
@@ -21,7 +21,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use decode::{decode_body, DecodeError};
-pub use params::RequestParams;
+pub use params::{percent_decode_bytes, RequestParams};
 pub use pricing::{CreditSource, Credits, Pricing, ResponseView};
 
 use pattern::Pattern;
@@ -30,7 +30,7 @@ use rules::{Charge, FieldPath, RecordsMatched, RecordsRequested};
 /// The built-in Apollo catalog.
 const BUILTIN_TOML: &str = include_str!("../../config/apollo-catalog.toml");
 
-/// How the built-in catalog is named in errors and in `check-config`.
+/// How the built-in catalog is named in errors.
 const BUILTIN_ORIGIN: &str = "<built-in apollo-catalog.toml>";
 
 /// The endpoint name of calls no catalog entry matches.
@@ -69,11 +69,18 @@ impl Catalog {
     }
 
     /// Parses and validates a catalog. `origin` (usually the file path) names it in errors.
+    ///
+    /// # Errors
+    /// [`CatalogError::Syntax`] for TOML that is malformed or not the catalog's shape,
+    /// [`CatalogError::Invalid`] for a rule that does not make sense.
     pub fn from_toml(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
         spec::parse(text, origin)
     }
 
     /// Reads and parses a catalog file.
+    ///
+    /// # Errors
+    /// [`CatalogError::Read`] if the file cannot be read, else as [`from_toml`](Self::from_toml).
     pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
         let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
             path: path.to_owned(),
@@ -207,8 +214,10 @@ impl Endpoint {
     }
 }
 
-/// One line for `check-config`:
-/// `people_match  GET|POST people/match: 1 lead if `person` is present; …`.
+/// One line for `check-config`, such as
+/// ```text
+/// people_match  GET|POST people/match: 1 lead if `person` is present; …
+/// ```
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

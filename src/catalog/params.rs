@@ -57,7 +57,7 @@ impl RequestParams {
     pub fn truthy(&self, key: &str) -> bool {
         match self.get(key) {
             Some(Value::Bool(b)) => *b,
-            Some(Value::Number(n)) => n.as_u64() == Some(1) || n.as_f64() == Some(1.0),
+            Some(Value::Number(n)) => n.as_f64() == Some(1.0),
             Some(Value::String(s)) => ["true", "1", "yes"]
                 .iter()
                 .any(|t| s.trim().eq_ignore_ascii_case(t)),
@@ -239,8 +239,17 @@ fn index_to_array(value: &mut Value) {
 /// Decodes `%XX` escapes and `+` (a space in form encoding). A `%` not followed by two hex
 /// digits is kept as is; bytes that are not UTF-8 become U+FFFD.
 fn percent_decode(text: &str) -> String {
+    match percent_decode_bytes(text) {
+        std::borrow::Cow::Borrowed(b) => String::from_utf8_lossy(b).into_owned(),
+        std::borrow::Cow::Owned(b) => String::from_utf8_lossy(&b).into_owned(),
+    }
+}
+
+/// The bytes a form-encoded component stands for: `%XX` escapes and `+` decoded, a `%` not
+/// followed by two hex digits kept as is. Callers decide how strict to be about UTF-8.
+pub fn percent_decode_bytes(text: &str) -> std::borrow::Cow<'_, [u8]> {
     if !text.contains(['%', '+']) {
-        return text.to_owned();
+        return std::borrow::Cow::Borrowed(text.as_bytes());
     }
     let mut bytes = text.bytes();
     let mut out = Vec::with_capacity(text.len());
@@ -263,7 +272,7 @@ fn percent_decode(text: &str) -> String {
             _ => out.push(b),
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    std::borrow::Cow::Owned(out)
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -355,6 +364,25 @@ mod tests {
     fn conflicting_shapes_replace_rather_than_fail() {
         assert_eq!(query("a=1&a[b]=2"), json!({"a": {"b": "2"}}));
         assert_eq!(query("a[b]=2&a[]=3"), json!({"a": ["3"]}));
+    }
+
+    #[test]
+    fn hostile_query_strings_never_panic() {
+        // A fixed xorshift sequence over the characters the parser treats specially.
+        const ALPHABET: &[u8] = b"[]%&=+a0F";
+        let mut state: u32 = 0x9e37_79b9;
+        for _ in 0..2000 {
+            let text: String = (0..40)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    char::from(ALPHABET[state as usize % ALPHABET.len()])
+                })
+                .collect();
+            let params = RequestParams::parse(Some(&text), text.as_bytes());
+            let _ = params.identifier_kinds();
+        }
     }
 
     #[test]

@@ -19,14 +19,15 @@ pub(super) struct Pattern {
 }
 
 impl Pattern {
-    /// Parses a pattern relative to the prefixes: `people/match`, `organizations/{id}/job_postings`.
+    /// Parses a pattern relative to the prefixes: `people/match`, `organizations/{id}/jobs`.
     pub(super) fn parse(text: &str) -> Result<Pattern, String> {
         if text.is_empty() {
             return Err("a path pattern must not be empty".to_owned());
         }
         if text.starts_with('/') || text.ends_with('/') {
             return Err(format!(
-                "path pattern `{text}` must not start or end with `/` (it is relative to the prefixes; write `{}`)",
+                "path pattern `{text}` must not start or end with `/` \
+                 (it is relative to the prefixes; write `{}`)",
                 text.trim_matches('/')
             ));
         }
@@ -43,9 +44,11 @@ impl Pattern {
                 segments: Vec::new(),
             });
         }
-        let Some(rest) = text.strip_prefix('/').filter(|rest| !rest.ends_with('/')) else {
+        let Some(rest) = (text.strip_prefix('/')).filter(|r| !r.is_empty() && !r.ends_with('/'))
+        else {
             return Err(format!(
-                "prefix `{text}` must start with `/` and not end with one (or be \"\" for the host root)"
+                "prefix `{text}` must start with `/` and not end with one \
+                 (or be \"\" for the host root)"
             ));
         };
         let pattern = Pattern::parse(rest)?;
@@ -186,7 +189,7 @@ mod tests {
             let err = Pattern::parse(bad).err().unwrap_or_default();
             assert!(err.contains(reason), "{bad:?}: {err}");
         }
-        for bad in ["v1", "/v1/", "/{v}", "/a//b"] {
+        for bad in ["/", "v1", "/v1/", "/{v}", "/a//b"] {
             assert!(Pattern::prefix(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -149,15 +149,18 @@ pub(super) fn price(ep: &Endpoint, req: &RequestParams, resp: &ResponseView<'_>)
             }
         }
     }
-    // A call is unpriced only if a charge that applied could not be read and none could;
-    // an endpoint with nothing to charge is correctly priced at 0 whatever its body says.
+    // Unpriced only when an applicable charge could not be read and no other one could: an
+    // endpoint with nothing to charge is correctly priced at 0 whatever its body says.
     if priced || !failed {
         pricing.source = CreditSource::Catalog;
     }
 
     if let Ok(body) = &body {
         if let Some(rule) = &ep.records_matched {
-            pricing.records_matched = rule.count(body).map_err(|note| notes.push(note)).ok();
+            match rule.count(body) {
+                Ok(count) => pricing.records_matched = Some(count),
+                Err(note) => notes.push(note),
+            }
         }
         if let Some(field) = &ep.reported {
             match reported_milli(field, body) {

@@ -61,14 +61,14 @@ struct EndpointSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case")]
 enum RecordsRequestedSpec {
     ParamLen(String),
     Fixed(i64),
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case")]
 enum RecordsMatchedSpec {
     Present(String),
     NonnullItems(String),
@@ -104,32 +104,25 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
         line: e.span().map(|span| cx.line(span.start)),
         message: e.message().trim_end().to_owned(),
     })?;
+    let fail = |(span, problem)| cx.invalid(span, "catalog", problem);
 
     let version = spec.version.get_ref().trim();
     if version.is_empty() {
-        return Err(cx.invalid(
+        return Err(fail((
             spec.version.span(),
-            "catalog",
-            "`version` must not be empty",
-        ));
+            "`version` must not be empty".to_owned(),
+        )));
     }
-    if spec.prefixes.get_ref().is_empty() {
-        return Err(cx.invalid(
-            spec.prefixes.span(),
-            "catalog",
-            "`prefixes` must list at least one prefix (\"\" mounts at the host root)",
-        ));
-    }
-    let prefixes = spec
-        .prefixes
-        .get_ref()
-        .iter()
-        .map(|p| Pattern::prefix(p.get_ref()).map_err(|m| cx.invalid(p.span(), "catalog", m)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let prefixes = compile_list(
+        &spec.prefixes,
+        "`prefixes` must list at least one prefix (\"\" mounts at the host root)",
+        Pattern::prefix,
+    )
+    .map_err(fail)?;
 
     let mut endpoints: Vec<Endpoint> = Vec::with_capacity(spec.endpoints.len());
     let mut routes = Vec::new();
-    for endpoint_spec in spec.endpoints {
+    for endpoint_spec in &spec.endpoints {
         let name = endpoint_spec.name.get_ref();
         if endpoints.iter().any(|e| e.name == *name) {
             return Err(cx.invalid(
@@ -160,123 +153,70 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
     })
 }
 
+/// A problem and the span of the value it is about.
+type Spot = (Range<usize>, String);
+
+/// Attaches the span of `value` to a problem with it.
+fn at<T, V>(value: &Spanned<V>, result: Result<T, String>) -> Result<T, Spot> {
+    result.map_err(|problem| (value.span(), problem))
+}
+
+/// Compiles each string of a list that must not be empty.
+fn compile_list<T>(
+    list: &Spanned<Vec<Spanned<String>>>,
+    if_empty: &str,
+    compile: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, Spot> {
+    if list.get_ref().is_empty() {
+        return Err((list.span(), if_empty.to_owned()));
+    }
+    list.get_ref()
+        .iter()
+        .map(|item| at(item, compile(item.get_ref())))
+        .collect()
+}
+
 /// Validates one `[[endpoint]]`, returning it with its path patterns (not yet under a prefix).
 fn compile_endpoint(
     cx: &Context<'_>,
-    spec: EndpointSpec,
+    spec: &EndpointSpec,
 ) -> Result<(Endpoint, Vec<Pattern>), CatalogError> {
-    let name = spec.name.get_ref().clone();
-    let subject = format!("endpoint `{name}`");
-    let invalid = |span: Range<usize>, problem: String| cx.invalid(span, subject.clone(), problem);
+    let subject = format!("endpoint `{}`", spec.name.get_ref());
+    let fail = |(span, problem)| cx.invalid(span, &subject, problem);
 
-    if name == OTHER {
-        return Err(invalid(
-            spec.name.span(),
-            format!("`{OTHER}` is reserved for calls no endpoint matches"),
-        ));
-    }
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
-        return Err(invalid(
-            spec.name.span(),
-            "a name must be lower-case letters, digits and `_` (it becomes a metric label)"
-                .to_owned(),
-        ));
-    }
-
-    if spec.methods.get_ref().is_empty() {
-        return Err(invalid(
-            spec.methods.span(),
-            "`methods` must list at least one HTTP method".to_owned(),
-        ));
-    }
-    let methods = spec
-        .methods
-        .get_ref()
-        .iter()
-        .map(|m| {
-            let method = m.get_ref();
-            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                Err(invalid(
-                    m.span(),
-                    format!("`{method}` is not an HTTP method"),
-                ))
-            } else {
-                Ok(method.to_ascii_uppercase())
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-
-    if spec.paths.get_ref().is_empty() {
-        return Err(invalid(
-            spec.paths.span(),
-            "`paths` must list at least one path pattern".to_owned(),
-        ));
-    }
-    let patterns = spec
-        .paths
-        .get_ref()
-        .iter()
-        .map(|p| Pattern::parse(p.get_ref()).map_err(|m| invalid(p.span(), m)))
-        .collect::<Result<Vec<_>, _>>()?;
-
-    let field =
-        |text: &str, span: Range<usize>| FieldPath::parse(text).map_err(|m| invalid(span, m));
-    let records_requested = match spec.records_requested {
-        None => None,
-        Some(r) => Some(match r.get_ref() {
-            RecordsRequestedSpec::ParamLen(param) if param.is_empty() => {
-                return Err(invalid(
-                    r.span(),
-                    "`param_len` needs a parameter name".to_owned(),
-                ));
-            }
-            RecordsRequestedSpec::ParamLen(param) => RecordsRequested::ParamLen(param.clone()),
-            RecordsRequestedSpec::Fixed(n) if *n < 0 => {
-                return Err(invalid(
-                    r.span(),
-                    format!("`fixed = {n}` must not be negative"),
-                ));
-            }
-            RecordsRequestedSpec::Fixed(n) => RecordsRequested::Fixed(*n),
-        }),
-    };
-    let records_matched = match spec.records_matched {
-        None => None,
-        Some(r) => Some(match r.get_ref() {
-            RecordsMatchedSpec::Present(f) => RecordsMatched::Present(field(f, r.span())?),
-            RecordsMatchedSpec::NonnullItems(f) => {
-                RecordsMatched::NonnullItems(field(f, r.span())?)
-            }
-            RecordsMatchedSpec::Items(fs) if fs.is_empty() => {
-                return Err(invalid(
-                    r.span(),
-                    "`items` must list at least one field".to_owned(),
-                ));
-            }
-            RecordsMatchedSpec::Items(fs) => RecordsMatched::Items(
-                fs.iter()
-                    .map(|f| field(f, r.span()))
-                    .collect::<Result<_, _>>()?,
-            ),
-        }),
-    };
-    let reported = spec
-        .reported
-        .map(|r| field(r.get_ref(), r.span()))
-        .transpose()?;
-
-    let charges = spec
-        .charges
-        .into_iter()
-        .enumerate()
+    let name = at(&spec.name, endpoint_name(spec.name.get_ref())).map_err(fail)?;
+    let methods = compile_list(
+        &spec.methods,
+        "`methods` must list at least one HTTP method",
+        http_method,
+    )
+    .map_err(fail)?;
+    let patterns = compile_list(
+        &spec.paths,
+        "`paths` must list at least one path pattern",
+        Pattern::parse,
+    )
+    .map_err(fail)?;
+    let records_requested = (spec.records_requested.as_ref())
+        .map(|r| at(r, records_requested(r.get_ref())))
+        .transpose()
+        .map_err(fail)?;
+    let records_matched = (spec.records_matched.as_ref())
+        .map(|r| at(r, records_matched(r.get_ref())))
+        .transpose()
+        .map_err(fail)?;
+    let reported = (spec.reported.as_ref())
+        .map(|r| at(r, FieldPath::parse(r.get_ref())))
+        .transpose()
+        .map_err(fail)?;
+    let charges = (spec.charges.iter().enumerate())
         .map(|(i, charge)| {
-            let span = charge.span();
-            compile_charge(charge.into_inner()).map_err(|problem| {
-                cx.invalid(span, format!("{subject}, charge {}", i + 1), problem)
+            compile_charge(charge.get_ref()).map_err(|problem| {
+                cx.invalid(
+                    charge.span(),
+                    format!("{subject}, charge {}", i + 1),
+                    problem,
+                )
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -288,9 +228,9 @@ fn compile_endpoint(
         methods,
         paths: spec
             .paths
-            .into_inner()
-            .into_iter()
-            .map(Spanned::into_inner)
+            .get_ref()
+            .iter()
+            .map(|p| p.get_ref().clone())
             .collect(),
         records_requested,
         records_matched,
@@ -302,54 +242,102 @@ fn compile_endpoint(
     Ok((endpoint, patterns))
 }
 
-/// Validates one `[[endpoint.charge]]`; the error is the problem alone, the caller adds where.
-fn compile_charge(spec: ChargeSpec) -> Result<Charge, String> {
+fn endpoint_name(name: &str) -> Result<String, String> {
+    if name == OTHER {
+        return Err(format!(
+            "`{OTHER}` is reserved for calls no endpoint matches"
+        ));
+    }
+    let label_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+    if name.is_empty() || !name.bytes().all(label_byte) {
+        return Err(
+            "a name must be lower-case letters, digits and `_` (it becomes a metric label)"
+                .to_owned(),
+        );
+    }
+    Ok(name.to_owned())
+}
+
+/// An HTTP method, upper-cased.
+fn http_method(method: &str) -> Result<String, String> {
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(format!("`{method}` is not an HTTP method"));
+    }
+    Ok(method.to_ascii_uppercase())
+}
+
+fn records_requested(spec: &RecordsRequestedSpec) -> Result<RecordsRequested, String> {
+    match spec {
+        RecordsRequestedSpec::ParamLen(param) if param.is_empty() => {
+            Err("`param_len` needs a parameter name".to_owned())
+        }
+        RecordsRequestedSpec::ParamLen(param) => Ok(RecordsRequested::ParamLen(param.clone())),
+        RecordsRequestedSpec::Fixed(n) if *n < 0 => {
+            Err(format!("`fixed = {n}` must not be negative"))
+        }
+        RecordsRequestedSpec::Fixed(n) => Ok(RecordsRequested::Fixed(*n)),
+    }
+}
+
+fn records_matched(spec: &RecordsMatchedSpec) -> Result<RecordsMatched, String> {
+    match spec {
+        RecordsMatchedSpec::Present(field) => FieldPath::parse(field).map(RecordsMatched::Present),
+        RecordsMatchedSpec::NonnullItems(field) => {
+            FieldPath::parse(field).map(RecordsMatched::NonnullItems)
+        }
+        RecordsMatchedSpec::Items(fields) if fields.is_empty() => {
+            Err("`items` must list at least one field".to_owned())
+        }
+        RecordsMatchedSpec::Items(fields) => fields
+            .iter()
+            .map(|f| FieldPath::parse(f))
+            .collect::<Result<_, _>>()
+            .map(RecordsMatched::Items),
+    }
+}
+
+/// Validates one `[[endpoint.charge]]`.
+fn compile_charge(spec: &ChargeSpec) -> Result<Charge, String> {
     let credits = *spec.credits.get_ref();
     if !(0.0..=MAX_CREDITS).contains(&credits) {
         return Err(format!(
             "`credits = {credits}` must be between 0 and {MAX_CREDITS}"
         ));
     }
-    let mut fields = spec
-        .field
-        .into_iter()
-        .chain(spec.fields.into_iter().flatten())
-        .map(|f| FieldPath::parse(&f))
-        .collect::<Result<Vec<_>, _>>()?;
     if spec.unique_by.is_some() && spec.per != Per::Each {
         return Err("`unique_by` only applies to per = \"each\"".to_owned());
     }
+    if spec.if_param.as_deref() == Some("") {
+        return Err("`if_param` needs a parameter name".to_owned());
+    }
+    let fields = (spec.field.iter().chain(spec.fields.iter().flatten()))
+        .map(|f| FieldPath::parse(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let one_field = |per: &str| {
+        <[FieldPath; 1]>::try_from(fields.clone())
+            .map(|[field]| field)
+            .map_err(|_| format!("per = \"{per}\" needs exactly one `field`"))
+    };
     let basis = match spec.per {
         Per::Success if fields.is_empty() => Basis::Success,
         Per::Success => {
-            return Err("per = \"success\" charges every 2xx and takes no `field`".to_owned())
+            return Err("per = \"success\" charges every 2xx and takes no `field`".to_owned());
         }
-        Per::Present | Per::Each if fields.len() != 1 => {
-            let per = if spec.per == Per::Each {
-                "each"
-            } else {
-                "present"
-            };
-            return Err(format!("per = \"{per}\" needs exactly one `field`"));
-        }
-        Per::Present => Basis::Present(fields.remove(0)),
+        Per::Present => Basis::Present(one_field("present")?),
         Per::Each => Basis::Each {
-            field: fields.remove(0),
-            unique_by: spec.unique_by,
+            field: one_field("each")?,
+            unique_by: spec.unique_by.clone(),
         },
         Per::Nonempty if fields.is_empty() => {
             return Err("per = \"nonempty\" needs `fields = [...]` (or one `field`)".to_owned());
         }
         Per::Nonempty => Basis::Nonempty(fields),
     };
-    if spec.if_param.as_deref() == Some("") {
-        return Err("`if_param` needs a parameter name".to_owned());
-    }
     Ok(Charge {
         credit_type: spec.credit_type,
         milli: to_milli(credits),
         basis,
-        if_param: spec.if_param,
+        if_param: spec.if_param.clone(),
     })
 }
 

@@ -123,7 +123,8 @@ pub fn open_for_write(path: &Path, synchronous: Synchronous) -> Result<Connectio
         source,
     };
     let mut conn = Connection::open(path).map_err(open_err)?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(open_err)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(open_err)?;
@@ -137,7 +138,8 @@ pub fn open_for_write(path: &Path, synchronous: Synchronous) -> Result<Connectio
         Synchronous::Normal => "NORMAL",
         Synchronous::Full => "FULL",
     };
-    conn.pragma_update(None, "synchronous", sync).map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(open_err)?;
     schema::migrate(&mut conn).map_err(|e| match e {
         LedgerError::Sql(source) => open_err(source),
         other => other,
@@ -149,7 +151,9 @@ pub fn open_for_write(path: &Path, synchronous: Synchronous) -> Result<Connectio
 pub fn open_for_read(path: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
     )
     .map_err(|source| LedgerError::Open {
         path: path.to_owned(),
@@ -162,7 +166,11 @@ pub fn open_for_read(path: &Path) -> Result<Connection, LedgerError> {
 /// The install secret used to fingerprint API keys: 32 random bytes made once, kept in `meta`.
 pub fn install_secret(conn: &Connection) -> Result<Vec<u8>, LedgerError> {
     let existing: Option<Vec<u8>> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'install_secret'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'install_secret'",
+            [],
+            |r| r.get(0),
+        )
         .optional()?;
     if let Some(secret) = existing.filter(|s| s.len() >= 16) {
         return Ok(secret);

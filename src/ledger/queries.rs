@@ -168,12 +168,14 @@ pub struct SpendRow {
 impl SpendRow {
     /// Matched records over requested records, when any were requested.
     pub fn match_rate(&self) -> Option<f64> {
-        (self.records_requested > 0).then(|| self.records_matched as f64 / self.records_requested as f64)
+        (self.records_requested > 0)
+            .then(|| self.records_matched as f64 / self.records_requested as f64)
     }
 
     /// Credits spent per matched record, when any matched.
     pub fn credits_per_match(&self) -> Option<f64> {
-        (self.records_matched > 0).then(|| self.credits_milli as f64 / 1000.0 / self.records_matched as f64)
+        (self.records_matched > 0)
+            .then(|| self.credits_milli as f64 / 1000.0 / self.records_matched as f64)
     }
 
     /// Adds another row's figures into this one (for totals).

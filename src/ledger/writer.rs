@@ -38,7 +38,10 @@ pub struct LedgerMetrics {
 }
 
 enum Msg {
-    Row(Box<CallRecord>, Option<oneshot::Sender<Result<(), CommitError>>>),
+    Row(
+        Box<CallRecord>,
+        Option<oneshot::Sender<Result<(), CommitError>>>,
+    ),
     Close,
 }
 
@@ -147,7 +150,10 @@ struct Worker {
     healthy: Arc<AtomicBool>,
 }
 
-type Batch = Vec<(Box<CallRecord>, Option<oneshot::Sender<Result<(), CommitError>>>)>;
+type Batch = Vec<(
+    Box<CallRecord>,
+    Option<oneshot::Sender<Result<(), CommitError>>>,
+)>;
 
 impl Worker {
     fn run(mut self) {
@@ -191,7 +197,9 @@ impl Worker {
             std::thread::sleep(Duration::from_millis(delay_ms));
             result = self.write(batch);
         }
-        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.pending.sub(n);
         let outcome = match result {
             Ok(()) => {

@@ -62,12 +62,14 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
         path: key.display().to_string(),
         source,
     })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(TlsSetupError::Pair)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(TlsSetupError::Pair)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(TlsSetupError::Pair)?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(TlsSetupError::Pair)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -51,7 +51,10 @@ pub struct Proxy {
 
 impl Proxy {
     /// Serves one request. Never fails: every problem becomes a JSON error response.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let request_id = self.ids.next();
         let started_at = now_ms();
         let (mut parts, body) = req.into_parts();
@@ -59,27 +62,29 @@ impl Proxy {
         let path = parts.uri.path().to_owned();
         let endpoint = self.meter.catalog.classify_id(method.as_str(), &path);
 
-        let reject = |status: StatusCode, code: &'static str, message: String, field: Option<&str>| {
-            let ctx = CallContext {
-                request_id: request_id.clone(),
-                started_at,
-                method: method.to_string(),
-                path: path.clone(),
-                endpoint,
-                params: RequestParams::default(),
-                attribution: Default::default(),
-                key_fp: None,
-                request_bytes: 0,
+        let reject =
+            |status: StatusCode, code: &'static str, message: String, field: Option<&str>| {
+                let ctx = CallContext {
+                    request_id: request_id.clone(),
+                    started_at,
+                    method: method.to_string(),
+                    path: path.clone(),
+                    endpoint,
+                    params: RequestParams::default(),
+                    attribution: Default::default(),
+                    key_fp: None,
+                    request_bytes: 0,
+                };
+                (status, code, message, field.map(str::to_owned), ctx)
             };
-            (status, code, message, field.map(str::to_owned), ctx)
-        };
 
         // Guards: this proxy reaches exactly one upstream.
         let refused = if method == Method::CONNECT {
             Some(reject(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "connect_refused",
-                "CONNECT is not supported: creditmeter forwards only to its configured upstream".into(),
+                "CONNECT is not supported: creditmeter forwards only to its configured upstream"
+                    .into(),
                 None,
             ))
         } else if parts.version < Version::HTTP_2 && parts.uri.authority().is_some() {
@@ -104,8 +109,12 @@ impl Proxy {
             match attribution::extract(&mut parts.headers, parts.uri.query(), self.require_table) {
                 Ok(v) => v,
                 Err(e) => {
-                    let (status, code, message, field, ctx) =
-                        reject(StatusCode::BAD_REQUEST, "invalid_attribution", e.to_string(), e.field());
+                    let (status, code, message, field, ctx) = reject(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_attribution",
+                        e.to_string(),
+                        e.field(),
+                    );
                     return Ok(self.refuse(ctx, status, code, message, field, None).await);
                 }
             };
@@ -120,28 +129,42 @@ impl Proxy {
             reject(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_body_too_large",
-                format!("request body exceeds proxy.max_request_body ({} bytes)", self.max_request_body),
+                format!(
+                    "request body exceeds proxy.max_request_body ({} bytes)",
+                    self.max_request_body
+                ),
                 None,
             )
         };
         if declared.is_some_and(|n| n > self.max_request_body) {
             let (status, code, message, field, ctx) = too_large();
-            return Ok(self.refuse(ctx, status, code, message, field, Some(attribution)).await);
+            return Ok(self
+                .refuse(ctx, status, code, message, field, Some(attribution))
+                .await);
         }
-        let body_bytes = match Limited::new(body, self.max_request_body as usize).collect().await {
+        let body_bytes = match Limited::new(body, self.max_request_body as usize)
+            .collect()
+            .await
+        {
             Ok(c) => c.to_bytes(),
             Err(e) => {
-                let (status, code, message, field, ctx) = if e.is::<http_body_util::LengthLimitError>() {
-                    too_large()
-                } else {
-                    reject(
-                        StatusCode::BAD_REQUEST,
-                        "request_body_unreadable",
-                        format!("could not read the request body: {}", error_chain(e.as_ref())),
-                        None,
-                    )
-                };
-                return Ok(self.refuse(ctx, status, code, message, field, Some(attribution)).await);
+                let (status, code, message, field, ctx) =
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        too_large()
+                    } else {
+                        reject(
+                            StatusCode::BAD_REQUEST,
+                            "request_body_unreadable",
+                            format!(
+                                "could not read the request body: {}",
+                                error_chain(e.as_ref())
+                            ),
+                            None,
+                        )
+                    };
+                return Ok(self
+                    .refuse(ctx, status, code, message, field, Some(attribution))
+                    .await);
             }
         };
 
@@ -167,7 +190,12 @@ impl Proxy {
             Ok(u) => u,
             Err(e) => {
                 return Ok(self
-                    .fail_before_upstream(call, StatusCode::BAD_REQUEST, "invalid_path", format!("cannot forward this path: {e}"))
+                    .fail_before_upstream(
+                        call,
+                        StatusCode::BAD_REQUEST,
+                        "invalid_path",
+                        format!("cannot forward this path: {e}"),
+                    )
                     .await)
             }
         };
@@ -188,12 +216,23 @@ impl Proxy {
             let _ = tx.send(response);
         });
         Ok(rx.await.unwrap_or_else(|_| {
-            json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the upstream task ended unexpectedly".into(), &request_id, None)
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the upstream task ended unexpectedly".into(),
+                &request_id,
+                None,
+            )
         }))
     }
 
     /// Runs the upstream exchange up to the response head, and wraps the body in the tap.
-    async fn exchange(&self, req: Request<Full<Bytes>>, mut call: CallMeter, head: bool) -> Response<ProxyBody> {
+    async fn exchange(
+        &self,
+        req: Request<Full<Bytes>>,
+        mut call: CallMeter,
+        head: bool,
+    ) -> Response<ProxyBody> {
         let deadline = Instant::now() + self.upstream_timeout;
         call.upstream_sent();
         let sent = tokio::select! {
@@ -206,15 +245,33 @@ impl Proxy {
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                let what = if e.is_connect() { "could not connect to upstream" } else { "upstream failed before sending a response" };
+                let what = if e.is_connect() {
+                    "could not connect to upstream"
+                } else {
+                    "upstream failed before sending a response"
+                };
                 return self
-                    .fail_upstream(call, StatusCode::BAD_GATEWAY, "upstream_error", Outcome::UpstreamError, format!("{what}: {}", error_chain(&e)))
+                    .fail_upstream(
+                        call,
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        Outcome::UpstreamError,
+                        format!("{what}: {}", error_chain(&e)),
+                    )
                     .await;
             }
             Err(_) => {
                 return self
-                    .fail_upstream(call, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Outcome::UpstreamTimeout,
-                        format!("upstream did not answer within upstream.timeout ({:?})", self.upstream_timeout))
+                    .fail_upstream(
+                        call,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        Outcome::UpstreamTimeout,
+                        format!(
+                            "upstream did not answer within upstream.timeout ({:?})",
+                            self.upstream_timeout
+                        ),
+                    )
                     .await;
             }
         };
@@ -230,7 +287,12 @@ impl Proxy {
             || parts.status.is_informational()
             || body.is_end_stream();
         if bodiless {
-            let ack = call.finish(Finish { outcome: Outcome::Ok, body: Captured::default(), response_bytes: 0, error: None });
+            let ack = call.finish(Finish {
+                outcome: Outcome::Ok,
+                body: Captured::default(),
+                response_bytes: 0,
+                error: None,
+            });
             if let Some(ack) = ack {
                 let _ = ack.await;
             }
@@ -269,18 +331,44 @@ impl Proxy {
         json_error(status, code, message, &request_id, field.as_deref())
     }
 
-    async fn fail_before_upstream(&self, call: CallMeter, status: StatusCode, code: &'static str, message: String) -> Response<ProxyBody> {
-        self.fail_with(call, status, code, Outcome::Rejected, message).await
+    async fn fail_before_upstream(
+        &self,
+        call: CallMeter,
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    ) -> Response<ProxyBody> {
+        self.fail_with(call, status, code, Outcome::Rejected, message)
+            .await
     }
 
-    async fn fail_upstream(&self, call: CallMeter, status: StatusCode, code: &'static str, outcome: Outcome, message: String) -> Response<ProxyBody> {
+    async fn fail_upstream(
+        &self,
+        call: CallMeter,
+        status: StatusCode,
+        code: &'static str,
+        outcome: Outcome,
+        message: String,
+    ) -> Response<ProxyBody> {
         tracing::warn!(request_id = call.request_id(), code, %message, "upstream failure");
         self.fail_with(call, status, code, outcome, message).await
     }
 
-    async fn fail_with(&self, mut call: CallMeter, status: StatusCode, code: &'static str, outcome: Outcome, message: String) -> Response<ProxyBody> {
+    async fn fail_with(
+        &self,
+        mut call: CallMeter,
+        status: StatusCode,
+        code: &'static str,
+        outcome: Outcome,
+        message: String,
+    ) -> Response<ProxyBody> {
         let request_id = call.request_id().to_owned();
-        let ack = call.finish(Finish { outcome, body: Captured::default(), response_bytes: 0, error: Some(message.clone()) });
+        let ack = call.finish(Finish {
+            outcome,
+            body: Captured::default(),
+            response_bytes: 0,
+            error: Some(message.clone()),
+        });
         if let Some(ack) = ack {
             let _ = ack.await;
         }
@@ -289,7 +377,13 @@ impl Proxy {
 }
 
 /// A JSON error a caller can read: `{"error": code, "message": …, "request_id": …}`.
-pub fn json_error(status: StatusCode, code: &str, message: String, request_id: &str, field: Option<&str>) -> Response<ProxyBody> {
+pub fn json_error(
+    status: StatusCode,
+    code: &str,
+    message: String,
+    request_id: &str,
+    field: Option<&str>,
+) -> Response<ProxyBody> {
     let mut body = serde_json::json!({
         "error": code,
         "message": message,
@@ -302,8 +396,10 @@ pub fn json_error(status: StatusCode, code: &str, message: String, request_id: &
     let bytes = Bytes::from(body.to_string());
     let mut resp = Response::new(Either::Right(Full::new(bytes)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -344,10 +440,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go_end_to_end_stay() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         h.insert("x-api-key", HeaderValue::from_static("k"));
         strip_hop_by_hop(&mut h);

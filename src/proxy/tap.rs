@@ -113,7 +113,10 @@ impl Body for TapBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
             match &mut this.state {
@@ -160,7 +163,10 @@ impl Body for TapBody {
                         }
                         Poll::Ready(Some(Err(e))) => {
                             this.inner = None;
-                            this.finish(Outcome::UpstreamError, Some(format!("upstream response body: {}", error_chain(&e))));
+                            this.finish(
+                                Outcome::UpstreamError,
+                                Some(format!("upstream response body: {}", error_chain(&e))),
+                            );
                             this.state = State::Done;
                             return Poll::Ready(Some(Err(e.into())));
                         }
@@ -224,7 +230,9 @@ impl Drop for TapBody {
                 tracker.spawn_on(job.run(), &handle);
             }
             // No runtime (process teardown): record what we have now.
-            Err(_) => job.record(Some("the runtime is stopping, so the body was not drained".into())),
+            Err(_) => job.record(Some(
+                "the runtime is stopping, so the body was not drained".into(),
+            )),
         }
     }
 }

@@ -51,14 +51,17 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the client for `base` (already validated by the config).
     pub fn new(cfg: &UpstreamConfig, base: &Uri) -> Result<Upstream, UpstreamError> {
-        let mut roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut roots =
+            rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &cfg.ca_file {
             add_ca_file(&mut roots, path)?;
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -93,7 +96,9 @@ impl Upstream {
 
     /// The upstream URI for a caller's path and (already stripped) query.
     pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut pq = String::with_capacity(self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        let mut pq = String::with_capacity(
+            self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
         pq.push_str(&self.base_path);
         pq.push_str(path);
         if let Some(q) = query {
@@ -133,7 +138,9 @@ fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), Ups
         n += 1;
     }
     if n == 0 {
-        return Err(UpstreamError::CaFileEmpty { path: path.to_owned() });
+        return Err(UpstreamError::CaFileEmpty {
+            path: path.to_owned(),
+        });
     }
     Ok(())
 }

@@ -180,11 +180,7 @@ impl Account {
 
 /// The first instant of the month `month` (months since year 0).
 fn cycle_date(month: u32) -> String {
-    format!(
-        "{}-{:02}-01T00:00:00.000+00:00",
-        month / 12,
-        month % 12 + 1
-    )
+    format!("{}-{:02}-01T00:00:00.000+00:00", month / 12, month % 12 + 1)
 }
 
 #[cfg(test)]
@@ -232,7 +228,10 @@ mod tests {
         assert_eq!(account.usage_stats()["lead_credit"]["consumed"], 1.5);
         assert_eq!(account.usage_stats()["lead_credit"]["left_over"], 8.5);
         assert_eq!(account.billed(), Billed::default());
-        assert_eq!(CreditType::parse("direct_dial"), Some(CreditType::DirectDial));
+        assert_eq!(
+            CreditType::parse("direct_dial"),
+            Some(CreditType::DirectDial)
+        );
         assert_eq!(CreditType::parse("mobile"), None);
     }
 

@@ -156,7 +156,11 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
         Endpoint::JobPostings => {
             let page = Page::of(ctx.cfg, "job_postings", route.id, params, 60);
             let postings = page.records(|id| data::job_posting(seed, id, route.id));
-            paid_page(json!({"organization_job_postings": postings}), &page, Charge::credits(1, 0))
+            paid_page(
+                json!({"organization_job_postings": postings}),
+                &page,
+                Charge::credits(1, 0),
+            )
         }
         Endpoint::MixedCompaniesSearch => {
             let page = Page::search(ctx.cfg, "companies", params, 5_000);
@@ -216,10 +220,9 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
             let body = json!({"pagination": page.pagination(), "news_articles": articles});
             paid_page(body, &page, Charge::credits(1, 0))
         }
-        Endpoint::CreditUsageStats => Answer::free(Reply::json(
-            StatusCode::OK,
-            lock(ctx.account).usage_stats(),
-        )),
+        Endpoint::CreditUsageStats => {
+            Answer::free(Reply::json(StatusCode::OK, lock(ctx.account).usage_stats()))
+        }
     }
 }
 
@@ -263,7 +266,10 @@ fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
     let matches: Vec<Value> = details
         .iter()
         .map(|detail| {
-            match detail.as_object().and_then(|detail| match_person(cfg, detail)) {
+            match detail
+                .as_object()
+                .and_then(|detail| match_person(cfg, detail))
+            {
                 Some((id, person)) => {
                     people.insert(id);
                     person
@@ -274,7 +280,14 @@ fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
         .collect();
     let unique = people.len() as u64;
     let reveal = truthy(params.get("reveal_phone_number"));
-    let charge = Charge::credits(unique, if reveal { unique * PHONE_REVEAL_CREDITS } else { 0 });
+    let charge = Charge::credits(
+        unique,
+        if reveal {
+            unique * PHONE_REVEAL_CREDITS
+        } else {
+            0
+        },
+    );
     let mut body = json!({
         "status": "success",
         "error_code": null,
@@ -304,10 +317,9 @@ fn organizations_enrich(cfg: &SimConfig, params: &Params) -> Answer {
         ));
     };
     match enrich_domain(cfg, &domain) {
-        Some(organization) => Answer::billed(
-            json!({"organization": organization}),
-            Charge::credits(1, 0),
-        ),
+        Some(organization) => {
+            Answer::billed(json!({"organization": organization}), Charge::credits(1, 0))
+        }
         None => Answer::free(Reply::json(StatusCode::OK, json!({}))),
     }
 }
@@ -412,7 +424,10 @@ fn person_identifier(params: &Params, hints: &PersonHints<'_>) -> Option<String>
         let url = url.to_lowercase();
         let url = url.trim_end_matches('/');
         let url = url.split_once("://").map_or(url, |(_, rest)| rest);
-        return Some(format!("linkedin:{}", url.strip_prefix("www.").unwrap_or(url)));
+        return Some(format!(
+            "linkedin:{}",
+            url.strip_prefix("www.").unwrap_or(url)
+        ));
     }
     let (first, last) = (hints.first_name?, hints.last_name?);
     let company = hints.domain.or(hints.organization_name).unwrap_or_default();
@@ -455,7 +470,14 @@ impl Page {
             .collect();
         // No filter lists everything; serde_json's maps are sorted, so the key is canonical.
         let always = filters.is_empty();
-        Self::new(cfg, kind, &Value::Object(filters).to_string(), params, max_entries, always)
+        Self::new(
+            cfg,
+            kind,
+            &Value::Object(filters).to_string(),
+            params,
+            max_entries,
+            always,
+        )
     }
 
     /// A page of a record's list (an organization's job postings).
@@ -472,7 +494,8 @@ impl Page {
         always_matches: bool,
     ) -> Self {
         let key = format!("{kind}:{query}");
-        let matches = always_matches || data::chance(cfg.seed, cfg.match_rate_pct, &["match", &key]);
+        let matches =
+            always_matches || data::chance(cfg.seed, cfg.match_rate_pct, &["match", &key]);
         let total_entries = if matches {
             1 + data::hash(cfg.seed, &["total", &key]) % max_entries
         } else {
@@ -503,7 +526,9 @@ impl Page {
     /// This page's records, each made by `record` from its id.
     fn records(&self, record: impl Fn(&str) -> Value) -> Vec<Value> {
         self.positions()
-            .map(|position| record(&Rng::new(self.seed, &[&self.key, &position.to_string()]).hex_id()))
+            .map(|position| {
+                record(&Rng::new(self.seed, &[&self.key, &position.to_string()]).hex_id())
+            })
             .collect()
     }
 
@@ -535,20 +560,58 @@ mod tests {
     fn routes_every_mount_and_method() {
         for prefix in ["/api/v1/", "/v1/", "/"] {
             let path = format!("{prefix}people/match");
-            assert_eq!(route(&Method::GET, &path).unwrap().endpoint, Endpoint::PeopleMatch);
-            assert_eq!(route(&Method::POST, &path).unwrap().endpoint, Endpoint::PeopleMatch);
+            assert_eq!(
+                route(&Method::GET, &path).unwrap().endpoint,
+                Endpoint::PeopleMatch
+            );
+            assert_eq!(
+                route(&Method::POST, &path).unwrap().endpoint,
+                Endpoint::PeopleMatch
+            );
         }
         let cases = [
-            (Method::POST, "/api/v1/people/bulk_match", Some((Endpoint::PeopleBulkMatch, ""))),
+            (
+                Method::POST,
+                "/api/v1/people/bulk_match",
+                Some((Endpoint::PeopleBulkMatch, "")),
+            ),
             (Method::GET, "/api/v1/people/bulk_match", None),
-            (Method::GET, "/v1/people/abc", Some((Endpoint::PersonShow, "abc"))),
-            (Method::GET, "/organizations/enrich", Some((Endpoint::OrganizationsEnrich, ""))),
-            (Method::POST, "/organizations/enrich", Some((Endpoint::OrganizationsEnrich, ""))),
+            (
+                Method::GET,
+                "/v1/people/abc",
+                Some((Endpoint::PersonShow, "abc")),
+            ),
+            (
+                Method::GET,
+                "/organizations/enrich",
+                Some((Endpoint::OrganizationsEnrich, "")),
+            ),
+            (
+                Method::POST,
+                "/organizations/enrich",
+                Some((Endpoint::OrganizationsEnrich, "")),
+            ),
             (Method::GET, "/api/v1/organizations/bulk_enrich", None),
-            (Method::GET, "/api/v1/organizations/o1/", Some((Endpoint::OrganizationShow, "o1"))),
-            (Method::GET, "/api/v1/organizations/o1/job_postings", Some((Endpoint::JobPostings, "o1"))),
-            (Method::POST, "/api/v1/mixed_people/api_search", Some((Endpoint::MixedPeopleApiSearch, ""))),
-            (Method::POST, "/api/v1/usage_stats/credit_usage_stats", Some((Endpoint::CreditUsageStats, ""))),
+            (
+                Method::GET,
+                "/api/v1/organizations/o1/",
+                Some((Endpoint::OrganizationShow, "o1")),
+            ),
+            (
+                Method::GET,
+                "/api/v1/organizations/o1/job_postings",
+                Some((Endpoint::JobPostings, "o1")),
+            ),
+            (
+                Method::POST,
+                "/api/v1/mixed_people/api_search",
+                Some((Endpoint::MixedPeopleApiSearch, "")),
+            ),
+            (
+                Method::POST,
+                "/api/v1/usage_stats/credit_usage_stats",
+                Some((Endpoint::CreditUsageStats, "")),
+            ),
             (Method::DELETE, "/api/v1/people/abc", None),
             (Method::GET, "/api/v1/people", None),
             (Method::GET, "/api/v2/people/match", None),
@@ -562,7 +625,10 @@ mod tests {
 
     #[test]
     fn normalizes_domains() {
-        assert_eq!(normalize_domain(" https://www.Acme.com/about?x=1 ").as_deref(), Some("acme.com"));
+        assert_eq!(
+            normalize_domain(" https://www.Acme.com/about?x=1 ").as_deref(),
+            Some("acme.com")
+        );
         assert_eq!(normalize_domain("acme.io").as_deref(), Some("acme.io"));
         assert_eq!(normalize_domain("https://"), None);
     }
@@ -582,15 +648,24 @@ mod tests {
             person_identifier(p, &hints)
         };
         assert_eq!(
-            id(&params(json!({"email": "Ada@Acme.com", "first_name": "Ada", "last_name": "L"}))).as_deref(),
+            id(&params(
+                json!({"email": "Ada@Acme.com", "first_name": "Ada", "last_name": "L"})
+            ))
+            .as_deref(),
             Some("email:ada@acme.com")
         );
         assert_eq!(
-            id(&params(json!({"linkedin_url": "https://www.linkedin.com/in/ada/"}))).as_deref(),
+            id(&params(
+                json!({"linkedin_url": "https://www.linkedin.com/in/ada/"})
+            ))
+            .as_deref(),
             Some("linkedin:linkedin.com/in/ada")
         );
         assert_eq!(
-            id(&params(json!({"first_name": "Ada", "last_name": "Lovelace", "domain": "acme.com"}))).as_deref(),
+            id(&params(
+                json!({"first_name": "Ada", "last_name": "Lovelace", "domain": "acme.com"})
+            ))
+            .as_deref(),
             Some("name:ada lovelace@acme.com")
         );
         assert_eq!(id(&params(json!({"first_name": "Ada"}))), None);

@@ -20,7 +20,12 @@ use super::params::parse_body;
 use super::reply::Reply;
 
 /// Answers `method` on `/__sim/{action}`.
-pub(crate) fn answer(method: &Method, action: &str, body: &[u8], account: &Mutex<Account>) -> Reply {
+pub(crate) fn answer(
+    method: &Method,
+    action: &str,
+    body: &[u8],
+    account: &Mutex<Account>,
+) -> Reply {
     match (method, action) {
         (&Method::GET, "billed") => match serde_json::to_value(lock(account).billed()) {
             Ok(billed) => Reply::json(StatusCode::OK, billed),
@@ -86,7 +91,11 @@ mod tests {
             br#"{"credit_type":"lead"}"#,
             b"{",
         ] {
-            assert!(parse_debit(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_debit(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

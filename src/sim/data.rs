@@ -153,7 +153,10 @@ pub(crate) fn person(seed: u64, id: &str, hints: &PersonHints<'_>) -> Value {
     );
     // The current job, then two earlier ones of three years each.
     let started = rng.range(2012, 2024);
-    let previous = [Org::generated(seed, &rng.hex_id()), Org::generated(seed, &rng.hex_id())];
+    let previous = [
+        Org::generated(seed, &rng.hex_id()),
+        Org::generated(seed, &rng.hex_id()),
+    ];
     let mut history = vec![employment(&mut rng, &org, role.title, started, None)];
     for (org, start) in previous.iter().zip([started - 3, started - 6]) {
         let title = rng.pick(&ROLES).title;
@@ -203,7 +206,11 @@ pub(crate) fn obfuscated_person(seed: u64, id: &str) -> Value {
     let role = rng.pick(&ROLES);
     let org = Org::generated(seed, &rng.hex_id());
     let head: String = last_name.chars().take(2).collect();
-    let tail = last_name.chars().last().map(String::from).unwrap_or_default();
+    let tail = last_name
+        .chars()
+        .last()
+        .map(String::from)
+        .unwrap_or_default();
     json!({
         "id": id,
         "first_name": first_name,
@@ -522,10 +529,36 @@ const FIRST_NAMES: [&str; 30] = [
 ];
 
 const LAST_NAMES: [&str; 30] = [
-    "Smith", "Garcia", "Chen", "Patel", "Muller", "Rossi", "Kim", "Okafor", "Johansson", "Nguyen",
-    "Silva", "Cohen", "Novak", "Tanaka", "Brown", "Dubois", "Kowalski", "Haddad", "Larsen",
-    "Singh", "Moreau", "Walsh", "Ibrahim", "Costa", "Fischer", "Reyes", "Andersen", "Murphy",
-    "Sato", "Huston",
+    "Smith",
+    "Garcia",
+    "Chen",
+    "Patel",
+    "Muller",
+    "Rossi",
+    "Kim",
+    "Okafor",
+    "Johansson",
+    "Nguyen",
+    "Silva",
+    "Cohen",
+    "Novak",
+    "Tanaka",
+    "Brown",
+    "Dubois",
+    "Kowalski",
+    "Haddad",
+    "Larsen",
+    "Singh",
+    "Moreau",
+    "Walsh",
+    "Ibrahim",
+    "Costa",
+    "Fischer",
+    "Reyes",
+    "Andersen",
+    "Murphy",
+    "Sato",
+    "Huston",
 ];
 
 const fn role(
@@ -545,20 +578,98 @@ const fn role(
 }
 
 const ROLES: [Role; 14] = [
-    role("Chief Executive Officer", "c_suite", "c_suite", "executive", "entrepreneurship"),
-    role("Chief Technology Officer", "c_suite", "master_engineering_technical", "technology", "engineering"),
+    role(
+        "Chief Executive Officer",
+        "c_suite",
+        "c_suite",
+        "executive",
+        "entrepreneurship",
+    ),
+    role(
+        "Chief Technology Officer",
+        "c_suite",
+        "master_engineering_technical",
+        "technology",
+        "engineering",
+    ),
     role("VP of Sales", "vp", "master_sales", "sales", "sales"),
-    role("Head of Marketing", "head", "master_marketing", "marketing", "marketing"),
-    role("Director of Engineering", "director", "master_engineering_technical", "software_development", "engineering"),
-    role("Senior Software Engineer", "senior", "master_engineering_technical", "software_development", "engineering"),
-    role("Account Executive", "senior", "master_sales", "sales", "sales"),
-    role("Sales Development Representative", "entry", "master_sales", "sales_development", "sales"),
-    role("Marketing Manager", "manager", "master_marketing", "marketing", "marketing"),
-    role("Product Manager", "manager", "master_product_management", "product_management", "product_management"),
-    role("Head of People", "head", "master_human_resources", "human_resources", "human_resources"),
-    role("Finance Director", "director", "master_finance", "finance", "finance"),
-    role("Customer Success Manager", "manager", "master_support", "customer_success", "support"),
-    role("Founder", "founder", "c_suite", "founder", "entrepreneurship"),
+    role(
+        "Head of Marketing",
+        "head",
+        "master_marketing",
+        "marketing",
+        "marketing",
+    ),
+    role(
+        "Director of Engineering",
+        "director",
+        "master_engineering_technical",
+        "software_development",
+        "engineering",
+    ),
+    role(
+        "Senior Software Engineer",
+        "senior",
+        "master_engineering_technical",
+        "software_development",
+        "engineering",
+    ),
+    role(
+        "Account Executive",
+        "senior",
+        "master_sales",
+        "sales",
+        "sales",
+    ),
+    role(
+        "Sales Development Representative",
+        "entry",
+        "master_sales",
+        "sales_development",
+        "sales",
+    ),
+    role(
+        "Marketing Manager",
+        "manager",
+        "master_marketing",
+        "marketing",
+        "marketing",
+    ),
+    role(
+        "Product Manager",
+        "manager",
+        "master_product_management",
+        "product_management",
+        "product_management",
+    ),
+    role(
+        "Head of People",
+        "head",
+        "master_human_resources",
+        "human_resources",
+        "human_resources",
+    ),
+    role(
+        "Finance Director",
+        "director",
+        "master_finance",
+        "finance",
+        "finance",
+    ),
+    role(
+        "Customer Success Manager",
+        "manager",
+        "master_support",
+        "customer_success",
+        "support",
+    ),
+    role(
+        "Founder",
+        "founder",
+        "c_suite",
+        "founder",
+        "entrepreneurship",
+    ),
 ];
 
 const fn place(
@@ -578,39 +689,153 @@ const fn place(
 }
 
 const PLACES: [Place; 14] = [
-    place("San Francisco", "California", "United States", "America/Los_Angeles", "94105"),
-    place("New York", "New York", "United States", "America/New_York", "10001"),
-    place("Austin", "Texas", "United States", "America/Chicago", "78701"),
-    place("Boston", "Massachusetts", "United States", "America/New_York", "02110"),
-    place("Seattle", "Washington", "United States", "America/Los_Angeles", "98101"),
-    place("Chicago", "Illinois", "United States", "America/Chicago", "60601"),
-    place("London", "England", "United Kingdom", "Europe/London", "EC2A 4NE"),
+    place(
+        "San Francisco",
+        "California",
+        "United States",
+        "America/Los_Angeles",
+        "94105",
+    ),
+    place(
+        "New York",
+        "New York",
+        "United States",
+        "America/New_York",
+        "10001",
+    ),
+    place(
+        "Austin",
+        "Texas",
+        "United States",
+        "America/Chicago",
+        "78701",
+    ),
+    place(
+        "Boston",
+        "Massachusetts",
+        "United States",
+        "America/New_York",
+        "02110",
+    ),
+    place(
+        "Seattle",
+        "Washington",
+        "United States",
+        "America/Los_Angeles",
+        "98101",
+    ),
+    place(
+        "Chicago",
+        "Illinois",
+        "United States",
+        "America/Chicago",
+        "60601",
+    ),
+    place(
+        "London",
+        "England",
+        "United Kingdom",
+        "Europe/London",
+        "EC2A 4NE",
+    ),
     place("Berlin", "Berlin", "Germany", "Europe/Berlin", "10115"),
     place("Paris", "Ile-de-France", "France", "Europe/Paris", "75002"),
-    place("Amsterdam", "North Holland", "Netherlands", "Europe/Amsterdam", "1012 AB"),
+    place(
+        "Amsterdam",
+        "North Holland",
+        "Netherlands",
+        "Europe/Amsterdam",
+        "1012 AB",
+    ),
     place("Toronto", "Ontario", "Canada", "America/Toronto", "M5H 2N2"),
-    place("Sydney", "New South Wales", "Australia", "Australia/Sydney", "2000"),
+    place(
+        "Sydney",
+        "New South Wales",
+        "Australia",
+        "Australia/Sydney",
+        "2000",
+    ),
     place("Bengaluru", "Karnataka", "India", "Asia/Kolkata", "560001"),
-    place("Singapore", "Singapore", "Singapore", "Asia/Singapore", "018956"),
+    place(
+        "Singapore",
+        "Singapore",
+        "Singapore",
+        "Asia/Singapore",
+        "018956",
+    ),
 ];
 
 const INDUSTRIES: [Industry; 10] = [
-    Industry { name: "computer software", keywords: ["saas", "b2b", "cloud", "developer tools"] },
-    Industry { name: "information technology & services", keywords: ["it services", "consulting", "managed services", "cloud migration"] },
-    Industry { name: "marketing & advertising", keywords: ["digital marketing", "seo", "demand generation", "content"] },
-    Industry { name: "financial services", keywords: ["fintech", "payments", "lending", "compliance"] },
-    Industry { name: "hospital & health care", keywords: ["healthtech", "telemedicine", "patient engagement", "ehr"] },
-    Industry { name: "logistics & supply chain", keywords: ["freight", "warehousing", "last mile", "fleet management"] },
-    Industry { name: "retail", keywords: ["ecommerce", "omnichannel", "direct to consumer", "merchandising"] },
-    Industry { name: "staffing & recruiting", keywords: ["recruiting", "talent acquisition", "hr tech", "contract staffing"] },
-    Industry { name: "real estate", keywords: ["proptech", "leasing", "property management", "commercial real estate"] },
-    Industry { name: "education management", keywords: ["edtech", "e-learning", "lms", "higher education"] },
+    Industry {
+        name: "computer software",
+        keywords: ["saas", "b2b", "cloud", "developer tools"],
+    },
+    Industry {
+        name: "information technology & services",
+        keywords: [
+            "it services",
+            "consulting",
+            "managed services",
+            "cloud migration",
+        ],
+    },
+    Industry {
+        name: "marketing & advertising",
+        keywords: ["digital marketing", "seo", "demand generation", "content"],
+    },
+    Industry {
+        name: "financial services",
+        keywords: ["fintech", "payments", "lending", "compliance"],
+    },
+    Industry {
+        name: "hospital & health care",
+        keywords: ["healthtech", "telemedicine", "patient engagement", "ehr"],
+    },
+    Industry {
+        name: "logistics & supply chain",
+        keywords: ["freight", "warehousing", "last mile", "fleet management"],
+    },
+    Industry {
+        name: "retail",
+        keywords: [
+            "ecommerce",
+            "omnichannel",
+            "direct to consumer",
+            "merchandising",
+        ],
+    },
+    Industry {
+        name: "staffing & recruiting",
+        keywords: [
+            "recruiting",
+            "talent acquisition",
+            "hr tech",
+            "contract staffing",
+        ],
+    },
+    Industry {
+        name: "real estate",
+        keywords: [
+            "proptech",
+            "leasing",
+            "property management",
+            "commercial real estate",
+        ],
+    },
+    Industry {
+        name: "education management",
+        keywords: ["edtech", "e-learning", "lms", "higher education"],
+    },
 ];
 
 const TECHNOLOGIES: [(&str, &str, &str); 12] = [
     ("Salesforce", "salesforce", "CRM"),
     ("HubSpot", "hubspot", "Marketing Automation"),
-    ("Google Analytics", "google_analytics", "Analytics and Tracking"),
+    (
+        "Google Analytics",
+        "google_analytics",
+        "Analytics and Tracking",
+    ),
     ("Amazon AWS", "amazon_aws", "Hosting"),
     ("Slack", "slack", "Other"),
     ("Zendesk", "zendesk", "Customer Support"),
@@ -633,22 +858,41 @@ const ORG_ROOTS: [&str; 12] = [
 ];
 
 const ORG_KINDS: [&str; 12] = [
-    "Analytics", "Labs", "Systems", "Logistics", "Health", "Software", "Partners", "Robotics",
-    "Media", "Capital", "Networks", "Foods",
+    "Analytics",
+    "Labs",
+    "Systems",
+    "Logistics",
+    "Health",
+    "Software",
+    "Partners",
+    "Robotics",
+    "Media",
+    "Capital",
+    "Networks",
+    "Foods",
 ];
 
 const TLDS: [&str; 5] = ["com", "io", "co", "ai", "net"];
 
 const STREETS: [&str; 8] = [
-    "Market Street", "Main Street", "Broadway", "King Street", "Harbour Road", "Mission Street",
-    "Elm Avenue", "High Street",
+    "Market Street",
+    "Main Street",
+    "Broadway",
+    "King Street",
+    "Harbour Road",
+    "Mission Street",
+    "Elm Avenue",
+    "High Street",
 ];
 
 const FUNDING_STAGES: [&str; 3] = ["Seed", "Series A", "Series B"];
 
 const NEWS: [(&str, &str); 7] = [
     ("hires", "appoints a new Chief Revenue Officer"),
-    ("receives_financing", "raises a new funding round to accelerate growth"),
+    (
+        "receives_financing",
+        "raises a new funding round to accelerate growth",
+    ),
     ("launches", "launches an AI assistant for its platform"),
     ("partners_with", "announces a strategic partnership"),
     ("expands_facilities", "opens a new regional office"),
@@ -693,7 +937,10 @@ mod tests {
         assert!((1_700..2_800).contains(&size), "person is {size} bytes");
         let org = organization(42, "5f2a0c1e9b3d4a0012345678");
         let size = org.to_string().len();
-        assert!((2_000..3_000).contains(&size), "organization is {size} bytes");
+        assert!(
+            (2_000..3_000).contains(&size),
+            "organization is {size} bytes"
+        );
         let id = Rng::new(1, &["x"]).hex_id();
         assert_eq!(id.len(), 24);
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));

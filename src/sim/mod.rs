@@ -352,7 +352,12 @@ fn api_key(headers: &HeaderMap, params: [Option<&Params>; 2]) -> Option<String> 
     }
     header("x-api-key")
         .or_else(|| header(AUTHORIZATION.as_str()).and_then(bearer))
-        .or_else(|| params.into_iter().flatten().find_map(|p| text(p, "api_key")))
+        .or_else(|| {
+            params
+                .into_iter()
+                .flatten()
+                .find_map(|p| text(p, "api_key"))
+        })
         .map(str::to_owned)
 }
 

@@ -128,7 +128,8 @@ fn assign(map: &mut Params, name: &str, path: &[Step<'_>], value: String) -> Opt
             // `details[][email]=a&details[][name]=b` fills one object; a key the last object
             // already has starts the next one.
             let items = list_at(map, name)?;
-            let fits_last = matches!(items.last(), Some(Value::Object(last)) if !has_path(last, child, rest));
+            let fits_last =
+                matches!(items.last(), Some(Value::Object(last)) if !has_path(last, child, rest));
             if !fits_last {
                 items.push(Value::Object(Params::new()));
             }
@@ -216,7 +217,10 @@ mod tests {
             query("domain=acme.com&name=Ada+Lovelace&email=ada%40acme.com&flag"),
             json!({"domain": "acme.com", "name": "Ada Lovelace", "email": "ada@acme.com", "flag": ""})
         );
-        assert_eq!(query("a=%zz%4&b=%e2%9c%93"), json!({"a": "%zz%4", "b": "✓"}));
+        assert_eq!(
+            query("a=%zz%4&b=%e2%9c%93"),
+            json!({"a": "%zz%4", "b": "✓"})
+        );
         assert_eq!(query("a=1&a=2"), json!({"a": "2"}));
         assert_eq!(query(""), json!({}));
     }
@@ -287,10 +291,22 @@ mod tests {
 
     #[test]
     fn reads_flags_and_counts_in_either_form() {
-        for yes in [json!(true), json!("true"), json!("1"), json!(" TRUE "), json!(1)] {
+        for yes in [
+            json!(true),
+            json!("true"),
+            json!("1"),
+            json!(" TRUE "),
+            json!(1),
+        ] {
             assert!(truthy(Some(&yes)), "{yes}");
         }
-        for no in [json!(false), json!("false"), json!("0"), json!(0), json!(null)] {
+        for no in [
+            json!(false),
+            json!("false"),
+            json!("0"),
+            json!(0),
+            json!(null),
+        ] {
             assert!(!truthy(Some(&no)), "{no}");
         }
         assert!(!truthy(None));

@@ -116,14 +116,21 @@ impl RateLimiter {
     }
 
     /// Counts a call of `endpoint` with `api_key` at `now`, unless a window is full.
-    pub(crate) fn admit(&mut self, api_key: &str, endpoint: &'static str, now: Instant) -> RateStatus {
+    pub(crate) fn admit(
+        &mut self,
+        api_key: &str,
+        endpoint: &'static str,
+        now: Instant,
+    ) -> RateStatus {
         let elapsed = now.saturating_duration_since(self.epoch);
         let counters = self
             .counters
             .entry((api_key.to_owned(), endpoint))
             .or_default();
         let mut exceeded = None;
-        for ((window, counter), limit) in Window::ALL.iter().zip(counters.iter_mut()).zip(self.limits) {
+        for ((window, counter), limit) in
+            Window::ALL.iter().zip(counters.iter_mut()).zip(self.limits)
+        {
             let current = elapsed.as_secs() / window.seconds();
             if counter.window != current {
                 *counter = Counter {
@@ -199,8 +206,14 @@ mod tests {
         );
         // A refused call does not count, other keys and endpoints have their own counters.
         assert_eq!(refused.used[0], 2);
-        assert!(limiter.admit("other", "people/match", now).exceeded.is_none());
-        assert!(limiter.admit("k", "people/bulk_match", now).exceeded.is_none());
+        assert!(limiter
+            .admit("other", "people/match", now)
+            .exceeded
+            .is_none());
+        assert!(limiter
+            .admit("k", "people/bulk_match", now)
+            .exceeded
+            .is_none());
         // The next minute starts afresh.
         let later = epoch + Duration::from_secs(60);
         let status = limiter.admit("k", "people/match", later);
@@ -213,7 +226,9 @@ mod tests {
         let epoch = Instant::now();
         let mut limiter = RateLimiter::new([5, 1, 0], false, epoch);
         limiter.admit("k", "e", epoch);
-        let exceeded = limiter.admit("k", "e", epoch + Duration::from_secs(600)).exceeded;
+        let exceeded = limiter
+            .admit("k", "e", epoch + Duration::from_secs(600))
+            .exceeded;
         assert_eq!(
             exceeded,
             Some(Exceeded {
@@ -253,6 +268,8 @@ mod tests {
         assert_eq!(header(&headers, "x-daily-usage"), Some("1"));
         assert_eq!(header(&headers, "x-daily-requests-left"), Some("49999"));
         assert_eq!(header(&headers, "x-rate-limit-minute"), Some(""));
-        assert!(headers.keys().all(|name| !name.as_str().contains("24-hour")));
+        assert!(headers
+            .keys()
+            .all(|name| !name.as_str().contains("24-hour")));
     }
 }

@@ -46,10 +46,7 @@ impl Reply {
 
     /// Apollo's error shape for a refused request: `{"error": …, "error_code": …}`.
     pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self::json(
-            status,
-            json!({"error": message.into(), "error_code": code}),
-        )
+        Self::json(status, json!({"error": message.into(), "error_code": code}))
     }
 
     /// `404 {"error":"Not Found"}`.
@@ -74,7 +71,9 @@ impl Reply {
         };
         let compressed = if gzip {
             compress(&plain)
-                .inspect_err(|err| tracing::debug!(error = %err, "gzip failed, answering uncompressed"))
+                .inspect_err(
+                    |err| tracing::debug!(error = %err, "gzip failed, answering uncompressed"),
+                )
                 .ok()
         } else {
             None

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Test harness: a TLS CA made with rcgen, the simulator behind it, creditmeter on ephemeral
 //! ports, a scripted upstream for faults, and clients. Real sockets on 127.0.0.1 only.
 #![allow(dead_code)]
@@ -32,13 +33,22 @@ pub fn make_pki(dir: &Path) -> TestPki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "creditmeter test CA");
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "creditmeter test CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf_params = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    let mut leaf_params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
     let pki = TestPki {
         ca_pem: dir.join("ca.pem"),
@@ -77,7 +87,11 @@ impl SimServer {
             })
             .await
         });
-        SimServer { sim, addr, stop: Some(stop) }
+        SimServer {
+            sim,
+            addr,
+            stop: Some(stop),
+        }
     }
 
     pub fn url(&self, tls: bool) -> String {
@@ -108,7 +122,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(mut config: Config, dir: &Path) -> Proxy {
-        if config.ledger.path == PathBuf::from(creditmeter::config::DEFAULT_LEDGER_PATH) {
+        if config.ledger.path == Path::new(creditmeter::config::DEFAULT_LEDGER_PATH) {
             config.ledger.path = dir.join("ledger.db");
         }
         let db = config.ledger.path.clone();
@@ -120,7 +134,13 @@ impl Proxy {
         let task = tokio::spawn(creditmeter::run(config, proxy, admin, async {
             let _ = stopped.await;
         }));
-        let proxy = Proxy { addr, admin: admin_addr, db, stop: Some(stop), task: Some(task) };
+        let proxy = Proxy {
+            addr,
+            admin: admin_addr,
+            db,
+            stop: Some(stop),
+            task: Some(task),
+        };
         proxy.wait_ready().await;
         proxy
     }
@@ -129,8 +149,12 @@ impl Proxy {
     pub async fn wait_ready(&self) {
         let c = client();
         for _ in 0..200 {
-            let req = http::Request::get(format!("http://{}/readyz", self.admin)).body(Full::new(Bytes::new())).unwrap();
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), c.request(req)).await {
+            let req = http::Request::get(format!("http://{}/readyz", self.admin))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_millis(500), c.request(req)).await
+            {
                 if r.status() == 200 {
                     return;
                 }
@@ -159,7 +183,11 @@ impl Proxy {
     }
 
     pub fn ledger(&self) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open_with_flags(&self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let c = rusqlite::Connection::open_with_flags(
+            &self.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
         c
     }
@@ -191,10 +219,19 @@ pub fn client() -> HttpClient {
 }
 
 pub async fn get(url: &str) -> (http::StatusCode, http::HeaderMap, Bytes) {
-    send(&client(), http::Request::get(url).body(Full::new(Bytes::new())).unwrap()).await
+    send(
+        &client(),
+        http::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
 }
 
-pub async fn send(client: &HttpClient, req: http::Request<Full<Bytes>>) -> (http::StatusCode, http::HeaderMap, Bytes) {
+pub async fn send(
+    client: &HttpClient,
+    req: http::Request<Full<Bytes>>,
+) -> (http::StatusCode, http::HeaderMap, Bytes) {
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .expect("response within 30s")
@@ -210,7 +247,11 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -238,7 +279,8 @@ pub struct Scripted {
     pub hits: Arc<AtomicUsize>,
 }
 
-pub const SLOW_FIRST: &str = "{\"person\": {\"id\": \"p1\", \"name\": \"Slow Person\", \"padding\": \"";
+pub const SLOW_FIRST: &str =
+    "{\"person\": {\"id\": \"p1\", \"name\": \"Slow Person\", \"padding\": \"";
 
 impl Scripted {
     pub async fn start() -> Scripted {
@@ -249,25 +291,35 @@ impl Scripted {
         let (seen2, hits2) = (seen.clone(), hits.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { break };
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
                 let (seen, hits) = (seen2.clone(), hits2.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (seen, hits) = (seen.clone(), hits.clone());
-                        async move {
-                            hits.fetch_add(1, Ordering::SeqCst);
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                            seen.lock().unwrap().push(Seen {
-                                method: parts.method.to_string(),
-                                uri: parts.uri.to_string(),
-                                version: parts.version,
-                                headers: parts.headers.clone(),
-                                body,
-                            });
-                            Ok::<_, std::convert::Infallible>(scripted_response(parts.uri.query().unwrap_or("")).await)
-                        }
-                    });
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (seen, hits) = (seen.clone(), hits.clone());
+                            async move {
+                                hits.fetch_add(1, Ordering::SeqCst);
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                seen.lock().unwrap().push(Seen {
+                                    method: parts.method.to_string(),
+                                    uri: parts.uri.to_string(),
+                                    version: parts.version,
+                                    headers: parts.headers.clone(),
+                                    body,
+                                });
+                                Ok::<_, std::convert::Infallible>(
+                                    scripted_response(parts.uri.query().unwrap_or("")).await,
+                                )
+                            }
+                        },
+                    );
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -297,7 +349,10 @@ pub fn blob() -> Bytes {
 }
 
 async fn scripted_response(query: &str) -> http::Response<ScriptBody> {
-    let script = query.split('&').find_map(|kv| kv.strip_prefix("script=")).unwrap_or("");
+    let script = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("script="))
+        .unwrap_or("");
     if script == "stall" {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -359,7 +414,9 @@ impl http_body::Body for ChannelBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(http_body::Frame::data(b))))
+        self.0
+            .poll_recv(cx)
+            .map(|m| m.map(|b| Ok(http_body::Frame::data(b))))
     }
 }
 
