@@ -842,3 +842,54 @@ async fn request_body_cap_gives_413_without_calling_upstream() {
     assert!(String::from_utf8_lossy(&body).contains("max_request_body"));
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_holding_the_ledger_open_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
+    // A person in sqlite3 with a read transaction open for the whole run.
+    let reader = rusqlite::Connection::open(&proxy.db).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let before: i64 = reader
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
+    let c = client();
+    let started = std::time::Instant::now();
+    for i in 0..50 {
+        let req = http::Request::post(proxy.url("/api/v1/people/match"))
+            .header("x-api-key", "k")
+            .header("x-meter-table", "while-reading")
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"email":"r{i}@example.com"}}"#
+            ))))
+            .unwrap();
+        assert_eq!(send(&c, req).await.0, 200);
+    }
+    // Far below the 5 s busy timeout a blocked writer would wait on each call.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let during: i64 = reader
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(during, before, "the reader keeps its snapshot");
+    reader.execute_batch("COMMIT").unwrap();
+    let after: i64 = reader
+        .query_row(
+            "SELECT count(*) FROM calls WHERE table_name = 'while-reading'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(after, 50);
+}
