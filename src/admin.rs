@@ -1,8 +1,13 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (ledger
-//! writable, config loaded, not shutting down). It is served on its own address, loopback by
-//! default, never on the proxy listener.
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz` (ledger
+//! writable, config loaded, not shutting down) and the JSON API under `/api/`. It is served on
+//! its own address, loopback by default, never on the proxy listener.
+//!
+//! When the environment variable named by `admin.token_env` holds a token, every `/api/` route
+//! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
+//! compared in constant time.
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -10,6 +15,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use serde_json::json;
 
 use crate::ledger::LedgerHandle;
 use crate::metrics::Metrics;
@@ -18,24 +24,40 @@ use crate::metrics::Metrics;
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub ledger: LedgerHandle,
+    /// The ledger file, for read-only API queries.
+    pub ledger_path: PathBuf,
     /// Set when shutdown starts: `/readyz` turns 503 so load balancers stop sending traffic.
     pub draining: Arc<AtomicBool>,
     pub durability: &'static str,
+    pub catalog_version: String,
+    /// SHA-256 of the admin token, when one is configured.
+    pub token_digest: Option<ring::digest::Digest>,
+    pub protect_metrics: bool,
 }
 
+/// The admin listener's response type.
+pub type AdminResponse = Response<Full<Bytes>>;
+
 impl Admin {
+    /// Hashes the token once, so requests are compared digest to digest (constant time, no
+    /// length leak).
+    pub fn digest_token(token: Option<&str>) -> Option<ring::digest::Digest> {
+        token.map(|t| ring::digest::digest(&ring::digest::SHA256, t.as_bytes()))
+    }
+
     /// Serves one admin request.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(text(
+    ) -> Result<AdminResponse, Infallible> {
+        let path = req.uri().path().to_owned();
+        let read_only = req.method() == Method::GET || req.method() == Method::HEAD;
+        Ok(match path.as_str() {
+            "/metrics" | "/healthz" | "/readyz" if !read_only => json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "only GET is served here\n".into(),
-            ));
-        }
-        Ok(match req.uri().path() {
+                &json!({"error": "method_not_allowed", "message": "only GET is served here"}),
+            ),
+            "/metrics" if self.protect_metrics && !self.authorized(&req) => unauthorized(),
             "/metrics" => {
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.encode())));
                 r.headers_mut().insert(
@@ -44,44 +66,130 @@ impl Admin {
                 );
                 r
             }
-            "/healthz" => text(StatusCode::OK, "ok\n".into()),
-            "/readyz" => {
-                let ledger_ok = self.ledger.is_healthy();
-                let draining = self.draining.load(Ordering::Relaxed);
-                let body = serde_json::json!({
-                    "ready": ledger_ok && !draining,
-                    "ledger": if ledger_ok { "writable" } else { "failing" },
-                    "config": "loaded",
-                    "durability": self.durability,
-                    "draining": draining,
-                });
-                let status = if ledger_ok && !draining {
-                    StatusCode::OK
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => self.readyz(),
+            p if p == "/api" || p.starts_with("/api/") => {
+                if self.authorized(&req) {
+                    self.api(req).await
                 } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-                *r.status_mut() = status;
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                r
+                    unauthorized()
+                }
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz or /readyz\n".into(),
+                "not found: try /metrics, /healthz, /readyz or /api/status\n",
             ),
         })
     }
+
+    fn readyz(&self) -> AdminResponse {
+        let ledger_ok = self.ledger.is_healthy();
+        let draining = self.draining.load(Ordering::Relaxed);
+        let ready = ledger_ok && !draining;
+        let body = json!({
+            "ready": ready,
+            "ledger": if ledger_ok { "writable" } else { "failing" },
+            "config": "loaded",
+            "durability": self.durability,
+            "draining": draining,
+        });
+        json_response(
+            if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            &body,
+        )
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(want) = &self.token_digest else {
+            return true;
+        };
+        let Some(given) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+        else {
+            return false;
+        };
+        let given = ring::digest::digest(&ring::digest::SHA256, given.trim().as_bytes());
+        constant_time_eq(given.as_ref(), want.as_ref())
+    }
+
+    /// The JSON API. Read-only routes take GET.
+    async fn api(&self, req: Request<Incoming>) -> AdminResponse {
+        match (req.method().clone(), req.uri().path()) {
+            (Method::GET, "/api/status") => json_response(
+                StatusCode::OK,
+                &json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "catalog_version": self.catalog_version,
+                    "ledger": self.ledger_path.display().to_string(),
+                    "ledger_writable": self.ledger.is_healthy(),
+                    "durability": self.durability,
+                    "draining": self.draining.load(Ordering::Relaxed),
+                }),
+            ),
+            (_, path) => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "message": format!("no admin API route {} {path}", req.method())}),
+            ),
+        }
+    }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+/// Compares two equal-length digests without an early exit.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized() -> AdminResponse {
+    let mut r = json_response(
+        StatusCode::UNAUTHORIZED,
+        &json!({"error": "unauthorized", "message": "send Authorization: Bearer <the token in admin.token_env>"}),
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_digests() {
+        let a = ring::digest::digest(&ring::digest::SHA256, b"token-a");
+        let b = ring::digest::digest(&ring::digest::SHA256, b"token-b");
+        assert!(constant_time_eq(a.as_ref(), a.as_ref()));
+        assert!(!constant_time_eq(a.as_ref(), b.as_ref()));
+        assert!(!constant_time_eq(a.as_ref(), &a.as_ref()[..31]));
+    }
 }

@@ -110,19 +110,40 @@ impl Default for ProxyConfig {
     }
 }
 
-/// `[admin]`: metrics and health, on a listener of their own.
+/// Default environment variable holding the admin API's bearer token.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "CREDITMETER_ADMIN_TOKEN";
+
+/// `[admin]`: metrics, health and the admin API, on a listener of their own.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `admin.listen`, default `127.0.0.1:9464`.
     pub listen: SocketAddr,
+    /// `admin.token_env`, default `CREDITMETER_ADMIN_TOKEN`: the environment variable holding a
+    /// bearer token. When it is set and non-empty, `/api/*` requires `Authorization: Bearer <token>`.
+    /// The token is read from the environment so it never sits in a config file.
+    pub token_env: String,
+    /// `admin.protect_metrics`, default false: also require the token on `/metrics`.
+    pub protect_metrics: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: parse_default_addr(DEFAULT_ADMIN_LISTEN),
+            token_env: DEFAULT_ADMIN_TOKEN_ENV.to_owned(),
+            protect_metrics: false,
         }
+    }
+}
+
+impl AdminConfig {
+    /// The admin token from the environment, if one is set.
+    pub fn token(&self) -> Option<String> {
+        std::env::var(&self.token_env)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
     }
 }
 

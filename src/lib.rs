@@ -117,11 +117,16 @@ pub async fn run(
             max_bytes: config.proxy.cancelled_drain_max.0,
         },
     });
+    let admin_token = config.admin.token();
     let admin = Arc::new(admin::Admin {
         metrics: metrics.clone(),
         ledger: ledger_handle.clone(),
+        ledger_path: config.ledger.path.clone(),
         draining: draining.clone(),
         durability,
+        catalog_version: catalog.version().to_owned(),
+        token_digest: admin::Admin::digest_token(admin_token.as_deref()),
+        protect_metrics: config.admin.protect_metrics,
     });
     drop(ledger_handle);
 
@@ -133,6 +138,7 @@ pub async fn run(
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %base,
         tls = tls.is_some(),
+        admin_token = admin_token.is_some(),
         ledger = %config.ledger.path.display(),
         durability,
         catalog = catalog.version(),

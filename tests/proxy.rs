@@ -893,3 +893,41 @@ async fn a_reader_holding_the_ledger_open_blocks_nothing() {
         .unwrap();
     assert_eq!(after, 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_requires_the_token_when_one_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let mut cfg = config_for(&up.url(), None);
+    cfg.admin.token_env = "CREDITMETER_TEST_ADMIN_TOKEN_A".into();
+    std::env::set_var("CREDITMETER_TEST_ADMIN_TOKEN_A", "s3cret-admin");
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let url = format!("http://{}/api/status", proxy.admin);
+    let (status, h, _) = get(&url).await;
+    assert_eq!(status, 401);
+    assert_eq!(h.get("www-authenticate").unwrap(), "Bearer");
+    for bad in [
+        "Bearer wrong",
+        "Bearer s3cret-admin-and-more",
+        "Basic s3cret-admin",
+    ] {
+        let req = http::Request::get(&url)
+            .header("authorization", bad)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(send(&client(), req).await.0, 401, "{bad}");
+    }
+    let req = http::Request::get(&url)
+        .header("authorization", "Bearer s3cret-admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = send(&client(), req).await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["durability"], "commit");
+    // Metrics and health stay open for scrapers and probes.
+    assert_eq!(get(&format!("http://{}/metrics", proxy.admin)).await.0, 200);
+    assert_eq!(get(&format!("http://{}/healthz", proxy.admin)).await.0, 200);
+    // The token appears nowhere in what the admin listener serves.
+    assert!(!proxy.metrics().await.contains("s3cret-admin"));
+}
