@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::account::{credits_json, Account, Charge};
 use super::data::{self, PersonHints, Rng};
-use super::params::{count, text, truthy, Params};
+use super::params::{count, list, text, truthy, Params};
 use super::reply::Reply;
 use super::{lock, SimConfig};
 
@@ -117,13 +117,15 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    fn billed(body: Value, charge: Charge) -> Self {
+    /// A 200 that cost `charge` (possibly nothing).
+    fn ok(body: Value, charge: Charge) -> Self {
         Self {
             reply: Reply::json(StatusCode::OK, body),
             charge,
         }
     }
 
+    /// Any answer that costs nothing.
     fn free(reply: Reply) -> Self {
         Self {
             reply,
@@ -145,11 +147,11 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
         {
             Answer::free(Reply::not_found())
         }
-        Endpoint::PersonShow => Answer::billed(
+        Endpoint::PersonShow => Answer::ok(
             json!({"person": data::person(seed, route.id, &PersonHints::default())}),
             Charge::credits(1, 0),
         ),
-        Endpoint::OrganizationShow => Answer::billed(
+        Endpoint::OrganizationShow => Answer::ok(
             json!({"organization": data::organization(seed, route.id)}),
             Charge::credits(1, 0),
         ),
@@ -204,11 +206,11 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
         }
         Endpoint::NewsArticlesSearch => {
             let page = Page::search(ctx.cfg, "news", params, 200);
-            let org_ids: Vec<&str> = params
-                .get("organization_ids")
-                .and_then(Value::as_array)
-                .map(|ids| ids.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
+            let org_ids: Vec<&str> = list(params.get("organization_ids"))
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(Value::as_str)
+                .collect();
             let articles = page.records(|id| {
                 // Spread the articles over the organizations asked about.
                 let org = match org_ids.len() {
@@ -232,14 +234,10 @@ fn people_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
     let request_id = data::hash(ctx.cfg.seed, &["request_id", &ctx.call.to_string()]) as i64;
     match match_person(ctx.cfg, params) {
         Some((_, person)) => {
-            let phones = if truthy(params.get("reveal_phone_number")) {
-                PHONE_REVEAL_CREDITS
-            } else {
-                0
-            };
-            Answer::billed(
+            let phone_reveals = u64::from(truthy(params.get("reveal_phone_number")));
+            Answer::ok(
                 json!({"person": person, "request_id": request_id}),
-                Charge::credits(1, phones),
+                Charge::credits(1, phone_reveals * PHONE_REVEAL_CREDITS),
             )
         }
         None => Answer::free(Reply::json(
@@ -252,7 +250,7 @@ fn people_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
 /// `people/bulk_match`: 1 lead credit per distinct matched person (+8 direct-dial each with a
 /// phone reveal); `matches[i]` answers `details[i]`.
 fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
-    let Some(details) = params.get("details").and_then(Value::as_array) else {
+    let Some(details) = list(params.get("details")) else {
         return Answer::free(bulk_failure(
             StatusCode::UNPROCESSABLE_ENTITY,
             "INVALID_PARAMETERS",
@@ -280,14 +278,8 @@ fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
         .collect();
     let unique = people.len() as u64;
     let reveal = truthy(params.get("reveal_phone_number"));
-    let charge = Charge::credits(
-        unique,
-        if reveal {
-            unique * PHONE_REVEAL_CREDITS
-        } else {
-            0
-        },
-    );
+    let phone_reveals = if reveal { unique } else { 0 };
+    let charge = Charge::credits(unique, phone_reveals * PHONE_REVEAL_CREDITS);
     let mut body = json!({
         "status": "success",
         "error_code": null,
@@ -304,7 +296,7 @@ fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
         let status = if unique > 0 { "pending" } else { "skipped" };
         body["phone_enrichment"] = json!({"status": status});
     }
-    Answer::billed(body, charge)
+    Answer::ok(body, charge)
 }
 
 /// `organizations/enrich?domain=…`: the organization is 1 lead credit; no match is `{}`.
@@ -318,7 +310,7 @@ fn organizations_enrich(cfg: &SimConfig, params: &Params) -> Answer {
     };
     match enrich_domain(cfg, &domain) {
         Some(organization) => {
-            Answer::billed(json!({"organization": organization}), Charge::credits(1, 0))
+            Answer::ok(json!({"organization": organization}), Charge::credits(1, 0))
         }
         None => Answer::free(Reply::json(StatusCode::OK, json!({}))),
     }
@@ -326,7 +318,7 @@ fn organizations_enrich(cfg: &SimConfig, params: &Params) -> Answer {
 
 /// `organizations/bulk_enrich` with `domains[]`: 1 lead credit per organization returned.
 fn organizations_bulk_enrich(cfg: &SimConfig, params: &Params) -> Answer {
-    let Some(domains) = params.get("domains").and_then(Value::as_array) else {
+    let Some(domains) = list(params.get("domains")) else {
         return Answer::free(bulk_failure(
             StatusCode::UNPROCESSABLE_ENTITY,
             "INVALID_PARAMETERS",
@@ -361,7 +353,7 @@ fn organizations_bulk_enrich(cfg: &SimConfig, params: &Params) -> Answer {
         "organizations": organizations,
     });
     let charge = Charge::credits(found.len() as u64, 0);
-    Answer::billed(body, charge)
+    Answer::ok(body, charge)
 }
 
 /// `{"status":"failed","error_code":…,"error_message":…}`, the bulk endpoints' error shape.
@@ -547,12 +539,11 @@ fn paid_page(body: Value, page: &Page, charge: Charge) -> Answer {
     if page.is_empty() {
         Answer::free(Reply::json(StatusCode::OK, body))
     } else {
-        Answer::billed(body, charge)
+        Answer::ok(body, charge)
     }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

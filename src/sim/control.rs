@@ -70,7 +70,6 @@ fn parse_debit(body: &[u8]) -> Result<(CreditType, i64), String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

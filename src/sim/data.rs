@@ -162,6 +162,11 @@ pub(crate) fn person(seed: u64, id: &str, hints: &PersonHints<'_>) -> Value {
         let title = rng.pick(&ROLES).title;
         history.push(employment(&mut rng, org, title, start, Some(start + 3)));
     }
+    let photo_url = format!(
+        "https://media.licdn.com/dms/image/v2/{:016x}/profile-displayphoto-shrink_200_200/0/{}",
+        rng.next_u64(),
+        rng.range(1_500_000_000_000, 1_750_000_000_000)
+    );
     json!({
         "id": id,
         "first_name": first_name,
@@ -170,7 +175,7 @@ pub(crate) fn person(seed: u64, id: &str, hints: &PersonHints<'_>) -> Value {
         "linkedin_url": linkedin_url,
         "title": role.title,
         "email_status": if rng.percent(85) { "verified" } else { "extrapolated" },
-        "photo_url": format!("https://media.licdn.com/dms/image/v2/{:016x}/profile-displayphoto-shrink_200_200/0/{}", rng.next_u64(), rng.range(1_500_000_000_000, 1_750_000_000_000)),
+        "photo_url": photo_url,
         "twitter_url": null,
         "github_url": null,
         "facebook_url": null,
@@ -211,6 +216,11 @@ pub(crate) fn obfuscated_person(seed: u64, id: &str) -> Value {
         .last()
         .map(String::from)
         .unwrap_or_default();
+    let direct_phone = if rng.percent(50) {
+        "Yes"
+    } else {
+        "Maybe: please request direct dial via people/bulk_match"
+    };
     json!({
         "id": id,
         "first_name": first_name,
@@ -221,7 +231,7 @@ pub(crate) fn obfuscated_person(seed: u64, id: &str) -> Value {
         "has_city": true,
         "has_state": true,
         "has_country": true,
-        "has_direct_phone": if rng.percent(50) { "Yes" } else { "Maybe: please request direct dial via people/bulk_match" },
+        "has_direct_phone": direct_phone,
         "organization": {
             "name": org.name,
             "has_industry": true,
@@ -242,12 +252,22 @@ pub(crate) fn news_article(seed: u64, id: &str, org_id: &str) -> Value {
     let org = Org::generated(seed, org_id);
     let (category, headline) = rng.pick(&NEWS);
     let publisher = rng.pick(&PUBLISHERS);
+    let url = format!(
+        "https://www.{publisher}/news/{}-{:08x}",
+        slugify(&org.name),
+        rng.next_u64() >> 32
+    );
+    let snippet = format!(
+        "{} ({}) {headline}, the company said in a statement. The {} company, founded in {}, \
+         employs about {} people.",
+        org.name, org.domain, org.industry.name, org.founded_year, org.employees
+    );
     json!({
         "id": id,
-        "url": format!("https://www.{publisher}/news/{}-{:08x}", slugify(&org.name), rng.next_u64() >> 32),
+        "url": url,
         "domain": publisher,
         "title": format!("{} {headline}", org.name),
-        "snippet": format!("{} ({}) {headline}, the company said in a statement. The {} company, founded in {}, employs about {} people.", org.name, org.domain, org.industry.name, org.founded_year, org.employees),
+        "snippet": snippet,
         "published_at": rng.timestamp(2024, 2025),
         "event_categories": [category],
         "organization_id": org.id,
@@ -306,8 +326,7 @@ impl Org {
         Self {
             industry: rng.pick(&INDUSTRIES),
             place: rng.pick(&PLACES),
-            employees: [12, 45, 120, 380, 1_200, 5_400, 23_000][rng.range(0, 6) as usize]
-                + rng.range(0, 9),
+            employees: rng.pick(&[12, 45, 120, 380, 1_200, 5_400, 23_000]) + rng.range(0, 9),
             founded_year: rng.range(1975, 2021),
             phone: format!(
                 "+1 {}-{}-{}",
@@ -334,13 +353,17 @@ impl Org {
             "linkedin_url": format!("http://www.linkedin.com/company/{slug}"),
             "twitter_url": format!("https://twitter.com/{}", slug.replace('-', "")),
             "facebook_url": null,
-            "primary_phone": {"number": self.phone, "source": "Account", "sanitized_number": sanitize_phone(&self.phone)},
+            "primary_phone": {
+                "number": self.phone,
+                "source": "Account",
+                "sanitized_number": sanitize_phone(&self.phone),
+            },
             "languages": ["English"],
             "alexa_ranking": null,
             "phone": self.phone,
             "linkedin_uid": self.linkedin_uid.to_string(),
             "founded_year": self.founded_year,
-            "logo_url": format!("https://zenprospect-production.s3.amazonaws.com/uploads/pictures/{}/picture", self.id),
+            "logo_url": format!("https://logos.apollo.example/{}/picture", self.id),
             "primary_domain": self.domain,
             "industry": self.industry.name,
             "estimated_num_employees": self.employees,
@@ -351,27 +374,46 @@ impl Org {
     fn full(&self, seed: u64) -> Value {
         let mut rng = Rng::new(seed, &["org-detail", &self.id]);
         let revenue = self.employees * rng.range(80_000, 250_000);
-        let funding_rounds = rng.range(0, 3);
-        let funding_events: Vec<Value> = (0..funding_rounds)
-            .map(|round| {
-                json!({
-                    "id": rng.hex_id(),
-                    "date": rng.timestamp(2015 + round * 3, 2017 + round * 3),
-                    "news_url": null,
-                    "type": FUNDING_STAGES[round as usize],
-                    "investors": format!("{} Ventures, {} Capital", rng.pick(&ORG_STEMS), rng.pick(&ORG_STEMS)),
-                    "amount": format!("{}M", rng.range(2, 60)),
-                    "currency": "$",
-                })
-            })
-            .collect();
-        let technologies: Vec<(&str, &str, &str)> =
-            (0..6).map(|_| rng.pick(&TECHNOLOGIES)).collect();
-        let mut value = self.summary();
-        let Some(object) = value.as_object_mut() else {
-            return value;
-        };
-        let extra = json!({
+        let stages = &FUNDING_STAGES[..rng.range(0, 2) as usize];
+        let mut funding_events = Vec::new();
+        for (round, stage) in (0..).zip(stages) {
+            let investors = format!(
+                "{} Ventures, {} Capital",
+                rng.pick(&ORG_STEMS),
+                rng.pick(&ORG_STEMS)
+            );
+            funding_events.push(json!({
+                "id": rng.hex_id(),
+                "date": rng.timestamp(2015 + round * 3, 2017 + round * 3),
+                "news_url": null,
+                "type": stage,
+                "investors": investors,
+                "amount": format!("{}M", rng.range(2, 60)),
+                "currency": "$",
+            }));
+        }
+        let technologies: Vec<_> = (0..4).map(|_| rng.pick(&TECHNOLOGIES)).collect();
+        let street = format!("{} {}", rng.range(1, 999), rng.pick(&STREETS));
+        let Place {
+            city,
+            state,
+            country,
+            postal_code,
+            ..
+        } = self.place;
+        let [first, second, third, _] = self.industry.keywords;
+        let description = format!(
+            "{} is a {} company headquartered in {city}, {country}. Founded in {}, it serves \
+             customers across {} markets with a focus on {first}, {second} and {third}. The team \
+             of about {} people works with partners worldwide.",
+            self.name,
+            self.industry.name,
+            self.founded_year,
+            rng.range(3, 40),
+            self.employees
+        );
+        let mut organization = self.summary();
+        let details = json!({
             "crunchbase_url": null,
             "publicly_traded_symbol": null,
             "publicly_traded_exchange": null,
@@ -382,30 +424,28 @@ impl Org {
             "snippets_loaded": true,
             "industry_tag_id": Rng::new(seed, &["industry", self.industry.name]).hex_id(),
             "retail_location_count": rng.range(0, 4),
-            "raw_address": format!("{} {}, {}, {} {}, {}", rng.range(1, 999), rng.pick(&STREETS), self.place.city, self.place.state, self.place.postal_code, self.place.country),
-            "street_address": format!("{} {}", rng.range(1, 999), rng.pick(&STREETS)),
-            "city": self.place.city,
-            "state": self.place.state,
-            "postal_code": self.place.postal_code,
-            "country": self.place.country,
+            "raw_address": format!("{street}, {city}, {state} {postal_code}, {country}"),
+            "street_address": street,
+            "city": city,
+            "state": state,
+            "postal_code": postal_code,
+            "country": country,
             "owned_by_organization_id": null,
-            "seo_description": format!("{} builds {} products for modern teams.", self.name, self.industry.keywords[0]),
-            "short_description": format!(
-                "{} is a {} company headquartered in {}, {}. Founded in {}, it serves customers across {} markets with a focus on {}, {} and {}. The team of about {} people works with partners worldwide.",
-                self.name, self.industry.name, self.place.city, self.place.country, self.founded_year,
-                rng.range(3, 40), self.industry.keywords[0], self.industry.keywords[1], self.industry.keywords[2], self.employees
-            ),
+            "short_description": description,
             "suborganizations": [],
             "num_suborganizations": 0,
             "annual_revenue_printed": format!("{:.1}M", revenue as f64 / 1e6),
             "annual_revenue": revenue,
-            "total_funding": funding_rounds * 12_000_000,
-            "total_funding_printed": format!("{}M", funding_rounds * 12),
-            "latest_funding_round_date": funding_events.last().and_then(|event| event.get("date")).cloned(),
-            "latest_funding_stage": funding_rounds.checked_sub(1).map(|round| FUNDING_STAGES[round as usize]),
+            "total_funding": stages.len() * 12_000_000,
+            "total_funding_printed": format!("{}M", stages.len() * 12),
+            "latest_funding_round_date": funding_events.last().map(|event| event["date"].clone()),
+            "latest_funding_stage": stages.last(),
             "funding_events": funding_events,
-            "technology_names": technologies.iter().map(|(name, _, _)| *name).collect::<Vec<_>>(),
-            "current_technologies": technologies.iter().map(|(name, uid, category)| json!({"uid": uid, "name": name, "category": category})).collect::<Vec<_>>(),
+            "technology_names": technologies.iter().map(|(name, _, _)| name).collect::<Vec<_>>(),
+            "current_technologies": technologies
+                .iter()
+                .map(|(name, uid, category)| json!({"uid": uid, "name": name, "category": category}))
+                .collect::<Vec<_>>(),
             "org_chart_root_people_ids": [],
             "org_chart_sector": "OrgChart::SectorHierarchy::Rules::Default",
             "departmental_head_count": {
@@ -418,10 +458,11 @@ impl Org {
                 "support": self.employees / 10,
             },
         });
-        if let Value::Object(extra) = extra {
-            object.extend(extra);
+        if let (Value::Object(organization), Value::Object(details)) = (&mut organization, details)
+        {
+            organization.extend(details);
         }
-        value
+        organization
     }
 }
 
@@ -432,26 +473,14 @@ fn employment(
     start_year: u64,
     end_year: Option<u64>,
 ) -> Value {
-    let id = rng.hex_id();
     json!({
-        "_id": id,
-        "created_at": null,
+        "_id": rng.hex_id(),
         "current": end_year.is_none(),
-        "degree": null,
-        "description": null,
-        "emails": null,
+        "start_date": rng.date(start_year, start_year),
         "end_date": end_year.map(|year| format!("{year}-{:02}-01", rng.range(1, 12))),
-        "grade_level": null,
-        "id": id,
-        "key": id,
-        "kind": null,
-        "major": null,
         "organization_id": org.id,
         "organization_name": org.name,
-        "raw_address": null,
-        "start_date": rng.date(start_year, start_year),
         "title": title,
-        "updated_at": null,
     })
 }
 
@@ -577,99 +606,22 @@ const fn role(
     }
 }
 
+#[rustfmt::skip]
 const ROLES: [Role; 14] = [
-    role(
-        "Chief Executive Officer",
-        "c_suite",
-        "c_suite",
-        "executive",
-        "entrepreneurship",
-    ),
-    role(
-        "Chief Technology Officer",
-        "c_suite",
-        "master_engineering_technical",
-        "technology",
-        "engineering",
-    ),
+    role("Chief Executive Officer", "c_suite", "c_suite", "executive", "entrepreneurship"),
+    role("Chief Technology Officer", "c_suite", "master_engineering_technical", "technology", "engineering"),
     role("VP of Sales", "vp", "master_sales", "sales", "sales"),
-    role(
-        "Head of Marketing",
-        "head",
-        "master_marketing",
-        "marketing",
-        "marketing",
-    ),
-    role(
-        "Director of Engineering",
-        "director",
-        "master_engineering_technical",
-        "software_development",
-        "engineering",
-    ),
-    role(
-        "Senior Software Engineer",
-        "senior",
-        "master_engineering_technical",
-        "software_development",
-        "engineering",
-    ),
-    role(
-        "Account Executive",
-        "senior",
-        "master_sales",
-        "sales",
-        "sales",
-    ),
-    role(
-        "Sales Development Representative",
-        "entry",
-        "master_sales",
-        "sales_development",
-        "sales",
-    ),
-    role(
-        "Marketing Manager",
-        "manager",
-        "master_marketing",
-        "marketing",
-        "marketing",
-    ),
-    role(
-        "Product Manager",
-        "manager",
-        "master_product_management",
-        "product_management",
-        "product_management",
-    ),
-    role(
-        "Head of People",
-        "head",
-        "master_human_resources",
-        "human_resources",
-        "human_resources",
-    ),
-    role(
-        "Finance Director",
-        "director",
-        "master_finance",
-        "finance",
-        "finance",
-    ),
-    role(
-        "Customer Success Manager",
-        "manager",
-        "master_support",
-        "customer_success",
-        "support",
-    ),
-    role(
-        "Founder",
-        "founder",
-        "c_suite",
-        "founder",
-        "entrepreneurship",
-    ),
+    role("Head of Marketing", "head", "master_marketing", "marketing", "marketing"),
+    role("Director of Engineering", "director", "master_engineering_technical", "software_development", "engineering"),
+    role("Senior Software Engineer", "senior", "master_engineering_technical", "software_development", "engineering"),
+    role("Account Executive", "senior", "master_sales", "sales", "sales"),
+    role("Sales Development Representative", "entry", "master_sales", "sales_development", "sales"),
+    role("Marketing Manager", "manager", "master_marketing", "marketing", "marketing"),
+    role("Product Manager", "manager", "master_product_management", "product_management", "product_management"),
+    role("Head of People", "head", "master_human_resources", "human_resources", "human_resources"),
+    role("Finance Director", "director", "master_finance", "finance", "finance"),
+    role("Customer Success Manager", "manager", "master_support", "customer_success", "support"),
+    role("Founder", "founder", "c_suite", "founder", "entrepreneurship"),
 ];
 
 const fn place(
@@ -688,144 +640,36 @@ const fn place(
     }
 }
 
+#[rustfmt::skip]
 const PLACES: [Place; 14] = [
-    place(
-        "San Francisco",
-        "California",
-        "United States",
-        "America/Los_Angeles",
-        "94105",
-    ),
-    place(
-        "New York",
-        "New York",
-        "United States",
-        "America/New_York",
-        "10001",
-    ),
-    place(
-        "Austin",
-        "Texas",
-        "United States",
-        "America/Chicago",
-        "78701",
-    ),
-    place(
-        "Boston",
-        "Massachusetts",
-        "United States",
-        "America/New_York",
-        "02110",
-    ),
-    place(
-        "Seattle",
-        "Washington",
-        "United States",
-        "America/Los_Angeles",
-        "98101",
-    ),
-    place(
-        "Chicago",
-        "Illinois",
-        "United States",
-        "America/Chicago",
-        "60601",
-    ),
-    place(
-        "London",
-        "England",
-        "United Kingdom",
-        "Europe/London",
-        "EC2A 4NE",
-    ),
+    place("San Francisco", "California", "United States", "America/Los_Angeles", "94105"),
+    place("New York", "New York", "United States", "America/New_York", "10001"),
+    place("Austin", "Texas", "United States", "America/Chicago", "78701"),
+    place("Boston", "Massachusetts", "United States", "America/New_York", "02110"),
+    place("Seattle", "Washington", "United States", "America/Los_Angeles", "98101"),
+    place("Chicago", "Illinois", "United States", "America/Chicago", "60601"),
+    place("London", "England", "United Kingdom", "Europe/London", "EC2A 4NE"),
     place("Berlin", "Berlin", "Germany", "Europe/Berlin", "10115"),
     place("Paris", "Ile-de-France", "France", "Europe/Paris", "75002"),
-    place(
-        "Amsterdam",
-        "North Holland",
-        "Netherlands",
-        "Europe/Amsterdam",
-        "1012 AB",
-    ),
+    place("Amsterdam", "North Holland", "Netherlands", "Europe/Amsterdam", "1012 AB"),
     place("Toronto", "Ontario", "Canada", "America/Toronto", "M5H 2N2"),
-    place(
-        "Sydney",
-        "New South Wales",
-        "Australia",
-        "Australia/Sydney",
-        "2000",
-    ),
+    place("Sydney", "New South Wales", "Australia", "Australia/Sydney", "2000"),
     place("Bengaluru", "Karnataka", "India", "Asia/Kolkata", "560001"),
-    place(
-        "Singapore",
-        "Singapore",
-        "Singapore",
-        "Asia/Singapore",
-        "018956",
-    ),
+    place("Singapore", "Singapore", "Singapore", "Asia/Singapore", "018956"),
 ];
 
+#[rustfmt::skip]
 const INDUSTRIES: [Industry; 10] = [
-    Industry {
-        name: "computer software",
-        keywords: ["saas", "b2b", "cloud", "developer tools"],
-    },
-    Industry {
-        name: "information technology & services",
-        keywords: [
-            "it services",
-            "consulting",
-            "managed services",
-            "cloud migration",
-        ],
-    },
-    Industry {
-        name: "marketing & advertising",
-        keywords: ["digital marketing", "seo", "demand generation", "content"],
-    },
-    Industry {
-        name: "financial services",
-        keywords: ["fintech", "payments", "lending", "compliance"],
-    },
-    Industry {
-        name: "hospital & health care",
-        keywords: ["healthtech", "telemedicine", "patient engagement", "ehr"],
-    },
-    Industry {
-        name: "logistics & supply chain",
-        keywords: ["freight", "warehousing", "last mile", "fleet management"],
-    },
-    Industry {
-        name: "retail",
-        keywords: [
-            "ecommerce",
-            "omnichannel",
-            "direct to consumer",
-            "merchandising",
-        ],
-    },
-    Industry {
-        name: "staffing & recruiting",
-        keywords: [
-            "recruiting",
-            "talent acquisition",
-            "hr tech",
-            "contract staffing",
-        ],
-    },
-    Industry {
-        name: "real estate",
-        keywords: [
-            "proptech",
-            "leasing",
-            "property management",
-            "commercial real estate",
-        ],
-    },
-    Industry {
-        name: "education management",
-        keywords: ["edtech", "e-learning", "lms", "higher education"],
-    },
+    Industry { name: "computer software", keywords: ["saas", "b2b", "cloud", "developer tools"] },
+    Industry { name: "information technology & services", keywords: ["it services", "consulting", "managed services", "cloud migration"] },
+    Industry { name: "marketing & advertising", keywords: ["digital marketing", "seo", "demand generation", "content"] },
+    Industry { name: "financial services", keywords: ["fintech", "payments", "lending", "compliance"] },
+    Industry { name: "hospital & health care", keywords: ["healthtech", "telemedicine", "patient engagement", "ehr"] },
+    Industry { name: "logistics & supply chain", keywords: ["freight", "warehousing", "last mile", "fleet management"] },
+    Industry { name: "retail", keywords: ["ecommerce", "omnichannel", "direct to consumer", "merchandising"] },
+    Industry { name: "staffing & recruiting", keywords: ["recruiting", "talent acquisition", "hr tech", "contract staffing"] },
+    Industry { name: "real estate", keywords: ["proptech", "leasing", "property management", "commercial real estate"] },
+    Industry { name: "education management", keywords: ["edtech", "e-learning", "lms", "higher education"] },
 ];
 
 const TECHNOLOGIES: [(&str, &str, &str); 12] = [
@@ -885,7 +729,7 @@ const STREETS: [&str; 8] = [
     "High Street",
 ];
 
-const FUNDING_STAGES: [&str; 3] = ["Seed", "Series A", "Series B"];
+const FUNDING_STAGES: [&str; 2] = ["Seed", "Series A"];
 
 const NEWS: [(&str, &str); 7] = [
     ("hires", "appoints a new Chief Revenue Officer"),
@@ -909,7 +753,6 @@ const PUBLISHERS: [&str; 5] = [
 ];
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -113,10 +113,15 @@ impl Default for SimConfig {
 /// `billed_calls` those that billed anything. Out-of-band debits are not included.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Billed {
+    /// Lead (email) credits billed.
     pub lead_milli: i64,
+    /// Direct-dial (mobile) credits billed.
     pub direct_dial_milli: i64,
+    /// Export credits billed.
     pub export_milli: i64,
+    /// Requests to Apollo paths.
     pub calls: u64,
+    /// Requests that billed anything.
     pub billed_calls: u64,
 }
 
@@ -345,13 +350,8 @@ fn api_key(headers: &HeaderMap, params: [Option<&Params>; 2]) -> Option<String> 
             .map(str::trim)
             .filter(|value| !value.is_empty())
     };
-    fn bearer(value: &str) -> Option<&str> {
-        let (scheme, token) = value.split_once(' ')?;
-        let token = token.trim();
-        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-    }
     header("x-api-key")
-        .or_else(|| header(AUTHORIZATION.as_str()).and_then(bearer))
+        .or_else(|| header(AUTHORIZATION.as_str()).and_then(bearer_token))
         .or_else(|| {
             params
                 .into_iter()
@@ -359,6 +359,13 @@ fn api_key(headers: &HeaderMap, params: [Option<&Params>; 2]) -> Option<String> 
                 .find_map(|p| text(p, "api_key"))
         })
         .map(str::to_owned)
+}
+
+/// The token of `Bearer <token>`.
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Apollo's 429, with `retry-after`.

@@ -87,6 +87,23 @@ pub(crate) fn count(value: Option<&Value>) -> Option<u64> {
     .filter(|n| *n > 0)
 }
 
+/// A list parameter: a JSON array, or Rails' indexed form (`details[0][email]=…`), an object
+/// whose keys are all indexes, taken in index order.
+pub(crate) fn list(value: Option<&Value>) -> Option<Vec<&Value>> {
+    match value? {
+        Value::Array(items) => Some(items.iter().collect()),
+        Value::Object(indexed) => {
+            let mut items = indexed
+                .iter()
+                .map(|(index, item)| Some((index.parse::<usize>().ok()?, item)))
+                .collect::<Option<Vec<_>>>()?;
+            items.sort_by_key(|(index, _)| *index);
+            Some(items.into_iter().map(|(_, item)| item).collect())
+        }
+        _ => None,
+    }
+}
+
 /// One `[…]` step of a nested key.
 #[derive(Debug, PartialEq)]
 enum Step<'a> {
@@ -202,7 +219,6 @@ fn escaped(tail: &[u8]) -> Option<u8> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -252,6 +268,21 @@ mod tests {
             query("d[][a][x]=1&d[][a][y]=2&d[][a][x]=3"),
             json!({"d": [{"a": {"x": "1", "y": "2"}}, {"a": {"x": "3"}}]})
         );
+    }
+
+    #[test]
+    fn reads_lists_as_arrays_or_indexed_objects() {
+        let params = query("d[1][email]=b&d[0][email]=a&d[10][email]=c&x[a]=1&s=v");
+        let emails: Vec<&Value> = list(params.get("d"))
+            .unwrap()
+            .into_iter()
+            .map(|item| &item["email"])
+            .collect();
+        assert_eq!(emails, [&json!("a"), &json!("b"), &json!("c")]);
+        assert_eq!(list(Some(&json!(["a"]))).unwrap(), [&json!("a")]);
+        assert!(list(params.get("x")).is_none());
+        assert!(list(params.get("s")).is_none());
+        assert!(list(None).is_none());
     }
 
     #[test]

@@ -121,7 +121,6 @@ pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
