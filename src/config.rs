@@ -95,6 +95,34 @@ pub struct ProxyConfig {
     pub header_read_timeout: HumanDuration,
     /// `proxy.cancelled_drain_max`, default 64MiB: upstream bytes read after a caller leaves.
     pub cancelled_drain_max: ByteSize,
+    /// `proxy.require_token`, default false: callers must send `X-Meter-Token: <token>`, the
+    /// token being the value of the environment variable named by `proxy.token_env`. Without
+    /// it, anyone who can reach the listener can spend the credits of the keys they hold.
+    pub require_token: bool,
+    /// `proxy.token_env`, default `CREDITMETER_PROXY_TOKEN`.
+    pub token_env: String,
+}
+
+/// Default environment variable holding the proxy access token.
+pub const DEFAULT_PROXY_TOKEN_ENV: &str = "CREDITMETER_PROXY_TOKEN";
+
+impl ProxyConfig {
+    /// The proxy access token when `require_token` is on; an error if it is on but unset.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        if !self.require_token {
+            return Ok(None);
+        }
+        match std::env::var(&self.token_env).map(|t| t.trim().to_owned()) {
+            Ok(t) if !t.is_empty() => Ok(Some(t)),
+            _ => Err(invalid(
+                "proxy.require_token",
+                format!(
+                    "is true but the environment variable {} (proxy.token_env) is empty or unset",
+                    self.token_env
+                ),
+            )),
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -106,6 +134,8 @@ impl Default for ProxyConfig {
             max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
             header_read_timeout: HumanDuration(DEFAULT_HEADER_READ_TIMEOUT),
             cancelled_drain_max: ByteSize(DEFAULT_CANCELLED_DRAIN_MAX),
+            require_token: false,
+            token_env: DEFAULT_PROXY_TOKEN_ENV.to_owned(),
         }
     }
 }

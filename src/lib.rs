@@ -20,6 +20,7 @@ pub mod report;
 pub mod sim;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -52,6 +53,45 @@ pub enum RunError {
     Tls(#[from] proxy::listener::TlsSetupError),
 }
 
+/// Reads the config file again and builds the settings a reload may change. Keys that need a
+/// restart (listeners, upstream, ledger) are reported when they differ.
+fn reload_settings(
+    path: Option<&Path>,
+    running: &Config,
+) -> Result<proxy::ProxySettings, RunError> {
+    let new = Config::load(path)?;
+    let catalog = Arc::new(load_catalog(&new)?);
+    for (key, changed) in [
+        (
+            "proxy",
+            format!("{:?}", new.proxy) != format!("{:?}", running.proxy),
+        ),
+        (
+            "admin",
+            format!("{:?}", new.admin) != format!("{:?}", running.admin),
+        ),
+        (
+            "upstream",
+            format!("{:?}", new.upstream) != format!("{:?}", running.upstream),
+        ),
+        (
+            "ledger",
+            format!("{:?}", new.ledger) != format!("{:?}", running.ledger),
+        ),
+    ] {
+        if changed {
+            tracing::warn!(
+                section = key,
+                "this section changed but only takes effect after a restart"
+            );
+        }
+    }
+    Ok(proxy::ProxySettings {
+        catalog,
+        require_table: new.attribution.require_table,
+    })
+}
+
 /// Loads the configured catalog, or the built-in one.
 pub fn load_catalog(config: &Config) -> Result<Catalog, catalog::CatalogError> {
     match &config.catalog.path {
@@ -68,6 +108,30 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let (_keep, reload) = tokio::sync::mpsc::channel(1);
+    run_with_reload(
+        config,
+        None,
+        proxy_listener,
+        admin_listener,
+        shutdown,
+        reload,
+    )
+    .await
+}
+
+/// Like [`run`], and each message on `reload` re-reads `config_path` (SIGHUP in `main`): the
+/// catalog and attribution settings change for new calls, connections and calls in flight are
+/// untouched, and a config that does not load is refused with the reason logged, keeping the
+/// old settings.
+pub async fn run_with_reload(
+    config: Config,
+    config_path: Option<PathBuf>,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut reload: tokio::sync::mpsc::Receiver<()>,
+) -> Result<(), RunError> {
     let base = config.upstream_uri()?;
     let catalog = Arc::new(load_catalog(&config)?);
     let tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
@@ -75,6 +139,7 @@ pub async fn run(
         _ => None,
     };
     let upstream = proxy::upstream::Upstream::new(&config.upstream, &base)?;
+    let proxy_token = config.proxy.token()?;
 
     let conn = ledger::open_for_write(&config.ledger.path, config.ledger.synchronous)?;
     let secret = ledger::install_secret(&conn)?;
@@ -108,7 +173,6 @@ pub async fn run(
     };
 
     let meter = Arc::new(meter::Meter {
-        catalog: catalog.clone(),
         ledger: ledger_handle.clone(),
         metrics: metrics.clone(),
         durability: config.ledger.durability,
@@ -120,7 +184,13 @@ pub async fn run(
         meter,
         fingerprints: attribution::KeyFingerprinter::new(&secret),
         ids: meter::RequestIds::new(),
-        require_table: config.attribution.require_table,
+        settings: std::sync::RwLock::new(Arc::new(proxy::ProxySettings {
+            catalog: catalog.clone(),
+            require_table: config.attribution.require_table,
+        })),
+        token_digest: proxy_token
+            .as_deref()
+            .map(|t| ring::digest::digest(&ring::digest::SHA256, t.as_bytes())),
         max_request_body: config.proxy.max_request_body.0,
         upstream_timeout: config.upstream.timeout.0,
         drain: DrainSettings {
@@ -191,7 +261,27 @@ pub async fn run(
         config.proxy.header_read_timeout.0,
     ));
 
-    shutdown.await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reload.recv() => match reload_settings(config_path.as_deref(), &config) {
+                Ok(settings) => {
+                    tracing::info!(
+                        catalog = settings.catalog.version(),
+                        require_table = settings.require_table,
+                        "configuration reloaded"
+                    );
+                    proxy.reload(settings);
+                    metrics.config_reloaded(true);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "configuration reload refused; the previous settings stay in force");
+                    metrics.config_reloaded(false);
+                }
+            },
+        }
+    }
     let deadline = Instant::now() + config.shutdown.grace.0;
     tracing::info!(grace = ?config.shutdown.grace.0, "shutting down: no new connections, draining in-flight calls");
     draining.store(true, Ordering::Relaxed);

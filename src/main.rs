@@ -141,6 +141,7 @@ fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
 fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Serve { config } => {
+            let config_path = config.clone();
             let config = match load_config(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
@@ -153,7 +154,17 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 let admin = tokio::net::TcpListener::bind(config.admin.listen)
                     .await
                     .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
-                match creditmeter::run(config, proxy, admin, shutdown_signal()).await {
+                let reload = reload_signal();
+                match creditmeter::run_with_reload(
+                    config,
+                    config_path,
+                    proxy,
+                    admin,
+                    shutdown_signal(),
+                    reload,
+                )
+                .await
+                {
                     Ok(()) => Ok(ExitCode::SUCCESS),
                     Err(
                         e @ (creditmeter::RunError::Config(_)
@@ -367,6 +378,30 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// A message per SIGHUP: reload the config file.
+fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP received: reloading the configuration");
+                        // A reload already queued covers this one too.
+                        let _ = tx.try_send(());
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reloads are disabled"),
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Resolves on SIGTERM or SIGINT.

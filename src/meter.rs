@@ -20,7 +20,6 @@ use crate::metrics::Metrics;
 
 /// Shared by every call: where rows and counts go.
 pub struct Meter {
-    pub catalog: Arc<Catalog>,
     pub ledger: LedgerHandle,
     pub metrics: Arc<Metrics>,
     pub durability: Durability,
@@ -82,6 +81,8 @@ pub struct CallContext {
     pub started_at: i64,
     pub method: String,
     pub path: String,
+    /// The catalog the call was classified with; a reload mid-call does not change its price.
+    pub catalog: Arc<Catalog>,
     pub endpoint: crate::catalog::EndpointId,
     pub params: RequestParams,
     pub attribution: Attribution,
@@ -172,7 +173,7 @@ impl CallMeter {
     pub fn inspects_body(&self) -> bool {
         self.ctx
             .as_ref()
-            .is_some_and(|c| self.meter.catalog.endpoint(c.endpoint).inspects_body())
+            .is_some_and(|c| c.catalog.endpoint(c.endpoint).inspects_body())
     }
 
     /// The cap on the kept response copy.
@@ -195,7 +196,7 @@ impl CallMeter {
         if let Some(ctx) = &self.ctx {
             let limits = crate::ratelimit::parse(headers);
             if !limits.is_empty() {
-                let name = self.meter.catalog.endpoint(ctx.endpoint).name();
+                let name = ctx.catalog.endpoint(ctx.endpoint).name();
                 self.meter.metrics.observe_rate_limits(name, &limits);
             }
         }
@@ -212,7 +213,7 @@ impl CallMeter {
     }
 
     fn build(&self, ctx: CallContext, f: Finish) -> CallRecord {
-        let catalog = &self.meter.catalog;
+        let catalog = ctx.catalog.clone();
         let ep = catalog.endpoint(ctx.endpoint);
         let body = f.body.contiguous();
         let pricing = match self.status {

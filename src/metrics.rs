@@ -38,6 +38,7 @@ pub struct Metrics {
     rate_limit: IntGaugeVec,
     rate_limit_remaining: IntGaugeVec,
     label_overflow: IntCounterVec,
+    reloads: IntCounterVec,
     ledger: LedgerMetrics,
     tables: LabelCap,
     workflows: LabelCap,
@@ -161,6 +162,17 @@ impl Metrics {
         }
         on_error.with_label_values(&[on_error_mode.as_str()]).set(1);
         registry.register(Box::new(on_error))?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "creditmeter_config_reloads_total",
+                "SIGHUP reloads, by result (ok, error: the old settings stayed).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(reloads.clone()))?;
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
         // Present from the first scrape, so alerts on them see 0 rather than nothing.
         for label in ["table", "workflow"] {
             label_overflow.with_label_values(&[label]);
@@ -174,10 +186,18 @@ impl Metrics {
             rate_limit,
             rate_limit_remaining,
             label_overflow,
+            reloads,
             ledger,
             tables: LabelCap::new(max_label_values),
             workflows: LabelCap::new(max_label_values),
         })
+    }
+
+    /// Counts a configuration reload.
+    pub fn config_reloaded(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// The handles the ledger writer updates.

@@ -138,6 +138,16 @@ fn serve_exits_0_on_sigterm_with_the_ledger_flushed() {
         s.read_to_string(&mut resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     }
+    // SIGHUP reloads (and must not kill the process, as a default SIGHUP would).
+    Command::new("kill")
+        .args(["-HUP", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        serve.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the server"
+    );
     Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
         .status()
@@ -146,6 +156,7 @@ fn serve_exits_0_on_sigterm_with_the_ledger_flushed() {
     assert_eq!(status.code(), Some(0), "SIGTERM is a clean exit");
     let log = lines.join().unwrap().join("\n");
     assert!(log.contains("ledger flushed"), "{log}");
+    assert!(log.contains("configuration reloaded"), "{log}");
     assert!(
         !log.contains("\u{1b}["),
         "no colour codes when stderr is not a terminal"

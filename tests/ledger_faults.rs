@@ -1,6 +1,11 @@
 //! Ledger faults: the proxy keeps serving (rows spooled and replayed exactly once), or with
 //! `fail_closed` refuses calls with a 503. Every test counts rows: none lost, none doubled.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
 
 mod common;
 

@@ -12,7 +12,7 @@ pub mod tap;
 pub mod upstream;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::attribution::{self, KeyFingerprinter};
-use crate::catalog::RequestParams;
+use crate::catalog::{Catalog, RequestParams};
 use crate::ledger::Outcome;
 use crate::meter::{now_ms, CallContext, CallMeter, Captured, Finish, Meter, RequestIds};
 use tap::{error_chain, DrainSettings, TapBody};
@@ -34,8 +34,18 @@ use upstream::Upstream;
 /// The body type the proxy answers with: a tapped upstream body or a small local one.
 pub type ProxyBody = Either<TapBody, Full<Bytes>>;
 
+/// The request header carrying the proxy access token (stripped like every `x-meter-*`).
+pub const PROXY_TOKEN_HEADER: &str = "x-meter-token";
+
 /// The response header carrying the call's ledger `request_id`.
 pub const REQUEST_ID_HEADER: &str = "x-meter-request-id";
+
+/// The settings a SIGHUP reload may change. Each call takes one snapshot when it starts.
+#[derive(Clone)]
+pub struct ProxySettings {
+    pub catalog: Arc<Catalog>,
+    pub require_table: bool,
+}
 
 /// Everything a call needs, shared by all connections.
 pub struct Proxy {
@@ -43,13 +53,31 @@ pub struct Proxy {
     pub meter: Arc<Meter>,
     pub fingerprints: KeyFingerprinter,
     pub ids: RequestIds,
-    pub require_table: bool,
+    pub settings: RwLock<Arc<ProxySettings>>,
+    /// SHA-256 of `proxy.require_token`'s token: callers must send it in `X-Meter-Token`.
+    pub token_digest: Option<ring::digest::Digest>,
     pub max_request_body: u64,
     pub upstream_timeout: Duration,
     pub drain: DrainSettings,
 }
 
 impl Proxy {
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<ProxySettings> {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in reloaded settings; calls already running keep the ones they started with.
+    pub fn reload(&self, new: ProxySettings) {
+        match self.settings.write() {
+            Ok(mut s) => *s = Arc::new(new),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+        }
+    }
+
     /// Serves one request. Never fails: every problem becomes a JSON error response.
     pub async fn handle(
         self: Arc<Self>,
@@ -60,7 +88,9 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let method = parts.method.clone();
         let path = parts.uri.path().to_owned();
-        let endpoint = self.meter.catalog.classify_id(method.as_str(), &path);
+        let settings = self.settings();
+        let catalog = settings.catalog.clone();
+        let endpoint = catalog.classify_id(method.as_str(), &path);
 
         let reject =
             |status: StatusCode, code: &'static str, message: String, field: Option<&str>| {
@@ -69,6 +99,7 @@ impl Proxy {
                     started_at,
                     method: method.to_string(),
                     path: path.clone(),
+                    catalog: catalog.clone(),
                     endpoint,
                     params: RequestParams::default(),
                     attribution: Default::default(),
@@ -104,20 +135,42 @@ impl Proxy {
             return Ok(self.refuse(ctx, status, code, message, field, None).await);
         }
 
+        // proxy.require_token: only callers holding the token may spend credits through us.
+        if let Some(want) = &self.token_digest {
+            let given = parts
+                .headers
+                .get(PROXY_TOKEN_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            let given = ring::digest::digest(&ring::digest::SHA256, given);
+            if !crate::admin::constant_time_eq(given.as_ref(), want.as_ref()) {
+                let (status, code, message, field, ctx) = reject(
+                    StatusCode::UNAUTHORIZED,
+                    "proxy_token_required",
+                    "this creditmeter requires X-Meter-Token with the proxy access token (proxy.require_token)".into(),
+                    Some("X-Meter-Token"),
+                );
+                return Ok(self.refuse(ctx, status, code, message, field, None).await);
+            }
+        }
+
         // Attribution: read and strip x-meter-*; bad values never reach upstream.
-        let (attribution, query) =
-            match attribution::extract(&mut parts.headers, parts.uri.query(), self.require_table) {
-                Ok(v) => v,
-                Err(e) => {
-                    let (status, code, message, field, ctx) = reject(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_attribution",
-                        e.to_string(),
-                        e.field(),
-                    );
-                    return Ok(self.refuse(ctx, status, code, message, field, None).await);
-                }
-            };
+        let (attribution, query) = match attribution::extract(
+            &mut parts.headers,
+            parts.uri.query(),
+            settings.require_table,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let (status, code, message, field, ctx) = reject(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_attribution",
+                    e.to_string(),
+                    e.field(),
+                );
+                return Ok(self.refuse(ctx, status, code, message, field, None).await);
+            }
+        };
 
         // ledger.on_error = "fail_closed": no credit may be spent while the ledger cannot record it.
         if self.meter.ledger.refuse_new_calls() {
@@ -190,6 +243,7 @@ impl Proxy {
             started_at,
             method: method.to_string(),
             path: path.clone(),
+            catalog,
             endpoint,
             params,
             attribution,
