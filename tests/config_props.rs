@@ -15,6 +15,11 @@ use proptest::prelude::*;
 const EXAMPLE: &str = include_str!("../config/creditmeter.toml");
 
 fn config(cases: u32) -> ProptestConfig {
+    // `PROPTEST_CASES` in the environment asks for a longer run.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
     ProptestConfig {
         cases,
         failure_persistence: None,

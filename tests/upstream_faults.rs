@@ -472,7 +472,11 @@ fn served_row(served: &Served, table: &str) -> Row {
 async fn a_200_mib_body_streams_through_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let up = Scripted::start().await;
-    let served = Served::start(dir.path(), &up.url(), "", &[]);
+    let served = Served::start(
+        dir.path(),
+        &[("upstream.base_url", format!("\"{}\"", up.url()))],
+        &[],
+    );
     let baseline = vm_hwm_kib(served.pid());
 
     // 200 MiB: forwarded whole, never held whole; past the pricing copy's cap
@@ -552,7 +556,11 @@ fn check_big_body_rows(served: &Served, small_mb: usize, big_mb: usize) {
 async fn a_gzip_bomb_is_stopped_at_the_decode_cap() {
     let dir = tempfile::tempdir().unwrap();
     let up = Scripted::start().await;
-    let served = Served::start(dir.path(), &up.url(), "", &[]);
+    let served = Served::start(
+        dir.path(),
+        &[("upstream.base_url", format!("\"{}\"", up.url()))],
+        &[],
+    );
     let baseline = vm_hwm_kib(served.pid());
     // 1 GiB of JSON in about a megabyte of gzip; catalog.max_decoded is 64 MiB by default.
     let mb = 1024;

@@ -16,6 +16,11 @@ use super::{decode_body, Catalog, DecodeError, RequestParams};
 
 /// Cases per property: enough to find the edges, small enough for every `cargo test`.
 fn config(cases: u32) -> ProptestConfig {
+    // `PROPTEST_CASES` in the environment asks for a longer run.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
     ProptestConfig {
         cases,
         failure_persistence: None,

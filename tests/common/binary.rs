@@ -28,20 +28,38 @@ pub struct Served {
 }
 
 impl Served {
-    /// Writes `dir/creditmeter.toml` (listeners, ledger, upstream, then `extra` TOML sections)
-    /// and starts `serve` with `env` set, waiting until `/readyz` says ready.
-    pub fn start(dir: &Path, upstream: &str, extra: &str, env: &[(&str, &str)]) -> Served {
+    /// Writes `dir/creditmeter.toml` (listeners on free ports, `ledger.db` in `dir`, then
+    /// `settings` as `("section.key", "toml value")`) and starts `serve` with `env` set,
+    /// waiting until `/readyz` says ready.
+    pub fn start(dir: &Path, settings: &[(&str, String)], env: &[(&str, &str)]) -> Served {
         let (proxy_port, admin_port) = (free_port(), free_port());
         let ledger = dir.join("ledger.db");
         let cfg = dir.join("creditmeter.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
-                 [upstream]\nbase_url = \"{upstream}\"\n[ledger]\npath = \"ledger.db\"\n{extra}\n"
-            ),
-        )
-        .unwrap();
+        let mut sections: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        sections
+            .entry("proxy")
+            .or_default()
+            .push(format!("listen = \"127.0.0.1:{proxy_port}\""));
+        sections
+            .entry("admin")
+            .or_default()
+            .push(format!("listen = \"127.0.0.1:{admin_port}\""));
+        sections
+            .entry("ledger")
+            .or_default()
+            .push("path = \"ledger.db\"".to_owned());
+        for (key, value) in settings {
+            let (section, name) = key.split_once('.').expect("section.key");
+            sections
+                .entry(section)
+                .or_default()
+                .push(format!("{name} = {value}"));
+        }
+        let text: String = sections
+            .iter()
+            .map(|(section, lines)| format!("[{section}]\n{}\n", lines.join("\n")))
+            .collect();
+        std::fs::write(&cfg, text).unwrap();
         let stderr_log = dir.join("stderr.log");
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--config"])
