@@ -182,10 +182,10 @@ async fn enormous_headers_are_refused_and_nothing_goes_upstream() {
             "{what}: {:?}",
             &text[..text.len().min(200)]
         );
-        println!(
+        report(&format!(
             "{what}: {}",
             text.lines().next().unwrap_or("connection closed")
-        );
+        ));
     }
     assert_eq!(up.hits.load(Ordering::SeqCst), 0);
     // Still serving.
@@ -427,11 +427,11 @@ async fn ten_thousand_table_names_keep_the_metric_series_capped_and_the_ledger_w
             &[("label", "table")]
         ) >= (TABLES - cap) as f64
     );
-    println!(
+    report(&format!(
         "{TABLES} table names in {:.1} s: /metrics is {} KiB with {distinct} table values (cap {cap})",
         took.as_secs_f64(),
         m.len() >> 10
-    );
+    ));
 
     let conn = proxy.ledger();
     let (rows, names, workflows): (i64, i64, i64) = conn
@@ -612,21 +612,22 @@ async fn slowloris_connections_are_closed_and_others_keep_being_served() {
         *slot = (*slot).max(after);
     }
     for (what, after) in &longest {
-        println!(
+        report(&format!(
             "slowloris: {what}: closed after {:.2} s at most",
             after.as_secs_f64()
-        );
+        ));
     }
     let longest = longest.values().max().copied().unwrap_or_default();
-    println!(
+    report(&format!(
         "slowloris: {LORIS} connections closed within {:.2} s (header_read_timeout {:?}); a normal caller's slowest answer meanwhile: {} ms",
         longest.as_secs_f64(),
         timeout,
         worst.as_millis()
-    );
+    ));
     assert!(longest < timeout * 4, "a slow connection lived {longest:?}");
+    // Generous for a loaded CI machine; here it is tens of milliseconds.
     assert!(
-        worst < Duration::from_millis(500),
+        worst < Duration::from_secs(2),
         "a normal call took {worst:?}"
     );
     assert_eq!(
@@ -749,12 +750,12 @@ async fn http2_rapid_reset_is_cut_off_and_the_proxy_stays_responsive() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let hits = attack_hits(&up) - before_hits;
         let rows = attack_rows(&proxy) - before_rows;
-        println!(
+        report(&format!(
             "h2 rapid reset ({}): {sent} streams sent and reset in {:.2} s; connection {ended}; {hits} reached upstream, {rows} ledger rows; slowest normal call meanwhile {} ms",
             if end_stream { "HEADERS with END_STREAM" } else { "HEADERS, body pending" },
             started.elapsed().as_secs_f64(),
             worst.as_millis()
-        );
+        ));
         assert!(sent < STREAMS, "the connection was never cut off ({ended})");
         // GOAWAY with ENHANCE_YOUR_CALM ("excessive load generating behavior").
         assert!(
@@ -788,9 +789,9 @@ async fn http2_rapid_reset_is_cut_off_and_the_proxy_stays_responsive() {
     let (sent, ended) = rapid_reset(proxy.addr, paced, true, Duration::from_millis(2)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let hits = attack_hits(&up) - before_hits;
-    println!(
+    report(&format!(
         "h2 request-then-reset every 2 ms: {sent} of {paced} streams sent; connection {ended}; {hits} reached upstream"
-    );
+    ));
     assert!(hits <= sent);
 
     // The same against a slow upstream (3 s per answer): every cancelled call keeps its
@@ -820,10 +821,10 @@ async fn http2_rapid_reset_is_cut_off_and_the_proxy_stays_responsive() {
     // All arrive long before the first 3 s answer: they are in flight together.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let in_flight = up.hits.load(Ordering::SeqCst) - before_hits;
-    println!(
+    report(&format!(
         "h2 request-then-reset against a 3 s upstream: {in_flight} upstream exchanges in flight at once after {:.2} s from one connection (max_concurrent_streams 256)",
         started.elapsed().as_secs_f64()
-    );
+    ));
     let (status, _, _) = get(&proxy.url("/api/v1/people/match")).await;
     assert_eq!(status, 200, "still serving with those exchanges open");
 

@@ -380,13 +380,13 @@ async fn api_keys_appear_in_nothing_creditmeter_writes() {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    println!(
+    report(&format!(
         "searched {} files ({} KiB: {}) for {} keys",
         all_files.len(),
         written >> 10,
         names.join(", "),
         ALL_KEYS.len()
-    );
+    ));
     assert!(
         names.iter().any(|n| n.ends_with("-wal")),
         "a WAL was captured: {names:?}"

@@ -508,13 +508,13 @@ async fn a_200_mib_body_streams_through_in_bounded_memory() {
     assert_eq!((status, n), (200, huge_len(small_mb) as u64));
     assert!(tail.ends_with(HUGE_TAIL));
     let after_small = vm_hwm_kib(served.pid());
-    println!(
+    report(&format!(
         "200 MiB body: {:.1} s through the proxy; creditmeter VmHWM: {:.1} MiB at start, {:.1} MiB after the 200 MiB body, {:.1} MiB after a {small_mb} MiB body that was priced",
         took.as_secs_f64(),
         mib(baseline),
         mib(after_big),
         mib(after_small)
-    );
+    ));
     check_big_body_rows(&served, small_mb, big_mb);
     // At most 16 MiB of a body is held for pricing, whatever its size.
     assert!(
@@ -545,7 +545,7 @@ fn check_big_body_rows(served: &Served, small_mb: usize, big_mb: usize) {
         "past the pricing cap the body proves nothing: {big:?}"
     );
     let err = big.error.unwrap_or_default();
-    println!("200 MiB body row: error = {err:?}");
+    report(&format!("200 MiB body row: error = {err:?}"));
     assert!(
         err.contains("larger than catalog.max_inspect (16777216 bytes)"),
         "{err}"
@@ -580,19 +580,19 @@ async fn a_gzip_bomb_is_stopped_at_the_decode_cap() {
         "the caller got the compressed bytes untouched"
     );
     let peak = vm_hwm_kib(served.pid());
-    println!(
+    report(&format!(
         "gzip bomb: {:.2} MiB on the wire, {mb} MiB decoded if unchecked; answered in {:.1} s; creditmeter VmHWM {:.1} MiB at start, {:.1} MiB after",
         bomb.len() as f64 / (1 << 20) as f64,
         took.as_secs_f64(),
         mib(baseline),
         mib(peak)
-    );
+    ));
     let r = served_row(&served, "bomb");
     assert_eq!((r.outcome.as_str(), r.status), ("ok", Some(200)));
     assert_eq!((r.credits_milli, r.credit_source.as_str()), (0, "none"));
     assert_eq!(r.response_bytes, bomb.len() as i64);
     let err = r.error.unwrap_or_default();
-    println!("gzip bomb row: error = {err:?}");
+    report(&format!("gzip bomb row: error = {err:?}"));
     assert!(err.contains("decoded body exceeds 64 MiB cap"), "{err}");
     // Decoding stops at the cap (64 MiB + 1 byte), so the peak is about the cap, not 1 GiB.
     assert!(

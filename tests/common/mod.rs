@@ -635,6 +635,13 @@ pub async fn raw_upstream(
     (addr, hits)
 }
 
+/// Prints a figure for the test log straight to stderr, past libtest's output capture, so the
+/// numbers show in CI's output whether or not the test fails.
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// Peak resident memory (`VmHWM`) of process `pid` in KiB, from `/proc/<pid>/status`.
 pub fn vm_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
