@@ -777,9 +777,17 @@ async fn http2_rapid_reset_is_cut_off_and_the_proxy_stays_responsive() {
             worst.as_millis()
         ));
         assert!(sent < STREAMS, "the connection was never cut off ({ended})");
-        // GOAWAY with ENHANCE_YOUR_CALM ("excessive load generating behavior").
+        // GOAWAY with ENHANCE_YOUR_CALM ("excessive load generating behavior"), then the server
+        // closes; a client still writing may see the close (a broken pipe) before the GOAWAY.
         assert!(
-            ended.contains("too_many_resets") || ended.contains("excessive load"),
+            [
+                "too_many_resets",
+                "excessive load",
+                "broken pipe",
+                "reset by peer"
+            ]
+            .iter()
+            .any(|why| ended.contains(why)),
             "{ended}"
         );
         // Streams the server accepted before their reset arrived do go upstream (between 1 and
