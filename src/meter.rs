@@ -96,6 +96,8 @@ pub struct Captured {
     chunks: Vec<Bytes>,
     len: usize,
     truncated: bool,
+    /// The body outgrew the cap (as opposed to being cut short), so nothing was kept.
+    over_cap: bool,
 }
 
 impl Captured {
@@ -106,6 +108,7 @@ impl Captured {
         }
         if self.len + data.len() > cap {
             self.truncated = true;
+            self.over_cap = true;
             self.chunks.clear();
             return;
         }
@@ -242,11 +245,17 @@ impl CallMeter {
                 },
             ),
         };
+        // The copy was dropped at the cap: say so, rather than "incomplete (0 bytes kept)".
+        let note = match pricing.note {
+            Some(_) if f.body.over_cap => Some(format!(
+                "response body is larger than catalog.max_inspect ({} bytes), so it was not kept for pricing",
+                self.meter.max_inspect
+            )),
+            note => note,
+        };
         let error = match (
             f.error,
-            pricing
-                .note
-                .filter(|_| pricing.source != CreditSource::Reported),
+            note.filter(|_| pricing.source != CreditSource::Reported),
         ) {
             (Some(e), Some(n)) if self.status.is_some_and(|s| (200..300).contains(&s)) => {
                 Some(format!("{e}; pricing: {n}"))

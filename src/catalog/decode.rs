@@ -113,13 +113,15 @@ pub fn decode_body<'a>(
 fn inflate(data: &[u8], max_decoded: usize) -> Result<Vec<u8>, DecodeError> {
     match read_capped(ZlibDecoder::new(data), "deflate", max_decoded) {
         Err(DecodeError::Corrupt { source, .. }) => {
-            // Report the zlib error if raw deflate fails too: zlib is what the header promised.
-            read_capped(DeflateDecoder::new(data), "deflate", max_decoded).map_err(|_| {
-                DecodeError::Corrupt {
+            // Report the zlib error if raw deflate is corrupt too: zlib is what the header
+            // promised. A raw stream that outgrows the cap is reported as too large.
+            match read_capped(DeflateDecoder::new(data), "deflate", max_decoded) {
+                Err(DecodeError::Corrupt { .. }) => Err(DecodeError::Corrupt {
                     coding: "deflate",
                     source,
-                }
-            })
+                }),
+                other => other,
+            }
         }
         other => other,
     }
@@ -237,6 +239,17 @@ mod tests {
         assert_eq!(
             err.map(|e| e.to_string()).as_deref(),
             Some("decoded body exceeds 1 MiB cap")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_raw_deflate_bomb_is_reported_as_too_large() -> TestResult {
+        let bomb = raw_deflate(&vec![b' '; 4 << 20])?;
+        let err = decode_body(Some("deflate"), &bomb, 1 << 20).err();
+        assert!(
+            matches!(err, Some(DecodeError::TooLarge { limit }) if limit == 1 << 20),
+            "{err:?}"
         );
         Ok(())
     }

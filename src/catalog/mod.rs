@@ -12,6 +12,8 @@ mod decode;
 mod params;
 mod pattern;
 mod pricing;
+#[cfg(test)]
+mod proptests;
 mod rules;
 mod spec;
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub struct ResponseView<'a> {
     pub content_encoding: Option<&'a str>,
     /// The body bytes as upstream sent them, still encoded.
     pub body: &'a [u8],
-    /// True when the tap's copy hit its cap, so `body` is incomplete.
+    /// True when `body` is incomplete: the tap's copy hit its cap, or the body was cut short.
     pub truncated: bool,
     /// The most bytes decoding may produce (a decompression-bomb guard).
     pub max_decoded: usize,
@@ -181,7 +181,7 @@ pub(super) fn price(ep: &Endpoint, req: &RequestParams, resp: &ResponseView<'_>)
 fn read_json(resp: &ResponseView<'_>) -> Body {
     if resp.truncated {
         return Err(format!(
-            "response body was cut off after {} bytes by the capture cap",
+            "response body is incomplete ({} bytes kept for pricing)",
             resp.body.len()
         ));
     }

@@ -955,7 +955,7 @@ fn truncated_bodies_are_not_priced() -> TestResult {
     assert_eq!(
         p.note,
         Some(format!(
-            "response body was cut off after {} bytes by the capture cap",
+            "response body is incomplete ({} bytes kept for pricing)",
             half.len()
         ))
     );

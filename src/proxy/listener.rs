@@ -24,6 +24,9 @@ use tokio_util::task::TaskTracker;
 
 use super::tap::BoxError;
 
+mod first_bytes;
+use first_bytes::FirstBytes;
+
 /// Why the TLS listener could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -132,9 +135,10 @@ where
         tracker.spawn(async move {
             let run = async {
                 match tls {
-                    None => serve_one(&builder, TokioIo::new(stream), service, watcher).await,
+                    // The first bytes must arrive within the same limit (see `first_bytes`).
+                    None => serve_one(&builder, TokioIo::new(FirstBytes::new(stream, handshake_timeout)), service, watcher).await,
                     Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve_one(&builder, TokioIo::new(tls_stream), service, watcher).await,
+                        Ok(Ok(tls_stream)) => serve_one(&builder, TokioIo::new(FirstBytes::new(tls_stream, handshake_timeout)), service, watcher).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     },

@@ -124,7 +124,8 @@ impl Proxy {
                 "absolute_uri_refused",
                 format!(
                     "request targets another host ({}); creditmeter is not an open proxy: send origin-form paths like /api/v1/people/match",
-                    parts.uri.authority().map(|a| a.as_str()).unwrap_or("")
+                    // The host only: an authority can carry `user:password@` (a credential).
+                    parts.uri.host().unwrap_or("")
                 ),
                 None,
             ))

@@ -30,6 +30,11 @@ pub struct TestPki {
 }
 
 pub fn make_pki(dir: &Path) -> TestPki {
+    make_pki_with(dir, false)
+}
+
+/// Like [`make_pki`], with a leaf that expired years ago when `expired` (the CA stays valid).
+pub fn make_pki_with(dir: &Path, expired: bool) -> TestPki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -49,6 +54,10 @@ pub fn make_pki(dir: &Path) -> TestPki {
     leaf_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "localhost");
+    if expired {
+        leaf_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        leaf_params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
     let pki = TestPki {
         ca_pem: dir.join("ca.pem"),
@@ -272,6 +281,14 @@ pub struct Seen {
 /// - `script=stall`: headers after 3 s;
 /// - `script=blob`: [`blob`] as gzip in 16 KiB frames with a content-length;
 /// - `script=chunked`: [`blob`] as gzip in 16 KiB frames, chunked (no content-length);
+/// - `script=status&code=N`: status N with Apollo's JSON error shape and `retry-after: 1`;
+/// - `script=drip`: a people/match 200 whose 4,000-byte body trickles 100 bytes per 100 ms;
+/// - `script=truncgz`: a complete HTTP message whose gzip body is cut in half;
+/// - `script=malformed`: a 200 whose JSON body stops mid-object;
+/// - `script=shape`: a 200 with `{"person": "yes"}` (a string where an object belongs);
+/// - `script=array`: a 200 whose body is a JSON array of people/match answers;
+/// - `script=huge&mb=N`: a valid people/match 200 padded to N MiB, generated as it streams;
+/// - `script=bomb&mb=N`: gzip whose body decodes to N MiB of valid JSON (see [`gzip_bomb`]);
 /// - anything else: `{"person": {...}}`; every request is recorded in `seen`.
 pub struct Scripted {
     pub addr: SocketAddr,
@@ -348,11 +365,160 @@ pub fn blob() -> Bytes {
     Bytes::from(gz.finish().unwrap())
 }
 
-async fn scripted_response(query: &str) -> http::Response<ScriptBody> {
-    let script = query
+/// The value of `name` in a query string (no decoding: scripts use plain values).
+pub fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
         .split('&')
-        .find_map(|kv| kv.strip_prefix("script="))
-        .unwrap_or("");
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn fixed(
+    status: u16,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> http::Response<ScriptBody> {
+    let mut b = http::Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(BodyExt::boxed(Full::new(body.into()))).unwrap()
+}
+
+/// A body that sends `frames` in order, each after `gap` (none for zero).
+fn paced(frames: Vec<Bytes>, gap: Duration) -> ChannelBody {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        for f in frames {
+            if !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            if tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    ChannelBody(rx)
+}
+
+/// The head of the `huge` script's body; the rest is padding and [`HUGE_TAIL`].
+pub const HUGE_HEAD: &[u8] = br#"{"person": {"id": "p-huge", "name": "Big Body"}, "padding": ""#;
+pub const HUGE_TAIL: &[u8] = b"\"}";
+
+/// Bytes of the `huge` script's body for `mb` MiB.
+pub fn huge_len(mb: usize) -> usize {
+    mb << 20
+}
+
+/// A gzip body that decodes to `mb` MiB of valid people/match JSON: concatenated gzip members
+/// (a JSON head, `mb - 1` members of 1 MiB of spaces inside a string, a tail), so it is about a
+/// kilobyte per decoded MiB on the wire and cheap to build.
+pub fn gzip_bomb(mb: usize) -> Bytes {
+    use std::io::Write;
+    fn member(data: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+    static MIB_OF_SPACES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let spaces = MIB_OF_SPACES.get_or_init(|| member(&vec![b' '; 1 << 20]));
+    let mut out = member(br#"{"person": {"id": "p-bomb"}, "padding": ""#);
+    for _ in 1..mb {
+        out.extend_from_slice(spaces);
+    }
+    out.extend(member(b"\"}"));
+    Bytes::from(out)
+}
+
+async fn scripted_response(query: &str) -> http::Response<ScriptBody> {
+    let script = query_param(query, "script").unwrap_or("");
+    let mb = || {
+        query_param(query, "mb")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+    };
+    let json = [("content-type", "application/json")];
+    match script {
+        "status" => {
+            let code: u16 = query_param(query, "code")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(500);
+            return fixed(
+                code,
+                &[("content-type", "application/json"), ("retry-after", "1")],
+                format!(r#"{{"error": "upstream says {code}", "error_code": "INTERNAL"}}"#),
+            );
+        }
+        "truncgz" => {
+            let full = blob();
+            let cut = full.slice(..full.len() / 2);
+            return fixed(
+                200,
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", "gzip"),
+                ],
+                cut,
+            );
+        }
+        "malformed" => {
+            return fixed(200, &json, &br#"{"person": {"id": "p1", "name": "#[..]);
+        }
+        "shape" => return fixed(200, &json, &br#"{"person": "yes"}"#[..]),
+        "array" => {
+            return fixed(
+                200,
+                &json,
+                &br#"[{"person": {"id": "p1"}}, {"person": {"id": "p2"}}]"#[..],
+            )
+        }
+        "drip" => {
+            let mut body = br#"{"person": {"id": "p-drip", "padding": ""#.to_vec();
+            body.resize(3998, b'.');
+            body.extend_from_slice(b"\"}");
+            let frames = body.chunks(100).map(Bytes::copy_from_slice).collect();
+            return http::Response::builder()
+                .header("content-type", "application/json")
+                .header("content-length", 4000)
+                .body(BodyExt::boxed(paced(frames, Duration::from_millis(100))))
+                .unwrap();
+        }
+        "huge" => {
+            // Generated while it streams: the same shared 64 KiB of padding in every frame.
+            let total = huge_len(mb());
+            let pad = Bytes::from(vec![b'x'; 64 << 10]);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                let mut left = total - HUGE_HEAD.len() - HUGE_TAIL.len();
+                if tx.send(Bytes::from_static(HUGE_HEAD)).await.is_err() {
+                    return;
+                }
+                while left > 0 {
+                    let n = left.min(pad.len());
+                    if tx.send(pad.slice(..n)).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = tx.send(Bytes::from_static(HUGE_TAIL)).await;
+            });
+            return http::Response::builder()
+                .header("content-type", "application/json")
+                .header("content-length", total)
+                .body(BodyExt::boxed(ChannelBody(rx)))
+                .unwrap();
+        }
+        "bomb" => {
+            let bomb = gzip_bomb(mb());
+            let frames = bomb.chunks(16 << 10).map(|c| bomb.slice_ref(c)).collect();
+            return http::Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .header("content-length", bomb.len())
+                .body(BodyExt::boxed(paced(frames, Duration::ZERO)))
+                .unwrap();
+        }
+        _ => {}
+    }
     if script == "stall" {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -430,3 +596,110 @@ pub fn ledger_by_table(conn: &rusqlite::Connection) -> BTreeMap<String, i64> {
         .map(Result::unwrap)
         .collect()
 }
+
+/// A raw TCP upstream for faults a well-behaved server never produces: for each connection it
+/// reads the request head, writes `reply` verbatim, waits `linger`, then resets the connection
+/// (RST, via SO_LINGER 0) when `reset`, or closes it cleanly. Counts connections.
+pub async fn raw_upstream(
+    reply: &'static [u8],
+    linger: Duration,
+    reset: bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let hits2 = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            hits2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(reply).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(linger).await;
+                if reset {
+                    let _ = s.set_zero_linger();
+                }
+                drop(s);
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// Prints a figure for the test log straight to stderr, past libtest's output capture, so the
+/// numbers show in CI's output whether or not the test fails.
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Peak resident memory (`VmHWM`) of process `pid` in KiB, from `/proc/<pid>/status`.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// One row of `calls`, the columns fault tests look at.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub outcome: String,
+    pub status: Option<i64>,
+    pub credits_milli: i64,
+    pub credit_source: String,
+    pub error: Option<String>,
+    pub response_bytes: i64,
+    pub table_name: Option<String>,
+}
+
+/// Every row of `calls` matching `where_sql`, oldest first.
+pub fn rows(conn: &rusqlite::Connection, where_sql: &str) -> Vec<Row> {
+    let sql = format!(
+        "SELECT outcome, status, credits_milli, credit_source, error, response_bytes, table_name \
+         FROM calls WHERE {where_sql} ORDER BY started_at, request_id"
+    );
+    let mut stmt = conn.prepare(&sql).unwrap();
+    stmt.query_map([], |r| {
+        Ok(Row {
+            outcome: r.get(0)?,
+            status: r.get(1)?,
+            credits_milli: r.get(2)?,
+            credit_source: r.get(3)?,
+            error: r.get(4)?,
+            response_bytes: r.get(5)?,
+            table_name: r.get(6)?,
+        })
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// Waits (up to 10 s) until `where_sql` matches `n` rows, then returns them.
+pub async fn wait_rows(conn: &rusqlite::Connection, where_sql: &str, n: usize) -> Vec<Row> {
+    for _ in 0..200 {
+        let found = rows(conn, where_sql);
+        if found.len() >= n {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "fewer than {n} rows match {where_sql}: {:?}",
+        rows(conn, where_sql)
+    );
+}
+
+pub mod binary;
