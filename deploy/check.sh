@@ -315,7 +315,7 @@ else
 fi
 
 if have shellcheck; then
-    run "shellcheck" shellcheck "$D/check.sh" "$D/k8s/gen-prometheusrule.sh"
+    run "shellcheck" shellcheck "$D/check.sh" "$D/live-check.sh" "$D/k8s/gen-prometheusrule.sh"
 else
     skip "shellcheck" "no shellcheck"
 fi

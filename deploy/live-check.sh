@@ -24,7 +24,7 @@
 # before Prometheus starts: "this Prometheus has watched a quiet account for
 # 6h". Everything after that is live: the recording rules, the alert and its
 # `for:`. About 7 minutes. --live-baseline backfills nothing and instead runs
-# an 8-minute quiet phase so the baseline is learned live (about 15 minutes).
+# a 9-minute quiet phase so the baseline is learned live (about 15 minutes).
 #
 # Needs python3, promtool and prometheus (Debian: apt-get install prometheus).
 # Uses target/release/creditmeter (CREDITMETER_BIN to override; built with
@@ -33,6 +33,9 @@
 # Last line: "live checks: N passed, N failed"; exit 1 on any failure.
 set -uo pipefail
 
+# The whole script is one compound command, so bash has parsed all of it
+# before it starts: editing this file during a run cannot derail the run.
+{
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 D=$ROOT/deploy
@@ -74,7 +77,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 say "prometheus: $(prometheus --version 2>&1 | head -n 1)"
 
-BIN=${CREDITMETER_BIN:-$ROOT/target/release/creditmeter}
+BIN=${CREDITMETER_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/creditmeter}
 if [ ! -x "$BIN" ] && [ -z "${CREDITMETER_BIN:-}" ] && command -v cargo >/dev/null 2>&1; then
     say "building $BIN (cargo build --release)"
     cargo build --release --quiet || true
@@ -90,7 +93,7 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/creditmeter-live.XXXXXX")
 pids=()
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
-    local pid i
+    local pid
     for pid in "${pids[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -108,7 +111,29 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'fail "interrupted by a signal"; echo "live checks: $passed passed, $failed failed"; exit 130' INT TERM
+
+drop_pid() {
+    local pid keep=()
+    for pid in "${pids[@]}"; do
+        [ "$pid" = "$1" ] || keep+=("$pid")
+    done
+    pids=("${keep[@]}")
+}
+
+# waited CMD...: run CMD as a child and wait for it, setting rc. Bash runs a
+# trap only after a foreground command ends; `wait` is interrupted at once,
+# so a SIGTERM (CI timeout) cleans up now rather than minutes later. A reaped
+# PID leaves the cleanup list, so cleanup never signals a reused PID.
+waited() {
+    "$@" &
+    local pid=$!
+    pids+=("$pid")
+    wait "$pid"
+    rc=$?
+    drop_pid "$pid"
+    return "$rc"
+}
 
 show_logs() {
     local f
@@ -191,8 +216,8 @@ if [ "$mode" = backfill ]; then
     run_args=(--backfill-rate "$BASELINE" --quiet 60 --ambient-period 1 --burst-timeout 420)
 else
     # Without history the baseline is the average of the run so far, burst
-    # included: ~0.5 credits/s for 8 minutes keeps it low enough.
-    run_args=(--quiet 480 --ambient-period 2 --burst-timeout 480)
+    # included: ~0.5 credits/s for 9 minutes keeps it low enough.
+    run_args=(--quiet 540 --ambient-period 2 --burst-timeout 480)
 fi
 
 cat >"$tmp/prometheus.yml" <<EOF
@@ -229,7 +254,7 @@ fi
 
 # ---------------------------------------------------------------- workload and assertions
 say "driving the workload ($mode baseline)"
-python3 -u "$LIVE" run --prom "$PROM" --proxy "$PROXY" --admin "$ADMIN" --sim "$SIM" \
+waited python3 -u "$LIVE" run --prom "$PROM" --proxy "$PROXY" --admin "$ADMIN" --sim "$SIM" \
     --ledger "$tmp/ledger.db" --rules "$rules" --counts "$tmp/counts" \
     --rate-limit-minute "$RATE_LIMIT_MINUTE" "${run_args[@]}"
 if [ -s "$tmp/counts" ]; then
@@ -245,19 +270,14 @@ ledger_sums() {
     python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*), coalesce(sum(credits_milli), 0) from calls").fetchone())' "$tmp/ledger.db" 2>&1
 }
 # stop_cm: SIGTERM creditmeter, wait up to 45s (its drain is 30s); sets rc.
-# A reaped PID leaves the cleanup list, so cleanup never signals a reused PID.
 stop_cm() {
-    local pid keep=()
     kill -TERM "$cm_pid" 2>/dev/null
     rc=timeout
     for _ in $(seq 1 450); do
         if ! kill -0 "$cm_pid" 2>/dev/null; then
             wait "$cm_pid"
             rc=$?
-            for pid in "${pids[@]}"; do
-                [ "$pid" = "$cm_pid" ] || keep+=("$pid")
-            done
-            pids=("${keep[@]}")
+            drop_pid "$cm_pid"
             return
         fi
         sleep 0.1
@@ -275,13 +295,13 @@ else
 fi
 
 say "restarting creditmeter on the same ledger"
-restart_at=$(date +%s)
+restart_at=$(date +%s.%N)
 "$BIN" serve --config "$tmp/creditmeter.toml" >>"$tmp/creditmeter.log" 2>&1 &
 pids+=("$!")
 cm_pid=$!
 if wait_http creditmeter "$ADMIN/readyz" 30 "$cm_pid"; then
     rm -f "$tmp/counts"
-    python3 -u "$LIVE" after-restart --prom "$PROM" --ledger "$tmp/ledger.db" --since "$restart_at" --counts "$tmp/counts"
+    waited python3 -u "$LIVE" after-restart --prom "$PROM" --ledger "$tmp/ledger.db" --since "$restart_at" --counts "$tmp/counts"
     if [ -s "$tmp/counts" ]; then
         read -r p f <"$tmp/counts"
         passed=$((passed + p))
@@ -301,3 +321,4 @@ fi
 
 [ "$failed" -eq 0 ] || show_logs
 finish
+}

@@ -244,9 +244,9 @@ class Traffic:
     def ambient_step(self, i):
         """A steady mix: several tables and workflows, every credit-bearing
         endpoint kind, a free one, query-parameter attribution, and an
-        unattributed caller. About 1 credit per step."""
-        kind = i % 7
-        n = i // 7
+        unattributed caller; all three credit types. About 1 credit per step."""
+        kind = i % 8
+        n = i // 8
         if kind == 0:
             self.call("POST", "/api/v1/people/match", key="key-leads", table="Leads", workflow="enrich-inbound",
                       body={"email": f"inbound{n}@example.com"})
@@ -268,9 +268,13 @@ class Traffic:
             # No table at all: counted as _unattributed.
             self.call("POST", "/api/v1/people/match", key="key-adhoc", workflow="adhoc-script",
                       body={"email": f"adhoc{n}@example.com"})
-        else:
+        elif kind == 6:
             self.call("POST", "/api/v1/people/bulk_match", key="key-leads", table="Leads", workflow="enrich-batch",
                       body={"details": [{"email": f"batch{n}-{j}@example.com"} for j in range(5)]})
+        else:
+            # The legacy people search: export credits.
+            self.call("POST", "/api/v1/mixed_people/search", key="key-prospects", table="Prospects",
+                      workflow="list-build", body={"person_titles": ["vp sales"], "page": n % 5 + 1})
 
     def burst_step(self, i):
         """The expensive mistake: bulk match with phone reveal, 10 people a call
@@ -533,11 +537,10 @@ class Run:
         log(f"end of quiet phase: rate5m={rate} baseline={base} credits/s")
         c.check(samples >= 3 and not active, f"{SPIKE} neither pending nor firing during the quiet phase",
                 f"{samples} samples" + (f"; active: {active[:3]}" if active else ""))
-        if a.backfill_rate is not None:
-            # Above the 0.05/s floor, so only the baseline comparison keeps it quiet.
-            c.check(rate is not None and base is not None and 0.05 < rate < 4 * base,
-                    "quiet burn is above the 0.05 credits/s floor and below 4x baseline",
-                    f"rate5m={rate} baseline={base}")
+        # Above the 0.05/s floor, so only the baseline comparison keeps it quiet.
+        c.check(rate is not None and base is not None and 0.05 < rate < 4 * base,
+                "quiet burn is above the 0.05 credits/s floor and below 4x baseline",
+                f"rate5m={rate} baseline={base}")
         self.checkpoint("after quiet phase")
 
         # ---------------- burst
