@@ -241,7 +241,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     if r.api_key().is_some() {
                         "set"
                     } else {
-                        "NOT SET: the poller will idle"
+                        "NOT SET: polls will fail with no_key"
                     }
                 );
             } else {

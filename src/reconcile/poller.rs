@@ -281,7 +281,15 @@ impl Poller {
     /// Stores the snapshot (if any) and settles what has become final, off the async threads.
     async fn settle(&self, snapshot: Option<Polled>) {
         let path = self.ledger_path.clone();
-        let settings = self.settings;
+        let mut settings = self.settings;
+        if !self.meter.ledger.is_healthy() {
+            // The last commit of calls failed: the ledger may be missing rows, and settling now
+            // would turn them into drift. Store the snapshot; settle once commits succeed again.
+            tracing::warn!(
+                "reconcile: the ledger writer is failing; windows wait until it recovers"
+            );
+            settings.settle_ms = i64::MAX / 4;
+        }
         let done = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Reconciled>> {
             let mut conn = store::open(&path)?;
             if let Some(p) = snapshot {
