@@ -444,7 +444,7 @@ async fn an_under_priced_catalog_rule_is_named_with_its_ratio_next_to_outside_sp
     std::fs::write(&catalog, skewed).unwrap();
 
     let sim = sim().await;
-    let mut cfg = config(&sim.url(false), "400ms");
+    let mut cfg = config(&sim.url(false), "800ms");
     cfg.catalog.path = Some(catalog);
     let proxy = Proxy::start(cfg, dir.path()).await;
     next_snapshot(&proxy).await;
