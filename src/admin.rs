@@ -33,6 +33,8 @@ pub struct Admin {
     /// SHA-256 of the admin token, when one is configured.
     pub token_digest: Option<ring::digest::Digest>,
     pub protect_metrics: bool,
+    /// What the reconciliation poller last did (`GET /api/reconcile`).
+    pub reconcile: Arc<crate::reconcile::PollerStatus>,
 }
 
 /// The admin listener's response type.
@@ -143,9 +145,63 @@ impl Admin {
                     "draining": self.draining.load(Ordering::Relaxed),
                 }),
             ),
+            (Method::GET, "/api/reconcile") => self.reconcile(req.uri().query()).await,
             (_, path) => json_response(
                 StatusCode::NOT_FOUND,
                 &json!({"error": "not_found", "message": format!("no admin API route {} {path}", req.method())}),
+            ),
+        }
+    }
+}
+
+impl Admin {
+    /// `GET /api/reconcile[?since=…&until=…]`: what `creditmeter report --reconcile --format json`
+    /// prints (default: the last 7 days), plus the poller's status under `poller`.
+    async fn reconcile(&self, query: Option<&str>) -> AdminResponse {
+        let now = crate::meter::now_ms();
+        let mut since = now - 7 * 86_400_000;
+        let mut until = crate::report::default_until();
+        for (k, v) in query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+        {
+            let target = match k {
+                "since" => &mut since,
+                "until" => &mut until,
+                _ => continue,
+            };
+            let v = String::from_utf8_lossy(&crate::catalog::percent_decode_bytes(v)).into_owned();
+            match crate::report::parse_time(&v, now) {
+                Ok(t) => *target = t,
+                Err(e) => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"error": "invalid_time", "message": format!("{k}: {e}")}),
+                    )
+                }
+            }
+        }
+        let path = self.ledger_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let conn = crate::ledger::open_for_read(&path)?;
+            crate::reconcile::answer::load(&conn, since, until)
+                .map_err(crate::ledger::LedgerError::from)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(answer)) => {
+                let mut body = answer.to_json();
+                body["poller"] = self.reconcile.to_json();
+                json_response(StatusCode::OK, &body)
+            }
+            Ok(Err(e)) => json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"error": "ledger", "message": e.to_string()}),
+            ),
+            Err(e) => json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"error": "internal", "message": e.to_string()}),
             ),
         }
     }

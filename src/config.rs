@@ -44,6 +44,14 @@ pub const DEFAULT_BATCH_MAX: usize = 1024;
 pub const DEFAULT_MAX_LABEL_VALUES: usize = 500;
 /// How long shutdown waits for in-flight calls.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often the reconciliation poller reads Apollo's credit balance.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(300);
+/// The environment variable holding the Apollo master key the poller uses.
+pub const DEFAULT_RECONCILE_API_KEY_ENV: &str = "APOLLO_MASTER_API_KEY";
+/// How long Apollo's balance may take to show a call it billed ("within seconds").
+pub const DEFAULT_RECONCILE_BALANCE_LAG: Duration = Duration::from_secs(10);
+/// The shortest poll interval accepted (tests use 200ms; Apollo would rate-limit far sooner).
+pub const MIN_RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +85,7 @@ pub struct Config {
     pub attribution: AttributionConfig,
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
+    pub reconcile: ReconcileConfig,
 }
 
 /// `[proxy]`: the listener callers point their Apollo base URL at.
@@ -351,6 +360,77 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[reconcile]`: poll Apollo's credit balance and set it against the ledger, to catch credits
+/// spent outside creditmeter (see `reconcile`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// `reconcile.enabled`, default false. It needs a master key (`api_key_env`).
+    pub enabled: bool,
+    /// `reconcile.interval`, default 5m: time between two balance snapshots, i.e. the width of a
+    /// reconciliation window.
+    pub interval: HumanDuration,
+    /// `reconcile.api_key_env`, default `APOLLO_MASTER_API_KEY`: the environment variable holding
+    /// an Apollo master key (`usage_stats` refuses other keys). Read from the environment so it
+    /// never sits in a config file; it is never logged or stored (the ledger keeps its `key_fp`).
+    pub api_key_env: String,
+    /// `reconcile.balance_lag`, default 10s: how long after a billed call Apollo's balance may
+    /// still not show it. Calls that finished within this time before a snapshot are "at the
+    /// edge": either side of it may hold them. Must be shorter than `interval`.
+    pub balance_lag: HumanDuration,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: HumanDuration(DEFAULT_RECONCILE_INTERVAL),
+            api_key_env: DEFAULT_RECONCILE_API_KEY_ENV.to_owned(),
+            balance_lag: HumanDuration(DEFAULT_RECONCILE_BALANCE_LAG),
+        }
+    }
+}
+
+impl ReconcileConfig {
+    /// The master key from the environment, if set and non-empty.
+    pub fn api_key(&self) -> Option<String> {
+        std::env::var(&self.api_key_env)
+            .ok()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.interval.0 < MIN_RECONCILE_INTERVAL {
+            return Err(invalid(
+                "reconcile.interval",
+                format!(
+                    "{} is too short: poll at most every 100ms (the default, \"5m\", suits Apollo)",
+                    self.interval
+                ),
+            ));
+        }
+        if self.balance_lag.0 >= self.interval.0 {
+            return Err(invalid(
+                "reconcile.balance_lag",
+                format!(
+                    "{} must be shorter than reconcile.interval ({}): otherwise every call is at a window's edge and no window can be settled",
+                    self.balance_lag, self.interval
+                ),
+            ));
+        }
+        let env = self.api_key_env.trim();
+        if self.enabled && (env.is_empty() || env.contains(|c: char| c == '=' || c.is_whitespace()))
+        {
+            return Err(invalid(
+                "reconcile.api_key_env",
+                "must name the environment variable holding an Apollo master key, e.g. \"APOLLO_MASTER_API_KEY\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads and validates a config file; `None` gives the defaults.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -450,6 +530,7 @@ impl Config {
                 "must be above zero, e.g. \"10MiB\"",
             ));
         }
+        self.reconcile.validate()?;
         Ok(())
     }
 
@@ -695,6 +776,57 @@ mod tests {
             .contains("admin.listen"));
         let c = Config::from_toml("[ledger]\ndurability = \"sometimes\"\n");
         assert!(c.unwrap_err().to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn reconcile_defaults_and_short_intervals() {
+        let c = Config::load(None).unwrap();
+        assert!(!c.reconcile.enabled);
+        assert_eq!(c.reconcile.interval.0, DEFAULT_RECONCILE_INTERVAL);
+        assert_eq!(c.reconcile.api_key_env, "APOLLO_MASTER_API_KEY");
+        assert_eq!(c.reconcile.balance_lag.0, DEFAULT_RECONCILE_BALANCE_LAG);
+        let c = Config::from_toml(
+            "[reconcile]\nenabled = true\ninterval = \"200ms\"\nbalance_lag = \"0s\"\napi_key_env = \"K\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.reconcile.interval.0, Duration::from_millis(200));
+        assert!(c.reconcile.balance_lag.0.is_zero());
+    }
+
+    #[test]
+    fn reconcile_rejections_say_how_to_fix() {
+        let err = |toml: &str| {
+            Config::from_toml(toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[reconcile]\ninterval = \"10ms\"\nbalance_lag = \"0s\"\n");
+        assert!(
+            e.contains("reconcile.interval") && e.contains("100ms"),
+            "{e}"
+        );
+        // The default lag (10s) is not shorter than a 5s interval.
+        let e = err("[reconcile]\ninterval = \"5s\"\n");
+        assert!(
+            e.contains("reconcile.balance_lag") && e.contains("shorter"),
+            "{e}"
+        );
+        let e = err("[reconcile]\nenabled = true\napi_key_env = \"\"\n");
+        assert!(e.contains("reconcile.api_key_env"), "{e}");
+        let e = err("[reconcile]\nenabled = true\napi_key_env = \"sk-live-abc=def\"\n");
+        assert!(e.contains("reconcile.api_key_env"), "{e}");
+        // Disabled, an empty variable name is harmless.
+        Config::from_toml("[reconcile]\napi_key_env = \"\"\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let e = Config::from_toml("[reconcile]\nenable = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("enable") && e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod meter;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reconcile;
 pub mod report;
 pub mod sim;
 
@@ -100,6 +101,26 @@ pub fn load_catalog(config: &Config) -> Result<Catalog, catalog::CatalogError> {
     }
 }
 
+/// Starts the reconciliation metrics from the ledger: unmetered totals so far and the last
+/// balance seen, so a restart neither loses increments nor shows an empty balance.
+fn seed_reconcile_metrics(
+    config: &Config,
+    conn: &rusqlite::Connection,
+    metrics: &Metrics,
+) -> rusqlite::Result<()> {
+    if config.reconcile.enabled {
+        let types = reconcile::CreditType::ALL.map(reconcile::CreditType::as_str);
+        metrics.init_reconcile(&types, &reconcile::poller::POLL_RESULTS);
+    }
+    for (t, milli) in reconcile::store::unmetered_totals(conn)? {
+        metrics.add_unmetered(t.as_str(), milli);
+    }
+    for (t, consumed, left) in reconcile::store::latest_balances(conn)? {
+        metrics.observe_balance(t.as_str(), consumed, left);
+    }
+    Ok(())
+}
+
 /// Runs the proxy and admin listeners until `shutdown` resolves, then drains: stop accepting,
 /// let in-flight calls finish within `shutdown.grace`, flush the ledger, return.
 pub async fn run(
@@ -149,6 +170,7 @@ pub async fn run_with_reload(
         config.ledger.on_error,
     )?);
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
+    seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::from)?;
     let (writer, ledger_handle) = LedgerWriter::spawn(
         conn,
         ledger::WriterConfig {
@@ -179,15 +201,45 @@ pub async fn run_with_reload(
         max_inspect: usize::try_from(config.catalog.max_inspect.0).unwrap_or(usize::MAX),
         max_decoded: usize::try_from(config.catalog.max_decoded.0).unwrap_or(usize::MAX),
     });
+    let proxy_settings = Arc::new(proxy::SettingsCell::new(proxy::ProxySettings {
+        catalog: catalog.clone(),
+        require_table: config.attribution.require_table,
+    }));
+    let reconcile_key = config
+        .reconcile
+        .enabled
+        .then(|| config.reconcile.api_key())
+        .flatten();
+    let reconcile_status = Arc::new(reconcile::PollerStatus::new(
+        config.reconcile.enabled,
+        config.reconcile.interval.0,
+        &config.reconcile.api_key_env,
+        reconcile_key.is_some(),
+    ));
+    let poller = config.reconcile.enabled.then(|| reconcile::Poller {
+        upstream: upstream.clone(),
+        meter: meter.clone(),
+        proxy_settings: proxy_settings.clone(),
+        fingerprints: attribution::KeyFingerprinter::new(&secret),
+        ids: meter::RequestIds::new(),
+        metrics: metrics.clone(),
+        ledger_path: config.ledger.path.clone(),
+        api_key: reconcile_key,
+        api_key_env: config.reconcile.api_key_env.clone(),
+        interval: config.reconcile.interval.0,
+        timeout: config.upstream.timeout.0,
+        settings: reconcile::poller::settings(
+            config.reconcile.balance_lag.0,
+            config.upstream.timeout.0,
+        ),
+        status: reconcile_status.clone(),
+    });
     let proxy = Arc::new(Proxy {
         upstream,
         meter,
         fingerprints: attribution::KeyFingerprinter::new(&secret),
         ids: meter::RequestIds::new(),
-        settings: std::sync::RwLock::new(Arc::new(proxy::ProxySettings {
-            catalog: catalog.clone(),
-            require_table: config.attribution.require_table,
-        })),
+        settings: proxy_settings.clone(),
         token_digest: proxy_token
             .as_deref()
             .map(|t| ring::digest::digest(&ring::digest::SHA256, t.as_bytes())),
@@ -209,6 +261,7 @@ pub async fn run_with_reload(
         catalog_version: catalog.version().to_owned(),
         token_digest: admin::Admin::digest_token(admin_token.as_deref()),
         protect_metrics: config.admin.protect_metrics,
+        reconcile: reconcile_status,
     });
     drop(ledger_handle);
 
@@ -244,6 +297,11 @@ pub async fn run_with_reload(
             config.proxy.header_read_timeout.0,
         ))
     };
+    // The balance poller: its own task, stopped with the proxy; it can fail without touching
+    // a single proxied call.
+    if let Some(poller) = poller {
+        tracker.spawn(poller.run(stop.clone(), hard_stop.clone()));
+    }
     let admin_stop = CancellationToken::new();
     let admin_hard = CancellationToken::new();
     let admin_tracker = TaskTracker::new();

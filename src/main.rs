@@ -60,6 +60,11 @@ enum Command {
         top: Option<usize>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Instead of spend: the windows in which Apollo's credit balance fell by more than
+        /// creditmeter saw, and whether that looks like traffic outside the proxy or a catalog
+        /// error (needs [reconcile] enabled while serving). Honours --since, --until, --format.
+        #[arg(long)]
+        reconcile: bool,
     },
     /// A deterministic stand-in for the Apollo API (tests, benchmarks, demos).
     SimApollo {
@@ -237,6 +242,22 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 "  attribution.require_table {}",
                 config.attribution.require_table
             );
+            let r = &config.reconcile;
+            if r.enabled {
+                println!(
+                    "  reconcile               every {} (balance_lag {}), master key from ${} ({})",
+                    r.interval,
+                    r.balance_lag,
+                    r.api_key_env,
+                    if r.api_key().is_some() {
+                        "set"
+                    } else {
+                        "NOT SET: polls will fail with no_key"
+                    }
+                );
+            } else {
+                println!("  reconcile               off");
+            }
             println!(
                 "catalog: {} ({})",
                 catalog.version(),
@@ -261,6 +282,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             by,
             top,
             format,
+            reconcile,
         } => {
             let db = match (db, config) {
                 (Some(db), _) => db,
@@ -279,6 +301,27 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             };
             let window = parse(since, 0, "since")
                 .and_then(|s| Ok((s, parse(until, report::default_until(), "until")?)));
+            if reconcile {
+                let (since_ms, until_ms) = match window {
+                    Ok(w) => w,
+                    Err(e) => {
+                        eprintln!("creditmeter: {e}");
+                        return Ok(ExitCode::from(EX_USAGE));
+                    }
+                };
+                print!(
+                    "{}",
+                    creditmeter::reconcile::answer::report(
+                        &creditmeter::reconcile::answer::Request {
+                            db,
+                            since_ms,
+                            until_ms,
+                            format,
+                        }
+                    )?
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let by = GroupBy::parse(&by).map_err(|e| format!("--by: {e}"));
             let (since_ms, until_ms, by) = match (window, by) {
                 (Ok((s, u)), Ok(by)) => (s, u, by),

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::sync::RwLock;
 
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::ledger::queries::SeedTotals;
@@ -28,6 +28,21 @@ pub const OVERFLOW: &str = "_other";
 #[error("metrics registry: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
 
+/// Reconciliation's metrics (`credit_type` is `lead`, `direct_dial` or `export`).
+struct ReconcileMetrics {
+    /// `creditmeter_apollo_credits_consumed`: Apollo's consumed figure this cycle, last poll.
+    consumed: GaugeVec,
+    /// `creditmeter_apollo_credits_left`: Apollo's left-over figure this cycle, last poll.
+    left: GaugeVec,
+    /// `creditmeter_unmetered_credits_total`: credits Apollo's balance lost that creditmeter did
+    /// not see, summed over settled windows.
+    unmetered: CounterVec,
+    /// `creditmeter_reconcile_polls_total{result}`: balance polls by result.
+    polls: IntCounterVec,
+    /// `creditmeter_reconcile_last_success_timestamp_seconds`.
+    last_success: Gauge,
+}
+
 /// Every metric creditmeter exports.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +55,7 @@ pub struct Metrics {
     label_overflow: IntCounterVec,
     reloads: IntCounterVec,
     ledger: LedgerMetrics,
+    reconcile: ReconcileMetrics,
     tables: LabelCap,
     workflows: LabelCap,
 }
@@ -134,6 +150,40 @@ impl Metrics {
             ),
             &["mode"],
         )?;
+        let reconcile = ReconcileMetrics {
+            consumed: GaugeVec::new(
+                Opts::new(
+                    "creditmeter_apollo_credits_consumed",
+                    "Credits consumed this credit cycle, as Apollo's usage_stats last reported.",
+                ),
+                &["credit_type"],
+            )?,
+            left: GaugeVec::new(
+                Opts::new(
+                    "creditmeter_apollo_credits_left",
+                    "Credits left this credit cycle, as Apollo's usage_stats last reported.",
+                ),
+                &["credit_type"],
+            )?,
+            unmetered: CounterVec::new(
+                Opts::new(
+                    "creditmeter_unmetered_credits_total",
+                    "Credits Apollo's balance lost beyond what creditmeter metered (reconciled windows).",
+                ),
+                &["credit_type"],
+            )?,
+            polls: IntCounterVec::new(
+                Opts::new(
+                    "creditmeter_reconcile_polls_total",
+                    "Apollo balance polls, by result (ok, forbidden, rate_limited, timeout, ...).",
+                ),
+                &["result"],
+            )?,
+            last_success: Gauge::new(
+                "creditmeter_reconcile_last_success_timestamp_seconds",
+                "Unix time of the last successful Apollo balance poll.",
+            )?,
+        };
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "creditmeter_build_info",
@@ -156,6 +206,11 @@ impl Metrics {
             Box::new(ledger.commit_seconds.clone()),
             Box::new(ledger.errors.clone()),
             Box::new(ledger.spooled.clone()),
+            Box::new(reconcile.consumed.clone()),
+            Box::new(reconcile.left.clone()),
+            Box::new(reconcile.unmetered.clone()),
+            Box::new(reconcile.polls.clone()),
+            Box::new(reconcile.last_success.clone()),
             Box::new(build_info),
         ] {
             registry.register(c)?;
@@ -188,6 +243,7 @@ impl Metrics {
             label_overflow,
             reloads,
             ledger,
+            reconcile,
             tables: LabelCap::new(max_label_values),
             workflows: LabelCap::new(max_label_values),
         })
@@ -340,6 +396,54 @@ impl Metrics {
         }
     }
 
+    /// Makes the reconciliation series present from the first scrape (at 0), so alerts on
+    /// them see 0 rather than nothing. Called when `[reconcile]` is enabled.
+    pub fn init_reconcile(&self, credit_types: &[&str], results: &[&str]) {
+        for t in credit_types {
+            self.reconcile.unmetered.with_label_values(&[t]);
+        }
+        for r in results {
+            self.reconcile.polls.with_label_values(&[r]);
+        }
+    }
+
+    /// Sets the Apollo balance gauges for one credit type (thousandths of a credit).
+    pub fn observe_balance(&self, credit_type: &str, consumed_milli: i64, left_milli: Option<i64>) {
+        self.reconcile
+            .consumed
+            .with_label_values(&[credit_type])
+            .set(consumed_milli as f64 / 1000.0);
+        if let Some(left) = left_milli {
+            self.reconcile
+                .left
+                .with_label_values(&[credit_type])
+                .set(left as f64 / 1000.0);
+        }
+    }
+
+    /// Adds unmetered credits (thousandths) found in a settled window, or seeds the counter from
+    /// the ledger's total at start-up.
+    pub fn add_unmetered(&self, credit_type: &str, milli: i64) {
+        if milli > 0 {
+            self.reconcile
+                .unmetered
+                .with_label_values(&[credit_type])
+                .inc_by(milli as f64 / 1000.0);
+        }
+    }
+
+    /// Counts one balance poll by its result; `ok` also stamps the last-success gauge.
+    pub fn observe_reconcile_poll(&self, result: &str) {
+        self.reconcile.polls.with_label_values(&[result]).inc();
+        if result == "ok" {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.reconcile.last_success.set(now);
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(16 * 1024);
@@ -400,6 +504,31 @@ impl LabelCap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_series_are_exported_in_credits() {
+        let m = Metrics::new(10, "test", crate::config::OnLedgerError::Spool).unwrap();
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            !text.contains("creditmeter_unmetered_credits_total{"),
+            "{text}"
+        );
+        m.init_reconcile(&["lead"], &["ok", "forbidden"]);
+        m.observe_balance("lead", 12_500, Some(987_500));
+        m.add_unmetered("lead", 5_000);
+        m.add_unmetered("lead", -3);
+        m.observe_reconcile_poll("forbidden");
+        let text = String::from_utf8(m.encode()).unwrap();
+        for line in [
+            "creditmeter_apollo_credits_consumed{credit_type=\"lead\"} 12.5",
+            "creditmeter_apollo_credits_left{credit_type=\"lead\"} 987.5",
+            "creditmeter_unmetered_credits_total{credit_type=\"lead\"} 5",
+            "creditmeter_reconcile_polls_total{result=\"forbidden\"} 1",
+            "creditmeter_reconcile_polls_total{result=\"ok\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
 
     #[test]
     fn label_cap_admits_up_to_cap_then_overflows() {

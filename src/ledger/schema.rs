@@ -71,6 +71,45 @@ const MIGRATIONS: &[&str] = &[
       FROM calls
      GROUP BY 1, 2, 3, 4;
     "#,
+    // Reconciliation (issue 7): Apollo's credit balance as polled, and the drift per window
+    // between two consecutive snapshots. Self-contained: it reads `calls` but changes nothing.
+    r#"
+    CREATE TABLE balance_snapshots (
+        id             INTEGER PRIMARY KEY,
+        request_id     TEXT    NOT NULL,  -- the poll's row in `calls`
+        sent_at        INTEGER NOT NULL,  -- unix ms: poll sent; Apollo's figures are from after this
+        received_at    INTEGER NOT NULL,  -- unix ms: answer received; the figures are from before this
+        credit_type    TEXT    NOT NULL,  -- lead, direct_dial, export
+        limit_milli    INTEGER,           -- the cycle's allowance, credits x 1000
+        consumed_milli INTEGER NOT NULL,  -- consumed this cycle, credits x 1000
+        left_milli     INTEGER,           -- left this cycle, credits x 1000
+        cycle_start    TEXT,              -- the credit cycle as Apollo names it
+        cycle_end      TEXT
+    );
+    CREATE INDEX balance_snapshots_type_sent ON balance_snapshots(credit_type, sent_at);
+
+    CREATE TABLE reconciliation (
+        id               INTEGER PRIMARY KEY,
+        credit_type      TEXT    NOT NULL,
+        window_start     INTEGER NOT NULL,  -- unix ms: the opening snapshot's sent_at
+        window_end       INTEGER NOT NULL,  -- unix ms: the closing snapshot's sent_at
+        from_snapshot    INTEGER NOT NULL REFERENCES balance_snapshots(id),
+        to_snapshot      INTEGER NOT NULL UNIQUE REFERENCES balance_snapshots(id),
+        cycle_reset      INTEGER NOT NULL DEFAULT 0,  -- 1: the credit cycle restarted inside; not reconciled
+        apollo_delta_milli INTEGER,         -- Apollo's consumed delta; NULL across a cycle reset
+        ledger_milli     INTEGER NOT NULL,  -- credits of calls settled in the window (finished + balance_lag inside it)
+        edge_milli       INTEGER NOT NULL,  -- credits of calls at the closing edge (either side may hold them)
+        metered_milli    INTEGER NOT NULL,  -- creditmeter's figure: ledger_milli with edge calls placed where Apollo counted them
+        unmetered_milli  INTEGER NOT NULL,  -- max(0, apollo_delta - metered): spent outside creditmeter's view
+        drift_milli      INTEGER NOT NULL,  -- apollo_delta - metered, signed (negative: creditmeter saw more)
+        calls            INTEGER NOT NULL,  -- proxied calls settled in the window (the poller's own excluded)
+        by_endpoint      TEXT    NOT NULL,  -- JSON: endpoint -> {calls, ok_calls, records_matched, credits_milli, type_milli}
+        carry_lo_milli   INTEGER NOT NULL,  -- edge state: of edge_milli, Apollo had counted at least...
+        carry_hi_milli   INTEGER NOT NULL,  -- ...and at most this much at the closing snapshot
+        reconciled_at    INTEGER NOT NULL   -- unix ms
+    );
+    CREATE INDEX reconciliation_window ON reconciliation(window_end, credit_type);
+    "#,
 ];
 
 /// The schema version this build writes.

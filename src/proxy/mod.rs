@@ -47,13 +47,39 @@ pub struct ProxySettings {
     pub require_table: bool,
 }
 
+/// The settings in force, swapped whole by a reload; shared by the proxy and anything else
+/// that meters calls (the balance poller).
+pub struct SettingsCell(RwLock<Arc<ProxySettings>>);
+
+impl SettingsCell {
+    pub fn new(settings: ProxySettings) -> Self {
+        Self(RwLock::new(Arc::new(settings)))
+    }
+
+    /// The settings in force now.
+    pub fn get(&self) -> Arc<ProxySettings> {
+        match self.0.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in new settings; calls already running keep the ones they started with.
+    pub fn set(&self, new: ProxySettings) {
+        match self.0.write() {
+            Ok(mut s) => *s = Arc::new(new),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+        }
+    }
+}
+
 /// Everything a call needs, shared by all connections.
 pub struct Proxy {
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
     pub fingerprints: KeyFingerprinter,
     pub ids: RequestIds,
-    pub settings: RwLock<Arc<ProxySettings>>,
+    pub settings: Arc<SettingsCell>,
     /// SHA-256 of `proxy.require_token`'s token: callers must send it in `X-Meter-Token`.
     pub token_digest: Option<ring::digest::Digest>,
     pub max_request_body: u64,
@@ -64,18 +90,12 @@ pub struct Proxy {
 impl Proxy {
     /// The settings in force now.
     pub fn settings(&self) -> Arc<ProxySettings> {
-        match self.settings.read() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.settings.get()
     }
 
     /// Swaps in reloaded settings; calls already running keep the ones they started with.
     pub fn reload(&self, new: ProxySettings) {
-        match self.settings.write() {
-            Ok(mut s) => *s = Arc::new(new),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
-        }
+        self.settings.set(new);
     }
 
     /// Serves one request. Never fails: every problem becomes a JSON error response.

@@ -39,7 +39,8 @@ pub enum UpstreamError {
     Tls(#[from] rustls::Error),
 }
 
-/// The pooled client and the one destination it may reach.
+/// The pooled client and the one destination it may reach. Clones share the pool.
+#[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     scheme: Scheme,

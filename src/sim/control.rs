@@ -6,18 +6,65 @@
 //!   `billed` does not count them. Answers with the usage stats.
 //! - `POST /__sim/reset_cycle`: starts the next credit cycle (a month later) with nothing
 //!   consumed. Answers with the usage stats.
+//! - `POST /__sim/usage_stats_fault` with `{"status": 403}` (401, 403, 404, 429, 500 or any
+//!   4xx/5xx; 429 carries `retry-after` from `"retry_after"`, default 1) and/or
+//!   `{"stall_ms": 3000}`: `usage_stats/credit_usage_stats` answers that way until the fault is
+//!   cleared with `{}`. For the reconciliation poller's fault tests. Answers with the fault.
 //!
 //! They need no API key, are not rate limited, and are not counted as calls.
 
 use std::sync::Mutex;
 
-use http::{Method, StatusCode};
-use serde_json::Value;
+use http::{HeaderValue, Method, StatusCode};
+use serde_json::{json, Value};
 
 use super::account::{Account, CreditType};
-use super::lock;
 use super::params::parse_body;
 use super::reply::Reply;
+use super::{lock, INVALID_API_KEY};
+
+/// How `usage_stats` misbehaves, if at all.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct UsageFault {
+    /// Answer with this status (and Apollo's body for it) instead of the balance.
+    pub(crate) status: Option<u16>,
+    /// `retry-after` seconds on a 429.
+    pub(crate) retry_after: u64,
+    /// Hold every answer this long first.
+    pub(crate) stall_ms: u64,
+}
+
+impl UsageFault {
+    /// The reply that replaces the balance, if a status is set.
+    pub(crate) fn reply(&self) -> Option<Reply> {
+        let status = StatusCode::from_u16(self.status?).ok()?;
+        Some(match status.as_u16() {
+            401 => Reply::text(status, INVALID_API_KEY),
+            403 => Reply::error(
+                status,
+                "API_INACCESSIBLE",
+                "This API key is not authorized to access api/v1/usage_stats/credit_usage_stats",
+            ),
+            404 => Reply::not_found(),
+            429 => {
+                let mut reply = Reply::json(
+                    status,
+                    json!({"message": "The maximum number of api calls allowed for api/v1/usage_stats/credit_usage_stats is 60 times per minute."}),
+                );
+                reply.headers.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(self.retry_after.max(1)),
+                );
+                reply
+            }
+            _ => Reply::error(status, "SIM_FAULT", "injected usage_stats fault"),
+        })
+    }
+
+    fn json(&self) -> Value {
+        json!({"status": self.status, "retry_after": self.retry_after, "stall_ms": self.stall_ms})
+    }
+}
 
 /// Answers `method` on `/__sim/{action}`.
 pub(crate) fn answer(
@@ -25,6 +72,7 @@ pub(crate) fn answer(
     action: &str,
     body: &[u8],
     account: &Mutex<Account>,
+    usage_fault: &Mutex<UsageFault>,
 ) -> Reply {
     match (method, action) {
         (&Method::GET, "billed") => match serde_json::to_value(lock(account).billed()) {
@@ -48,6 +96,14 @@ pub(crate) fn answer(
             account.reset_cycle();
             Reply::json(StatusCode::OK, account.usage_stats())
         }
+        (&Method::POST, "usage_stats_fault") => match parse_fault(body) {
+            Ok(fault) => {
+                let answer = fault.json();
+                *lock(usage_fault) = fault;
+                Reply::json(StatusCode::OK, answer)
+            }
+            Err(message) => Reply::error(StatusCode::BAD_REQUEST, "INVALID_PARAMETERS", message),
+        },
         _ => Reply::not_found(),
     }
 }
@@ -69,9 +125,60 @@ fn parse_debit(body: &[u8]) -> Result<(CreditType, i64), String> {
     Ok((credit_type, (credits * 1_000.0).round() as i64))
 }
 
+/// Reads `{"status": 400..=599, "retry_after": secs, "stall_ms": ms}`, every key optional.
+fn parse_fault(body: &[u8]) -> Result<UsageFault, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(UsageFault::default());
+    }
+    let params = parse_body(body).map_err(|err| err.to_string())?;
+    let number = |key: &str| -> Result<Option<u64>, String> {
+        match params.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("{key} must be a whole number, zero or more")),
+        }
+    };
+    let status = match number("status")? {
+        None => None,
+        Some(s @ 400..=599) => Some(s as u16),
+        Some(_) => return Err("status must be an error status, 400 to 599".into()),
+    };
+    Ok(UsageFault {
+        status,
+        retry_after: number("retry_after")?.unwrap_or(1),
+        stall_ms: number("stall_ms")?.unwrap_or(0),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_usage_faults() {
+        assert_eq!(parse_fault(b"").unwrap(), UsageFault::default());
+        assert_eq!(parse_fault(b"{}").unwrap().status, None);
+        let f = parse_fault(br#"{"status":429,"retry_after":3}"#).unwrap();
+        assert_eq!((f.status, f.retry_after), (Some(429), 3));
+        assert_eq!(parse_fault(br#"{"stall_ms":2500}"#).unwrap().stall_ms, 2500);
+        for bad in [
+            &br#"{"status":200}"#[..],
+            br#"{"status":"403"}"#,
+            br#"{"stall_ms":-1}"#,
+        ] {
+            assert!(
+                parse_fault(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let reply = parse_fault(br#"{"status":401}"#).unwrap().reply().unwrap();
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        let reply = parse_fault(br#"{"status":429}"#).unwrap().reply().unwrap();
+        assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
+    }
 
     #[test]
     fn parses_debits() {

@@ -14,7 +14,7 @@
 //! proxy's ledger can be checked against it.
 //!
 //! Control endpoints (not Apollo): `GET /__sim/billed`, `POST /__sim/debit`,
-//! `POST /__sim/reset_cycle`; see `control.rs`.
+//! `POST /__sim/reset_cycle`, `POST /__sim/usage_stats_fault`; see `control.rs`.
 
 mod account;
 mod api;
@@ -49,6 +49,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use account::{Account, Charge};
+use control::UsageFault;
 use params::{text, Params};
 use rate::{Exceeded, RateLimiter};
 use reply::Reply;
@@ -90,6 +91,9 @@ pub struct SimConfig {
     pub report_credits_consumed: bool,
     /// Each credit type's allowance per cycle in `usage_stats`, in credits. Default 1,000,000.
     pub initial_credits: i64,
+    /// When set, `usage_stats/credit_usage_stats` answers only this key (Apollo's "master key")
+    /// and any other key gets Apollo's `403 API_INACCESSIBLE`. Default `None`: any key.
+    pub master_key: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -103,6 +107,7 @@ impl Default for SimConfig {
             legacy_daily_headers: false,
             report_credits_consumed: true,
             initial_credits: 1_000_000,
+            master_key: None,
         }
     }
 }
@@ -135,6 +140,8 @@ struct Inner {
     cfg: SimConfig,
     limiter: Mutex<RateLimiter>,
     account: Mutex<Account>,
+    /// A fault `usage_stats` answers with instead of the balance (set by a control endpoint).
+    usage_fault: Mutex<UsageFault>,
     /// Admitted calls so far; numbers each call for its per-call ids.
     calls: AtomicU64,
 }
@@ -164,6 +171,7 @@ impl Sim {
                     Instant::now(),
                 )),
                 account: Mutex::new(Account::new(cfg.initial_credits)),
+                usage_fault: Mutex::new(UsageFault::default()),
                 calls: AtomicU64::new(0),
                 cfg,
             }),
@@ -264,7 +272,13 @@ impl Sim {
         let gzip = reply::accepts_gzip(request.headers());
         let (parts, body) = request.into_parts();
         let reply = match Limited::new(body, MAX_BODY_BYTES).collect().await {
-            Ok(body) => self.dispatch(&parts, &body.to_bytes(), Instant::now()),
+            Ok(body) => {
+                let stall = self.usage_stall(&parts);
+                if !stall.is_zero() {
+                    tokio::time::sleep(stall).await;
+                }
+                self.dispatch(&parts, &body.to_bytes(), Instant::now())
+            }
             Err(err) if err.is::<LengthLimitError>() => Reply::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "PAYLOAD_TOO_LARGE",
@@ -282,13 +296,35 @@ impl Sim {
         reply.into_response(gzip)
     }
 
+    /// How long a `usage_stats` call is held before its answer (a fault set by a test).
+    fn usage_stall(&self, parts: &request::Parts) -> Duration {
+        match api::route(&parts.method, parts.uri.path()) {
+            Some(route) if route.endpoint == api::Endpoint::CreditUsageStats => {
+                Duration::from_millis(lock(&self.inner.usage_fault).stall_ms)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Answers one request whose body has been read, as of `now`.
     fn dispatch(&self, parts: &request::Parts, body: &[u8], now: Instant) -> Reply {
         let path = parts.uri.path();
         if let Some(action) = path.strip_prefix(CONTROL_PREFIX) {
-            return control::answer(&parts.method, action, body, &self.inner.account);
+            return control::answer(
+                &parts.method,
+                action,
+                body,
+                &self.inner.account,
+                &self.inner.usage_fault,
+            );
         }
         let (mut reply, charge) = match api::route(&parts.method, path) {
+            Some(route) if route.endpoint == api::Endpoint::CreditUsageStats => {
+                match lock(&self.inner.usage_fault).reply() {
+                    Some(fault) => (fault, Charge::NONE),
+                    None => self.call(route, parts, body, now),
+                }
+            }
             Some(route) => self.call(route, parts, body, now),
             None => (Reply::not_found(), Charge::NONE),
         };
@@ -318,6 +354,16 @@ impl Sim {
                 Charge::NONE,
             );
         };
+        if route.endpoint == api::Endpoint::CreditUsageStats
+            && self
+                .inner
+                .cfg
+                .master_key
+                .as_ref()
+                .is_some_and(|master| *master != api_key)
+        {
+            return (api_inaccessible(route.endpoint), Charge::NONE);
+        }
         let rate = lock(&self.inner.limiter).admit(&api_key, route.endpoint.path(), now);
         let (mut reply, charge) = match (rate.exceeded, query, body) {
             (Some(exceeded), _, _) => (too_many_requests(route.endpoint, exceeded), Charge::NONE),
@@ -366,6 +412,18 @@ fn bearer_token(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Apollo's 403 for a key without access to an endpoint (e.g. not a master key).
+fn api_inaccessible(endpoint: api::Endpoint) -> Reply {
+    Reply::error(
+        StatusCode::FORBIDDEN,
+        "API_INACCESSIBLE",
+        format!(
+            "This API key is not authorized to access api/v1/{}",
+            endpoint.path()
+        ),
+    )
 }
 
 /// Apollo's 429, with `retry-after`.

@@ -541,6 +541,49 @@ mod billing {
     }
 
     #[test]
+    fn usage_stats_need_the_master_key_when_one_is_set_and_obey_faults() {
+        let sim = sim_with(|cfg| cfg.master_key = Some("master".into()));
+        let uri = "/api/v1/usage_stats/credit_usage_stats";
+        let refused = call(&sim, "POST", uri, Value::Null);
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        assert_eq!(refused.body()["error_code"], "API_INACCESSIBLE");
+        let ok = sim.dispatch(
+            &parts("POST", uri, &[("x-api-key", "master")]),
+            b"",
+            Instant::now(),
+        );
+        assert_eq!(ok.status, StatusCode::OK);
+        // Other endpoints take any key.
+        let other = call(&sim, "GET", "/api/v1/people/p1", Value::Null);
+        assert_eq!(other.status, StatusCode::OK);
+
+        let fault = sim.dispatch(
+            &parts("POST", "/__sim/usage_stats_fault", &[]),
+            br#"{"status":429,"retry_after":7}"#,
+            Instant::now(),
+        );
+        assert_eq!(fault.status, StatusCode::OK);
+        let limited = sim.dispatch(
+            &parts("POST", uri, &[("x-api-key", "master")]),
+            b"",
+            Instant::now(),
+        );
+        assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.headers.get("retry-after").unwrap(), "7");
+        sim.dispatch(
+            &parts("POST", "/__sim/usage_stats_fault", &[]),
+            b"{}",
+            Instant::now(),
+        );
+        let again = sim.dispatch(
+            &parts("POST", uri, &[("x-api-key", "master")]),
+            b"",
+            Instant::now(),
+        );
+        assert_eq!(again.status, StatusCode::OK);
+    }
+
+    #[test]
     fn control_billed_matches_billed() {
         let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
         call(&sim, "GET", "/api/v1/people/p1", Value::Null);

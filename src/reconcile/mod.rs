@@ -1,0 +1,79 @@
+//! Reconciliation: catch the credits spent outside creditmeter, and when.
+//!
+//! creditmeter only sees what passes through it. Apollo's own credit balance
+//! (`POST /api/v1/usage_stats/credit_usage_stats`, master key, free) sees everything. The
+//! [`poller`] reads that balance every `reconcile.interval` through the proxy's upstream client,
+//! records the poll as an ordinary (free) call, and stores the figures in `balance_snapshots`.
+//! Each pair of consecutive snapshots is a window; once every call that could belong to it has
+//! ended, [`store`] settles it per credit type ([`drift`]: Apollo's consumed delta against the
+//! ledger's credits, with calls at the edges netted out) into `reconciliation`, and the metrics
+//! follow. [`answer`] reads those windows back for `creditmeter report --reconcile` and
+//! `GET /api/reconcile`, and says what the drift looks like: traffic outside the proxy, or a
+//! catalog rule that under-prices one endpoint.
+
+pub mod answer;
+pub mod drift;
+pub mod poller;
+pub mod store;
+pub mod usage;
+
+pub use poller::{Poller, PollerStatus};
+
+/// `calls.table_name` of the poller's own calls (with `workflow` [`POLLER_WORKFLOW`]), so they
+/// are plainly labelled in reports and left out of the proxied traffic a window is judged by.
+pub const POLLER_TABLE: &str = "_creditmeter";
+/// `calls.workflow` of the poller's own calls.
+pub const POLLER_WORKFLOW: &str = "reconcile";
+/// The path polled, under the upstream base URL.
+pub const USAGE_STATS_PATH: &str = "/api/v1/usage_stats/credit_usage_stats";
+
+/// The credit types the ledger prices, and their names on Apollo's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CreditType {
+    Lead,
+    DirectDial,
+    Export,
+}
+
+impl CreditType {
+    pub const ALL: [CreditType; 3] = [CreditType::Lead, CreditType::DirectDial, CreditType::Export];
+
+    /// The ledger's and the metrics' name: `lead`, `direct_dial`, `export`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreditType::Lead => "lead",
+            CreditType::DirectDial => "direct_dial",
+            CreditType::Export => "export",
+        }
+    }
+
+    /// The key in Apollo's usage stats: `lead_credit`, `direct_dial_credit`, `export_credit`.
+    pub fn apollo_key(self) -> &'static str {
+        match self {
+            CreditType::Lead => "lead_credit",
+            CreditType::DirectDial => "direct_dial_credit",
+            CreditType::Export => "export_credit",
+        }
+    }
+
+    /// The `calls` column holding this type's credits.
+    pub fn ledger_column(self) -> &'static str {
+        match self {
+            CreditType::Lead => "lead_milli",
+            CreditType::DirectDial => "direct_dial_milli",
+            CreditType::Export => "export_milli",
+        }
+    }
+
+    /// `lead`, `direct_dial`, `export` (or Apollo's `…_credit` spelling).
+    pub fn parse(s: &str) -> Option<CreditType> {
+        let s = s.strip_suffix("_credit").unwrap_or(s);
+        CreditType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// Credits in thousandths as a short decimal: `5`, `1.5`, `0.001`.
+pub fn credits(milli: i64) -> String {
+    let s = format!("{:.3}", milli as f64 / 1000.0);
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
