@@ -63,6 +63,13 @@ pub enum ConfigError {
     },
     #[error("invalid config: `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A `[[budget]]` entry is wrong; `budget` is its position and name.
+    #[error("invalid config: [[budget]] {budget}: `{key}`: {message}")]
+    Budget {
+        budget: String,
+        key: &'static str,
+        message: String,
+    },
 }
 
 /// The whole configuration. Every section and key is optional.
@@ -77,6 +84,10 @@ pub struct Config {
     pub attribution: AttributionConfig,
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
+    /// `[guard]`: settings shared by budgets and holds.
+    pub guard: crate::guard::GuardConfig,
+    /// `[[budget]]`: spend limits, none by default.
+    pub budget: Vec<crate::guard::BudgetConfig>,
 }
 
 /// `[proxy]`: the listener callers point their Apollo base URL at.
@@ -384,6 +395,7 @@ impl Config {
                 "must be above zero, e.g. \"10MiB\"",
             ));
         }
+        crate::guard::config::validate(&self.guard, &self.budget)?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod catalog;
 pub mod config;
 pub mod demo;
+pub mod guard;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;

@@ -71,6 +71,18 @@ const MIGRATIONS: &[&str] = &[
       FROM calls
      GROUP BY 1, 2, 3, 4;
     "#,
+    // Holds: emergency stops placed through the admin API (`POST /api/holds`). A hold is in
+    // force while `released_at` is NULL; released holds stay as a record of who paused what.
+    r#"
+    CREATE TABLE holds (
+        id          INTEGER PRIMARY KEY,
+        scope       TEXT    NOT NULL,  -- JSON: "global" or {"table": glob, "workflow": glob, "key": glob, "tag": {name: glob}}
+        reason      TEXT,
+        created_at  INTEGER NOT NULL,  -- unix ms, UTC
+        released_at INTEGER            -- unix ms, UTC; NULL while in force
+    );
+    CREATE INDEX holds_active ON holds(released_at);
+    "#,
 ];
 
 /// The schema version this build writes.
