@@ -51,6 +51,8 @@ pub enum RunError {
     Upstream(#[from] proxy::upstream::UpstreamError),
     #[error(transparent)]
     Tls(#[from] proxy::listener::TlsSetupError),
+    #[error("budgets and holds: {0}")]
+    Guard(#[from] guard::GuardError),
 }
 
 /// Loads the configured catalog, or the built-in one.
@@ -84,6 +86,15 @@ pub async fn run(
         catalog.version(),
     )?);
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
+    // Budgets resume the current windows' spend, and holds stay in force, across restarts.
+    let guard = Arc::new(guard::Guard::start(
+        &config.guard,
+        &config.budget,
+        &conn,
+        config.ledger.path.clone(),
+        metrics.budgets(),
+        meter::now_ms(),
+    )?);
     let (writer, ledger_handle) =
         LedgerWriter::spawn(conn, config.ledger.batch_max, metrics.ledger())?;
 
@@ -107,6 +118,7 @@ pub async fn run(
     let proxy = Arc::new(Proxy {
         upstream,
         meter,
+        guard: guard.clone(),
         fingerprints: attribution::KeyFingerprinter::new(&secret),
         ids: meter::RequestIds::new(),
         require_table: config.attribution.require_table,
@@ -121,6 +133,7 @@ pub async fn run(
     let admin_token = config.admin.token();
     let admin = Arc::new(admin::Admin {
         metrics: metrics.clone(),
+        guard,
         ledger: ledger_handle.clone(),
         ledger_path: config.ledger.path.clone(),
         draining: draining.clone(),
