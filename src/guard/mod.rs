@@ -446,7 +446,7 @@ impl Guard {
                 );
             }
             for h in &st.holds {
-                tracing::warn!(hold = h.id, scope = %h.scope, reason = ?h.reason, "hold in force (from the ledger)");
+                tracing::warn!(hold = h.id, scope = %h.scope, reason = h.reason.as_deref().unwrap_or(""), "hold in force (from the ledger)");
             }
             g.publish_locked(&mut st, now);
         }
@@ -793,7 +793,7 @@ impl Guard {
             reason,
             created_at: now,
         };
-        tracing::warn!(hold = id, scope = %hold.scope, reason = ?hold.reason, "hold placed: matching calls are refused until it is released");
+        tracing::warn!(hold = id, scope = %hold.scope, reason = hold.reason.as_deref().unwrap_or(""), "hold placed: matching calls are refused until it is released");
         let mut st = lock(&self.state);
         st.holds.push(hold.clone());
         self.metrics.holds_active.set(st.holds.len() as i64);
