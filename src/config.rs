@@ -582,6 +582,23 @@ mod tests {
     }
 
     #[test]
+    fn example_budgets_validate_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/creditmeter.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# BEGIN budget examples").unwrap();
+        let end = text.find("# END budget examples").unwrap();
+        let budgets: String = text[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&budgets).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.budget.len(), 3);
+    }
+
+    #[test]
     fn human_units() {
         let c = Config::from_toml(
             "[proxy]\nmax_request_body = \"16MiB\"\nheader_read_timeout = \"250ms\"\n[upstream]\ntimeout = 5\nconnect_timeout = \"2m\"\n",
