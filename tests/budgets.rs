@@ -247,6 +247,52 @@ async fn a_concurrent_burst_spends_exactly_up_to_the_limits_and_no_further() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_misses_in_a_burst_refusals_still_begin_at_the_limit_not_before() {
+    // 30% of calls match nothing and cost 0, less than the 1 credit each reserves. Calls that
+    // do not fit only because of those reservations wait for them to settle, so no call is
+    // refused while the spend is below the limit: the burst spends the budget exactly.
+    let dir = tempfile::tempdir().unwrap();
+    let sim = sim(70).await;
+    let budgets = r#"
+[[budget]]
+name = "attributed"
+scope = { table = "*" }
+limit = 50
+window = "month"
+"#;
+    let proxy = Proxy::start(
+        with_budgets(config_for(&sim.url(false), None), budgets),
+        dir.path(),
+    )
+    .await;
+    let reqs = (0..300)
+        .map(|i| {
+            people_match(
+                &proxy,
+                ["A", "B", "C"][i % 3],
+                &format!("x{i}@m{i}.example.com"),
+                false,
+            )
+        })
+        .collect();
+    let statuses = burst(reqs).await;
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count() + refused,
+        300
+    );
+    assert!(refused > 0);
+    assert_eq!(
+        ledger_milli(&proxy, "1"),
+        50_000,
+        "the whole budget, and not a credit more"
+    );
+    let billed = sim.sim.billed();
+    assert_eq!(billed.lead_milli, 50_000);
+    assert_eq!(usage(&proxy, "attributed").await, (50.0, 0.0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_burst_with_misses_and_bulk_calls_never_crosses_a_limit() {
     let dir = tempfile::tempdir().unwrap();
     let sim = sim(70).await;

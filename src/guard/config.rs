@@ -33,6 +33,9 @@ pub const DEFAULT_TIME_ZONE: &str = "UTC";
 pub const DEFAULT_UNKNOWN_COST_CEILING: f64 = 10.0;
 /// Default HTTP status for a call paused by a hold.
 pub const DEFAULT_HOLD_STATUS: u16 = 503;
+/// Default time a call may wait for calls in flight to settle when only their reservations
+/// keep it from fitting a budget.
+pub const DEFAULT_ADMISSION_WAIT: Duration = Duration::from_secs(10);
 /// Default `warn_at`, percent of the limit.
 pub const DEFAULT_WARN_AT: f64 = 80.0;
 /// The longest rolling window accepted.
@@ -50,6 +53,10 @@ pub struct GuardConfig {
     pub unknown_cost_ceiling: Credits,
     /// `guard.hold_status`, default 503: the status of a call refused by a hold (503 or 429).
     pub hold_status: u16,
+    /// `guard.admission_wait`, default 10s: how long a call that does not fit a budget only
+    /// because of the worst cases reserved by calls in flight waits for them to settle (they
+    /// usually cost less) before it is refused. `"0s"` refuses at once.
+    pub admission_wait: HumanDuration,
 }
 
 impl Default for GuardConfig {
@@ -58,6 +65,7 @@ impl Default for GuardConfig {
             time_zone: DEFAULT_TIME_ZONE.to_owned(),
             unknown_cost_ceiling: Credits::from_credits(DEFAULT_UNKNOWN_COST_CEILING),
             hold_status: DEFAULT_HOLD_STATUS,
+            admission_wait: HumanDuration(DEFAULT_ADMISSION_WAIT),
         }
     }
 }
@@ -342,6 +350,12 @@ pub fn validate(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<(), Con
                 "{} is not allowed: use 503 (service unavailable) or 429 (too many requests)",
                 guard.hold_status
             ),
+        ));
+    }
+    if guard.admission_wait.0 > Duration::from_secs(300) {
+        return Err(invalid(
+            "guard.admission_wait",
+            "at most \"5m\": a caller waits this long before a refusal".into(),
         ));
     }
     let mut names = std::collections::HashSet::new();

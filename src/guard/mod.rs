@@ -120,6 +120,14 @@ impl std::fmt::Debug for Admission {
     }
 }
 
+/// The outcome of an admission attempt that did not admit.
+enum Blocked {
+    Final(Refusal),
+    /// Only reservations of calls in flight stand in the way: worth waiting for them. The
+    /// refusal is what the caller gets if it stops waiting now (not yet counted).
+    Wait(Refusal),
+}
+
 /// Why a call was refused.
 #[derive(Debug, Clone)]
 pub enum Refusal {
@@ -295,6 +303,7 @@ struct Settled {
 
 struct State {
     ceiling_milli: i64,
+    admission_wait: std::time::Duration,
     hold_status: u16,
     budgets: Vec<BudgetState>,
     holds: Vec<Hold>,
@@ -310,6 +319,8 @@ pub struct Guard {
     ledger_path: PathBuf,
     /// Serialises hold changes and reloads (which do ledger I/O outside `state`'s lock).
     writes: Mutex<()>,
+    /// Woken whenever reservations are released, for calls waiting on them.
+    settled: tokio::sync::Notify,
 }
 
 /// What a reload did, by budget name.
@@ -410,6 +421,7 @@ impl Guard {
         let g = Guard {
             state: Mutex::new(State {
                 ceiling_milli: guard.unknown_cost_ceiling.0,
+                admission_wait: guard.admission_wait.0,
                 hold_status: guard.hold_status,
                 budgets: states,
                 holds,
@@ -420,6 +432,7 @@ impl Guard {
             metrics,
             ledger_path,
             writes: Mutex::new(()),
+            settled: tokio::sync::Notify::new(),
         };
         {
             let mut st = lock(&g.state);
@@ -453,8 +466,9 @@ impl Guard {
         Ok(g)
     }
 
-    /// Admits a call to the budgets, or says why not. See [`Guard::admit`].
-    pub fn admit_call(
+    /// Admits a call to the budgets, or says why not: [`Guard::admit_waiting`] with what the
+    /// call context and the catalog say.
+    pub async fn admit_call(
         self: &Arc<Self>,
         ctx: &CallContext,
         catalog: &Catalog,
@@ -466,12 +480,40 @@ impl Guard {
             tags: ctx.attribution.tags.clone(),
         };
         let worst = catalog.endpoint(ctx.endpoint).worst_case(&ctx.params);
-        self.admit(&ctx.request_id, facts, ctx.started_at, worst)
+        self.admit_waiting(&ctx.request_id, facts, ctx.started_at, worst)
+            .await
+    }
+
+    /// Like [`Guard::admit`], but a call that does not fit only because of the reservations of
+    /// calls still in flight (which usually settle lower) waits for them, up to
+    /// `guard.admission_wait`, and is refused only if it still does not fit. So under a burst,
+    /// refusals begin where the spend meets the limit, not where the worst cases do.
+    pub async fn admit_waiting(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: CallFacts,
+        started_at: i64,
+        worst_case: Option<Credits>,
+    ) -> Result<Admission, Refusal> {
+        let wait = lock(&self.state).admission_wait;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the attempt, so a settlement between the two is not missed.
+            let settled = self.settled.notified();
+            let last = tokio::time::Instant::now() >= deadline;
+            match self.try_admit(request_id, &facts, started_at, worst_case, last) {
+                Ok(a) => return Ok(a),
+                Err(Blocked::Final(r)) => return Err(r),
+                Err(Blocked::Wait(_)) => {
+                    let _ = tokio::time::timeout_at(deadline, settled).await;
+                }
+            }
+        }
     }
 
     /// Checks the holds, then reserves `worst_case` (or the ceiling, when `None`) against every
     /// budget covering `facts`, atomically: all reservations are made, or none. `started_at`
-    /// (unix ms) places the call in its windows, as the ledger will.
+    /// (unix ms) places the call in its windows, as the ledger will. Never waits.
     pub fn admit(
         self: &Arc<Self>,
         request_id: &str,
@@ -479,23 +521,39 @@ impl Guard {
         started_at: i64,
         worst_case: Option<Credits>,
     ) -> Result<Admission, Refusal> {
+        match self.try_admit(request_id, &facts, started_at, worst_case, true) {
+            Ok(a) => Ok(a),
+            Err(Blocked::Final(r) | Blocked::Wait(r)) => Err(r),
+        }
+    }
+
+    /// One admission attempt. Unless `last`, a call blocked only by reservations in flight is
+    /// not refused (nor counted as refused) but told to wait.
+    fn try_admit(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: &CallFacts,
+        started_at: i64,
+        worst_case: Option<Credits>,
+        last: bool,
+    ) -> Result<Admission, Blocked> {
         let mut st = lock(&self.state);
-        if let Some(hold) = st.holds.iter().find(|h| h.scope.matches(&facts)) {
+        if let Some(hold) = st.holds.iter().find(|h| h.scope.matches(facts)) {
             self.metrics
                 .hold_rejections
                 .with_label_values(&[&hold.scope.to_string()])
                 .inc();
-            return Err(Refusal::Hold {
+            return Err(Blocked::Final(Refusal::Hold {
                 hold: Box::new(hold.clone()),
                 status: st.hold_status,
-            });
+            }));
         }
         let r = match worst_case {
             Some(c) => Amount::of(c.lead_milli, c.direct_dial_milli, c.export_milli),
             None => Amount::uniform(st.ceiling_milli),
         };
         let covering: Vec<usize> = (0..st.budgets.len())
-            .filter(|&i| st.budgets[i].def.scope.matches(&facts))
+            .filter(|&i| st.budgets[i].def.scope.matches(facts))
             .collect();
         let mut blocked: Vec<(usize, Crossing)> = Vec::new();
         let mut over: Vec<(usize, Crossing)> = Vec::new();
@@ -512,8 +570,22 @@ impl Guard {
             }
         }
         if !blocked.is_empty() {
-            let refusal = self.refuse(&mut st, &blocked, started_at);
-            return Err(Refusal::Budget(Box::new(refusal)));
+            let in_flight_only = blocked
+                .iter()
+                .all(|(_, c)| c.spent.saturating_add(c.requested) <= c.limit);
+            let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
+            if in_flight_only && !last {
+                return Err(Blocked::Wait(refusal));
+            }
+            for (i, _) in &blocked {
+                let b = &mut st.budgets[*i];
+                b.rejections += 1;
+                self.metrics
+                    .rejections
+                    .with_label_values(&[&b.def.name])
+                    .inc();
+            }
+            return Err(Blocked::Final(refusal));
         }
         for (i, c) in over {
             let b = &mut st.budgets[i];
@@ -547,7 +619,7 @@ impl Guard {
             id,
             InFlight {
                 request_id: request_id.to_owned(),
-                facts,
+                facts: facts.clone(),
                 started_at,
                 reserved: r,
                 charged,
@@ -560,18 +632,13 @@ impl Guard {
         })
     }
 
-    fn refuse(&self, st: &mut State, blocked: &[(usize, Crossing)], at: i64) -> BudgetRefusal {
-        // Name the budget that frees up last: retrying before then cannot succeed.
+    /// The refusal for a call `blocked` by these budgets: it names the one that frees up last,
+    /// since retrying before then cannot succeed.
+    fn refusal(&self, st: &State, blocked: &[(usize, Crossing)], at: i64) -> BudgetRefusal {
         let mut primary = 0;
         let mut latest: Option<Option<i64>> = None;
         for (k, (i, c)) in blocked.iter().enumerate() {
-            let b = &mut st.budgets[*i];
-            b.rejections += 1;
-            self.metrics
-                .rejections
-                .with_label_values(&[&b.def.name])
-                .inc();
-            let frees = b.frees_at(c);
+            let frees = st.budgets[*i].frees_at(c);
             let later = match (latest, frees) {
                 (None, _) => true,
                 (Some(None), _) => false,
@@ -662,6 +729,8 @@ impl Guard {
                 st.recent.pop_front();
             }
         }
+        drop(st);
+        self.settled.notify_waiters();
     }
 
     /// Swaps in new `[guard]` settings and budgets (a SIGHUP reload). A budget whose name,
@@ -759,6 +828,7 @@ impl Guard {
             }
         }
         st.ceiling_milli = guard.unknown_cost_ceiling.0;
+        st.admission_wait = guard.admission_wait.0;
         st.hold_status = guard.hold_status;
         for b in &mut st.budgets {
             let spent = b.spent();
@@ -768,6 +838,7 @@ impl Guard {
             }
         }
         self.publish_locked(st, now);
+        self.settled.notify_waiters();
         tracing::info!(kept = ?summary.kept, rebuilt = ?summary.rebuilt, removed = ?summary.removed, "budgets reloaded");
         Ok(summary)
     }
@@ -891,6 +962,11 @@ impl Guard {
         for b in &mut st.budgets {
             b.roll(now);
             self.publish_budget(b);
+            // Present from the first scrape, so rate() and increase() see the first refusal.
+            self.metrics
+                .rejections
+                .with_label_values(&[&b.def.name])
+                .inc_by(0);
         }
         self.metrics.holds_active.set(st.holds.len() as i64);
     }
@@ -920,10 +996,6 @@ impl Guard {
                 .with_label_values(&labels)
                 .set(i64::from(b.warned(d)));
         }
-        self.metrics
-            .rejections
-            .with_label_values(&[&b.def.name])
-            .inc_by(0);
     }
 }
 

@@ -783,3 +783,84 @@ fn budget_config_rejections_say_how_to_fix_them() {
     let err = config_error(&base("warn_at = 0"));
     assert!(err.contains("[[budget]] #1 \"b\""), "{err}");
 }
+
+#[tokio::test]
+async fn a_call_blocked_only_by_calls_in_flight_waits_for_them_to_settle() {
+    let now = ms(T0);
+    let f = Fixture::new(GLOBAL_10, now);
+    let first = f.admit("t", now, lead(9)).unwrap();
+    let waiting = {
+        let guard = f.guard.clone();
+        tokio::spawn(async move { guard.admit_waiting("w", facts("t"), now, lead(9)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !waiting.is_finished(),
+        "9 spent-or-reserved + 9 > 10: it waits"
+    );
+    settle_credits(first, 1); // the first call cost less than its worst case
+    let second = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    settle_credits(second, 9);
+    assert_eq!(f.usage(now, "g"), (10.0, 0.0));
+    // Refused as soon as the settlement shows it cannot fit, not at the deadline.
+    let f = Fixture::new(GLOBAL_10, now);
+    let first = f.admit("t", now, lead(9)).unwrap();
+    let waiting = {
+        let guard = f.guard.clone();
+        tokio::spawn(async move { guard.admit_waiting("w", facts("t"), now, lead(9)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    settle_credits(first, 9);
+    let refused = waiting.await.unwrap().unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(budget_refusal(refused).spent, 9000);
+    // A call that can never fit in this window does not wait at all.
+    let started = std::time::Instant::now();
+    assert!(f
+        .guard
+        .admit_waiting("w", facts("t"), now, lead(5))
+        .await
+        .is_err());
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn waiting_ends_at_admission_wait_with_a_counted_refusal() {
+    let now = ms(T0);
+    let f = Fixture::new(
+        &format!("[guard]\nadmission_wait = \"200ms\"\n{GLOBAL_10}"),
+        now,
+    );
+    let _stuck = f.admit("t", now, lead(9)).unwrap();
+    let started = std::time::Instant::now();
+    let r = f
+        .guard
+        .admit_waiting("w", facts("t"), now, lead(9))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(budget_refusal(r).reserved, 9000);
+    let text = String::from_utf8(f.metrics.encode()).unwrap();
+    assert!(
+        text.contains("creditmeter_budget_rejections_total{budget=\"g\"} 1"),
+        "{text}"
+    );
+    // "0s" refuses at once.
+    let f = Fixture::new(
+        &format!("[guard]\nadmission_wait = \"0s\"\n{GLOBAL_10}"),
+        now,
+    );
+    let _stuck = f.admit("t", now, lead(9)).unwrap();
+    let started = std::time::Instant::now();
+    assert!(f
+        .guard
+        .admit_waiting("w", facts("t"), now, lead(9))
+        .await
+        .is_err());
+    assert!(started.elapsed() < std::time::Duration::from_millis(100));
+}

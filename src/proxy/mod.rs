@@ -187,7 +187,8 @@ impl Proxy {
         };
         // Admission: a held call, or one whose worst case would cross a block budget, costs
         // nothing upstream. An admitted call's reservation settles when its meter finishes.
-        let admission = match self.guard.admit_call(&ctx, &self.meter.catalog) {
+        // (It may wait up to guard.admission_wait for calls in flight to settle.)
+        let admission = match self.guard.admit_call(&ctx, &self.meter.catalog).await {
             Ok(a) => a,
             Err(refusal) => return Ok(self.refuse_guarded(ctx, refusal).await),
         };
