@@ -335,10 +335,11 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 println!("  {}", ep.name());
             }
             println!(
-                "guard: time_zone {}, unknown_cost_ceiling {} credits, hold_status {}",
+                "guard: time_zone {}, unknown_cost_ceiling {} credits, hold_status {}, admission_wait {}",
                 config.guard.time_zone,
                 config.guard.unknown_cost_ceiling.0 as f64 / 1000.0,
-                config.guard.hold_status
+                config.guard.hold_status,
+                config.guard.admission_wait
             );
             if config.budget.is_empty() {
                 println!("  no budgets");

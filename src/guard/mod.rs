@@ -41,7 +41,7 @@ pub use scope::{CallFacts, Glob, Scope};
 pub use state::Amount;
 
 use crate::catalog::{Catalog, Credits};
-use crate::ledger::guard::SpendRow;
+use crate::ledger::guard::SpendGroup;
 use crate::ledger::{LedgerError, Outcome};
 use crate::meter::{now_ms, CallContext};
 use crate::metrics::BudgetMetrics;
@@ -52,6 +52,9 @@ use window::format_local;
 const RECENT_KEEP_MS: i64 = 60_000;
 /// ...and at most this many.
 const RECENT_MAX: usize = 200_000;
+/// How far back a reload looks for `request_id`s of committed calls to tell them from recent
+/// settlements: longer than any call lasts (`upstream.timeout` is 2 minutes by default).
+const RECENT_STARTED_MS: i64 = 15 * 60_000;
 
 /// Why the guard could not start, reload, or change a hold.
 #[derive(Debug, thiserror::Error)]
@@ -349,36 +352,31 @@ fn compile(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<Vec<Budget>,
         .collect()
 }
 
-/// A ledger row as budgets count it.
+/// Ledger spend as budgets count it.
 struct Spend {
-    request_id: String,
     facts: CallFacts,
     started_at: i64,
     actual: Amount,
 }
 
-fn spends(rows: Vec<SpendRow>) -> Vec<Spend> {
-    rows.into_iter()
-        .map(|row| Spend {
-            facts: facts_of(&row),
-            started_at: row.started_at,
-            actual: Amount::of(row.lead_milli, row.direct_dial_milli, row.export_milli),
-            request_id: row.request_id,
+fn spends(groups: Vec<SpendGroup>) -> Vec<Spend> {
+    groups
+        .into_iter()
+        .map(|g| Spend {
+            started_at: g.started_at,
+            actual: Amount::of(g.lead_milli, g.direct_dial_milli, g.export_milli),
+            facts: CallFacts {
+                table: g.table_name,
+                workflow: g.workflow,
+                key_fp: g.key_fp,
+                tags: g
+                    .tags
+                    .as_deref()
+                    .and_then(|t| serde_json::from_str(t).ok())
+                    .unwrap_or_default(),
+            },
         })
         .collect()
-}
-
-fn facts_of(row: &SpendRow) -> CallFacts {
-    CallFacts {
-        table: row.table_name.clone(),
-        workflow: row.workflow.clone(),
-        key_fp: row.key_fp.clone(),
-        tags: row
-            .tags
-            .as_deref()
-            .and_then(|t| serde_json::from_str(t).ok())
-            .unwrap_or_default(),
-    }
 }
 
 impl Guard {
@@ -759,14 +757,24 @@ impl Guard {
         };
         // Read outside the lock: calls settled meanwhile are in `recent`, calls admitted
         // meanwhile are in flight when the new budgets are installed.
-        let rows = match needs_rows {
+        let (rows, in_rows) = match needs_rows {
             Some(since) => {
+                // Calls settled lately may or may not be committed yet: read which are, in the
+                // same snapshot as the spend, so each is counted exactly once. (A call settling
+                // from now on started within the last minutes; one older than that and
+                // committed in between would be counted twice, never missed.)
+                let ids_since = lock(&self.state)
+                    .recent
+                    .iter()
+                    .map(|s| s.started_at)
+                    .chain([now - RECENT_STARTED_MS])
+                    .min();
                 let conn = crate::ledger::open_for_read(&self.ledger_path)?;
-                spends(crate::ledger::guard::spend_since(&conn, since)?)
+                let (groups, ids) = crate::ledger::guard::spend_snapshot(&conn, since, ids_since)?;
+                (spends(groups), ids)
             }
-            None => Vec::new(),
+            None => (Vec::new(), HashSet::new()),
         };
-        let in_rows: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
         let mut st = lock(&self.state);
         let st = &mut *st;
         let mut old: Vec<BudgetState> = std::mem::take(&mut st.budgets);

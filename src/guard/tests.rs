@@ -583,6 +583,10 @@ fn reload_rebuilds_a_changed_budget_from_ledger_recent_calls_and_calls_in_flight
     // A call settled but not yet in the ledger, and one in flight.
     let a = f.guard.admit("recent-1", facts("A"), now, lead(5)).unwrap();
     settle_credits(a, 5);
+    // ...and one settled and committed: counted once, not twice.
+    let a = f.guard.admit("recent-2", facts("A"), now, lead(3)).unwrap();
+    settle_credits(a, 3);
+    f.ledger_row("recent-2", "A", now, 3000, 0);
     let flying = f.guard.admit("fly-1", facts("A"), now, lead(1)).unwrap();
     let toml = r#"
 [[budget]]
@@ -600,14 +604,14 @@ window = "week"
     let cfg = Config::from_toml(toml).unwrap();
     let summary = f.guard.reload(&cfg.guard, &cfg.budget, now).unwrap();
     assert_eq!(summary.rebuilt, vec!["g".to_owned(), "new".to_owned()]);
-    // 2 from the ledger + 5 settled but uncommitted; 1 reserved in flight.
-    assert_eq!(f.usage(now, "g"), (7.0, 1.0));
-    assert_eq!(f.usage(now, "new"), (7.0, 1.0));
+    // 2 + 3 from the ledger + 5 settled but uncommitted; 1 reserved in flight.
+    assert_eq!(f.usage(now, "g"), (10.0, 1.0));
+    assert_eq!(f.usage(now, "new"), (10.0, 1.0));
     settle_credits(flying, 1);
-    assert_eq!(f.usage(now, "g"), (8.0, 0.0));
-    assert_eq!(f.usage(now, "new"), (8.0, 0.0));
+    assert_eq!(f.usage(now, "g"), (11.0, 0.0));
+    assert_eq!(f.usage(now, "new"), (11.0, 0.0));
     // Dropping a budget drops its gauges; calls in flight against it settle harmlessly.
-    let held = f.admit("A", now, lead(1)).unwrap();
+    let held = f.admit("B", now, lead(1)).unwrap();
     let cfg = Config::from_toml(&toml.replace(
         "name = \"new\"\nscope = \"global\"\nlimit = 50\nwindow = \"week\"",
         "name = \"other\"\nscope = \"global\"\nlimit = 50\nwindow = \"week\"",

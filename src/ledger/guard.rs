@@ -1,6 +1,7 @@
 //! What budgets and holds keep in the ledger and read back from it: the spend of recent calls
 //! (to rebuild budget windows at start-up) and the `holds` table. Knows nothing of HTTP.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -8,44 +9,69 @@ use rusqlite::{params, Connection};
 
 use super::LedgerError;
 
-/// One call's credits and attribution, as budgets need them.
+/// The credits of calls with one attribution that started within one minute.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpendRow {
-    pub request_id: String,
-    pub started_at: i64,
+pub struct SpendGroup {
     pub table_name: Option<String>,
     pub workflow: Option<String>,
     pub key_fp: Option<String>,
     /// The `tags` JSON object, as stored.
     pub tags: Option<String>,
+    /// The latest `started_at` in the group. Calendar windows start on whole minutes, so a
+    /// group lies wholly inside or outside one; a rolling window forgets it no earlier than
+    /// its last call.
+    pub started_at: i64,
     pub lead_milli: i64,
     pub direct_dial_milli: i64,
     pub export_milli: i64,
 }
 
-/// Every call that started at or after `since_ms` and cost anything. A range scan of the
-/// `calls_started_at` index.
-pub fn spend_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<SpendRow>> {
+/// Spend of the calls that started at or after `since_ms` and cost anything, grouped by
+/// attribution and minute: a range scan of the `calls_started_at` index that hands back far
+/// fewer rows than calls.
+pub fn spend_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<SpendGroup>> {
     let mut stmt = conn.prepare(
-        "SELECT request_id, started_at, table_name, workflow, key_fp, tags,
-                lead_milli, direct_dial_milli, export_milli
+        "SELECT table_name, workflow, key_fp, tags, max(started_at),
+                sum(lead_milli), sum(direct_dial_milli), sum(export_milli)
            FROM calls
-          WHERE started_at >= ?1 AND credits_milli <> 0",
+          WHERE started_at >= ?1 AND credits_milli <> 0
+          GROUP BY table_name, workflow, key_fp, tags, started_at / 60000",
     )?;
     let rows = stmt.query_map([since_ms], |r| {
-        Ok(SpendRow {
-            request_id: r.get(0)?,
-            started_at: r.get(1)?,
-            table_name: r.get(2)?,
-            workflow: r.get(3)?,
-            key_fp: r.get(4)?,
-            tags: r.get(5)?,
-            lead_milli: r.get(6)?,
-            direct_dial_milli: r.get(7)?,
-            export_milli: r.get(8)?,
+        Ok(SpendGroup {
+            table_name: r.get(0)?,
+            workflow: r.get(1)?,
+            key_fp: r.get(2)?,
+            tags: r.get(3)?,
+            started_at: r.get(4)?,
+            lead_milli: r.get(5)?,
+            direct_dial_milli: r.get(6)?,
+            export_milli: r.get(7)?,
         })
     })?;
     rows.collect()
+}
+
+/// [`spend_since`] and the `request_id`s of the costing calls that started at or after
+/// `ids_since_ms`, read in one transaction so both see the same committed rows.
+pub fn spend_snapshot(
+    conn: &Connection,
+    since_ms: i64,
+    ids_since_ms: Option<i64>,
+) -> rusqlite::Result<(Vec<SpendGroup>, HashSet<String>)> {
+    let tx = conn.unchecked_transaction()?;
+    let groups = spend_since(&tx, since_ms)?;
+    let mut ids = HashSet::new();
+    if let Some(t) = ids_since_ms {
+        let mut stmt = tx.prepare(
+            "SELECT request_id FROM calls WHERE started_at >= ?1 AND credits_milli <> 0",
+        )?;
+        for id in stmt.query_map([t], |r| r.get::<_, String>(0))? {
+            ids.insert(id?);
+        }
+    }
+    tx.finish()?;
+    Ok((groups, ids))
 }
 
 /// A hold in force.
