@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz` (ledger
-//! writable, config loaded, not shutting down) and the JSON API under `/api/`. It is served on
-//! its own address, loopback by default, never on the proxy listener.
+//! writable, config loaded, not shutting down) and the JSON API under `/api/`: `status`,
+//! `budgets` (GET), and `holds` (GET, POST to place one, DELETE `/api/holds/{id}` to lift it).
+//! It is served on its own address, loopback by default, never on the proxy listener.
 //!
 //! When the environment variable named by `admin.token_env` holds a token, every `/api/` route
 //! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
@@ -13,16 +14,23 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde_json::json;
+use serde_json::{json, Value};
 
+use crate::guard::Guard;
 use crate::ledger::LedgerHandle;
+use crate::meter::now_ms;
 use crate::metrics::Metrics;
+
+/// The largest admin API request body read (a hold is a few hundred bytes).
+const MAX_API_BODY: usize = 64 * 1024;
 
 /// What the admin endpoints read.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
+    /// Budgets and holds.
+    pub guard: Arc<Guard>,
     pub ledger: LedgerHandle,
     /// The ledger file, for read-only API queries.
     pub ledger_path: PathBuf,
@@ -61,6 +69,8 @@ impl Admin {
             ),
             "/metrics" if self.protect_metrics && !self.authorized(&req) => unauthorized(),
             "/metrics" => {
+                // Idle budgets move to their new window before the scrape sees them.
+                self.guard.publish(now_ms());
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.encode())));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -79,7 +89,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz or /api/status\n",
+                "not found: try /metrics, /healthz, /readyz, /api/status or /api/budgets\n",
             ),
         })
     }
@@ -131,7 +141,19 @@ impl Admin {
 
     /// The JSON API. Read-only routes take GET.
     async fn api(&self, req: Request<Incoming>) -> AdminResponse {
-        match (req.method().clone(), req.uri().path()) {
+        let path = req.uri().path().to_owned();
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/api/budgets") => {
+                json_response(StatusCode::OK, &self.guard.snapshot(now_ms()))
+            }
+            (Method::GET, "/api/holds") => json_response(
+                StatusCode::OK,
+                &json!({"holds": self.guard.holds().iter().map(crate::guard::Hold::to_json).collect::<Vec<_>>()}),
+            ),
+            (Method::POST, "/api/holds") => self.place_hold(req).await,
+            (Method::DELETE, p) if p.starts_with("/api/holds/") => {
+                self.lift_hold(&p["/api/holds/".len()..]).await
+            }
             (Method::GET, "/api/status") => json_response(
                 StatusCode::OK,
                 &json!({
@@ -205,6 +227,83 @@ impl Admin {
             ),
         }
     }
+
+    /// `POST /api/holds` with `{"scope": "global" | {"table": …, "workflow": …, "key": …,
+    /// "tag": {…}}, "reason": "…"}`: 201 with the new hold, or 200 with the identical hold
+    /// already in force.
+    async fn place_hold(&self, req: Request<Incoming>) -> AdminResponse {
+        let body = match Limited::new(req.into_body(), MAX_API_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return bad_request(format!("cannot read the request body: {e}")),
+        };
+        let v: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return bad_request(format!("the body must be JSON: {e}")),
+        };
+        let Some(scope) = v.get("scope") else {
+            return bad_request(
+                "name what to hold: {\"scope\": {\"table\": \"…\"}} (or workflow, key, tag), or {\"scope\": \"global\"} to pause everything".into(),
+            );
+        };
+        let scope = match crate::guard::config::scope_from_json(scope) {
+            Ok(s) => s,
+            Err(e) => return bad_request(format!("scope: {e}")),
+        };
+        let reason = match v.get("reason") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(r)) if r.len() <= 1024 => Some(r.clone()),
+            Some(_) => return bad_request("reason must be a string of at most 1024 bytes".into()),
+        };
+        let guard = self.guard.clone();
+        match tokio::task::spawn_blocking(move || guard.add_hold(scope, reason, now_ms())).await {
+            Ok(Ok((hold, created))) => json_response(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &json!({"hold": hold.to_json(), "created": created}),
+            ),
+            Ok(Err(e)) => hold_failed(&e),
+            Err(e) => hold_failed(&e),
+        }
+    }
+
+    /// `DELETE /api/holds/{id}`: 200 with the released hold, 404 if none is in force.
+    async fn lift_hold(&self, id: &str) -> AdminResponse {
+        let Ok(id) = id.parse::<i64>() else {
+            return bad_request(format!(
+                "{id:?} is not a hold id (GET /api/holds lists them)"
+            ));
+        };
+        let guard = self.guard.clone();
+        match tokio::task::spawn_blocking(move || guard.release_hold(id, now_ms())).await {
+            Ok(Ok(Some(hold))) => {
+                json_response(StatusCode::OK, &json!({"released": hold.to_json()}))
+            }
+            Ok(Ok(None)) => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "message": format!("no hold {id} is in force (GET /api/holds lists them)")}),
+            ),
+            Ok(Err(e)) => hold_failed(&e),
+            Err(e) => hold_failed(&e),
+        }
+    }
+}
+
+fn bad_request(message: String) -> AdminResponse {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": "bad_request", "message": message}),
+    )
+}
+
+fn hold_failed(e: &dyn std::error::Error) -> AdminResponse {
+    tracing::error!(error = %e, "changing a hold failed");
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({"error": "hold_not_recorded", "message": format!("the hold could not be recorded in the ledger, so nothing changed: {e}")}),
+    )
 }
 
 /// Compares two equal-length digests without an early exit.

@@ -71,6 +71,13 @@ pub enum ConfigError {
     },
     #[error("invalid config: `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A `[[budget]]` entry is wrong; `budget` is its position and name.
+    #[error("invalid config: [[budget]] {budget}: `{key}`: {message}")]
+    Budget {
+        budget: String,
+        key: &'static str,
+        message: String,
+    },
 }
 
 /// The whole configuration. Every section and key is optional.
@@ -86,6 +93,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
     pub reconcile: ReconcileConfig,
+    /// `[guard]`: settings shared by budgets and holds.
+    pub guard: crate::guard::GuardConfig,
+    /// `[[budget]]`: spend limits, none by default.
+    pub budget: Vec<crate::guard::BudgetConfig>,
 }
 
 /// `[proxy]`: the listener callers point their Apollo base URL at.
@@ -531,6 +542,7 @@ impl Config {
             ));
         }
         self.reconcile.validate()?;
+        crate::guard::config::validate(&self.guard, &self.budget)?;
         Ok(())
     }
 
@@ -714,6 +726,23 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/creditmeter.toml");
         let c = Config::load(Some(&path)).unwrap();
         assert_eq!(c.upstream.timeout.0, DEFAULT_UPSTREAM_TIMEOUT);
+    }
+
+    #[test]
+    fn example_budgets_validate_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/creditmeter.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# BEGIN budget examples").unwrap();
+        let end = text.find("# END budget examples").unwrap();
+        let budgets: String = text[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&budgets).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.budget.len(), 3);
     }
 
     #[test]

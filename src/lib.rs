@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod catalog;
 pub mod config;
 pub mod demo;
+pub mod guard;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;
@@ -52,6 +53,8 @@ pub enum RunError {
     Upstream(#[from] proxy::upstream::UpstreamError),
     #[error(transparent)]
     Tls(#[from] proxy::listener::TlsSetupError),
+    #[error("budgets and holds: {0}")]
+    Guard(#[from] guard::GuardError),
 }
 
 /// Reads the config file again and builds the settings a reload may change. Keys that need a
@@ -59,7 +62,7 @@ pub enum RunError {
 fn reload_settings(
     path: Option<&Path>,
     running: &Config,
-) -> Result<proxy::ProxySettings, RunError> {
+) -> Result<(proxy::ProxySettings, Config), RunError> {
     let new = Config::load(path)?;
     let catalog = Arc::new(load_catalog(&new)?);
     for (key, changed) in [
@@ -87,10 +90,13 @@ fn reload_settings(
             );
         }
     }
-    Ok(proxy::ProxySettings {
-        catalog,
-        require_table: new.attribution.require_table,
-    })
+    Ok((
+        proxy::ProxySettings {
+            catalog,
+            require_table: new.attribution.require_table,
+        },
+        new,
+    ))
 }
 
 /// Loads the configured catalog, or the built-in one.
@@ -171,6 +177,16 @@ pub async fn run_with_reload(
     )?);
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
     seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::from)?;
+    // Budgets resume the current windows' spend, and holds stay in force, across restarts.
+    let guard: Arc<guard::Guard> = Arc::new(guard::Guard::start(
+        &config.guard,
+        &config.budget,
+        &conn,
+        config.ledger.path.clone(),
+        metrics.budgets(),
+        meter::now_ms(),
+    )?);
+    let guard_for_reload = guard.clone();
     let (writer, ledger_handle) = LedgerWriter::spawn(
         conn,
         ledger::WriterConfig {
@@ -237,6 +253,7 @@ pub async fn run_with_reload(
     let proxy = Arc::new(Proxy {
         upstream,
         meter,
+        guard: guard.clone(),
         fingerprints: attribution::KeyFingerprinter::new(&secret),
         ids: meter::RequestIds::new(),
         settings: proxy_settings.clone(),
@@ -254,6 +271,7 @@ pub async fn run_with_reload(
     let admin_token = config.admin.token();
     let admin = Arc::new(admin::Admin {
         metrics: metrics.clone(),
+        guard,
         ledger: ledger_handle.clone(),
         ledger_path: config.ledger.path.clone(),
         draining: draining.clone(),
@@ -323,21 +341,38 @@ pub async fn run_with_reload(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(()) = reload.recv() => match reload_settings(config_path.as_deref(), &config) {
-                Ok(settings) => {
-                    tracing::info!(
-                        catalog = settings.catalog.version(),
-                        require_table = settings.require_table,
-                        "configuration reloaded"
-                    );
-                    proxy.reload(settings);
-                    metrics.config_reloaded(true);
-                }
-                Err(e) => {
+            Some(()) = reload.recv() => {
+                let loaded = reload_settings(config_path.as_deref(), &config);
+                let applied = match loaded {
+                    Ok((settings, new)) => {
+                        // Budgets first: if they are refused, nothing changes.
+                        let guard = guard_for_reload.clone();
+                        let budgets = tokio::task::spawn_blocking(move || {
+                            guard.reload(&new.guard, &new.budget, meter::now_ms())
+                        })
+                        .await;
+                        match budgets {
+                            Ok(Ok(summary)) => {
+                                tracing::info!(
+                                    catalog = settings.catalog.version(),
+                                    require_table = settings.require_table,
+                                    budgets = ?summary,
+                                    "configuration reloaded"
+                                );
+                                proxy.reload(settings);
+                                Ok(())
+                            }
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = &applied {
                     tracing::error!(error = %e, "configuration reload refused; the previous settings stay in force");
-                    metrics.config_reloaded(false);
                 }
-            },
+                metrics.config_reloaded(applied.is_ok());
+            }
         }
     }
     let deadline = Instant::now() + config.shutdown.grace.0;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use creditmeter::config::Config;
+use creditmeter::guard::client::{self as guard_client, AdminClient};
 use creditmeter::ledger::queries::GroupBy;
 use creditmeter::report::{self, Format, ReportRequest};
 use tracing_subscriber::EnvFilter;
@@ -99,11 +100,105 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// Each budget's spend, reservations and limit in its current window, and the holds in
+    /// force (asks the running server's admin API).
+    Budgets {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_enum, default_value = "table")]
+        format: BudgetsFormat,
+    },
+    /// Emergency stop: refuse calls by table, workflow, key fingerprint or tag (globs), or all
+    /// calls, until released. Takes effect at once and persists in the ledger.
+    Hold {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Why, shown to refused callers and in `creditmeter budgets`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a hold: by its id, or by the same scope flags it was placed with.
+    Release {
+        /// The hold's id (`creditmeter budgets` lists them).
+        id: Option<i64>,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
     /// Exit 0 if URL answers 2xx (for container health checks).
     Healthcheck {
         #[arg(default_value = "http://127.0.0.1:9464/healthz")]
         url: String,
     },
+}
+
+/// Where the admin API is, for the commands that use it.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Config file: `admin.listen` gives the address and `admin.token_env` the token's variable.
+    #[arg(long, short, env = "CREDITMETER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Admin API base URL, e.g. http://127.0.0.1:9464 (default: from `admin.listen`).
+    #[arg(long)]
+    admin: Option<String>,
+}
+
+/// What a hold covers.
+#[derive(clap::Args)]
+struct ScopeArgs {
+    /// Every call, attributed or not.
+    #[arg(long)]
+    all: bool,
+    /// Table name or glob (`Inbound*`).
+    #[arg(long)]
+    table: Option<String>,
+    /// Workflow name or glob.
+    #[arg(long)]
+    workflow: Option<String>,
+    /// API key fingerprint (`key_fp`, as `creditmeter report --by key` shows), or a glob.
+    #[arg(long)]
+    key: Option<String>,
+    /// NAME=VALUE of an X-Meter-Tag-NAME header (VALUE may be a glob); repeatable.
+    #[arg(long)]
+    tag: Vec<String>,
+}
+
+impl ScopeArgs {
+    fn to_json(&self) -> Result<Option<serde_json::Value>, String> {
+        guard_client::scope_json(
+            self.all,
+            self.table.clone(),
+            self.workflow.clone(),
+            self.key.clone(),
+            &self.tag,
+        )
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BudgetsFormat {
+    Table,
+    Json,
+}
+
+fn admin_client(args: &AdminArgs) -> Result<AdminClient, ExitCode> {
+    let config = match &args.config {
+        Some(p) => load_config(Some(p))?,
+        None => Config::default(),
+    };
+    let base = args
+        .admin
+        .clone()
+        .unwrap_or_else(|| guard_client::admin_url(config.admin.listen));
+    Ok(AdminClient::new(&base, config.admin.token()))
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("creditmeter: {message}");
+    ExitCode::from(EX_USAGE)
 }
 
 fn main() -> ExitCode {
@@ -271,6 +366,36 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             for ep in catalog.endpoints() {
                 println!("  {}", ep.name());
             }
+            println!(
+                "guard: time_zone {}, unknown_cost_ceiling {} credits, hold_status {}, admission_wait {}",
+                config.guard.time_zone,
+                config.guard.unknown_cost_ceiling.0 as f64 / 1000.0,
+                config.guard.hold_status,
+                config.guard.admission_wait
+            );
+            if config.budget.is_empty() {
+                println!("  no budgets");
+            }
+            for b in &config.budget {
+                let limits: Vec<String> = b
+                    .limit
+                    .entries()
+                    .map(|(ty, milli)| format!("{ty} {}", milli as f64 / 1000.0))
+                    .collect();
+                println!(
+                    "  budget {:?}: {} credits per {} ({}), {}, warn at {}%{}",
+                    b.name,
+                    limits.join(", "),
+                    b.window,
+                    b.scope,
+                    b.action.as_str(),
+                    b.warn_at,
+                    b.time_zone
+                        .as_deref()
+                        .map(|z| format!(", time zone {z}"))
+                        .unwrap_or_default()
+                );
+            }
             println!("ok");
             Ok(ExitCode::SUCCESS)
         }
@@ -389,6 +514,104 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 hold,
             }))?;
             print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Budgets { admin, format } => {
+            let client = match admin_client(&admin) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let v = runtime()?.block_on(client.call(http::Method::GET, "/api/budgets", None))?;
+            match format {
+                BudgetsFormat::Json => println!("{v:#}"),
+                BudgetsFormat::Table => print!("{}", guard_client::render_budgets(&v)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hold {
+            admin,
+            scope,
+            reason,
+        } => {
+            let scope = match scope.to_json() {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(usage(
+                    "name what to hold: --table, --workflow, --key, --tag NAME=VALUE, or --all for every call",
+                )),
+                Err(e) => return Ok(usage(&e)),
+            };
+            let client = match admin_client(&admin) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let body = serde_json::json!({"scope": scope, "reason": reason});
+            let v =
+                runtime()?.block_on(client.call(http::Method::POST, "/api/holds", Some(&body)))?;
+            let hold = &v["hold"];
+            println!(
+                "hold {} {}: {} (release with `creditmeter release {}`)",
+                hold["id"],
+                if v["created"] == true {
+                    "placed"
+                } else {
+                    "was already in force"
+                },
+                hold["scope_text"].as_str().unwrap_or("?"),
+                hold["id"],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Release { id, admin, scope } => {
+            let wanted = match (id, scope.to_json()) {
+                (_, Err(e)) => return Ok(usage(&e)),
+                (Some(_), Ok(Some(_))) => {
+                    return Ok(usage("give a hold id or scope flags, not both"))
+                }
+                (None, Ok(None)) => {
+                    return Ok(usage(
+                        "name the hold: its id (see `creditmeter budgets`), or the scope flags it was placed with",
+                    ))
+                }
+                (id, Ok(scope)) => (id, scope),
+            };
+            let client = match admin_client(&admin) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let rt = runtime()?;
+            let id = match wanted {
+                (Some(id), _) => id,
+                (None, scope) => {
+                    let v = rt.block_on(client.call(http::Method::GET, "/api/holds", None))?;
+                    let found = v["holds"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|h| Some(&h["scope"]) == scope.as_ref())
+                        .and_then(|h| h["id"].as_i64());
+                    match found {
+                        Some(id) => id,
+                        None => {
+                            eprintln!(
+                                "creditmeter: no hold with that scope is in force; holds in force:"
+                            );
+                            eprint!(
+                                "{}",
+                                guard_client::render_holds(
+                                    v["holds"].as_array().map(Vec::as_slice).unwrap_or(&[])
+                                )
+                            );
+                            return Ok(ExitCode::from(1));
+                        }
+                    }
+                }
+            };
+            let v =
+                rt.block_on(client.call(http::Method::DELETE, &format!("/api/holds/{id}"), None))?;
+            println!(
+                "hold {id} released: {}",
+                v["released"]["scope_text"].as_str().unwrap_or("?")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck { url } => {

@@ -3,7 +3,8 @@
 //! The proxy creates one [`CallMeter`] per call and hands it along with the call (into the
 //! upstream task, then into the response body). It records the call exactly once: through
 //! [`CallMeter::finish`], or, if the call is abandoned anywhere on the way, from its `Drop`, so a
-//! call can never vanish without a row.
+//! call can never vanish without a row. A call admitted against budgets carries its
+//! [`Admission`] here, so the same exactly-once finish settles its reservation.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use crate::attribution::Attribution;
 use crate::catalog::{Catalog, CreditSource, RequestParams, ResponseView};
 use crate::config::Durability;
+use crate::guard::{Admission, Amount};
 use crate::ledger::writer::Ack;
 use crate::ledger::{CallRecord, LedgerHandle, Outcome};
 use crate::metrics::Metrics;
@@ -151,6 +153,7 @@ pub struct CallMeter {
     status: Option<u16>,
     content_encoding: Option<String>,
     upstream_started: Option<Instant>,
+    admission: Option<Admission>,
 }
 
 impl CallMeter {
@@ -161,7 +164,14 @@ impl CallMeter {
             status: None,
             content_encoding: None,
             upstream_started: None,
+            admission: None,
         }
+    }
+
+    /// Attaches the call's budget reservation, settled when the call is recorded.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// The call's `request_id`.
@@ -210,6 +220,13 @@ impl CallMeter {
     pub fn finish(&mut self, f: Finish) -> Option<Ack> {
         let ctx = self.ctx.take()?;
         let record = self.build(*ctx, f);
+        if let Some(admission) = self.admission.take() {
+            admission.settle(Amount::of(
+                record.lead_milli,
+                record.direct_dial_milli,
+                record.export_milli,
+            ));
+        }
         self.meter.metrics.observe_call(&record);
         let want_ack = self.meter.durability == Durability::Commit;
         self.meter.ledger.submit(record, want_ack)

@@ -56,6 +56,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     ledger: LedgerMetrics,
     reconcile: ReconcileMetrics,
+    budgets: BudgetMetrics,
     tables: LabelCap,
     workflows: LabelCap,
 }
@@ -184,6 +185,7 @@ impl Metrics {
                 "Unix time of the last successful Apollo balance poll.",
             )?,
         };
+        let budgets = BudgetMetrics::new()?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "creditmeter_build_info",
@@ -212,6 +214,14 @@ impl Metrics {
             Box::new(reconcile.polls.clone()),
             Box::new(reconcile.last_success.clone()),
             Box::new(build_info),
+            Box::new(budgets.limit.clone()),
+            Box::new(budgets.spent.clone()),
+            Box::new(budgets.reserved.clone()),
+            Box::new(budgets.rejections.clone()),
+            Box::new(budgets.warning.clone()),
+            Box::new(budgets.over_limit.clone()),
+            Box::new(budgets.holds_active.clone()),
+            Box::new(budgets.hold_rejections.clone()),
         ] {
             registry.register(c)?;
         }
@@ -244,6 +254,7 @@ impl Metrics {
             reloads,
             ledger,
             reconcile,
+            budgets,
             tables: LabelCap::new(max_label_values),
             workflows: LabelCap::new(max_label_values),
         })
@@ -259,6 +270,11 @@ impl Metrics {
     /// The handles the ledger writer updates.
     pub fn ledger(&self) -> LedgerMetrics {
         self.ledger.clone()
+    }
+
+    /// The handles budgets and holds update.
+    pub fn budgets(&self) -> BudgetMetrics {
+        self.budgets.clone()
     }
 
     fn table_label<'a>(&self, table: Option<&'a str>) -> &'a str {
@@ -451,6 +467,82 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics");
         }
         buf
+    }
+}
+
+/// Budget and hold metrics. `budget` is the budget's name (from config, so bounded); `credit_type`
+/// is `all` for a limit over every type, else `lead`, `direct_dial` or `export`, and only the
+/// types a budget limits appear.
+#[derive(Clone)]
+pub struct BudgetMetrics {
+    /// `creditmeter_budget_limit_credits{budget,credit_type}`.
+    pub limit: GaugeVec,
+    /// `creditmeter_budget_spent_credits{budget,credit_type}`: settled spend in the current window.
+    pub spent: GaugeVec,
+    /// `creditmeter_budget_reserved_credits{budget,credit_type}`: worst cases of calls in flight.
+    pub reserved: GaugeVec,
+    /// `creditmeter_budget_rejections_total{budget}`: calls a `block` budget refused.
+    pub rejections: IntCounterVec,
+    /// `creditmeter_budget_warning{budget,credit_type}`: 1 while spend in the current window is at
+    /// or past `warn_at` percent of the limit.
+    pub warning: IntGaugeVec,
+    /// `creditmeter_budget_over_limit_calls_total{budget}`: calls an `alert` budget let through
+    /// past its limit.
+    pub over_limit: IntCounterVec,
+    /// `creditmeter_holds_active`: holds in force.
+    pub holds_active: IntGauge,
+    /// `creditmeter_hold_rejections_total{scope}`: calls refused by a hold, by the hold's scope.
+    pub hold_rejections: IntCounterVec,
+}
+
+impl BudgetMetrics {
+    fn new() -> Result<BudgetMetrics, prometheus::Error> {
+        let gauge = |name: &str, help: &str| {
+            GaugeVec::new(Opts::new(name, help), &["budget", "credit_type"])
+        };
+        Ok(BudgetMetrics {
+            limit: gauge(
+                "creditmeter_budget_limit_credits",
+                "A budget's limit, in credits.",
+            )?,
+            spent: gauge(
+                "creditmeter_budget_spent_credits",
+                "Credits spent in the budget's current window (settled calls).",
+            )?,
+            reserved: gauge(
+                "creditmeter_budget_reserved_credits",
+                "Credits reserved against the budget by calls in flight (their worst case).",
+            )?,
+            rejections: IntCounterVec::new(
+                Opts::new(
+                    "creditmeter_budget_rejections_total",
+                    "Calls refused because their worst case would cross a block budget.",
+                ),
+                &["budget"],
+            )?,
+            warning: IntGaugeVec::new(
+                Opts::new(
+                    "creditmeter_budget_warning",
+                    "1 while the budget's spend in its current window is at or past warn_at percent of the limit.",
+                ),
+                &["budget", "credit_type"],
+            )?,
+            over_limit: IntCounterVec::new(
+                Opts::new(
+                    "creditmeter_budget_over_limit_calls_total",
+                    "Calls an alert budget let through although their worst case crossed its limit.",
+                ),
+                &["budget"],
+            )?,
+            holds_active: IntGauge::new("creditmeter_holds_active", "Holds in force.")?,
+            hold_rejections: IntCounterVec::new(
+                Opts::new(
+                    "creditmeter_hold_rejections_total",
+                    "Calls refused by a hold, by the hold's scope.",
+                ),
+                &["scope"],
+            )?,
+        })
     }
 }
 

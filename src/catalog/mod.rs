@@ -214,6 +214,26 @@ impl Endpoint {
                 Some(sum.saturating_add(charge.max_milli(records)?))
             })
     }
+
+    /// [`worst_case_milli`](Self::worst_case_milli) by credit type, for budgets that limit one
+    /// type. `None` under the same conditions.
+    pub fn worst_case(&self, req: &RequestParams) -> Option<Credits> {
+        if !self.catalogued {
+            return None;
+        }
+        let records = self.records_requested.as_ref().and_then(|r| r.count(req));
+        let mut credits = Credits::default();
+        for charge in self.charges.iter().filter(|charge| charge.applies(req)) {
+            let milli = charge.max_milli(records)?;
+            let slot = match charge.credit_type {
+                rules::CreditType::Lead => &mut credits.lead_milli,
+                rules::CreditType::DirectDial => &mut credits.direct_dial_milli,
+                rules::CreditType::Export => &mut credits.export_milli,
+            };
+            *slot = slot.saturating_add(milli);
+        }
+        Some(credits)
+    }
 }
 
 /// One line for `check-config`, such as

@@ -4,6 +4,7 @@
 //! block the writer. One writer thread owns the write connection and group-commits rows handed
 //! to it over a channel ([`writer`]). This module knows nothing of HTTP.
 
+pub mod guard;
 pub mod queries;
 pub mod schema;
 pub mod writer;
@@ -65,6 +66,10 @@ pub enum Outcome {
     ClientCancelled,
     /// creditmeter refused the call (bad attribution, body too large, not proxyable); nothing went upstream.
     Rejected,
+    /// A `block` budget refused the call: its worst-case cost would cross the limit. Nothing went upstream.
+    RejectedBudget,
+    /// A hold (emergency stop) covers the call. Nothing went upstream.
+    RejectedHold,
 }
 
 impl Outcome {
@@ -76,6 +81,8 @@ impl Outcome {
             Outcome::UpstreamTimeout => "upstream_timeout",
             Outcome::ClientCancelled => "client_cancelled",
             Outcome::Rejected => "rejected",
+            Outcome::RejectedBudget => "rejected_budget",
+            Outcome::RejectedHold => "rejected_hold",
         }
     }
 }

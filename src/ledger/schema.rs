@@ -110,6 +110,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX reconciliation_window ON reconciliation(window_end, credit_type);
     "#,
+    // Holds: emergency stops placed through the admin API (`POST /api/holds`). A hold is in
+    // force while `released_at` is NULL; released holds stay as a record of who paused what.
+    r#"
+    CREATE TABLE holds (
+        id          INTEGER PRIMARY KEY,
+        scope       TEXT    NOT NULL,  -- JSON: "global" or {"table": glob, "workflow": glob, "key": glob, "tag": {name: glob}}
+        reason      TEXT,
+        created_at  INTEGER NOT NULL,  -- unix ms, UTC
+        released_at INTEGER            -- unix ms, UTC; NULL while in force
+    );
+    CREATE INDEX holds_active ON holds(released_at);
+    "#,
 ];
 
 /// The schema version this build writes.

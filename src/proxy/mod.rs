@@ -3,9 +3,9 @@
 //!
 //! Flow of one call: guards (no CONNECT, no absolute-form targets: this is not an open proxy) →
 //! attribution (strip `x-meter-*`, 400 on bad values) → read the request body (capped) → classify
-//! and read parameters → spawn the upstream exchange as its own task (so a caller that leaves
-//! early cannot cancel the metering of a call Apollo may bill) → response head with
-//! `X-Meter-Request-Id` → tapped body.
+//! and read parameters → admission (holds and budgets, see `guard`; 429/503 when refused) →
+//! spawn the upstream exchange as its own task (so a caller that leaves early cannot cancel the
+//! metering of a call Apollo may bill) → response head with `X-Meter-Request-Id` → tapped body.
 
 pub mod listener;
 pub mod tap;
@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::attribution::{self, KeyFingerprinter};
 use crate::catalog::{Catalog, RequestParams};
+use crate::guard::{Guard, Refusal};
 use crate::ledger::Outcome;
 use crate::meter::{now_ms, CallContext, CallMeter, Captured, Finish, Meter, RequestIds};
 use tap::{error_chain, DrainSettings, TapBody};
@@ -77,6 +78,7 @@ impl SettingsCell {
 pub struct Proxy {
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
+    pub guard: Arc<Guard>,
     pub fingerprints: KeyFingerprinter,
     pub ids: RequestIds,
     pub settings: Arc<SettingsCell>,
@@ -271,7 +273,14 @@ impl Proxy {
             key_fp,
             request_bytes: body_bytes.len() as i64,
         };
-        let call = CallMeter::new(self.meter.clone(), ctx);
+        // Admission: a held call, or one whose worst case would cross a block budget, costs
+        // nothing upstream. An admitted call's reservation settles when its meter finishes.
+        // (It may wait up to guard.admission_wait for calls in flight to settle.)
+        let admission = match self.guard.admit_call(&ctx, &ctx.catalog.clone()).await {
+            Ok(a) => a,
+            Err(refusal) => return Ok(self.refuse_guarded(ctx, refusal).await),
+        };
+        let call = CallMeter::new(self.meter.clone(), ctx).with_admission(admission);
 
         // The upstream request: same method, path, query (minus meter_*), headers and body.
         let uri = match self.upstream.uri_for(&path, query.as_deref()) {
@@ -417,6 +426,39 @@ impl Proxy {
             let _ = ack.await;
         }
         json_error(status, code, message, &request_id, field.as_deref())
+    }
+
+    /// A call refused by a hold or a budget: recorded with its outcome, answered with the
+    /// refusal's JSON and, for a budget, `Retry-After`.
+    async fn refuse_guarded(&self, ctx: CallContext, refusal: Refusal) -> Response<ProxyBody> {
+        let request_id = ctx.request_id.clone();
+        let message = refusal.message();
+        tracing::info!(request_id, code = refusal.code(), %message, "call refused by the guard");
+        let mut call = CallMeter::new(self.meter.clone(), ctx);
+        let ack = call.finish(Finish {
+            outcome: refusal.outcome(),
+            body: Captured::default(),
+            response_bytes: 0,
+            error: Some(message),
+        });
+        if let Some(ack) = ack {
+            let _ = ack.await;
+        }
+        let body = Bytes::from(refusal.body(&request_id).to_string());
+        let mut resp = Response::new(Either::Right(Full::new(body)));
+        *resp.status_mut() = refusal.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        if let Some(secs) = refusal.retry_after_secs() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 
     async fn fail_before_upstream(

@@ -1,0 +1,1017 @@
+//! Guardrails: budgets that hold under concurrency and restarts, and holds (emergency stops).
+//!
+//! Flow of one call: after attribution and classification the proxy asks [`Guard::admit`].
+//! Under one lock it checks the holds, then reserves the call's worst-case cost (from the
+//! catalog; `guard.unknown_cost_ceiling` when it has none) against every budget whose scope
+//! covers the call, all or nothing. A call that would cross a `block` budget, or that a hold
+//! covers, is refused before anything goes upstream ([`Refusal`]). An admitted call carries its
+//! [`Admission`] inside its `CallMeter`, whose exactly-once finish (end of body, upstream
+//! failure, caller gone, or drop) settles it: the reservation is released and the call's actual
+//! credits are counted.
+//!
+//! Because every reservation fits when it is made and a call's actual cost never exceeds the
+//! worst case it reserved, `spent + reserved <= limit` holds at every instant, so `spent <=
+//! limit` — whatever the concurrency. The one exception is a figure Apollo reports itself
+//! (`credits_consumed`) that exceeds the catalog's bound: that overrun is counted, logged, and
+//! blocks later calls, but cannot be taken back.
+//!
+//! Spend is attributed to the window its call *started* in, as the ledger's `started_at` says,
+//! so [`Guard::start`] rebuilds each current window from the ledger exactly. Holds are rows of
+//! the ledger's `holds` table. [`Guard::reload`] swaps in new budgets and keeps the spend of
+//! those that still count the same calls.
+
+pub mod client;
+pub mod config;
+pub mod scope;
+pub mod state;
+#[cfg(test)]
+mod tests;
+pub mod window;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+pub use config::{Action, BudgetConfig, GuardConfig, WindowSpec};
+pub use scope::{CallFacts, Glob, Scope};
+pub use state::Amount;
+
+use crate::catalog::{Catalog, Credits};
+use crate::ledger::guard::SpendGroup;
+use crate::ledger::{LedgerError, Outcome};
+use crate::meter::{now_ms, CallContext};
+use crate::metrics::BudgetMetrics;
+use state::{Budget, BudgetState, Crossing, DIMS};
+use window::format_local;
+
+/// Settled calls remembered for a reload's rebuild: long enough for any row to be committed.
+const RECENT_KEEP_MS: i64 = 60_000;
+/// ...and at most this many.
+const RECENT_MAX: usize = 200_000;
+/// How far back a reload looks for `request_id`s of committed calls to tell them from recent
+/// settlements: longer than any call lasts (`upstream.timeout` is 2 minutes by default).
+const RECENT_STARTED_MS: i64 = 15 * 60_000;
+
+/// Why the guard could not start, reload, or change a hold.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("ledger: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("budget {name:?}: {message}")]
+    Budget { name: String, message: String },
+    #[error("hold {id} has an unreadable scope in the ledger: {message}")]
+    HoldScope { id: i64, message: String },
+}
+
+/// A hold in force: calls its scope covers are refused until it is released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub id: i64,
+    pub scope: Scope,
+    pub reason: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+impl Hold {
+    /// The JSON the admin API and refusals show.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "scope": self.scope,
+            "scope_text": self.scope.to_string(),
+            "reason": self.reason,
+            "created_at": format_local(self.created_at, &jiff::tz::TimeZone::UTC),
+            "created_at_ms": self.created_at,
+        })
+    }
+}
+
+/// A call admitted against the budgets. Settle it once with the call's actual cost; dropping it
+/// unsettled releases the reservation and counts nothing.
+pub struct Admission {
+    guard: Arc<Guard>,
+    id: u64,
+    settled: bool,
+}
+
+impl Admission {
+    /// Releases the reservation and counts `actual` against every budget it was reserved in.
+    pub fn settle(mut self, actual: Amount) {
+        self.settled = true;
+        self.guard.settle(self.id, actual);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.guard.settle(self.id, Amount::default());
+        }
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").field("id", &self.id).finish()
+    }
+}
+
+/// The outcome of an admission attempt that did not admit.
+enum Blocked {
+    Final(Refusal),
+    /// Only reservations of calls in flight stand in the way: worth waiting for them. The
+    /// refusal is what the caller gets if it stops waiting now (not yet counted).
+    Wait(Refusal),
+}
+
+/// Why a call was refused.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// A hold covers the call.
+    Hold { hold: Box<Hold>, status: u16 },
+    /// The call's worst case would cross a `block` budget.
+    Budget(Box<BudgetRefusal>),
+}
+
+/// The budget that refused a call, and its state at that moment. Credits in milli.
+#[derive(Debug, Clone)]
+pub struct BudgetRefusal {
+    pub budget: String,
+    pub window: WindowSpec,
+    pub time_zone: String,
+    tz: jiff::tz::TimeZone,
+    pub credit_type: &'static str,
+    pub window_start: Option<i64>,
+    pub spent: i64,
+    pub reserved: i64,
+    pub limit: i64,
+    pub requested: i64,
+    /// When the call could fit again; `None` when it never can (it asks for more than the
+    /// whole limit) or when only calls in flight settling can make room.
+    pub resets_at: Option<i64>,
+    /// The moment of the refusal (the call's start).
+    pub at: i64,
+    /// Other block budgets the call would also have crossed.
+    pub also: Vec<String>,
+}
+
+fn credits(milli: i64) -> f64 {
+    milli as f64 / 1000.0
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Hold { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Refusal::Budget(_) => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// The ledger outcome of the refused call.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::Hold { .. } => Outcome::RejectedHold,
+            Refusal::Budget(_) => Outcome::RejectedBudget,
+        }
+    }
+
+    /// The `error` code in the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Hold { .. } => "held",
+            Refusal::Budget(_) => "budget_exhausted",
+        }
+    }
+
+    /// Seconds until the call could succeed, for `Retry-After`.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Refusal::Hold { .. } => None,
+            Refusal::Budget(b) => {
+                let wait = b.resets_at? - b.at;
+                Some(u64::try_from((wait + 999) / 1000).unwrap_or(0).max(1))
+            }
+        }
+    }
+
+    /// One line for the caller and the ledger's `error` column.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::Hold { hold, .. } => format!(
+                "calls for {} are paused by hold {}{}; lift it with `creditmeter release {}` (DELETE /api/holds/{} on the admin API)",
+                describe_scope(&hold.scope),
+                hold.id,
+                hold.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
+                hold.id,
+                hold.id,
+            ),
+            Refusal::Budget(b) => {
+                let what = if b.credit_type == "all" {
+                    "credits".to_owned()
+                } else {
+                    format!("{} credits", b.credit_type)
+                };
+                let left = (b.limit - b.spent - b.reserved).max(0);
+                let when = match b.resets_at {
+                    _ if b.requested > b.limit => "; this call can never fit: its worst case is more than the whole limit, so split it or raise the limit".to_owned(),
+                    Some(t) => format!("; it resets at {}", format_local(t, &b.tz)),
+                    None => "; room frees up as calls in flight finish".to_owned(),
+                };
+                format!(
+                    "budget {:?} ({} window) has {} of {} {what} left ({} spent, {} reserved by calls in flight) and this call may cost up to {}{when}",
+                    b.budget,
+                    b.window,
+                    credits(left),
+                    credits(b.limit),
+                    credits(b.spent),
+                    credits(b.reserved),
+                    credits(b.requested),
+                )
+            }
+        }
+    }
+
+    /// The JSON body of the refusal.
+    pub fn body(&self, request_id: &str) -> Value {
+        let mut body = json!({
+            "error": self.code(),
+            "message": self.message(),
+            "request_id": request_id,
+            "source": "creditmeter",
+        });
+        match self {
+            Refusal::Hold { hold, .. } => body["hold"] = hold.to_json(),
+            Refusal::Budget(b) => {
+                let fields = json!({
+                    "budget": b.budget,
+                    "window": b.window,
+                    "time_zone": b.time_zone,
+                    "window_start": b.window_start.map(|t| format_local(t, &b.tz)),
+                    "credit_type": b.credit_type,
+                    "spent": credits(b.spent),
+                    "reserved": credits(b.reserved),
+                    "limit": credits(b.limit),
+                    "requested": credits(b.requested),
+                    "resets_at": b.resets_at.map(|t| format_local(t, &b.tz)),
+                    "retry_after_seconds": self.retry_after_secs(),
+                    "also_exhausted": b.also,
+                });
+                if let (Some(obj), Value::Object(extra)) = (body.as_object_mut(), fields) {
+                    obj.extend(extra);
+                }
+            }
+        }
+        body
+    }
+}
+
+fn describe_scope(s: &Scope) -> String {
+    if s.is_global() {
+        "everything (global hold)".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// A call in flight: what it reserved, and where.
+struct InFlight {
+    request_id: String,
+    facts: CallFacts,
+    started_at: i64,
+    reserved: Amount,
+    /// (budget name, window key) of every reservation.
+    charged: Vec<(Arc<str>, i64)>,
+}
+
+/// A recently settled, non-free call (see [`Guard::reload`]).
+struct Settled {
+    at: i64,
+    request_id: String,
+    facts: CallFacts,
+    started_at: i64,
+    actual: Amount,
+}
+
+struct State {
+    ceiling_milli: i64,
+    admission_wait: std::time::Duration,
+    hold_status: u16,
+    budgets: Vec<BudgetState>,
+    holds: Vec<Hold>,
+    inflight: HashMap<u64, InFlight>,
+    next_id: u64,
+    recent: VecDeque<Settled>,
+}
+
+/// Budgets and holds, shared by every call. See the module docs.
+pub struct Guard {
+    state: Mutex<State>,
+    metrics: BudgetMetrics,
+    ledger_path: PathBuf,
+    /// Serialises hold changes and reloads (which do ledger I/O outside `state`'s lock).
+    writes: Mutex<()>,
+    /// Woken whenever reservations are released, for calls waiting on them.
+    settled: tokio::sync::Notify,
+}
+
+/// What a reload did, by budget name.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct ReloadSummary {
+    /// Kept their counted spend (same scope and window; limit, action or warn_at may differ).
+    pub kept: Vec<String>,
+    /// New, or counting differently: rebuilt from the ledger and the calls in flight.
+    pub rebuilt: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn compile(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<Vec<Budget>, GuardError> {
+    budgets
+        .iter()
+        .map(|b| {
+            Budget::compile(b, guard).map_err(|message| GuardError::Budget {
+                name: b.name.clone(),
+                message,
+            })
+        })
+        .collect()
+}
+
+/// Ledger spend as budgets count it.
+struct Spend {
+    facts: CallFacts,
+    started_at: i64,
+    actual: Amount,
+}
+
+fn spends(groups: Vec<SpendGroup>) -> Vec<Spend> {
+    groups
+        .into_iter()
+        .map(|g| Spend {
+            started_at: g.started_at,
+            actual: Amount::of(g.lead_milli, g.direct_dial_milli, g.export_milli),
+            facts: CallFacts {
+                table: g.table_name,
+                workflow: g.workflow,
+                key_fp: g.key_fp,
+                tags: g
+                    .tags
+                    .as_deref()
+                    .and_then(|t| serde_json::from_str(t).ok())
+                    .unwrap_or_default(),
+            },
+        })
+        .collect()
+}
+
+impl Guard {
+    /// Builds the guard at start-up: budgets from config, their current windows rebuilt from
+    /// the ledger's `calls`, holds from its `holds` table. `conn` is the server's ledger
+    /// connection (migrated); `ledger_path` is where hold changes and reloads go later.
+    pub fn start(
+        guard: &GuardConfig,
+        budgets: &[BudgetConfig],
+        conn: &rusqlite::Connection,
+        ledger_path: PathBuf,
+        metrics: BudgetMetrics,
+        now: i64,
+    ) -> Result<Guard, GuardError> {
+        let defs = compile(guard, budgets)?;
+        let mut states: Vec<BudgetState> =
+            defs.into_iter().map(|d| BudgetState::new(d, now)).collect();
+        if let Some(since) = states.iter().map(|b| b.counts_since(now)).min() {
+            let rows = spends(crate::ledger::guard::spend_since(conn, since)?);
+            for b in &mut states {
+                count_rows(b, &rows);
+            }
+        }
+        let mut holds = Vec::new();
+        for row in crate::ledger::guard::active_holds(conn)? {
+            let scope = serde_json::from_str::<Value>(&row.scope)
+                .map_err(|e| e.to_string())
+                .and_then(|v| config::scope_from_json(&v))
+                .map_err(|message| GuardError::HoldScope {
+                    id: row.id,
+                    message,
+                })?;
+            holds.push(Hold {
+                id: row.id,
+                scope,
+                reason: row.reason,
+                created_at: row.created_at,
+            });
+        }
+        let g = Guard {
+            state: Mutex::new(State {
+                ceiling_milli: guard.unknown_cost_ceiling.0,
+                admission_wait: guard.admission_wait.0,
+                hold_status: guard.hold_status,
+                budgets: states,
+                holds,
+                inflight: HashMap::new(),
+                next_id: 1,
+                recent: VecDeque::new(),
+            }),
+            metrics,
+            ledger_path,
+            writes: Mutex::new(()),
+            settled: tokio::sync::Notify::new(),
+        };
+        {
+            let mut st = lock(&g.state);
+            for b in &mut st.budgets {
+                b.roll(now);
+                let spent = b.spent();
+                for d in b.newly_warned() {
+                    tracing::warn!(
+                        budget = %b.def.name,
+                        credit_type = DIMS[d],
+                        spent = credits(spent.0[d]),
+                        limit = b.def.limits[d].map(credits),
+                        warn_at = b.def.warn_at,
+                        "budget is past its warn_at threshold at start-up"
+                    );
+                }
+                tracing::info!(
+                    budget = %b.def.name,
+                    scope = %b.def.scope,
+                    window = %b.def.window,
+                    action = b.def.action.as_str(),
+                    spent = credits(b.spent().0[0]),
+                    "budget in force; spend in the current window rebuilt from the ledger"
+                );
+            }
+            for h in &st.holds {
+                tracing::warn!(hold = h.id, scope = %h.scope, reason = h.reason.as_deref().unwrap_or(""), "hold in force (from the ledger)");
+            }
+            g.publish_locked(&mut st, now);
+        }
+        Ok(g)
+    }
+
+    /// Admits a call to the budgets, or says why not: [`Guard::admit_waiting`] with what the
+    /// call context and the catalog say.
+    pub async fn admit_call(
+        self: &Arc<Self>,
+        ctx: &CallContext,
+        catalog: &Catalog,
+    ) -> Result<Admission, Refusal> {
+        let facts = CallFacts {
+            table: ctx.attribution.table.clone(),
+            workflow: ctx.attribution.workflow.clone(),
+            key_fp: ctx.key_fp.clone(),
+            tags: ctx.attribution.tags.clone(),
+        };
+        let worst = catalog.endpoint(ctx.endpoint).worst_case(&ctx.params);
+        self.admit_waiting(&ctx.request_id, facts, ctx.started_at, worst)
+            .await
+    }
+
+    /// Like [`Guard::admit`], but a call that does not fit only because of the reservations of
+    /// calls still in flight (which usually settle lower) waits for them, up to
+    /// `guard.admission_wait`, and is refused only if it still does not fit. So under a burst,
+    /// refusals begin where the spend meets the limit, not where the worst cases do.
+    pub async fn admit_waiting(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: CallFacts,
+        started_at: i64,
+        worst_case: Option<Credits>,
+    ) -> Result<Admission, Refusal> {
+        let wait = lock(&self.state).admission_wait;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the attempt, so a settlement between the two is not missed.
+            let settled = self.settled.notified();
+            let last = tokio::time::Instant::now() >= deadline;
+            match self.try_admit(request_id, &facts, started_at, worst_case, last) {
+                Ok(a) => return Ok(a),
+                Err(Blocked::Final(r)) => return Err(r),
+                Err(Blocked::Wait(_)) => {
+                    let _ = tokio::time::timeout_at(deadline, settled).await;
+                }
+            }
+        }
+    }
+
+    /// Checks the holds, then reserves `worst_case` (or the ceiling, when `None`) against every
+    /// budget covering `facts`, atomically: all reservations are made, or none. `started_at`
+    /// (unix ms) places the call in its windows, as the ledger will. Never waits.
+    pub fn admit(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: CallFacts,
+        started_at: i64,
+        worst_case: Option<Credits>,
+    ) -> Result<Admission, Refusal> {
+        match self.try_admit(request_id, &facts, started_at, worst_case, true) {
+            Ok(a) => Ok(a),
+            Err(Blocked::Final(r) | Blocked::Wait(r)) => Err(r),
+        }
+    }
+
+    /// One admission attempt. Unless `last`, a call blocked only by reservations in flight is
+    /// not refused (nor counted as refused) but told to wait.
+    fn try_admit(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: &CallFacts,
+        started_at: i64,
+        worst_case: Option<Credits>,
+        last: bool,
+    ) -> Result<Admission, Blocked> {
+        let mut st = lock(&self.state);
+        if let Some(hold) = st.holds.iter().find(|h| h.scope.matches(facts)) {
+            self.metrics
+                .hold_rejections
+                .with_label_values(&[&hold.scope.to_string()])
+                .inc();
+            return Err(Blocked::Final(Refusal::Hold {
+                hold: Box::new(hold.clone()),
+                status: st.hold_status,
+            }));
+        }
+        let r = match worst_case {
+            Some(c) => Amount::of(c.lead_milli, c.direct_dial_milli, c.export_milli),
+            None => Amount::uniform(st.ceiling_milli),
+        };
+        let covering: Vec<usize> = (0..st.budgets.len())
+            .filter(|&i| st.budgets[i].def.scope.matches(facts))
+            .collect();
+        let mut blocked: Vec<(usize, Crossing)> = Vec::new();
+        let mut over: Vec<(usize, Crossing)> = Vec::new();
+        for &i in &covering {
+            let b = &mut st.budgets[i];
+            if b.roll(started_at) {
+                self.publish_budget(b);
+            }
+            if let Some(c) = b.crossing(&r) {
+                match b.def.action {
+                    Action::Block => blocked.push((i, c)),
+                    Action::Alert => over.push((i, c)),
+                }
+            }
+        }
+        if !blocked.is_empty() {
+            let in_flight_only = blocked
+                .iter()
+                .all(|(_, c)| c.spent.saturating_add(c.requested) <= c.limit);
+            let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
+            if in_flight_only && !last {
+                return Err(Blocked::Wait(refusal));
+            }
+            for (i, _) in &blocked {
+                let b = &mut st.budgets[*i];
+                b.rejections += 1;
+                self.metrics
+                    .rejections
+                    .with_label_values(&[&b.def.name])
+                    .inc();
+            }
+            return Err(Blocked::Final(refusal));
+        }
+        for (i, c) in over {
+            let b = &mut st.budgets[i];
+            self.metrics
+                .over_limit
+                .with_label_values(&[&b.def.name])
+                .inc();
+            if !b.over_logged {
+                b.over_logged = true;
+                tracing::warn!(
+                    budget = %b.def.name,
+                    credit_type = DIMS[c.dim],
+                    spent = credits(c.spent),
+                    reserved = credits(c.reserved),
+                    limit = credits(c.limit),
+                    request_id,
+                    "alert budget crossed its limit; calls continue (action = \"alert\")"
+                );
+            }
+        }
+        let mut charged = Vec::with_capacity(covering.len());
+        for &i in &covering {
+            let b = &mut st.budgets[i];
+            b.reserve(&r);
+            charged.push((b.def.name.clone(), b.window_key()));
+            self.publish_budget(b);
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.inflight.insert(
+            id,
+            InFlight {
+                request_id: request_id.to_owned(),
+                facts: facts.clone(),
+                started_at,
+                reserved: r,
+                charged,
+            },
+        );
+        Ok(Admission {
+            guard: self.clone(),
+            id,
+            settled: false,
+        })
+    }
+
+    /// The refusal for a call `blocked` by these budgets: it names the one that frees up last,
+    /// since retrying before then cannot succeed.
+    fn refusal(&self, st: &State, blocked: &[(usize, Crossing)], at: i64) -> BudgetRefusal {
+        let mut primary = 0;
+        let mut latest: Option<Option<i64>> = None;
+        for (k, (i, c)) in blocked.iter().enumerate() {
+            let frees = st.budgets[*i].frees_at(c);
+            let later = match (latest, frees) {
+                (None, _) => true,
+                (Some(None), _) => false,
+                (Some(Some(_)), None) => true,
+                (Some(Some(l)), Some(f)) => f > l,
+            };
+            if later {
+                latest = Some(frees);
+                primary = k;
+            }
+        }
+        let (i, c) = blocked[primary];
+        let b = &st.budgets[i];
+        BudgetRefusal {
+            budget: b.def.name.to_string(),
+            window: b.def.window,
+            time_zone: b.def.tz_name.clone(),
+            tz: b.def.tz.clone(),
+            credit_type: DIMS[c.dim],
+            window_start: b.window().map(|w| w.start),
+            spent: c.spent,
+            reserved: c.reserved,
+            limit: c.limit,
+            requested: c.requested,
+            resets_at: latest.flatten(),
+            at,
+            also: blocked
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| *k != primary)
+                .map(|(_, (j, _))| st.budgets[*j].def.name.to_string())
+                .collect(),
+        }
+    }
+
+    fn settle(&self, id: u64, actual: Amount) {
+        let mut st = lock(&self.state);
+        let Some(call) = st.inflight.remove(&id) else {
+            return;
+        };
+        for (name, key) in &call.charged {
+            let Some(b) = st.budgets.iter_mut().find(|b| &b.def.name == name) else {
+                continue; // removed by a reload
+            };
+            if b.def.action == Action::Block {
+                if let Some(d) =
+                    (0..4).find(|&d| b.def.limits[d].is_some() && actual.0[d] > call.reserved.0[d])
+                {
+                    tracing::warn!(
+                        budget = %b.def.name,
+                        request_id = call.request_id,
+                        credit_type = DIMS[d],
+                        reserved = credits(call.reserved.0[d]),
+                        actual = credits(actual.0[d]),
+                        "a call cost more than the worst case it reserved (a figure Apollo reported); the budget may overrun by the difference"
+                    );
+                }
+            }
+            b.settle(*key, call.started_at, &call.reserved, &actual);
+            let spent = b.spent();
+            for d in b.newly_warned() {
+                tracing::warn!(
+                    budget = %b.def.name,
+                    credit_type = DIMS[d],
+                    spent = credits(spent.0[d]),
+                    limit = b.def.limits[d].map(credits),
+                    warn_at = b.def.warn_at,
+                    window = %b.def.window,
+                    "budget crossed its warn_at threshold"
+                );
+            }
+            self.publish_budget(b);
+        }
+        if !actual.is_zero() {
+            let now = now_ms();
+            st.recent.push_back(Settled {
+                at: now,
+                request_id: call.request_id,
+                facts: call.facts,
+                started_at: call.started_at,
+                actual,
+            });
+            while st
+                .recent
+                .front()
+                .is_some_and(|s| s.at < now - RECENT_KEEP_MS || st.recent.len() > RECENT_MAX)
+            {
+                st.recent.pop_front();
+            }
+        }
+        drop(st);
+        self.settled.notify_waiters();
+    }
+
+    /// Swaps in new `[guard]` settings and budgets (a SIGHUP reload). A budget whose name,
+    /// scope, window and time zone are unchanged keeps its counters exactly, including calls in
+    /// flight; its limit, action and warn_at take effect at once. Any other budget is rebuilt
+    /// from the ledger, plus calls settled too recently to be committed, plus the reservations
+    /// of calls in flight. Removed budgets are dropped. Holds are unaffected.
+    pub fn reload(
+        &self,
+        guard: &GuardConfig,
+        budgets: &[BudgetConfig],
+        now: i64,
+    ) -> Result<ReloadSummary, GuardError> {
+        let defs = compile(guard, budgets)?;
+        let _w = lock(&self.writes);
+        let needs_rows = {
+            let st = lock(&self.state);
+            defs.iter()
+                .filter(|d| {
+                    !st.budgets
+                        .iter()
+                        .any(|b| b.def.name == d.name && b.def.counts_like(d))
+                })
+                .map(|d| BudgetState::new(d.clone(), now).counts_since(now))
+                .min()
+        };
+        // Read outside the lock: calls settled meanwhile are in `recent`, calls admitted
+        // meanwhile are in flight when the new budgets are installed.
+        let (rows, in_rows) = match needs_rows {
+            Some(since) => {
+                // Calls settled lately may or may not be committed yet: read which are, in the
+                // same snapshot as the spend, so each is counted exactly once. (A call settling
+                // from now on started within the last minutes; one older than that and
+                // committed in between would be counted twice, never missed.)
+                let ids_since = lock(&self.state)
+                    .recent
+                    .iter()
+                    .map(|s| s.started_at)
+                    .chain([now - RECENT_STARTED_MS])
+                    .min();
+                let conn = crate::ledger::open_for_read(&self.ledger_path)?;
+                let (groups, ids) = crate::ledger::guard::spend_snapshot(&conn, since, ids_since)?;
+                (spends(groups), ids)
+            }
+            None => (Vec::new(), HashSet::new()),
+        };
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let mut old: Vec<BudgetState> = std::mem::take(&mut st.budgets);
+        let mut summary = ReloadSummary::default();
+        for def in defs {
+            let name = def.name.to_string();
+            match old
+                .iter()
+                .position(|b| b.def.name == def.name && b.def.counts_like(&def))
+            {
+                Some(p) => {
+                    let mut b = old.swap_remove(p);
+                    b.redefine(def);
+                    b.roll(now);
+                    st.budgets.push(b);
+                    summary.kept.push(name);
+                }
+                None => {
+                    let mut b = BudgetState::new(def, now);
+                    count_rows(&mut b, &rows);
+                    for s in &st.recent {
+                        if !in_rows.contains(s.request_id.as_str()) && b.def.scope.matches(&s.facts)
+                        {
+                            b.count(s.started_at, &s.actual);
+                        }
+                    }
+                    let since = b.counts_since(now);
+                    for call in st.inflight.values_mut() {
+                        call.charged.retain(|(n, _)| *n != b.def.name);
+                        if b.def.scope.matches(&call.facts)
+                            && (!b.def.window.is_calendar() || call.started_at >= since)
+                        {
+                            b.reserve(&call.reserved);
+                            call.charged.push((b.def.name.clone(), b.window_key()));
+                        }
+                    }
+                    b.roll(now);
+                    st.budgets.push(b);
+                    summary.rebuilt.push(name);
+                }
+            }
+        }
+        for b in old {
+            if !st.budgets.iter().any(|n| n.def.name == b.def.name) {
+                summary.removed.push(b.def.name.to_string());
+            }
+            for (d, _) in DIMS.iter().enumerate() {
+                for gauge in [
+                    &self.metrics.limit,
+                    &self.metrics.spent,
+                    &self.metrics.reserved,
+                ] {
+                    let _ = gauge.remove_label_values(&[&b.def.name, DIMS[d]]);
+                }
+                let _ = self
+                    .metrics
+                    .warning
+                    .remove_label_values(&[&b.def.name, DIMS[d]]);
+            }
+        }
+        st.ceiling_milli = guard.unknown_cost_ceiling.0;
+        st.admission_wait = guard.admission_wait.0;
+        st.hold_status = guard.hold_status;
+        for b in &mut st.budgets {
+            let spent = b.spent();
+            for d in b.newly_warned() {
+                tracing::warn!(budget = %b.def.name, credit_type = DIMS[d], spent = credits(spent.0[d]),
+                    warn_at = b.def.warn_at, "budget is past its warn_at threshold after reload");
+            }
+        }
+        self.publish_locked(st, now);
+        self.settled.notify_waiters();
+        tracing::info!(kept = ?summary.kept, rebuilt = ?summary.rebuilt, removed = ?summary.removed, "budgets reloaded");
+        Ok(summary)
+    }
+
+    /// Places a hold on `scope`, recorded in the ledger first. An identical hold already in force
+    /// is returned instead (`false`), so repeating the request is harmless.
+    pub fn add_hold(
+        &self,
+        scope: Scope,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<(Hold, bool), GuardError> {
+        let _w = lock(&self.writes);
+        if let Some(h) = lock(&self.state).holds.iter().find(|h| h.scope == scope) {
+            return Ok((h.clone(), false));
+        }
+        let scope_json = serde_json::to_string(&scope).unwrap_or_else(|_| "\"global\"".into());
+        let conn = crate::ledger::guard::open_for_holds(&self.ledger_path)?;
+        let id = crate::ledger::guard::insert_hold(&conn, &scope_json, reason.as_deref(), now)?;
+        let hold = Hold {
+            id,
+            scope,
+            reason,
+            created_at: now,
+        };
+        tracing::warn!(hold = id, scope = %hold.scope, reason = hold.reason.as_deref().unwrap_or(""), "hold placed: matching calls are refused until it is released");
+        let mut st = lock(&self.state);
+        st.holds.push(hold.clone());
+        self.metrics.holds_active.set(st.holds.len() as i64);
+        Ok((hold, true))
+    }
+
+    /// Lifts hold `id` (recorded in the ledger first). `None` if no such hold is in force.
+    pub fn release_hold(&self, id: i64, now: i64) -> Result<Option<Hold>, GuardError> {
+        let _w = lock(&self.writes);
+        if !lock(&self.state).holds.iter().any(|h| h.id == id) {
+            return Ok(None);
+        }
+        let conn = crate::ledger::guard::open_for_holds(&self.ledger_path)?;
+        crate::ledger::guard::release_hold(&conn, id, now)?;
+        let mut st = lock(&self.state);
+        let pos = st.holds.iter().position(|h| h.id == id);
+        let hold = pos.map(|p| st.holds.remove(p));
+        self.metrics.holds_active.set(st.holds.len() as i64);
+        if let Some(h) = &hold {
+            tracing::warn!(hold = id, scope = %h.scope, "hold released");
+        }
+        Ok(hold)
+    }
+
+    /// The holds in force.
+    pub fn holds(&self) -> Vec<Hold> {
+        lock(&self.state).holds.clone()
+    }
+
+    /// Every budget's state at `now`, and the holds: `GET /api/budgets`.
+    pub fn snapshot(&self, now: i64) -> Value {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let budgets: Vec<Value> = st
+            .budgets
+            .iter_mut()
+            .map(|b| {
+                b.roll(now);
+                let spent = b.spent();
+                let reserved = b.reserved();
+                let limits: Vec<Value> = (0..4)
+                    .filter_map(|d| {
+                        let limit = b.def.limits[d]?;
+                        let used = spent.0[d] + reserved.0[d];
+                        Some(json!({
+                            "credit_type": DIMS[d],
+                            "limit": credits(limit),
+                            "spent": credits(spent.0[d]),
+                            "reserved": credits(reserved.0[d]),
+                            "remaining": credits((limit - used).max(0)),
+                            "used_percent": if limit > 0 { (spent.0[d] as f64 * 1000.0 / limit as f64).round() / 10.0 } else { 100.0 },
+                            "warning": b.warned(d),
+                        }))
+                    })
+                    .collect();
+                let (start, end) = match b.window() {
+                    Some(w) => (
+                        Some(format_local(w.start, &b.def.tz)),
+                        Some(format_local(w.end, &b.def.tz)),
+                    ),
+                    None => (None, None),
+                };
+                json!({
+                    "name": &*b.def.name,
+                    "scope": b.def.scope,
+                    "scope_text": b.def.scope.to_string(),
+                    "window": b.def.window,
+                    "time_zone": if b.def.window.is_calendar() { Some(&b.def.tz_name) } else { None },
+                    "window_start": start,
+                    "resets_at": end,
+                    "action": b.def.action,
+                    "warn_at": b.def.warn_at,
+                    "limits": limits,
+                    "rejections": b.rejections,
+                })
+            })
+            .collect();
+        json!({
+            "budgets": budgets,
+            "holds": st.holds.iter().map(Hold::to_json).collect::<Vec<_>>(),
+            "calls_in_flight": st.inflight.len(),
+            "unknown_cost_ceiling": credits(st.ceiling_milli),
+            "at": format_local(now, &jiff::tz::TimeZone::UTC),
+        })
+    }
+
+    /// Brings every budget to the window of `now` and sets the gauges (before a scrape, so an
+    /// idle budget's new window shows without waiting for a call).
+    pub fn publish(&self, now: i64) {
+        let mut st = lock(&self.state);
+        self.publish_locked(&mut st, now);
+    }
+
+    fn publish_locked(&self, st: &mut State, now: i64) {
+        for b in &mut st.budgets {
+            b.roll(now);
+            self.publish_budget(b);
+            // Present from the first scrape, so rate() and increase() see the first refusal.
+            self.metrics
+                .rejections
+                .with_label_values(&[&b.def.name])
+                .inc_by(0);
+        }
+        self.metrics.holds_active.set(st.holds.len() as i64);
+    }
+
+    fn publish_budget(&self, b: &BudgetState) {
+        let spent = b.spent();
+        let reserved = b.reserved();
+        for (d, dim) in DIMS.iter().enumerate() {
+            let Some(limit) = b.def.limits[d] else {
+                continue;
+            };
+            let labels = [&*b.def.name, dim];
+            self.metrics
+                .limit
+                .with_label_values(&labels)
+                .set(credits(limit));
+            self.metrics
+                .spent
+                .with_label_values(&labels)
+                .set(credits(spent.0[d]));
+            self.metrics
+                .reserved
+                .with_label_values(&labels)
+                .set(credits(reserved.0[d]));
+            self.metrics
+                .warning
+                .with_label_values(&labels)
+                .set(i64::from(b.warned(d)));
+        }
+    }
+}
+
+/// Counts the ledger rows that fall in `b`'s current window and scope.
+fn count_rows(b: &mut BudgetState, rows: &[Spend]) {
+    for row in rows {
+        if b.def.scope.matches(&row.facts) {
+            b.count(row.started_at, &row.actual);
+        }
+    }
+}
