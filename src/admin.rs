@@ -17,8 +17,11 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::json;
 
+use crate::ledger::queries::{self, CallsQuery, Cursor, Window};
 use crate::ledger::LedgerHandle;
+use crate::meter::now_ms;
 use crate::metrics::Metrics;
+use crate::report::{self, Format, ReportArgs};
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -77,7 +80,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz or /api/status\n",
+                "not found: try /metrics, /healthz, /readyz, /api/status, /api/usage or /api/calls\n",
             ),
         })
     }
@@ -136,12 +139,183 @@ impl Admin {
                     "draining": self.draining.load(Ordering::Relaxed),
                 }),
             ),
+            (Method::GET, "/api/usage") => self.usage(req.uri().query().unwrap_or("")).await,
+            (Method::GET, "/api/calls") => self.calls(req.uri().query().unwrap_or("")).await,
             (_, path) => json_response(
                 StatusCode::NOT_FOUND,
                 &json!({"error": "not_found", "message": format!("no admin API route {} {path}", req.method())}),
             ),
         }
     }
+}
+
+impl Admin {
+    /// `GET /api/usage`: the report, with the CLI's parameters (`by`, `since`, `until`, `top`,
+    /// `format`, `table`, `workflow`, `endpoint`, `timeline`, `spikes`, `identifiers`,
+    /// `spike_factor`, `spike_floor`, `source`), in JSON unless `format` says otherwise. The
+    /// JSON is exactly `creditmeter report --format json`'s.
+    async fn usage(&self, query: &str) -> AdminResponse {
+        let pairs = match decode_query(query) {
+            Ok(p) => p,
+            Err(e) => return bad_request(&e),
+        };
+        let args = match ReportArgs::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            Ok(a) => a,
+            Err(e) => return bad_request(&e),
+        };
+        let req = match args.resolve(self.ledger_path.clone(), now_ms(), Format::Json) {
+            Ok(r) => r,
+            Err(e) => return bad_request(&e),
+        };
+        let format = req.format;
+        let result = tokio::task::spawn_blocking(move || report::run(&req)).await;
+        let body = match result {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => return server_error(&e.to_string()),
+            Err(e) => return server_error(&e.to_string()),
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(match format {
+                Format::Json => "application/json",
+                Format::Csv => "text/csv; charset=utf-8",
+                Format::Table => "text/plain; charset=utf-8",
+            }),
+        );
+        r
+    }
+
+    /// `GET /api/calls`: raw ledger rows, newest first (`order=asc`: oldest first), `limit`
+    /// per page (default 100, at most 1000), filtered by `table`, `workflow`, `endpoint`,
+    /// `outcome`, `status` (a code or `none`), `key` (a key fingerprint), `since` and `until`.
+    /// The answer carries `next_cursor`; pass it back as `cursor` for the next page (null at
+    /// the end).
+    async fn calls(&self, query: &str) -> AdminResponse {
+        let pairs = match decode_query(query) {
+            Ok(p) => p,
+            Err(e) => return bad_request(&e),
+        };
+        let q = match calls_query(&pairs, now_ms()) {
+            Ok(q) => q,
+            Err(e) => return bad_request(&e),
+        };
+        let path = self.ledger_path.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let conn = crate::ledger::open_for_read(&path)?;
+            let page = queries::calls_page(&conn, &q)?;
+            Ok::<_, crate::ledger::LedgerError>((page, q.limit))
+        })
+        .await;
+        match result {
+            Ok(Ok(((rows, next), limit))) => json_response(
+                StatusCode::OK,
+                &json!({
+                    "rows": rows,
+                    "limit": limit,
+                    "next_cursor": next.map(|c| c.encode()),
+                }),
+            ),
+            Ok(Err(e)) => server_error(&e.to_string()),
+            Err(e) => server_error(&e.to_string()),
+        }
+    }
+}
+
+/// The most rows `/api/calls` returns per page.
+pub const MAX_CALLS_LIMIT: usize = 1000;
+/// Rows per page when `limit` is not given.
+pub const DEFAULT_CALLS_LIMIT: usize = 100;
+
+fn calls_query(pairs: &[(String, String)], now: i64) -> Result<CallsQuery, String> {
+    let mut q = CallsQuery {
+        limit: DEFAULT_CALLS_LIMIT,
+        ..Default::default()
+    };
+    let (mut since, mut until) = (None, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "table" => q.filter.table = Some(v.clone()),
+            "workflow" => q.filter.workflow = Some(v.clone()),
+            "endpoint" => q.filter.endpoint = Some(v.clone()),
+            "outcome" => q.outcome = Some(v.clone()),
+            "key" => q.key_fp = Some(v.clone()),
+            "status" => {
+                q.status = Some(if v == "none" {
+                    None
+                } else {
+                    Some(v.parse().map_err(|_| {
+                        format!("status={v:?}: use an HTTP status code or none")
+                    })?)
+                })
+            }
+            "since" => since = Some(report::parse_time(v, now).map_err(|e| format!("since: {e}"))?),
+            "until" => until = Some(report::parse_time(v, now).map_err(|e| format!("until: {e}"))?),
+            "limit" => {
+                q.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_CALLS_LIMIT).contains(n))
+                    .ok_or_else(|| format!("limit={v:?}: use 1 to {MAX_CALLS_LIMIT}"))?
+            }
+            "cursor" => {
+                q.cursor = Some(
+                    Cursor::decode(v)
+                        .ok_or_else(|| format!("cursor={v:?} is not a cursor this API gave out"))?,
+                )
+            }
+            "order" => {
+                q.ascending = match v.as_str() {
+                    "asc" => true,
+                    "desc" => false,
+                    _ => return Err(format!("order={v:?}: use asc or desc")),
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?}: use table, workflow, endpoint, outcome, status, key, since, until, limit, cursor or order"
+                ))
+            }
+        }
+    }
+    if since.is_some() || until.is_some() {
+        q.window = Some(Window {
+            since_ms: since.unwrap_or(i64::MIN),
+            until_ms: until.unwrap_or(i64::MAX),
+        });
+    }
+    Ok(q)
+}
+
+/// Splits a query string into percent-decoded pairs; the message names a pair that is not UTF-8.
+fn decode_query(query: &str) -> Result<Vec<(String, String)>, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let dec = |s: &str| {
+                String::from_utf8(crate::catalog::percent_decode_bytes(s).into_owned())
+                    .map_err(|_| format!("query parameter {k:?} is not UTF-8"))
+            };
+            Ok((dec(k)?, dec(v)?))
+        })
+        .collect()
+}
+
+fn bad_request(message: &str) -> AdminResponse {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": "bad_request", "message": message}),
+    )
+}
+
+fn server_error(message: &str) -> AdminResponse {
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({"error": "ledger_error", "message": message}),
+    )
 }
 
 /// Compares two equal-length digests without an early exit.

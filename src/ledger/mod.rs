@@ -4,8 +4,10 @@
 //! block the writer. One writer thread owns the write connection and group-commits rows handed
 //! to it over a channel ([`writer`]). This module knows nothing of HTTP.
 
+pub mod maintenance;
 pub mod queries;
 pub mod schema;
+pub mod synth;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -125,6 +127,15 @@ pub fn open_for_write(path: &Path, synchronous: Synchronous) -> Result<Connectio
     let mut conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(open_err)?;
+    // A new file gets incremental auto-vacuum, so `creditmeter ledger vacuum` can hand pages
+    // freed by retention back to the file system in small steps, without a full rewrite.
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if pages == 0 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(open_err)?;
+    }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(open_err)?;
