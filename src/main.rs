@@ -293,6 +293,14 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             println!("  ledger.path             {}", config.ledger.path.display());
             println!("  ledger.durability       {:?}", config.ledger.durability);
             println!(
+                "  ledger.retention        {}",
+                config
+                    .ledger
+                    .retention
+                    .map(|r| format!("detail rows kept {r}, rollups forever"))
+                    .unwrap_or_else(|| "keep every detail row".into())
+            );
+            println!(
                 "  attribution.require_table {}",
                 config.attribution.require_table
             );
