@@ -172,6 +172,9 @@ impl Admin {
         let result = tokio::task::spawn_blocking(move || report::run(&req)).await;
         let body = match result {
             Ok(Ok(body)) => body,
+            Ok(Err(e @ report::ReportError::TooManyBuckets { .. })) => {
+                return bad_request(&e.to_string())
+            }
             Ok(Err(e)) => return server_error(&e.to_string()),
             Err(e) => return server_error(&e.to_string()),
         };

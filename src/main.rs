@@ -168,6 +168,10 @@ enum LedgerCommand {
         runs: usize,
         #[arg(long)]
         no_writes: bool,
+        /// Also time commits while retention deletes rows older than this (e.g. 300d;
+        /// destructive).
+        #[arg(long, value_name = "KEEP")]
+        during_prune: Option<String>,
     },
 }
 
@@ -332,7 +336,11 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EX_USAGE));
                 }
             };
-            print!("{}", report::run(&req)?);
+            match report::run(&req) {
+                Ok(out) => print!("{out}"),
+                Err(e @ report::ReportError::TooManyBuckets { .. }) => return usage(e),
+                Err(e) => return Err(e.into()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Ledger { command } => ledger_command(command),
@@ -563,10 +571,19 @@ fn ledger_command(cmd: LedgerCommand) -> anyhow::Result<ExitCode> {
             burst_rows,
             runs,
             no_writes,
+            during_prune,
         } => {
             let path = match existing(at) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
+            };
+            let during_prune = match during_prune
+                .as_deref()
+                .map(creditmeter::config::HumanDuration::parse)
+            {
+                None => None,
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => return usage(format!("--during-prune: {e}")),
             };
             let out = creditmeter::scale::run(&creditmeter::scale::BenchOptions {
                 db: path,
@@ -574,6 +591,7 @@ fn ledger_command(cmd: LedgerCommand) -> anyhow::Result<ExitCode> {
                 burst_rows,
                 runs,
                 no_writes,
+                during_prune,
             })?;
             print!("{out}");
             Ok(ExitCode::SUCCESS)

@@ -340,7 +340,12 @@ pub enum ReportError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error("ledger query: {0}")]
     Query(#[from] rusqlite::Error),
+    #[error("--timeline: {buckets} buckets is too many (at most {max}); narrow the window (--since/--until) or widen the buckets")]
+    TooManyBuckets { buckets: usize, max: usize },
 }
+
+/// The most buckets a timeline computes (about two years of 5-minute buckets).
+pub const MAX_BUCKETS: usize = 200_000;
 
 /// Parses `--since`/`--until`: RFC 3339 (`2026-11-24T10:00:00Z`), a date (`2026-11-24`, UTC
 /// midnight), `now`, or relative to now (`90m`, `24h`, `7d`, `2w`).

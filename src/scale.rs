@@ -32,6 +32,9 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Skip the writer part (leave the file untouched).
     pub no_writes: bool,
+    /// Also time single-row commits while retention deletes detail rows older than this
+    /// (destructive: the rows are really deleted).
+    pub during_prune: Option<Duration>,
 }
 
 /// Why the benchmark failed.
@@ -330,6 +333,49 @@ fn writer_bench(opts: &BenchOptions) -> Result<String, BenchError> {
         let _ = ack.blocking_recv();
     }
     let burst = t.elapsed();
+    let mut prune_line = None;
+    if let Some(keep) = opts.during_prune {
+        // Retention's own batches and pauses, on its own connection, while an idle-ish proxy
+        // (a call every 5 ms) commits rows one at a time.
+        let path = opts.db.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let pruner = std::thread::spawn(move || {
+            let mut conn = crate::ledger::open_for_write(&path, Synchronous::Normal)?;
+            let cutoff = crate::ledger::maintenance::retention_cutoff(crate::meter::now_ms(), keep);
+            let started = Instant::now();
+            let o = crate::ledger::maintenance::prune(
+                &mut conn,
+                cutoff,
+                crate::ledger::maintenance::RETENTION_BATCH,
+                crate::ledger::maintenance::RETENTION_PAUSE,
+                || stop2.load(std::sync::atomic::Ordering::Relaxed),
+            )?;
+            Ok::<_, BenchError>((o, started.elapsed()))
+        });
+        let mut lat = Vec::with_capacity(opts.commits);
+        for i in 0..opts.commits {
+            std::thread::sleep(Duration::from_millis(5));
+            let t = Instant::now();
+            if let Some(ack) = handle.submit(bench_row(opts.commits + opts.burst_rows + i), true) {
+                let _ = ack.blocking_recv();
+            }
+            lat.push(t.elapsed());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (o, took) = pruner.join().map_err(|_| BenchError::Empty)??;
+        lat.sort();
+        prune_line = Some(format!(
+            "writer, single-row commits every 5 ms while retention deleted {} rows in {} batches of {} ({:.1} s): p50 {} ms, p99 {} ms, max {} ms",
+            o.deleted,
+            o.batches,
+            crate::ledger::maintenance::RETENTION_BATCH,
+            took.as_secs_f64(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+            ms(lat.last().copied().unwrap_or_default()),
+        ));
+    }
     drop(handle);
     writer.close();
     let h = &metrics.commit_seconds;
@@ -351,5 +397,8 @@ fn writer_bench(opts: &BenchOptions) -> Result<String, BenchError> {
         h.get_sample_count(),
         h.get_sample_sum() * 1000.0 / (h.get_sample_count().max(1) as f64),
     );
+    if let Some(l) = prune_line {
+        let _ = writeln!(out, "{l}");
+    }
     Ok(out)
 }

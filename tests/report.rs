@@ -988,6 +988,7 @@ async fn the_usage_api_answers_like_the_cli_behind_the_token() {
         ("by=colour", "colour"),
         ("since=soon", "since"),
         ("frobnicate=1", "frobnicate"),
+        ("timeline=1m&since=2026-01-01&until=2030-01-01", "too many"),
     ] {
         let (s, _, b) = get_auth(&format!("{base}/api/usage?{bad}"), Some("usage-token")).await;
         assert_eq!(s, 400, "{bad}");

@@ -3,6 +3,12 @@
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
 //! block the writer. One writer thread owns the write connection and group-commits rows handed
 //! to it over a channel ([`writer`]). This module knows nothing of HTTP.
+//!
+//! Triggers keep `rollup_hourly` (spend per hour × table × workflow × endpoint × status ×
+//! outcome) in the same transaction as each insert, so reports over big windows read thousands
+//! of rollup rows instead of millions of calls ([`queries`]). Retention deletes old detail rows
+//! in small batches on its own thread and never touches the rollups ([`maintenance`]).
+//! [`synth`] writes realistic synthetic ledgers for benchmarks.
 
 pub mod maintenance;
 pub mod queries;

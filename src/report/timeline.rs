@@ -209,6 +209,12 @@ pub fn compute(conn: &Connection, req: &ReportRequest) -> Result<Timeline, Repor
         req.source,
     )?;
     let len = ((end - fetch_start + w - 1) / w) as usize;
+    if len > super::MAX_BUCKETS {
+        return Err(ReportError::TooManyBuckets {
+            buckets: len,
+            max: super::MAX_BUCKETS,
+        });
+    }
     let first = ((start - fetch_start) / w) as usize;
     let history_from = ((history_start - fetch_start).max(0) / w) as usize;
     let mut total = Series {
