@@ -98,7 +98,7 @@ impl Default for ReportRequest {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ReportArgs {
     /// Start of the window: RFC 3339, a date, or relative (24h, 7d). Default: all time
-    /// (timeline: the last 24h at 5m, 7d at 1h, 90d at 1d).
+    /// (timeline: the last 24h under 1h buckets, 7d under 1d, else 90d; spikes under 1h: 7d).
     #[arg(long)]
     pub since: Option<String>,
     /// End of the window (exclusive). Default: now.

@@ -486,7 +486,7 @@ pub fn render_timeline(req: &ReportRequest, t: &Timeline) -> String {
             out
         }
         Format::Table => {
-            let mut header: Vec<String> = ["bucket (UTC)", "calls", "credits", "baseline", "x"]
+            let mut header: Vec<String> = ["bucket (UTC)", "calls", "credits", "baseline", "ratio"]
                 .map(str::to_owned)
                 .to_vec();
             header.extend(columns.iter().map(|g| g.key.clone()));
