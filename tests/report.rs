@@ -835,6 +835,23 @@ fn retention_keeps_totals_in_the_rollups_and_says_what_detail_is_gone() {
         .sum();
     assert_eq!(seeded, before_table.values().map(|v| v[1]).sum::<i64>());
     assert_eq!(queries::detail_deleted_before(&conn).unwrap(), Some(cutoff));
+    // A timeline from detail rows does not learn its baseline from the deleted stretch: right
+    // after the cutoff nothing is judged (with a zero floor, an empty baseline would flag
+    // every bucket).
+    let mut req = ReportRequest {
+        db: db.clone(),
+        by: GroupBy::Key,
+        view: View::Spikes,
+        bucket_ms: 300_000,
+        since_ms: cutoff,
+        until_ms: cutoff + 12 * HOUR_MS,
+        format: Format::Json,
+        ..ReportRequest::default()
+    };
+    req.rule.floor_milli = 0;
+    let spikes: serde_json::Value = serde_json::from_str(&report::run(&req).unwrap()).unwrap();
+    assert_eq!(spikes["source"], "raw");
+    assert_eq!(spikes["spikes"].as_array().unwrap().len(), 0, "{spikes:#}");
 }
 
 #[test]

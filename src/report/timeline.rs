@@ -195,7 +195,16 @@ pub fn compute(conn: &Connection, req: &ReportRequest) -> Result<Timeline, Repor
     if start >= end {
         return Ok(empty(notes));
     }
-    let history_start = floor_to(first_hour, w);
+    let mut history_start = floor_to(first_hour, w);
+    // Buckets answered from detail rows look empty where retention deleted them: they are not
+    // history a baseline can learn from.
+    let from_rollups =
+        req.source == queries::Source::Auto && req.by.has_rollup() && w % HOUR_MS == 0;
+    if !from_rollups {
+        if let Some(d) = queries::detail_deleted_before(conn)? {
+            history_start = history_start.max(super::ceil_to(d, w));
+        }
+    }
     let fetch_start = (start - n as i64 * w).max(history_start);
     let agg = queries::aggregate(
         conn,
