@@ -1,6 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz` (ledger
-//! writable, config loaded, not shutting down) and the JSON API under `/api/`. It is served on
-//! its own address, loopback by default, never on the proxy listener.
+//! writable, config loaded, not shutting down) and the JSON API under `/api/`: `status`,
+//! `usage` (the report, with the CLI's parameters and JSON) and `calls` (raw ledger rows,
+//! keyset-paged). It is served on its own address, loopback by default, never on the proxy
+//! listener. Ledger reads run on a read-only connection in `spawn_blocking`.
 //!
 //! When the environment variable named by `admin.token_env` holds a token, every `/api/` route
 //! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
