@@ -48,7 +48,7 @@ case "${1:-}" in
     ;;
 esac
 
-BASELINE=0.4           # backfilled quiet burn, credits/s (the workload's quiet phase burns ~0.5)
+BASELINE=0.5           # backfilled quiet burn, credits/s (the quiet phase burns ~1/s, under 4x this)
 RATE_LIMIT_MINUTE=60   # sim: calls per minute per (key, endpoint)
 
 passed=0 failed=0
@@ -88,13 +88,14 @@ say "creditmeter: $BIN"
 # ---------------------------------------------------------------- processes
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/creditmeter-live.XXXXXX")
 pids=()
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
     local pid i
     for pid in "${pids[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
     for pid in "${pids[@]}"; do
-        for i in $(seq 1 50); do
+        for _ in $(seq 1 50); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
@@ -187,9 +188,11 @@ if [ "$mode" = backfill ]; then
         finish
     fi
     rm -f "$tmp/baseline.om"
-    run_args=(--backfill-rate "$BASELINE" --quiet 60 --burst-timeout 420)
+    run_args=(--backfill-rate "$BASELINE" --quiet 60 --ambient-period 1 --burst-timeout 420)
 else
-    run_args=(--quiet 480 --burst-timeout 480)
+    # Without history the baseline is the average of the run so far, burst
+    # included: ~0.5 credits/s for 8 minutes keeps it low enough.
+    run_args=(--quiet 480 --ambient-period 2 --burst-timeout 480)
 fi
 
 cat >"$tmp/prometheus.yml" <<EOF
@@ -237,24 +240,63 @@ else
     fail "workload driver finished"
 fi
 
-# ---------------------------------------------------------------- graceful stop
+# ---------------------------------------------------------------- graceful stop, restart
+ledger_sums() {
+    python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*), coalesce(sum(credits_milli), 0) from calls").fetchone())' "$tmp/ledger.db" 2>&1
+}
+# stop_cm: SIGTERM creditmeter, wait up to 45s (its drain is 30s); sets rc.
+# A reaped PID leaves the cleanup list, so cleanup never signals a reused PID.
+stop_cm() {
+    local pid keep=()
+    kill -TERM "$cm_pid" 2>/dev/null
+    rc=timeout
+    for _ in $(seq 1 450); do
+        if ! kill -0 "$cm_pid" 2>/dev/null; then
+            wait "$cm_pid"
+            rc=$?
+            for pid in "${pids[@]}"; do
+                [ "$pid" = "$cm_pid" ] || keep+=("$pid")
+            done
+            pids=("${keep[@]}")
+            return
+        fi
+        sleep 0.1
+    done
+}
+
 say "stopping creditmeter with SIGTERM"
-before=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*), coalesce(sum(credits_milli),0) from calls").fetchone())' "$tmp/ledger.db" 2>&1)
-kill -TERM "$cm_pid" 2>/dev/null
-rc=timeout
-for _ in $(seq 1 450); do
-    if ! kill -0 "$cm_pid" 2>/dev/null; then
-        wait "$cm_pid"
-        rc=$?
-        break
-    fi
-    sleep 0.1
-done
-after=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*), coalesce(sum(credits_milli),0) from calls").fetchone())' "$tmp/ledger.db" 2>&1)
+before=$(ledger_sums)
+stop_cm
+after=$(ledger_sums)
 if [ "$rc" = 0 ] && [ "$before" = "$after" ]; then
     pass "creditmeter exits 0 on SIGTERM, ledger unchanged $after (rows, credits_milli)"
 else
     fail "creditmeter exits 0 on SIGTERM (exit: $rc; ledger before $before, after $after)"
+fi
+
+say "restarting creditmeter on the same ledger"
+restart_at=$(date +%s)
+"$BIN" serve --config "$tmp/creditmeter.toml" >>"$tmp/creditmeter.log" 2>&1 &
+pids+=("$!")
+cm_pid=$!
+if wait_http creditmeter "$ADMIN/readyz" 30 "$cm_pid"; then
+    rm -f "$tmp/counts"
+    python3 -u "$LIVE" after-restart --prom "$PROM" --ledger "$tmp/ledger.db" --since "$restart_at" --counts "$tmp/counts"
+    if [ -s "$tmp/counts" ]; then
+        read -r p f <"$tmp/counts"
+        passed=$((passed + p))
+        failed=$((failed + f))
+    else
+        fail "after-restart checks finished"
+    fi
+    stop_cm
+    if [ "$rc" = 0 ]; then
+        pass "restarted creditmeter exits 0 on SIGTERM"
+    else
+        fail "restarted creditmeter exits 0 on SIGTERM (exit: $rc)"
+    fi
+else
+    fail "creditmeter restarted on the same ledger"
 fi
 
 [ "$failed" -eq 0 ] || show_logs

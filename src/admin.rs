@@ -87,13 +87,18 @@ impl Admin {
         })
     }
 
+    /// Ready unless draining, or the ledger is failing under `on_error = "fail_closed"` (then
+    /// calls are refused anyway). In `spool` mode a failing ledger stays ready: calls are served
+    /// and their rows spooled, and the body says so.
     fn readyz(&self) -> AdminResponse {
         let ledger_ok = self.ledger.is_healthy();
         let draining = self.draining.load(Ordering::Relaxed);
-        let ready = ledger_ok && !draining;
+        let ready = !draining && !self.ledger.refuse_new_calls();
         let body = json!({
             "ready": ready,
             "ledger": if ledger_ok { "writable" } else { "failing" },
+            "on_error": self.ledger.on_error().as_str(),
+            "spooled_rows": self.ledger.spooled_rows(),
             "config": "loaded",
             "durability": self.durability,
             "draining": draining,
@@ -137,6 +142,8 @@ impl Admin {
                     "catalog_version": self.catalog_version,
                     "ledger": self.ledger_path.display().to_string(),
                     "ledger_writable": self.ledger.is_healthy(),
+                    "on_error": self.ledger.on_error().as_str(),
+                    "spooled_rows": self.ledger.spooled_rows(),
                     "durability": self.durability,
                     "draining": self.draining.load(Ordering::Relaxed),
                 }),

@@ -201,6 +201,32 @@ pub enum Synchronous {
     Full,
 }
 
+/// What happens while SQLite refuses writes (disk full, locked, file deleted or unwritable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLedgerError {
+    /// Keep serving; rows go to the spool beside the ledger and are replayed on recovery (default).
+    Spool,
+    /// Refuse new calls with a 503 until the ledger recovers: no credit is spent unrecorded.
+    /// Rows of calls already in flight are spooled.
+    FailClosed,
+}
+
+impl OnLedgerError {
+    /// The config spelling, for logs, `/readyz` and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLedgerError::Spool => "spool",
+            OnLedgerError::FailClosed => "fail_closed",
+        }
+    }
+}
+
+/// Default wait for a lock held by another writer before a batch is spooled instead.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default ballast kept beside the spool for a full disk.
+pub const DEFAULT_SPOOL_RESERVE: u64 = 16 * 1024 * 1024;
+
 /// `[ledger]`: the SQLite file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -213,6 +239,13 @@ pub struct LedgerConfig {
     pub synchronous: Synchronous,
     /// `ledger.batch_max`, default 1024 rows per transaction.
     pub batch_max: usize,
+    /// `ledger.on_error`, `"spool"` (default) or `"fail_closed"`.
+    pub on_error: OnLedgerError,
+    /// `ledger.busy_timeout`, default 250ms: how long a commit waits on another writer's lock
+    /// before its rows are spooled (this bounds the latency a locked ledger adds to a call).
+    pub busy_timeout: HumanDuration,
+    /// `ledger.spool_reserve`, default 16MiB of ballast beside the spool, released on a full disk.
+    pub spool_reserve: ByteSize,
     /// `ledger.retention`, default unset (keep every detail row forever): detail rows in
     /// `calls` older than this (e.g. `"90d"`) are deleted in small batches by a background
     /// thread. The hourly rollups are kept, so totals by table, workflow, endpoint, status and
@@ -227,6 +260,9 @@ impl Default for LedgerConfig {
             durability: Durability::Commit,
             synchronous: Synchronous::Normal,
             batch_max: DEFAULT_BATCH_MAX,
+            on_error: OnLedgerError::Spool,
+            busy_timeout: HumanDuration(DEFAULT_BUSY_TIMEOUT),
+            spool_reserve: ByteSize(DEFAULT_SPOOL_RESERVE),
             retention: None,
         }
     }

@@ -82,10 +82,22 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new(
         config.metrics.max_label_values,
         catalog.version(),
+        config.ledger.on_error,
     )?);
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
-    let (writer, ledger_handle) =
-        LedgerWriter::spawn(conn, config.ledger.batch_max, metrics.ledger())?;
+    let (writer, ledger_handle) = LedgerWriter::spawn(
+        conn,
+        ledger::WriterConfig {
+            path: config.ledger.path.clone(),
+            synchronous: config.ledger.synchronous,
+            batch_max: config.ledger.batch_max,
+            busy_timeout: config.ledger.busy_timeout.0,
+            on_error: config.ledger.on_error,
+            spool_reserve: config.ledger.spool_reserve.0,
+            secret: secret.clone(),
+        },
+        metrics.ledger(),
+    )?;
     // Retention deletes old detail rows on its own thread and connection, in small batches.
     let retention = match config.ledger.retention {
         Some(keep) => Some(ledger::maintenance::Retention::spawn(
@@ -151,6 +163,7 @@ pub async fn run(
         admin_token = admin_token.is_some(),
         ledger = %config.ledger.path.display(),
         durability,
+        on_error = config.ledger.on_error.as_str(),
         catalog = catalog.version(),
         "creditmeter serving"
     );

@@ -554,7 +554,7 @@ fn ledger_command(cmd: LedgerCommand) -> anyhow::Result<ExitCode> {
                 &mut conn,
                 cutoff,
                 maintenance::RETENTION_BATCH,
-                std::time::Duration::ZERO,
+                maintenance::RETENTION_PAUSE,
                 || false,
             )?;
             println!(

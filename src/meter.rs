@@ -275,7 +275,7 @@ impl CallMeter {
             lead_milli: pricing.credits.lead_milli,
             direct_dial_milli: pricing.credits.direct_dial_milli,
             export_milli: pricing.credits.export_milli,
-            credit_source: pricing.source.as_str(),
+            credit_source: pricing.source.as_str().into(),
             records_requested: pricing.records_requested,
             records_matched: pricing.records_matched,
             catalog_version: catalog.version().to_owned(),

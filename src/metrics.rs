@@ -45,7 +45,11 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers every metric. `max_label_values` caps `table` and `workflow` each.
-    pub fn new(max_label_values: usize, catalog_version: &str) -> Result<Metrics, MetricsError> {
+    pub fn new(
+        max_label_values: usize,
+        catalog_version: &str,
+        on_error_mode: crate::config::OnLedgerError,
+    ) -> Result<Metrics, MetricsError> {
         let registry = Registry::new();
         let credits = CounterVec::new(
             Opts::new(
@@ -117,7 +121,18 @@ impl Metrics {
                 "creditmeter_ledger_errors_total",
                 "Ledger commits that failed.",
             )?,
+            spooled: IntGauge::new(
+                "creditmeter_ledger_spooled_rows",
+                "Rows waiting in the spool file for the ledger to accept writes again.",
+            )?,
         };
+        let on_error = IntGaugeVec::new(
+            Opts::new(
+                "creditmeter_ledger_on_error",
+                "Always 1; `mode` is ledger.on_error (spool or fail_closed).",
+            ),
+            &["mode"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "creditmeter_build_info",
@@ -139,10 +154,13 @@ impl Metrics {
             Box::new(ledger.pending.clone()),
             Box::new(ledger.commit_seconds.clone()),
             Box::new(ledger.errors.clone()),
+            Box::new(ledger.spooled.clone()),
             Box::new(build_info),
         ] {
             registry.register(c)?;
         }
+        on_error.with_label_values(&[on_error_mode.as_str()]).set(1);
+        registry.register(Box::new(on_error))?;
         // Present from the first scrape, so alerts on them see 0 rather than nothing.
         for label in ["table", "workflow"] {
             label_overflow.with_label_values(&[label]);
@@ -365,7 +383,7 @@ mod tests {
 
     #[test]
     fn label_cap_admits_up_to_cap_then_overflows() {
-        let m = Metrics::new(2, "test").unwrap();
+        let m = Metrics::new(2, "test", crate::config::OnLedgerError::Spool).unwrap();
         assert_eq!(m.table_label(Some("a")), "a");
         assert_eq!(m.table_label(Some("b")), "b");
         assert_eq!(m.table_label(Some("c")), OVERFLOW);

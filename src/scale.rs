@@ -17,7 +17,7 @@ use rusqlite::Connection;
 
 use crate::config::Synchronous;
 use crate::ledger::queries::{self, GroupBy, Source, Window};
-use crate::ledger::{CallRecord, LedgerMetrics, LedgerWriter, Outcome};
+use crate::ledger::{CallRecord, LedgerMetrics, LedgerWriter, Outcome, WriterConfig};
 use crate::report::{self, Format, ReportRequest, View};
 
 /// What to run.
@@ -268,6 +268,7 @@ fn bench_metrics() -> Result<LedgerMetrics, prometheus::Error> {
             "commit time",
         ))?,
         errors: IntCounter::new("bench_errors_total", "errors")?,
+        spooled: IntGauge::new("bench_spooled_rows", "rows spooled")?,
     })
 }
 
@@ -289,7 +290,7 @@ fn bench_row(i: usize) -> CallRecord {
         lead_milli: 1000,
         direct_dial_milli: 0,
         export_milli: 0,
-        credit_source: "catalog",
+        credit_source: "catalog".into(),
         records_requested: Some(1),
         records_matched: Some(1),
         catalog_version: "bench".into(),
@@ -312,9 +313,22 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Commit latency through the real writer thread on this file.
 fn writer_bench(opts: &BenchOptions) -> Result<String, BenchError> {
     let conn = crate::ledger::open_for_write(&opts.db, Synchronous::Normal)?;
+    let secret = crate::ledger::install_secret(&conn)?;
     let metrics = bench_metrics()?;
-    let (writer, handle) =
-        LedgerWriter::spawn(conn, crate::config::DEFAULT_BATCH_MAX, metrics.clone())?;
+    // The proxy's defaults, without the spool's ballast file.
+    let (writer, handle) = LedgerWriter::spawn(
+        conn,
+        WriterConfig {
+            path: opts.db.clone(),
+            synchronous: Synchronous::Normal,
+            batch_max: crate::config::DEFAULT_BATCH_MAX,
+            busy_timeout: crate::config::DEFAULT_BUSY_TIMEOUT,
+            on_error: crate::config::OnLedgerError::Spool,
+            spool_reserve: 0,
+            secret,
+        },
+        metrics.clone(),
+    )?;
     let mut lat = Vec::with_capacity(opts.commits);
     for i in 0..opts.commits {
         let t = Instant::now();

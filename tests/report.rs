@@ -15,7 +15,7 @@ use common::*;
 use creditmeter::config::Synchronous;
 use creditmeter::ledger::maintenance;
 use creditmeter::ledger::queries::{self, Filter, GroupBy, Source, Window, HOUR_MS};
-use creditmeter::ledger::{CallRecord, LedgerMetrics, LedgerWriter, Outcome};
+use creditmeter::ledger::{CallRecord, LedgerMetrics, LedgerWriter, Outcome, WriterConfig};
 use creditmeter::report::{self, Format, ReportArgs, ReportRequest, View};
 use http_body_util::Full;
 
@@ -29,6 +29,7 @@ fn metrics() -> LedgerMetrics {
         commit_seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("c", "c"))
             .unwrap(),
         errors: prometheus::IntCounter::new("e", "e").unwrap(),
+        spooled: prometheus::IntGauge::new("s", "s").unwrap(),
     }
 }
 
@@ -49,7 +50,7 @@ fn row(i: u64, started_at: i64) -> CallRecord {
         lead_milli: 1000,
         direct_dial_milli: 0,
         export_milli: 0,
-        credit_source: "catalog",
+        credit_source: "catalog".into(),
         records_requested: Some(1),
         records_matched: Some(1),
         catalog_version: "test".into(),
@@ -64,7 +65,21 @@ fn row(i: u64, started_at: i64) -> CallRecord {
 /// Writes rows through the real writer thread (the triggers keep the rollups, as in production).
 fn write_rows(db: &Path, rows: Vec<CallRecord>) {
     let conn = creditmeter::ledger::open_for_write(db, Synchronous::Normal).unwrap();
-    let (writer, handle) = LedgerWriter::spawn(conn, 1024, metrics()).unwrap();
+    let secret = creditmeter::ledger::install_secret(&conn).unwrap();
+    let (writer, handle) = LedgerWriter::spawn(
+        conn,
+        WriterConfig {
+            path: db.to_owned(),
+            synchronous: Synchronous::Normal,
+            batch_max: 1024,
+            busy_timeout: Duration::from_secs(5),
+            on_error: creditmeter::config::OnLedgerError::Spool,
+            spool_reserve: 0,
+            secret,
+        },
+        metrics(),
+    )
+    .unwrap();
     for r in rows {
         handle.submit(r, false);
     }

@@ -473,6 +473,20 @@ class Run:
                      f"{len(text.splitlines())} lines clean" if proc.returncode == 0 and not complaints
                      else f"exit {proc.returncode}: {complaints}")
 
+    def note_increase_vs_ledger(self):
+        """Information, not a check: the "Credits spent" stat is increase()
+        over the range, which cannot count a series' first sample (a new
+        table/workflow/endpoint/credit_type's first call)."""
+        try:
+            first = self.panel_exprs(".*", ".*")[0]
+            spent = self.prom.scalar(first["expr"])
+            ledger = self.ledger_totals()["total"] / 1000
+            series = len(self.prom.query("creditmeter_credits_total"))
+            log(f"note: panel {first['panel']!r} ({first['expr']}) = {spent:.1f} vs ledger {ledger:.1f} "
+                f"({ledger - spent:.1f} credits short, {series} credit series all born during the run)")
+        except (PromError, OSError, subprocess.SubprocessError, TypeError) as err:
+            log(f"note: could not compare the Credits spent panel with the ledger: {err}")
+
     # ---- the whole run
 
     def main(self):
@@ -592,6 +606,7 @@ class Run:
 
         # ---------------- final
         self.checkpoint("end of run")
+        self.note_increase_vs_ledger()
         with self.traffic.lock:
             errors = list(self.traffic.errors)
             statuses = dict(self.traffic.statuses)
@@ -620,6 +635,33 @@ def parse_ts(text):
 
 
 # --------------------------------------------------------------------------- subcommands
+
+def cmd_after_restart(args):
+    """After creditmeter restarted on the same ledger: the counters come back
+    at the ledger's totals, with no counter reset for rate()/increase()."""
+    checks = Checks()
+    prom = Prom(args.prom)
+    try:
+        def fresh():
+            ts = prom.scalar('max(timestamp(up{job="creditmeter"} == 1))')
+            return ts if ts is not None and ts > args.since + 0.5 else None
+        if checks.check(wait_until("a scrape of the restarted creditmeter", fresh, timeout=30) is not None,
+                        "Prometheus scrapes the restarted creditmeter"):
+            db = sqlite3.connect(f"file:{args.ledger}?mode=ro", uri=True, timeout=10)
+            ledger = db.execute("SELECT coalesce(sum(credits_milli),0), count(*) FROM calls").fetchone()
+            db.close()
+            total = prom.scalar("sum(creditmeter_credits_total)")
+            requests = prom.scalar("sum(creditmeter_requests_total)")
+            checks.check(total is not None and close(total, ledger[0] / 1000) and requests == ledger[1],
+                         "after restart: credits and requests counters resume at the ledger's totals",
+                         f"credits {total} vs {ledger[0] / 1000}, requests {requests} vs {ledger[1]}")
+            resets = prom.scalar("sum(resets(creditmeter_credits_total[1h])) + sum(resets(creditmeter_requests_total[1h]))")
+            checks.check(resets == 0, "after restart: no counter resets seen by Prometheus", f"resets() = {resets}")
+    except (PromError, OSError, sqlite3.Error) as err:
+        checks.fail("after restart checks", str(err))
+    Path(args.counts).write_text(f"{checks.passed} {checks.failed}\n")
+    return 1 if checks.failed else 0
+
 
 def cmd_ports(args):
     socks = []
@@ -681,7 +723,13 @@ def main():
     sr.add_argument("--burst-period", type=float, default=3.0)
     sr.add_argument("--burst-timeout", type=float, default=420)
     sr.add_argument("--rate-limit-minute", type=int, default=60)
+    sa = sub.add_parser("after-restart")
+    for name in ("prom", "ledger", "counts"):
+        sa.add_argument(f"--{name}", required=True)
+    sa.add_argument("--since", type=float, required=True, help="unix time of the restart")
     args = p.parse_args()
+    if args.cmd == "after-restart":
+        return cmd_after_restart(args)
     if args.cmd == "ports":
         return cmd_ports(args)
     if args.cmd == "backfill":

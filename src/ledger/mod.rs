@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-pub use writer::{CommitError, LedgerHandle, LedgerMetrics, LedgerWriter};
+pub use writer::{CommitError, LedgerHandle, LedgerMetrics, LedgerWriter, WriterConfig};
 
 use crate::config::Synchronous;
 
@@ -49,12 +49,18 @@ pub enum LedgerError {
     NotWal { path: PathBuf, mode: String },
     #[error("the system random source failed while making the install secret")]
     Random,
+    #[error("ledger spool {path}: {source}")]
+    Spool {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the ledger writer thread: {0}")]
     Thread(#[source] std::io::Error),
 }
 
 /// What happened to a call, as recorded in `calls.outcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Upstream answered and the caller received the whole response (any status).
@@ -82,8 +88,8 @@ impl Outcome {
     }
 }
 
-/// One row of `calls`. Field names match the columns.
-#[derive(Debug, Clone, Serialize)]
+/// One row of `calls`. Field names match the columns. Serialized as one JSON line in the spool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallRecord {
     pub request_id: String,
     pub started_at: i64,
@@ -100,7 +106,7 @@ pub struct CallRecord {
     pub lead_milli: i64,
     pub direct_dial_milli: i64,
     pub export_milli: i64,
-    pub credit_source: &'static str,
+    pub credit_source: std::borrow::Cow<'static, str>,
     pub records_requested: Option<i64>,
     pub records_matched: Option<i64>,
     pub catalog_version: String,

@@ -3,10 +3,22 @@
 //! It blocks for the first row, drains whatever else is queued (up to `batch_max`), writes the
 //! batch in one IMMEDIATE transaction with a cached prepared statement, commits, and then
 //! acknowledges every row of the batch. Idle traffic gives single-row commits; load gives big
-//! batches; there are no timers. The async side never waits on this thread except through the
-//! acknowledgement future, which it polls without blocking.
+//! batches. The async side never waits on this thread except through the acknowledgement
+//! future, which it polls without blocking.
+//!
+//! When SQLite cannot take a batch (disk full, a lock held elsewhere past `busy_timeout`, the
+//! file deleted, replaced or unwritable), the batch is appended to the spool, a JSON-lines file
+//! beside the ledger, and fsynced; that counts as durable and the rows are acknowledged. While
+//! rows sit in the spool, new rows follow them there, and about once a second the writer tries
+//! to recover: reopen the file if needed, replay the spool in one transaction
+//! (`INSERT OR IGNORE` on the unique `request_id`, so a replay interrupted by a crash is never
+//! doubled), then truncate it. A ballast file kept beside the spool is deleted to make room when
+//! the disk is full, so the spool can still be written.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,24 +29,63 @@ use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use super::{CallRecord, LedgerError};
+use crate::config::{OnLedgerError, Synchronous};
 
-/// A row could not be committed. The row itself was logged in full (it is never silently dropped).
+/// A row could not be committed nor spooled. The row itself was logged in full.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("ledger commit failed: {0}")]
 pub struct CommitError(pub String);
 
-/// The acknowledgement a caller may wait for: `Ok` once the row is committed.
+/// The acknowledgement a caller may wait for: `Ok` once the row is committed or spooled.
 pub type Ack = oneshot::Receiver<Result<(), CommitError>>;
 
 /// Metric handles the writer updates.
 #[derive(Clone)]
 pub struct LedgerMetrics {
-    /// `creditmeter_ledger_pending`: rows handed over and not yet committed.
+    /// `creditmeter_ledger_pending`: rows handed over and not yet committed or spooled.
     pub pending: IntGauge,
     /// `creditmeter_ledger_commit_seconds`: time per group commit.
     pub commit_seconds: Histogram,
-    /// `creditmeter_ledger_errors_total`: failed commits.
+    /// `creditmeter_ledger_errors_total`: batches SQLite refused.
     pub errors: IntCounter,
+    /// `creditmeter_ledger_spooled_rows`: rows waiting in the spool for SQLite to recover.
+    pub spooled: IntGauge,
+}
+
+/// How the writer is set up.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    pub batch_max: usize,
+    /// How long a commit waits for a lock held by someone else before the batch is spooled.
+    pub busy_timeout: Duration,
+    pub on_error: OnLedgerError,
+    /// Bytes of ballast kept beside the spool, released when the disk is full (0 = none).
+    pub spool_reserve: u64,
+    /// The install secret, written back if the file has to be recreated.
+    pub secret: Vec<u8>,
+}
+
+impl WriterConfig {
+    /// The spool file: `<ledger>.spool`.
+    pub fn spool_path(&self) -> PathBuf {
+        sibling(&self.path, "spool")
+    }
+
+    fn reserve_path(&self) -> PathBuf {
+        sibling(&self.path, "spool-reserve")
+    }
+}
+
+fn sibling(path: &Path, ext: &str) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".");
+    name.push(ext);
+    path.with_file_name(name)
 }
 
 enum Msg {
@@ -45,17 +96,24 @@ enum Msg {
     Close,
 }
 
+/// State the handles and the writer share.
+struct Shared {
+    healthy: AtomicBool,
+    spooled: AtomicU64,
+}
+
 /// A cheap, cloneable handle for submitting rows.
 #[derive(Clone)]
 pub struct LedgerHandle {
     tx: mpsc::Sender<Msg>,
     metrics: LedgerMetrics,
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    on_error: OnLedgerError,
 }
 
 impl LedgerHandle {
-    /// Hands a row to the writer. With `want_ack`, returns a receiver that resolves after commit.
-    /// Never blocks.
+    /// Hands a row to the writer. With `want_ack`, returns a receiver that resolves once the row
+    /// is committed (or spooled). Never blocks.
     pub fn submit(&self, row: CallRecord, want_ack: bool) -> Option<Ack> {
         let (ack_tx, ack_rx) = if want_ack {
             let (t, r) = oneshot::channel();
@@ -75,9 +133,24 @@ impl LedgerHandle {
         ack_rx
     }
 
-    /// False after a failed commit, until the next successful one (`/readyz`).
+    /// False while SQLite is refusing writes (rows are being spooled), true once it recovers.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Rows waiting in the spool.
+    pub fn spooled_rows(&self) -> u64 {
+        self.shared.spooled.load(Ordering::Relaxed)
+    }
+
+    /// What happens to calls while SQLite refuses writes.
+    pub fn on_error(&self) -> OnLedgerError {
+        self.on_error
+    }
+
+    /// True when new calls must be refused: the ledger is failing and `on_error = "fail_closed"`.
+    pub fn refuse_new_calls(&self) -> bool {
+        self.on_error == OnLedgerError::FailClosed && !self.is_healthy()
     }
 }
 
@@ -88,21 +161,36 @@ pub struct LedgerWriter {
 }
 
 impl LedgerWriter {
-    /// Starts the writer thread on an opened, migrated connection.
+    /// Starts the writer thread on an opened, migrated connection. Rows left in the spool by an
+    /// earlier run are replayed first.
     pub fn spawn(
         conn: Connection,
-        batch_max: usize,
+        config: WriterConfig,
         metrics: LedgerMetrics,
     ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
+        conn.busy_timeout(config.busy_timeout)?;
         let (tx, rx) = mpsc::channel();
-        let healthy = Arc::new(AtomicBool::new(true));
+        let spool = Spool::open(config.spool_path()).map_err(|source| LedgerError::Spool {
+            path: config.spool_path(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(spool.rows == 0),
+            spooled: AtomicU64::new(spool.rows),
+        });
+        metrics.spooled.set(spool.rows as i64);
+        let identity = file_identity(&config.path);
         let worker = Worker {
-            conn,
+            conn: Some(conn),
+            identity,
             rx,
-            batch_max: batch_max.max(1),
             metrics: metrics.clone(),
-            healthy: healthy.clone(),
+            shared: shared.clone(),
+            spool,
+            next_recovery: Instant::now(),
+            config: config.clone(),
         };
+        worker.ensure_reserve();
         let join = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || worker.run())
@@ -110,7 +198,8 @@ impl LedgerWriter {
         let handle = LedgerHandle {
             tx: tx.clone(),
             metrics,
-            healthy,
+            shared,
+            on_error: config.on_error,
         };
         Ok((
             LedgerWriter {
@@ -121,7 +210,7 @@ impl LedgerWriter {
         ))
     }
 
-    /// Commits everything queued so far, stops the thread and waits for it.
+    /// Commits (or spools) everything queued so far, stops the thread and waits for it.
     pub fn close(mut self) {
         self.shutdown();
     }
@@ -142,12 +231,32 @@ impl Drop for LedgerWriter {
     }
 }
 
+/// (device, inode) of the ledger file, to notice it being deleted or replaced.
+type FileId = (u64, u64);
+
+#[cfg(unix)]
+fn file_identity(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(path: &Path) -> Option<FileId> {
+    std::fs::metadata(path).ok().map(|_| (0, 0))
+}
+
+/// How often a failing ledger is retried while rows are spooled.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Worker {
-    conn: Connection,
+    conn: Option<Connection>,
+    identity: Option<FileId>,
     rx: mpsc::Receiver<Msg>,
-    batch_max: usize,
     metrics: LedgerMetrics,
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    spool: Spool,
+    next_recovery: Instant,
+    config: WriterConfig,
 }
 
 type Batch = Vec<(
@@ -155,25 +264,47 @@ type Batch = Vec<(
     Option<oneshot::Sender<Result<(), CommitError>>>,
 )>;
 
+/// Why a batch did not reach SQLite.
+enum WriteFailure {
+    /// Rows are already spooled; new ones follow them to keep the order simple.
+    Spooling,
+    Sql(String),
+}
+
 impl Worker {
     fn run(mut self) {
-        let mut batch: Batch = Vec::with_capacity(self.batch_max);
+        let mut batch: Batch = Vec::with_capacity(self.config.batch_max);
         let mut closing = false;
+        if self.needs_recovery() {
+            self.try_recover();
+        }
         loop {
-            // Block for the first row unless closing, then take what else is queued.
             if !closing {
-                match self.rx.recv() {
-                    Ok(Msg::Row(r, a)) => batch.push((r, a)),
-                    Ok(Msg::Close) => closing = true,
-                    Err(_) => closing = true,
+                // While the ledger is failing, wake up to retry even without traffic.
+                let first = if self.needs_recovery() {
+                    match self.rx.recv_timeout(RECOVERY_INTERVAL) {
+                        Ok(m) => Some(m),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => Some(Msg::Close),
+                    }
+                } else {
+                    Some(self.rx.recv().unwrap_or(Msg::Close))
+                };
+                match first {
+                    Some(Msg::Row(r, a)) => batch.push((r, a)),
+                    Some(Msg::Close) => closing = true,
+                    None => {}
                 }
             }
-            while batch.len() < self.batch_max {
+            while batch.len() < self.config.batch_max {
                 match self.rx.try_recv() {
                     Ok(Msg::Row(r, a)) => batch.push((r, a)),
                     Ok(Msg::Close) => closing = true,
                     Err(_) => break,
                 }
+            }
+            if self.needs_recovery() && Instant::now() >= self.next_recovery {
+                self.try_recover();
             }
             if batch.is_empty() {
                 if closing {
@@ -183,39 +314,52 @@ impl Worker {
             }
             self.commit_batch(&mut batch);
         }
+        if self.spool.rows > 0 {
+            self.try_recover();
+            if self.spool.rows > 0 {
+                tracing::warn!(
+                    rows = self.spool.rows,
+                    spool = %self.spool.path.display(),
+                    "stopping with rows still in the spool; they are replayed at the next start"
+                );
+            }
+        }
+    }
+
+    /// Rows wait in the spool, or the last write failed.
+    fn needs_recovery(&self) -> bool {
+        self.spool.rows > 0 || self.conn.is_none() || !self.shared.healthy.load(Ordering::Relaxed)
     }
 
     fn commit_batch(&mut self, batch: &mut Batch) {
         let n = batch.len() as i64;
         let started = Instant::now();
-        let mut result = self.write(batch);
-        // A locked or briefly unavailable file: retry a few times before giving up on the batch.
-        for delay_ms in [20u64, 100, 500] {
-            if result.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            result = self.write(batch);
-        }
+        let result = if self.spool.rows > 0 {
+            Err(WriteFailure::Spooling)
+        } else {
+            self.write(batch).map_err(WriteFailure::Sql)
+        };
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.pending.sub(n);
         let outcome = match result {
-            Ok(()) => {
-                self.healthy.store(true, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.healthy.store(false, Ordering::Relaxed);
-                self.metrics.errors.inc();
-                let msg = e.to_string();
-                for (row, _) in batch.iter() {
-                    log_lost_row(row, &msg);
+            Ok(()) => Ok(()),
+            Err(failure) => {
+                if let WriteFailure::Sql(e) = &failure {
+                    self.metrics.errors.inc();
+                    self.set_healthy(false);
+                    self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
+                    tracing::error!(
+                        error = %e,
+                        on_error = self.config.on_error.as_str(),
+                        spool = %self.spool.path.display(),
+                        "ledger write failed; spooling rows until SQLite recovers"
+                    );
                 }
-                Err(CommitError(msg))
+                self.spool_batch(batch)
             }
         };
+        self.metrics.pending.sub(n);
         for (_, ack) in batch.drain(..) {
             if let Some(ack) = ack {
                 // The caller may be gone; that is fine.
@@ -224,44 +368,186 @@ impl Worker {
         }
     }
 
-    fn write(&mut self, batch: &Batch) -> rusqlite::Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        {
-            let mut stmt = tx.prepare_cached(INSERT_SQL)?;
-            for (r, _) in batch {
-                stmt.execute(params![
-                    r.request_id,
-                    r.started_at,
-                    r.finished_at,
-                    r.method,
-                    r.path,
-                    r.endpoint,
-                    r.status,
-                    r.outcome.as_str(),
-                    r.table_name,
-                    r.workflow,
-                    r.tags,
-                    r.key_fp,
-                    r.credits_milli(),
-                    r.lead_milli,
-                    r.direct_dial_milli,
-                    r.export_milli,
-                    r.credit_source,
-                    r.records_requested,
-                    r.records_matched,
-                    r.catalog_version,
-                    r.upstream_ms,
-                    r.request_bytes,
-                    r.response_bytes,
-                    r.error,
-                    r.id_kinds,
-                ])?;
+    fn spool_batch(&mut self, batch: &Batch) -> Result<(), CommitError> {
+        let mut lines = Vec::with_capacity(batch.len() * 512);
+        for (row, _) in batch {
+            if serde_json::to_writer(&mut lines, row.as_ref()).is_ok() {
+                lines.push(b'\n');
             }
         }
-        tx.commit()
+        let mut result = self.spool.append(&lines, batch.len() as u64);
+        if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::StorageFull)
+            && self.release_reserve()
+        {
+            result = self.spool.append(&lines, batch.len() as u64);
+        }
+        self.publish_spool();
+        result.map_err(|e| {
+            let msg = format!("cannot write the spool {}: {e}", self.spool.path.display());
+            for (row, _) in batch {
+                log_lost_row(row, &msg);
+            }
+            CommitError(msg)
+        })
     }
+
+    /// Writes one batch in one transaction. Errors are strings: they are logged and spooled.
+    fn write(&mut self, batch: &Batch) -> Result<(), String> {
+        if file_identity(&self.config.path) != self.identity {
+            // Deleted or replaced under us: writing on would commit into a file nobody can see.
+            self.conn = None;
+            return Err(format!(
+                "ledger file {} was deleted or replaced",
+                self.config.path.display()
+            ));
+        }
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| "ledger is not open".to_owned())?;
+        insert_rows(conn, batch.iter().map(|(r, _)| r.as_ref())).map_err(|e| e.to_string())
+    }
+
+    /// Reopens the ledger if needed, replays the spool, truncates it.
+    fn try_recover(&mut self) {
+        self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
+        if self.conn.is_none() || file_identity(&self.config.path) != self.identity {
+            match self.reopen() {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "ledger still unavailable");
+                    return;
+                }
+            }
+        }
+        let rows = match self.spool.read_all() {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, spool = %self.spool.path.display(), "cannot read the spool");
+                return;
+            }
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match insert_rows(conn, rows.iter()) {
+            Ok(()) => {
+                let n = rows.len();
+                if let Err(e) = self.spool.clear() {
+                    // The rows are committed; a later replay of them is ignored (INSERT OR IGNORE).
+                    tracing::warn!(error = %e, "cannot truncate the spool after replaying it");
+                    return;
+                }
+                self.publish_spool();
+                self.set_healthy(true);
+                self.ensure_reserve();
+                tracing::info!(rows = n, "ledger recovered; spooled rows replayed");
+            }
+            Err(e) => tracing::debug!(error = %e, "ledger still refusing writes"),
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), LedgerError> {
+        self.conn = None;
+        let conn = super::open_for_write(&self.config.path, self.config.synchronous)?;
+        conn.busy_timeout(self.config.busy_timeout)?;
+        // A recreated file gets the same install secret, so key fingerprints stay comparable.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('install_secret', ?1)",
+            [&self.config.secret],
+        )?;
+        self.identity = file_identity(&self.config.path);
+        self.conn = Some(conn);
+        tracing::warn!(path = %self.config.path.display(), "ledger reopened");
+        Ok(())
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.shared.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    fn publish_spool(&self) {
+        self.shared
+            .spooled
+            .store(self.spool.rows, Ordering::Relaxed);
+        self.metrics.spooled.set(self.spool.rows as i64);
+    }
+
+    /// Keeps `spool_reserve` bytes of ballast beside the spool (best effort).
+    fn ensure_reserve(&self) {
+        let size = self.config.spool_reserve;
+        let path = self.config.reserve_path();
+        if size == 0 || std::fs::metadata(&path).is_ok_and(|m| m.len() >= size) {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&path)?;
+            let chunk = vec![0u8; 64 * 1024];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                f.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(error = %e, path = %path.display(), "cannot create the spool reserve");
+        }
+    }
+
+    /// Deletes the ballast to make room for the spool. True if there was any.
+    fn release_reserve(&self) -> bool {
+        let path = self.config.reserve_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), "disk full: released the spool reserve");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+fn insert_rows<'a>(
+    conn: &mut Connection,
+    rows: impl Iterator<Item = &'a CallRecord>,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(INSERT_SQL)?;
+        for r in rows {
+            stmt.execute(params![
+                r.request_id,
+                r.started_at,
+                r.finished_at,
+                r.method,
+                r.path,
+                r.endpoint,
+                r.status,
+                r.outcome.as_str(),
+                r.table_name,
+                r.workflow,
+                r.tags,
+                r.key_fp,
+                r.credits_milli(),
+                r.lead_milli,
+                r.direct_dial_milli,
+                r.export_milli,
+                r.credit_source,
+                r.records_requested,
+                r.records_matched,
+                r.catalog_version,
+                r.upstream_ms,
+                r.request_bytes,
+                r.response_bytes,
+                r.error,
+                r.id_kinds,
+            ])?;
+        }
+    }
+    tx.commit()
 }
 
 // `INSERT OR IGNORE`: a replayed row (same request_id) is never doubled.
@@ -273,7 +559,96 @@ const INSERT_SQL: &str = "INSERT OR IGNORE INTO calls (
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
           ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
 
-/// A row that could not be stored is written to the log in full, so it can be recovered by hand.
+/// The append-only spool: one JSON `CallRecord` per line.
+struct Spool {
+    path: PathBuf,
+    file: Option<File>,
+    rows: u64,
+}
+
+impl Spool {
+    /// Opens (without creating) the spool and counts the rows an earlier run left in it.
+    fn open(path: PathBuf) -> std::io::Result<Spool> {
+        let rows = match File::open(&path) {
+            Ok(f) => BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| !l.trim().is_empty())
+                .count() as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(Spool {
+            path,
+            file: None,
+            rows,
+        })
+    }
+
+    /// Appends and fsyncs. Only then are the rows acknowledged.
+    fn append(&mut self, lines: &[u8], rows: u64) -> std::io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        let Some(f) = self.file.as_mut() else {
+            return Err(std::io::Error::other("spool not open"));
+        };
+        let result = f.write_all(lines).and_then(|()| f.sync_data());
+        if result.is_err() {
+            // A partial line may have been written; drop the handle so the next append starts
+            // clean, and let replay skip the torn line.
+            self.file = None;
+        } else {
+            self.rows += rows;
+        }
+        result
+    }
+
+    /// Every parseable row; a torn or corrupt line is logged and skipped.
+    fn read_all(&self) -> std::io::Result<Vec<CallRecord>> {
+        let f = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut rows = Vec::new();
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<CallRecord>(&line) {
+                Ok(r) => rows.push(r),
+                Err(e) => {
+                    tracing::error!(line = i + 1, error = %e, text = %line, "skipping an unreadable spool line")
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    fn clear(&mut self) -> std::io::Result<()> {
+        self.file = None;
+        let f = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .create(true)
+            .open(&self.path)?;
+        f.sync_all()?;
+        drop(f);
+        let _ = std::fs::remove_file(&self.path);
+        self.rows = 0;
+        Ok(())
+    }
+}
+
+/// A row that could not be stored anywhere is written to the log in full, so it can be
+/// recovered by hand.
 fn log_lost_row(row: &CallRecord, why: &str) {
     let json = serde_json::to_string(row).unwrap_or_else(|_| row.request_id.clone());
     tracing::error!(reason = why, row = %json, "ledger row NOT committed");

@@ -119,6 +119,19 @@ impl Proxy {
                 }
             };
 
+        // ledger.on_error = "fail_closed": no credit may be spent while the ledger cannot record it.
+        if self.meter.ledger.refuse_new_calls() {
+            let (status, code, message, field, ctx) = reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "the ledger cannot record calls right now and ledger.on_error = \"fail_closed\"; nothing was sent upstream".into(),
+                None,
+            );
+            return Ok(self
+                .refuse(ctx, status, code, message, field, Some(attribution))
+                .await);
+        }
+
         // The request body: small JSON, read whole (capped) because pricing needs its parameters.
         let declared = parts
             .headers

@@ -1,0 +1,370 @@
+//! Ledger faults: the proxy keeps serving (rows spooled and replayed exactly once), or with
+//! `fail_closed` refuses calls with a 503. Every test counts rows: none lost, none doubled.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use creditmeter::config::{ByteSize, OnLedgerError};
+use creditmeter::sim::SimConfig;
+use http_body_util::Full;
+
+/// One people/match call through the proxy; returns (status, request id).
+async fn call(proxy: &Proxy, table: &str, i: usize) -> (u16, String) {
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("x-api-key", "fault-key")
+        .header("x-meter-table", table)
+        .body(Full::new(Bytes::from(format!(
+            r#"{{"email":"f{i}@example.com"}}"#
+        ))))
+        .unwrap();
+    let (status, h, _) = send(&client(), req).await;
+    let id = h
+        .get("x-meter-request-id")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status.as_u16(), id)
+}
+
+async fn readyz(proxy: &Proxy) -> (u16, serde_json::Value) {
+    let (s, _, b) = get(&format!("http://{}/readyz", proxy.admin)).await;
+    (s.as_u16(), serde_json::from_slice(&b).unwrap())
+}
+
+/// Waits until the spool is empty (the ledger recovered).
+async fn wait_recovered(proxy: &Proxy) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, j) = readyz(proxy).await;
+        if j["spooled_rows"] == 0 && j["ledger"] == "writable" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ledger did not recover: {j}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every id present exactly once, and nothing else for that table.
+fn assert_exactly(db: &Path, table: &str, ids: &BTreeSet<String>) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT request_id FROM calls WHERE table_name = ?1")
+        .unwrap();
+    let rows: Vec<String> = stmt
+        .query_map([table], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let distinct: BTreeSet<String> = rows.iter().cloned().collect();
+    assert_eq!(rows.len(), distinct.len(), "duplicated rows");
+    let missing: Vec<_> = ids.difference(&distinct).collect();
+    assert!(
+        missing.is_empty(),
+        "{} calls missing from the ledger: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(distinct.len(), ids.len(), "rows for calls nobody made");
+    println!(
+        "table {table}: {} calls, {} rows, 0 missing, 0 duplicated",
+        ids.len(),
+        rows.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_ledger_spools_and_replays_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.spool_reserve = ByteSize(0);
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let mut ids = BTreeSet::new();
+    for i in 0..10 {
+        ids.insert(call(&proxy, "locked", i).await.1);
+    }
+    // Someone takes the write lock and sits on it (a long `BEGIN IMMEDIATE` in sqlite3).
+    let db = proxy.db.clone();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        released.recv().unwrap();
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 10..60 {
+        let t = Instant::now();
+        let (status, id) = call(&proxy, "locked", i).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(status, 200, "calls keep flowing while the ledger is locked");
+        ids.insert(id);
+    }
+    let (status, j) = readyz(&proxy).await;
+    assert_eq!(status, 200, "spool mode stays ready: {j}");
+    assert_eq!(j["ledger"], "failing");
+    assert_eq!(j["on_error"], "spool");
+    assert!(j["spooled_rows"].as_u64().unwrap() >= 49, "{j}");
+    let m = proxy.metrics().await;
+    assert!(metric_sum(&m, "creditmeter_ledger_spooled_rows", &[]) >= 49.0);
+    assert!(metric_sum(&m, "creditmeter_ledger_errors_total", &[]) >= 1.0);
+    assert_eq!(
+        metric_sum(&m, "creditmeter_ledger_on_error", &[("mode", "spool")]),
+        1.0
+    );
+    println!("slowest call while locked: {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a locked ledger adds at most about busy_timeout: {slowest:?}"
+    );
+
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    wait_recovered(&proxy).await;
+    for i in 60..70 {
+        ids.insert(call(&proxy, "locked", i).await.1);
+    }
+    assert_exactly(&proxy.db, "locked", &ids);
+    assert!(
+        !sibling(&proxy.db, "spool").exists(),
+        "the spool is removed once replayed"
+    );
+}
+
+fn sibling(path: &Path, ext: &str) -> PathBuf {
+    let mut n = path.file_name().unwrap().to_os_string();
+    n.push(".");
+    n.push(ext);
+    path.with_file_name(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_refuses_calls_while_the_ledger_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.on_error = OnLedgerError::FailClosed;
+    cfg.ledger.spool_reserve = ByteSize(0);
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let mut ids = BTreeSet::new();
+    ids.insert(call(&proxy, "closed", 0).await.1);
+
+    let db = proxy.db.clone();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        released.recv().unwrap();
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    // The first call during the fault finds out: it was already upstream, so its row is spooled.
+    let (status, id) = call(&proxy, "closed", 1).await;
+    assert_eq!(status, 200);
+    ids.insert(id);
+    let billed_before = sim.sim.billed().calls;
+    let mut refused = BTreeSet::new();
+    for i in 2..12 {
+        let (status, id) = call(&proxy, "closed", i).await;
+        assert_eq!(status, 503, "fail_closed refuses new calls");
+        refused.insert(id);
+    }
+    assert_eq!(
+        sim.sim.billed().calls,
+        billed_before,
+        "nothing reached upstream while closed"
+    );
+    let (status, j) = readyz(&proxy).await;
+    assert_eq!(status, 503, "{j}");
+    assert_eq!(j["on_error"], "fail_closed");
+
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    wait_recovered(&proxy).await;
+    let (status, id) = call(&proxy, "closed", 12).await;
+    assert_eq!(status, 200, "open again after recovery");
+    ids.insert(id);
+    // Served calls and refused calls are all recorded, exactly once.
+    let all: BTreeSet<String> = ids.union(&refused).cloned().collect();
+    assert_exactly(&proxy.db, "closed", &all);
+    let conn = rusqlite::Connection::open(&proxy.db).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM calls WHERE table_name = 'closed' AND outcome = 'rejected' AND status IS NULL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 10);
+}
+
+/// A tmpfs of `size` mounted at a fresh directory, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(parent: &Path, size: &str) -> Tmpfs {
+        let dir = parent.join("tmpfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tmpfs needs root (CI runs as root)"
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros until the file system is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_spools_into_the_reserve_and_replays_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(dir.path(), "4m");
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.path = fs.0.join("ledger.db");
+    cfg.ledger.spool_reserve = ByteSize(512 * 1024);
+    let mut proxy = Proxy::start(cfg, dir.path()).await;
+    let mut ids = BTreeSet::new();
+    for i in 0..5 {
+        ids.insert(call(&proxy, "full", i).await.1);
+    }
+    assert!(sibling(&proxy.db, "spool-reserve").exists());
+    let junk = fs.0.join("junk");
+    fill(&junk);
+    for i in 5..205 {
+        let (status, id) = call(&proxy, "full", i).await;
+        assert_eq!(status, 200, "calls keep flowing on a full disk");
+        ids.insert(id);
+    }
+    let (_, j) = readyz(&proxy).await;
+    assert_eq!(j["ledger"], "failing", "{j}");
+    assert!(j["spooled_rows"].as_u64().unwrap() > 0, "{j}");
+    assert!(
+        !sibling(&proxy.db, "spool-reserve").exists(),
+        "the reserve made room for the spool"
+    );
+    std::fs::remove_file(&junk).unwrap();
+    wait_recovered(&proxy).await;
+    proxy.shutdown().await;
+    assert_exactly(&proxy.db, "full", &ids);
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_ledger_is_recreated_and_keeps_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
+    call(&proxy, "deleted", 0).await;
+    let fp_before: String = rusqlite::Connection::open(&proxy.db)
+        .unwrap()
+        .query_row("SELECT key_fp FROM calls LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", proxy.db.display()));
+    }
+    let mut ids = BTreeSet::new();
+    for i in 1..30 {
+        let (status, id) = call(&proxy, "deleted", i).await;
+        assert_eq!(status, 200);
+        ids.insert(id);
+    }
+    wait_recovered(&proxy).await;
+    assert!(proxy.db.exists(), "the ledger was recreated");
+    assert_exactly(&proxy.db, "deleted", &ids);
+    let fp_after: String = rusqlite::Connection::open(&proxy.db)
+        .unwrap()
+        .query_row("SELECT key_fp FROM calls LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(fp_before, fp_after, "the install secret survives the file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_left_in_the_spool_by_a_crash_are_replayed_at_start_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    // A first run creates the ledger and records one call.
+    let mut first = Proxy::start(config_for(&up.url(), None), dir.path()).await;
+    let (_, id) = call(&first, "spooled", 0).await;
+    first.shutdown().await;
+    // A crash left two rows in the spool, one of them already committed (replay interrupted),
+    // and a torn last line.
+    let row = |rid: &str| {
+        serde_json::json!({
+            "request_id": rid, "started_at": 1, "finished_at": 2, "method": "POST",
+            "path": "/api/v1/people/match", "endpoint": "people_match", "status": 200,
+            "outcome": "ok", "table_name": "spooled", "workflow": null, "tags": null,
+            "key_fp": null, "lead_milli": 1000, "direct_dial_milli": 0, "export_milli": 0,
+            "credit_source": "catalog", "records_requested": 1, "records_matched": 1,
+            "catalog_version": "t", "upstream_ms": 3, "request_bytes": 2, "response_bytes": 10,
+            "error": null, "id_kinds": "email"
+        })
+        .to_string()
+    };
+    std::fs::write(
+        sibling(&first.db, "spool"),
+        format!("{}\n{}\n{{\"torn\": ", row(&id), row("from-the-spool")),
+    )
+    .unwrap();
+    let second = Proxy::start(config_for(&up.url(), None), dir.path()).await;
+    wait_recovered(&second).await;
+    let ids: BTreeSet<String> = [id, "from-the-spool".to_owned()].into_iter().collect();
+    assert_exactly(&second.db, "spooled", &ids);
+}
