@@ -1,7 +1,9 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz` (ledger
 //! writable, config loaded, not shutting down) and the JSON API under `/api/`: `status`,
-//! `budgets` (GET), and `holds` (GET, POST to place one, DELETE `/api/holds/{id}` to lift it).
-//! It is served on its own address, loopback by default, never on the proxy listener.
+//! `budgets` (GET), `holds` (GET, POST to place one, DELETE `/api/holds/{id}` to lift it),
+//! `usage` (the report, with the CLI's parameters and JSON) and `calls` (raw ledger rows,
+//! keyset-paged). It is served on its own address, loopback by default, never on the proxy
+//! listener. Ledger reads run on a read-only connection in `spawn_blocking`.
 //!
 //! When the environment variable named by `admin.token_env` holds a token, every `/api/` route
 //! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
@@ -19,9 +21,11 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::guard::Guard;
+use crate::ledger::queries::{self, CallsQuery, Cursor, Window};
 use crate::ledger::LedgerHandle;
 use crate::meter::now_ms;
 use crate::metrics::Metrics;
+use crate::report::{self, Format, ReportArgs};
 
 /// The largest admin API request body read (a hold is a few hundred bytes).
 const MAX_API_BODY: usize = 64 * 1024;
@@ -89,7 +93,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz, /api/status or /api/budgets\n",
+                "not found: try /metrics, /healthz, /readyz, /api/status, /api/usage, /api/calls or /api/budgets\n",
             ),
         })
     }
@@ -168,6 +172,8 @@ impl Admin {
                 }),
             ),
             (Method::GET, "/api/reconcile") => self.reconcile(req.uri().query()).await,
+            (Method::GET, "/api/usage") => self.usage(req.uri().query().unwrap_or("")).await,
+            (Method::GET, "/api/calls") => self.calls(req.uri().query().unwrap_or("")).await,
             (_, path) => json_response(
                 StatusCode::NOT_FOUND,
                 &json!({"error": "not_found", "message": format!("no admin API route {} {path}", req.method())}),
@@ -234,25 +240,23 @@ impl Admin {
     async fn place_hold(&self, req: Request<Incoming>) -> AdminResponse {
         let body = match Limited::new(req.into_body(), MAX_API_BODY).collect().await {
             Ok(b) => b.to_bytes(),
-            Err(e) => return bad_request(format!("cannot read the request body: {e}")),
+            Err(e) => return bad_request(&format!("cannot read the request body: {e}")),
         };
         let v: Value = match serde_json::from_slice(&body) {
             Ok(v) => v,
-            Err(e) => return bad_request(format!("the body must be JSON: {e}")),
+            Err(e) => return bad_request(&format!("the body must be JSON: {e}")),
         };
         let Some(scope) = v.get("scope") else {
-            return bad_request(
-                "name what to hold: {\"scope\": {\"table\": \"…\"}} (or workflow, key, tag), or {\"scope\": \"global\"} to pause everything".into(),
-            );
+            return bad_request("name what to hold: {\"scope\": {\"table\": \"…\"}} (or workflow, key, tag), or {\"scope\": \"global\"} to pause everything");
         };
         let scope = match crate::guard::config::scope_from_json(scope) {
             Ok(s) => s,
-            Err(e) => return bad_request(format!("scope: {e}")),
+            Err(e) => return bad_request(&format!("scope: {e}")),
         };
         let reason = match v.get("reason") {
             None | Some(Value::Null) => None,
             Some(Value::String(r)) if r.len() <= 1024 => Some(r.clone()),
-            Some(_) => return bad_request("reason must be a string of at most 1024 bytes".into()),
+            Some(_) => return bad_request("reason must be a string of at most 1024 bytes"),
         };
         let guard = self.guard.clone();
         match tokio::task::spawn_blocking(move || guard.add_hold(scope, reason, now_ms())).await {
@@ -272,7 +276,7 @@ impl Admin {
     /// `DELETE /api/holds/{id}`: 200 with the released hold, 404 if none is in force.
     async fn lift_hold(&self, id: &str) -> AdminResponse {
         let Ok(id) = id.parse::<i64>() else {
-            return bad_request(format!(
+            return bad_request(&format!(
                 "{id:?} is not a hold id (GET /api/holds lists them)"
             ));
         };
@@ -289,9 +293,165 @@ impl Admin {
             Err(e) => hold_failed(&e),
         }
     }
+
+    /// `GET /api/usage`: the report, with the CLI's parameters (`by`, `since`, `until`, `top`,
+    /// `format`, `table`, `workflow`, `endpoint`, `timeline`, `spikes`, `identifiers`,
+    /// `spike_factor`, `spike_floor`, `source`), in JSON unless `format` says otherwise. The
+    /// JSON is exactly `creditmeter report --format json`'s.
+    async fn usage(&self, query: &str) -> AdminResponse {
+        let pairs = match decode_query(query) {
+            Ok(p) => p,
+            Err(e) => return bad_request(&e),
+        };
+        let args = match ReportArgs::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            Ok(a) => a,
+            Err(e) => return bad_request(&e),
+        };
+        let req = match args.resolve(self.ledger_path.clone(), now_ms(), Format::Json) {
+            Ok(r) => r,
+            Err(e) => return bad_request(&e),
+        };
+        let format = req.format;
+        let result = tokio::task::spawn_blocking(move || report::run(&req)).await;
+        let body = match result {
+            Ok(Ok(body)) => body,
+            Ok(Err(e @ report::ReportError::TooManyBuckets { .. })) => {
+                return bad_request(&e.to_string())
+            }
+            Ok(Err(e)) => return server_error(&e.to_string()),
+            Err(e) => return server_error(&e.to_string()),
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(match format {
+                Format::Json => "application/json",
+                Format::Csv => "text/csv; charset=utf-8",
+                Format::Table => "text/plain; charset=utf-8",
+            }),
+        );
+        r
+    }
+
+    /// `GET /api/calls`: raw ledger rows, newest first (`order=asc`: oldest first), `limit`
+    /// per page (default 100, at most 1000), filtered by `table`, `workflow`, `endpoint`,
+    /// `outcome`, `status` (a code or `none`), `key` (a key fingerprint), `since` and `until`.
+    /// The answer carries `next_cursor`; pass it back as `cursor` for the next page (null at
+    /// the end).
+    async fn calls(&self, query: &str) -> AdminResponse {
+        let pairs = match decode_query(query) {
+            Ok(p) => p,
+            Err(e) => return bad_request(&e),
+        };
+        let q = match calls_query(&pairs, now_ms()) {
+            Ok(q) => q,
+            Err(e) => return bad_request(&e),
+        };
+        let path = self.ledger_path.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let conn = crate::ledger::open_for_read(&path)?;
+            let page = queries::calls_page(&conn, &q)?;
+            Ok::<_, crate::ledger::LedgerError>((page, q.limit))
+        })
+        .await;
+        match result {
+            Ok(Ok(((rows, next), limit))) => json_response(
+                StatusCode::OK,
+                &json!({
+                    "rows": rows,
+                    "limit": limit,
+                    "next_cursor": next.map(|c| c.encode()),
+                }),
+            ),
+            Ok(Err(e)) => server_error(&e.to_string()),
+            Err(e) => server_error(&e.to_string()),
+        }
+    }
 }
 
-fn bad_request(message: String) -> AdminResponse {
+/// The most rows `/api/calls` returns per page.
+pub const MAX_CALLS_LIMIT: usize = 1000;
+/// Rows per page when `limit` is not given.
+pub const DEFAULT_CALLS_LIMIT: usize = 100;
+
+fn calls_query(pairs: &[(String, String)], now: i64) -> Result<CallsQuery, String> {
+    let mut q = CallsQuery {
+        limit: DEFAULT_CALLS_LIMIT,
+        ..Default::default()
+    };
+    let (mut since, mut until) = (None, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "table" => q.filter.table = Some(v.clone()),
+            "workflow" => q.filter.workflow = Some(v.clone()),
+            "endpoint" => q.filter.endpoint = Some(v.clone()),
+            "outcome" => q.outcome = Some(v.clone()),
+            "key" => q.key_fp = Some(v.clone()),
+            "status" => {
+                q.status = Some(if v == "none" {
+                    None
+                } else {
+                    Some(v.parse().map_err(|_| {
+                        format!("status={v:?}: use an HTTP status code or none")
+                    })?)
+                })
+            }
+            "since" => since = Some(report::parse_time(v, now).map_err(|e| format!("since: {e}"))?),
+            "until" => until = Some(report::parse_time(v, now).map_err(|e| format!("until: {e}"))?),
+            "limit" => {
+                q.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_CALLS_LIMIT).contains(n))
+                    .ok_or_else(|| format!("limit={v:?}: use 1 to {MAX_CALLS_LIMIT}"))?
+            }
+            "cursor" => {
+                q.cursor = Some(
+                    Cursor::decode(v)
+                        .ok_or_else(|| format!("cursor={v:?} is not a cursor this API gave out"))?,
+                )
+            }
+            "order" => {
+                q.ascending = match v.as_str() {
+                    "asc" => true,
+                    "desc" => false,
+                    _ => return Err(format!("order={v:?}: use asc or desc")),
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?}: use table, workflow, endpoint, outcome, status, key, since, until, limit, cursor or order"
+                ))
+            }
+        }
+    }
+    if since.is_some() || until.is_some() {
+        q.window = Some(Window {
+            since_ms: since.unwrap_or(i64::MIN),
+            until_ms: until.unwrap_or(i64::MAX),
+        });
+    }
+    Ok(q)
+}
+
+/// Splits a query string into percent-decoded pairs; the message names a pair that is not UTF-8.
+fn decode_query(query: &str) -> Result<Vec<(String, String)>, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let dec = |s: &str| {
+                String::from_utf8(crate::catalog::percent_decode_bytes(s).into_owned())
+                    .map_err(|_| format!("query parameter {k:?} is not UTF-8"))
+            };
+            Ok((dec(k)?, dec(v)?))
+        })
+        .collect()
+}
+
+fn bad_request(message: &str) -> AdminResponse {
     json_response(
         StatusCode::BAD_REQUEST,
         &json!({"error": "bad_request", "message": message}),
@@ -303,6 +463,13 @@ fn hold_failed(e: &dyn std::error::Error) -> AdminResponse {
     json_response(
         StatusCode::INTERNAL_SERVER_ERROR,
         &json!({"error": "hold_not_recorded", "message": format!("the hold could not be recorded in the ledger, so nothing changed: {e}")}),
+    )
+}
+
+fn server_error(message: &str) -> AdminResponse {
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({"error": "ledger_error", "message": message}),
     )
 }
 

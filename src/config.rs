@@ -40,6 +40,9 @@ pub const DEFAULT_MAX_INSPECT: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_DECODED: u64 = 64 * 1024 * 1024;
 /// Rows committed in one ledger transaction at most.
 pub const DEFAULT_BATCH_MAX: usize = 1024;
+/// The shortest `ledger.retention`: rollups are hourly, and the current and previous hour
+/// always keep their detail rows.
+pub const MIN_RETENTION: Duration = Duration::from_secs(3600);
 /// Distinct `table` / `workflow` metric label values before new ones become `_other`.
 pub const DEFAULT_MAX_LABEL_VALUES: usize = 500;
 /// How long shutdown waits for in-flight calls.
@@ -293,6 +296,11 @@ pub struct LedgerConfig {
     pub busy_timeout: HumanDuration,
     /// `ledger.spool_reserve`, default 16MiB of ballast beside the spool, released on a full disk.
     pub spool_reserve: ByteSize,
+    /// `ledger.retention`, default unset (keep every detail row forever): detail rows in
+    /// `calls` older than this (e.g. `"90d"`) are deleted in small batches by a background
+    /// thread. The hourly rollups are kept, so totals by table, workflow, endpoint, status and
+    /// outcome keep their whole history.
+    pub retention: Option<HumanDuration>,
 }
 
 impl Default for LedgerConfig {
@@ -305,6 +313,7 @@ impl Default for LedgerConfig {
             on_error: OnLedgerError::Spool,
             busy_timeout: HumanDuration(DEFAULT_BUSY_TIMEOUT),
             spool_reserve: ByteSize(DEFAULT_SPOOL_RESERVE),
+            retention: None,
         }
     }
 }
@@ -522,6 +531,16 @@ impl Config {
         }
         if self.ledger.batch_max == 0 {
             return Err(invalid("ledger.batch_max", "must be at least 1"));
+        }
+        if let Some(r) = self.ledger.retention {
+            if r.0 < MIN_RETENTION {
+                return Err(invalid(
+                    "ledger.retention",
+                    format!(
+                        "{r} is too short: keep detail rows at least \"1h\" (e.g. \"90d\"), or leave the key out to keep them forever"
+                    ),
+                ));
+            }
         }
         if self.metrics.max_label_values == 0 {
             return Err(invalid("metrics.max_label_values", "must be at least 1"));
@@ -856,6 +875,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("enable") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn retention_is_optional_human_and_at_least_an_hour() {
+        assert_eq!(Config::load(None).unwrap().ledger.retention, None);
+        let c = Config::from_toml("[ledger]\nretention = \"90d\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.ledger.retention.unwrap().0,
+            Duration::from_secs(90 * 86_400)
+        );
+        let c = Config::from_toml("[ledger]\nretention = \"1h\"\n").unwrap();
+        c.validate().unwrap();
+        for short in ["59m", "0s", "30"] {
+            let c = Config::from_toml(&format!("[ledger]\nretention = \"{short}\"\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("ledger.retention") && err.contains("1h"),
+                "{err}"
+            );
+        }
+        let err = Config::from_toml("\n[ledger]\nretention = \"forever-ish\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
     }
 
     #[test]

@@ -262,10 +262,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     let report = report::run(&ReportRequest {
         db: db.clone(),
         by: GroupBy::Table,
-        since_ms: 0,
-        until_ms: report::default_until(),
-        top: None,
         format: Format::Table,
+        ..ReportRequest::default()
     })?;
     out.push_str(&report);
     let billed = sim.billed();

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod reconcile;
 pub mod report;
+pub mod scale;
 pub mod sim;
 
 use std::future::Future;
@@ -200,6 +201,15 @@ pub async fn run_with_reload(
         },
         metrics.ledger(),
     )?;
+    // Retention deletes old detail rows on its own thread and connection, in small batches.
+    let retention = match config.ledger.retention {
+        Some(keep) => Some(ledger::maintenance::Retention::spawn(
+            config.ledger.path.clone(),
+            config.ledger.synchronous,
+            keep.0,
+        )?),
+        None => None,
+    };
 
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -407,7 +417,13 @@ pub async fn run_with_reload(
     admin_tracker.wait().await;
 
     // Every row handed over so far is committed before we return.
-    let _ = tokio::task::spawn_blocking(move || writer.close()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(r) = retention {
+            r.stop();
+        }
+        writer.close()
+    })
+    .await;
     tracing::info!("ledger flushed; bye");
     Ok(())
 }

@@ -10,8 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use creditmeter::config::Config;
 use creditmeter::guard::client::{self as guard_client, AdminClient};
-use creditmeter::ledger::queries::GroupBy;
-use creditmeter::report::{self, Format, ReportRequest};
+use creditmeter::report::{self, Format, ReportArgs};
 use tracing_subscriber::EnvFilter;
 
 const EX_USAGE: u8 = 64;
@@ -40,32 +39,49 @@ enum Command {
         #[arg(long, short, env = "CREDITMETER_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Spend from the ledger.
+    /// Spend from the ledger: by group, as a burn timeline, or its spikes.
     Report {
         /// Ledger file; default: `ledger.path` from --config, else ./creditmeter.db.
         #[arg(long)]
         db: Option<PathBuf>,
         #[arg(long, short, env = "CREDITMETER_CONFIG")]
         config: Option<PathBuf>,
-        /// Start of the window: RFC 3339, a date, or relative (24h, 7d). Default: all time.
-        #[arg(long)]
-        since: Option<String>,
-        /// End of the window (exclusive). Default: now.
-        #[arg(long)]
-        until: Option<String>,
-        /// table, workflow, endpoint, key, status, outcome or tag:<name>.
-        #[arg(long, default_value = "table")]
-        by: String,
-        /// Only the N biggest spenders.
-        #[arg(long)]
-        top: Option<usize>,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        #[command(flatten)]
+        args: ReportArgs,
         /// Instead of spend: the windows in which Apollo's credit balance fell by more than
         /// creditmeter saw, and whether that looks like traffic outside the proxy or a catalog
         /// error (needs [reconcile] enabled while serving). Honours --since, --until, --format.
         #[arg(long)]
         reconcile: bool,
+    },
+    /// Ledger maintenance: stats, vacuum, prune, bench.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Write a realistic synthetic ledger (for benchmarks and trying reports).
+    SimLedger {
+        /// Background calls to write (bursts add their own).
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// The new ledger file (it must not exist yet).
+        #[arg(long)]
+        db: PathBuf,
+        /// Days of history, ending at --end.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// End of the history: RFC 3339, a date, or relative (default: now).
+        #[arg(long)]
+        end: Option<String>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Hide a burst: `AT[,table=NAME][,credits=N][,minutes=M]` (default table "Runaway
+        /// waterfall", 400000 credits over 60 minutes). Repeatable.
+        #[arg(long)]
+        burst: Vec<String>,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 100_000)]
+        batch: usize,
     },
     /// A deterministic stand-in for the Apollo API (tests, benchmarks, demos).
     SimApollo {
@@ -196,9 +212,67 @@ fn admin_client(args: &AdminArgs) -> Result<AdminClient, ExitCode> {
     Ok(AdminClient::new(&base, config.admin.token()))
 }
 
-fn usage(message: &str) -> ExitCode {
+fn usage_code(message: &str) -> ExitCode {
     eprintln!("creditmeter: {message}");
     ExitCode::from(EX_USAGE)
+}
+
+/// Where the ledger is: `--db`, else `ledger.path` from `--config`, else ./creditmeter.db.
+#[derive(clap::Args, Clone)]
+struct LedgerLocation {
+    /// Ledger file.
+    #[arg(long)]
+    db: Option<PathBuf>,
+    #[arg(long, short, env = "CREDITMETER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// What the ledger holds and how big it is (read-only).
+    Stats {
+        #[command(flatten)]
+        at: LedgerLocation,
+        /// Also the size of each table and index (reads every page: slow on big files).
+        #[arg(long)]
+        sizes: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Truncate the WAL and return free pages to the file system in small steps (safe while
+    /// the proxy runs); --full rewrites the whole file (stop the proxy first).
+    Vacuum {
+        #[command(flatten)]
+        at: LedgerLocation,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Delete detail rows older than a span now, as ledger.retention does (rollups are kept).
+    Prune {
+        #[command(flatten)]
+        at: LedgerLocation,
+        /// e.g. 90d.
+        #[arg(long)]
+        older_than: String,
+    },
+    /// Time reports (rollups vs detail rows vs plain SQL) and writer commits on this file.
+    /// Appends benchmark rows (table `_bench`) unless --no-writes.
+    Bench {
+        #[command(flatten)]
+        at: LedgerLocation,
+        #[arg(long, default_value_t = 500)]
+        commits: usize,
+        #[arg(long, default_value_t = 20_000)]
+        burst_rows: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        no_writes: bool,
+        /// Also time commits while retention deletes rows older than this (e.g. 300d;
+        /// destructive).
+        #[arg(long, value_name = "KEEP")]
+        during_prune: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -334,6 +408,14 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             println!("  ledger.path             {}", config.ledger.path.display());
             println!("  ledger.durability       {:?}", config.ledger.durability);
             println!(
+                "  ledger.retention        {}",
+                config
+                    .ledger
+                    .retention
+                    .map(|r| format!("detail rows kept {r}, rollups forever"))
+                    .unwrap_or_else(|| "keep every detail row".into())
+            );
+            println!(
                 "  attribution.require_table {}",
                 config.attribution.require_table
             );
@@ -402,72 +484,51 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Report {
             db,
             config,
-            since,
-            until,
-            by,
-            top,
-            format,
+            args,
             reconcile,
         } => {
-            let db = match (db, config) {
-                (Some(db), _) => db,
-                (None, Some(c)) => match load_config(Some(&c)) {
-                    Ok(c) => c.ledger.path,
-                    Err(code) => return Ok(code),
-                },
-                (None, None) => PathBuf::from(creditmeter::config::DEFAULT_LEDGER_PATH),
+            let db = match ledger_path(db, config) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
             };
-            let now = creditmeter::meter::now_ms();
-            let parse = |s: Option<String>, default: i64, flag: &str| -> Result<i64, String> {
-                match s {
-                    None => Ok(default),
-                    Some(s) => report::parse_time(&s, now).map_err(|e| format!("--{flag}: {e}")),
+            let req = match args.resolve(db, creditmeter::meter::now_ms(), Format::Table) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("creditmeter: --{e}");
+                    return Ok(ExitCode::from(EX_USAGE));
                 }
             };
-            let window = parse(since, 0, "since")
-                .and_then(|s| Ok((s, parse(until, report::default_until(), "until")?)));
             if reconcile {
-                let (since_ms, until_ms) = match window {
-                    Ok(w) => w,
-                    Err(e) => {
-                        eprintln!("creditmeter: {e}");
-                        return Ok(ExitCode::from(EX_USAGE));
-                    }
-                };
                 print!(
                     "{}",
                     creditmeter::reconcile::answer::report(
                         &creditmeter::reconcile::answer::Request {
-                            db,
-                            since_ms,
-                            until_ms,
-                            format,
+                            db: req.db.clone(),
+                            since_ms: req.since_ms,
+                            until_ms: req.until_ms,
+                            format: req.format,
                         }
                     )?
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let by = GroupBy::parse(&by).map_err(|e| format!("--by: {e}"));
-            let (since_ms, until_ms, by) = match (window, by) {
-                (Ok((s, u)), Ok(by)) => (s, u, by),
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("creditmeter: {e}");
-                    return Ok(ExitCode::from(EX_USAGE));
-                }
-            };
-            print!(
-                "{}",
-                report::run(&ReportRequest {
-                    db,
-                    by,
-                    since_ms,
-                    until_ms,
-                    top,
-                    format
-                })?
-            );
+            match report::run(&req) {
+                Ok(out) => print!("{out}"),
+                Err(e @ report::ReportError::TooManyBuckets { .. }) => return usage(e),
+                Err(e) => return Err(e.into()),
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ledger { command } => ledger_command(command),
+        Command::SimLedger {
+            rows,
+            db,
+            days,
+            end,
+            seed,
+            burst,
+            batch,
+        } => sim_ledger(rows, db, days, end, seed, burst, batch),
         Command::SimApollo {
             listen,
             seed,
@@ -535,10 +596,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             let scope = match scope.to_json() {
                 Ok(Some(s)) => s,
-                Ok(None) => return Ok(usage(
+                Ok(None) => return Ok(usage_code(
                     "name what to hold: --table, --workflow, --key, --tag NAME=VALUE, or --all for every call",
                 )),
-                Err(e) => return Ok(usage(&e)),
+                Err(e) => return Ok(usage_code(&e)),
             };
             let client = match admin_client(&admin) {
                 Ok(c) => c,
@@ -563,12 +624,12 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Release { id, admin, scope } => {
             let wanted = match (id, scope.to_json()) {
-                (_, Err(e)) => return Ok(usage(&e)),
+                (_, Err(e)) => return Ok(usage_code(&e)),
                 (Some(_), Ok(Some(_))) => {
-                    return Ok(usage("give a hold id or scope flags, not both"))
+                    return Ok(usage_code("give a hold id or scope flags, not both"))
                 }
                 (None, Ok(None)) => {
-                    return Ok(usage(
+                    return Ok(usage_code(
                         "name the hold: its id (see `creditmeter budgets`), or the scope flags it was placed with",
                     ))
                 }
@@ -668,6 +729,267 @@ fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
     #[cfg(not(unix))]
     drop(tx);
     rx
+}
+
+fn ledger_path(db: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    Ok(match (db, config) {
+        (Some(db), _) => db,
+        (None, Some(c)) => load_config(Some(&c))?.ledger.path,
+        (None, None) => PathBuf::from(creditmeter::config::DEFAULT_LEDGER_PATH),
+    })
+}
+
+fn usage(msg: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
+    eprintln!("creditmeter: {msg}");
+    Ok(ExitCode::from(EX_USAGE))
+}
+
+fn ledger_command(cmd: LedgerCommand) -> anyhow::Result<ExitCode> {
+    use creditmeter::ledger::{self, maintenance};
+    let existing = |at: LedgerLocation| -> Result<PathBuf, ExitCode> {
+        let p = ledger_path(at.db, at.config)?;
+        if !p.exists() {
+            eprintln!(
+                "creditmeter: ledger {} does not exist (pass --db or --config)",
+                p.display()
+            );
+            return Err(ExitCode::from(EX_USAGE));
+        }
+        Ok(p)
+    };
+    match cmd {
+        LedgerCommand::Stats { at, sizes, format } => {
+            let path = match existing(at) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let conn = ledger::open_for_read(&path)?;
+            let s = maintenance::stats(&path, &conn, sizes)?;
+            if format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let t = |ms: Option<i64>| ms.map(report::format_time).unwrap_or_else(|| "-".into());
+            let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+            println!("ledger          {}", s.path);
+            println!(
+                "file            {} (+ WAL {})",
+                mib(s.file_bytes),
+                mib(s.wal_bytes)
+            );
+            println!(
+                "pages           {} of {} bytes, {} free; auto_vacuum {}",
+                s.page_count, s.page_size, s.freelist_pages, s.auto_vacuum
+            );
+            println!("schema version  {}", s.schema_version);
+            println!(
+                "calls           {} rows, {} to {}",
+                s.calls,
+                t(s.oldest_call),
+                t(s.newest_call)
+            );
+            println!(
+                "rollup_hourly   {} rows, {} to {}; {} calls, {} credits",
+                s.rollup_rows,
+                t(s.rollup_first_hour),
+                t(s.rollup_last_hour),
+                s.rollup_calls,
+                s.rollup_credits_milli as f64 / 1000.0
+            );
+            println!(
+                "retention       {}",
+                match s.detail_deleted_before {
+                    Some(ms) => format!(
+                        "detail rows before {} deleted (rollups keep them)",
+                        report::format_time(ms)
+                    ),
+                    None => "no detail rows deleted".into(),
+                }
+            );
+            for (name, bytes) in &s.objects {
+                println!("  {name:<28} {}", mib(*bytes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LedgerCommand::Vacuum { at, full } => {
+            let path = match existing(at) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let conn = rusqlite::Connection::open(&path)?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            let o = maintenance::vacuum(&path, &conn, full)?;
+            println!(
+                "vacuum ({}): {:.1} MiB -> {:.1} MiB, {} free pages returned{}",
+                o.mode,
+                o.file_bytes_before as f64 / (1u64 << 20) as f64,
+                o.file_bytes_after as f64 / (1u64 << 20) as f64,
+                o.freed_pages,
+                if o.wal_busy {
+                    "; the WAL is in use and was not truncated"
+                } else {
+                    ""
+                }
+            );
+            if o.mode == "checkpoint" {
+                println!("this file predates incremental auto-vacuum: free pages are reused by new rows; `ledger vacuum --full` (proxy stopped) converts it");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LedgerCommand::Prune { at, older_than } => {
+            let path = match existing(at) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let keep = match creditmeter::config::HumanDuration::parse(&older_than) {
+                Ok(d) if d >= creditmeter::config::MIN_RETENTION => d,
+                Ok(_) => return usage("--older-than: keep at least 1h"),
+                Err(e) => return usage(format!("--older-than: {e}")),
+            };
+            let mut conn = ledger::open_for_write(&path, creditmeter::config::Synchronous::Normal)?;
+            let cutoff = maintenance::retention_cutoff(creditmeter::meter::now_ms(), keep);
+            let o = maintenance::prune(
+                &mut conn,
+                cutoff,
+                maintenance::RETENTION_BATCH,
+                maintenance::RETENTION_PAUSE,
+                || false,
+            )?;
+            println!(
+                "deleted {} detail rows started before {} in {} batches; the rollups keep their totals",
+                o.deleted,
+                report::format_time(cutoff),
+                o.batches
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LedgerCommand::Bench {
+            at,
+            commits,
+            burst_rows,
+            runs,
+            no_writes,
+            during_prune,
+        } => {
+            let path = match existing(at) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let during_prune = match during_prune
+                .as_deref()
+                .map(creditmeter::config::HumanDuration::parse)
+            {
+                None => None,
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => return usage(format!("--during-prune: {e}")),
+            };
+            let out = creditmeter::scale::run(&creditmeter::scale::BenchOptions {
+                db: path,
+                commits,
+                burst_rows,
+                runs,
+                no_writes,
+                during_prune,
+            })?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn sim_ledger(
+    rows: u64,
+    db: PathBuf,
+    days: u32,
+    end: Option<String>,
+    seed: u64,
+    bursts: Vec<String>,
+    batch: usize,
+) -> anyhow::Result<ExitCode> {
+    use creditmeter::ledger::synth;
+    let now = creditmeter::meter::now_ms();
+    let end_ms = match end.as_deref().map(|e| report::parse_time(e, now)) {
+        None => now,
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return usage(format!("--end: {e}")),
+    };
+    let mut parsed = Vec::new();
+    for b in &bursts {
+        match synth::Burst::parse(b, |s| report::parse_time(s, now)) {
+            Ok(b) => parsed.push(b),
+            Err(e) => return usage(format!("--burst: {e}")),
+        }
+    }
+    if days == 0 {
+        return usage("--days: at least 1");
+    }
+    let start_ms = end_ms - i64::from(days) * 86_400_000;
+    for b in &parsed {
+        if b.at_ms < start_ms || b.at_ms >= end_ms {
+            return usage(format!(
+                "--burst: {} is outside the history ({} to {})",
+                report::format_time(b.at_ms),
+                report::format_time(start_ms),
+                report::format_time(end_ms)
+            ));
+        }
+    }
+    if db.exists() {
+        return usage(format!(
+            "{} exists; sim-ledger writes a new ledger (remove it first)",
+            db.display()
+        ));
+    }
+    let mut conn =
+        creditmeter::ledger::open_for_write(&db, creditmeter::config::Synchronous::Normal)?;
+    // A throwaway file: no fsync, a big page cache.
+    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")?;
+    let step = (rows / 10).max(1);
+    let mut next_report = step;
+    let summary = synth::generate(
+        &mut conn,
+        &synth::SynthOptions {
+            rows,
+            days,
+            end_ms,
+            seed,
+            bursts: parsed.clone(),
+            batch,
+        },
+        |n| {
+            if n >= next_report {
+                eprintln!("  {n} rows");
+                next_report = n + step;
+            }
+        },
+    )?;
+    conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);")?;
+    let total = summary.rows + summary.burst_rows;
+    println!(
+        "wrote {} calls ({} background + {} burst) to {} in {:.1}s ({:.0} rows/s)",
+        total,
+        summary.rows,
+        summary.burst_rows,
+        db.display(),
+        summary.elapsed.as_secs_f64(),
+        total as f64 / summary.elapsed.as_secs_f64().max(1e-9)
+    );
+    println!(
+        "history {} to {}; {} credits in all",
+        report::format_time(summary.first_ms),
+        report::format_time(summary.last_ms),
+        summary.credits_milli as f64 / 1000.0
+    );
+    for b in &parsed {
+        println!(
+            "burst: {} credits by table {:?} from {} over {} minutes",
+            b.credits,
+            b.table,
+            report::format_time(b.at_ms),
+            b.minutes
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -3,10 +3,18 @@
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
 //! block the writer. One writer thread owns the write connection and group-commits rows handed
 //! to it over a channel ([`writer`]). This module knows nothing of HTTP.
+//!
+//! Triggers keep `rollup_hourly` (spend per hour × table × workflow × endpoint × status ×
+//! outcome) in the same transaction as each insert, so reports over big windows read thousands
+//! of rollup rows instead of millions of calls ([`queries`]). Retention deletes old detail rows
+//! in small batches on its own thread and never touches the rollups ([`maintenance`]).
+//! [`synth`] writes realistic synthetic ledgers for benchmarks.
 
 pub mod guard;
+pub mod maintenance;
 pub mod queries;
 pub mod schema;
+pub mod synth;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -138,6 +146,15 @@ pub fn open_for_write(path: &Path, synchronous: Synchronous) -> Result<Connectio
     let mut conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(open_err)?;
+    // A new file gets incremental auto-vacuum, so `creditmeter ledger vacuum` can hand pages
+    // freed by retention back to the file system in small steps, without a full rewrite.
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if pages == 0 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(open_err)?;
+    }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(open_err)?;

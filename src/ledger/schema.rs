@@ -122,6 +122,94 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX holds_active ON holds(released_at);
     "#,
+    // Hourly rollups: spend per UTC hour × table × workflow × endpoint × status × outcome,
+    // maintained by triggers in the same transaction as each insert into `calls` (whoever
+    // inserts), backfilled here from the rows already there. `ledger.retention` deletes detail
+    // rows but never rollups, so reports by table, workflow, endpoint, status and outcome keep
+    // the whole history. Self-contained and safe to re-run inside its transaction.
+    r#"
+    CREATE TABLE IF NOT EXISTS rollup_hourly (
+        hour              INTEGER NOT NULL,  -- unix ms of the UTC hour's start
+        table_name        TEXT    NOT NULL,  -- '_unattributed' for calls without a table
+        workflow          TEXT    NOT NULL,  -- '_none' for calls without a workflow
+        endpoint          TEXT    NOT NULL,
+        status            INTEGER NOT NULL,  -- upstream status; 0 = no upstream response
+        outcome           TEXT    NOT NULL,
+        calls             INTEGER NOT NULL DEFAULT 0,
+        credits_milli     INTEGER NOT NULL DEFAULT 0,
+        lead_milli        INTEGER NOT NULL DEFAULT 0,
+        direct_dial_milli INTEGER NOT NULL DEFAULT 0,
+        export_milli      INTEGER NOT NULL DEFAULT 0,
+        records_requested INTEGER NOT NULL DEFAULT 0,
+        records_matched   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hour, table_name, workflow, endpoint, status, outcome)
+    ) WITHOUT ROWID;
+
+    DELETE FROM rollup_hourly;
+    INSERT INTO rollup_hourly
+    SELECT (started_at / 3600000) * 3600000, COALESCE(table_name, '_unattributed'),
+           COALESCE(workflow, '_none'), endpoint, COALESCE(status, 0), outcome,
+           count(*), sum(credits_milli), sum(lead_milli), sum(direct_dial_milli), sum(export_milli),
+           sum(COALESCE(records_requested, 0)), sum(COALESCE(records_matched, 0))
+      FROM calls
+     GROUP BY 1, 2, 3, 4, 5, 6;
+
+    CREATE TRIGGER IF NOT EXISTS calls_rollup_insert AFTER INSERT ON calls BEGIN
+        INSERT INTO rollup_hourly (hour, table_name, workflow, endpoint, status, outcome, calls,
+                                   credits_milli, lead_milli, direct_dial_milli, export_milli,
+                                   records_requested, records_matched)
+        VALUES ((NEW.started_at / 3600000) * 3600000, COALESCE(NEW.table_name, '_unattributed'),
+                COALESCE(NEW.workflow, '_none'), NEW.endpoint, COALESCE(NEW.status, 0),
+                NEW.outcome, 1, NEW.credits_milli, NEW.lead_milli, NEW.direct_dial_milli,
+                NEW.export_milli, COALESCE(NEW.records_requested, 0),
+                COALESCE(NEW.records_matched, 0))
+        ON CONFLICT (hour, table_name, workflow, endpoint, status, outcome) DO UPDATE SET
+            calls             = calls + 1,
+            credits_milli     = credits_milli + excluded.credits_milli,
+            lead_milli        = lead_milli + excluded.lead_milli,
+            direct_dial_milli = direct_dial_milli + excluded.direct_dial_milli,
+            export_milli      = export_milli + excluded.export_milli,
+            records_requested = records_requested + excluded.records_requested,
+            records_matched   = records_matched + excluded.records_matched;
+    END;
+
+    -- A corrected row moves its figures: out of the old cell, into the new one.
+    CREATE TRIGGER IF NOT EXISTS calls_rollup_update
+    AFTER UPDATE OF started_at, table_name, workflow, endpoint, status, outcome, credits_milli,
+                    lead_milli, direct_dial_milli, export_milli, records_requested,
+                    records_matched ON calls BEGIN
+        UPDATE rollup_hourly SET
+            calls             = calls - 1,
+            credits_milli     = credits_milli - OLD.credits_milli,
+            lead_milli        = lead_milli - OLD.lead_milli,
+            direct_dial_milli = direct_dial_milli - OLD.direct_dial_milli,
+            export_milli      = export_milli - OLD.export_milli,
+            records_requested = records_requested - COALESCE(OLD.records_requested, 0),
+            records_matched   = records_matched - COALESCE(OLD.records_matched, 0)
+         WHERE hour = (OLD.started_at / 3600000) * 3600000
+           AND table_name = COALESCE(OLD.table_name, '_unattributed')
+           AND workflow = COALESCE(OLD.workflow, '_none')
+           AND endpoint = OLD.endpoint AND status = COALESCE(OLD.status, 0)
+           AND outcome = OLD.outcome;
+        INSERT INTO rollup_hourly (hour, table_name, workflow, endpoint, status, outcome, calls,
+                                   credits_milli, lead_milli, direct_dial_milli, export_milli,
+                                   records_requested, records_matched)
+        VALUES ((NEW.started_at / 3600000) * 3600000, COALESCE(NEW.table_name, '_unattributed'),
+                COALESCE(NEW.workflow, '_none'), NEW.endpoint, COALESCE(NEW.status, 0),
+                NEW.outcome, 1, NEW.credits_milli, NEW.lead_milli, NEW.direct_dial_milli,
+                NEW.export_milli, COALESCE(NEW.records_requested, 0),
+                COALESCE(NEW.records_matched, 0))
+        ON CONFLICT (hour, table_name, workflow, endpoint, status, outcome) DO UPDATE SET
+            calls             = calls + 1,
+            credits_milli     = credits_milli + excluded.credits_milli,
+            lead_milli        = lead_milli + excluded.lead_milli,
+            direct_dial_milli = direct_dial_milli + excluded.direct_dial_milli,
+            export_milli      = export_milli + excluded.export_milli,
+            records_requested = records_requested + excluded.records_requested,
+            records_matched   = records_matched + excluded.records_matched;
+    END;
+
+    "#,
 ];
 
 /// The schema version this build writes.
