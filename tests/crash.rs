@@ -1,7 +1,12 @@
 //! Crash durability: concurrent traffic through the real binary, `kill -9` at pseudo-random
 //! moments, many rounds on one ledger. After each kill, every call whose response a caller
 //! received in full must be in the ledger, and no call may be recorded twice.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
 
 mod common;
 
@@ -23,7 +28,13 @@ impl Sim {
     fn start() -> Sim {
         let port = free_port();
         let child = Command::new(BIN)
-            .args(["sim-apollo", "--listen", &format!("127.0.0.1:{port}"), "--rate-limit-minute", "0"])
+            .args([
+                "sim-apollo",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--rate-limit-minute",
+                "0",
+            ])
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -58,18 +69,33 @@ fn call(s: &mut TcpStream, tag: &str) -> std::io::Result<Option<String>> {
             let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
             let len: usize = head
                 .lines()
-                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
                 .unwrap_or(0);
             if got.len() >= end + 4 + len {
-                let id = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("x-meter-request-id:").map(|v| v.trim().to_owned()));
-                return Ok(if head.starts_with("http/1.1 200") { id } else { None });
+                let id = head.lines().find_map(|l| {
+                    l.strip_prefix("x-meter-request-id:")
+                        .map(|v| v.trim().to_owned())
+                });
+                return Ok(if head.starts_with("http/1.1 200") {
+                    id
+                } else {
+                    None
+                });
             }
         }
         let n = s.read(&mut buf)?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+            // After the head arrived, an early end is a truncated body; before it, just a close.
+            let truncated = got.windows(4).any(|w| w == b"\r\n\r\n");
+            let kind = if truncated {
+                std::io::ErrorKind::InvalidData
+            } else {
+                std::io::ErrorKind::UnexpectedEof
+            };
+            return Err(std::io::Error::new(kind, "closed"));
         }
         got.extend_from_slice(&buf[..n]);
     }
@@ -77,6 +103,7 @@ fn call(s: &mut TcpStream, tag: &str) -> std::io::Result<Option<String>> {
 
 struct Figures {
     rounds: usize,
+    truncated: usize,
     received: usize,
     rows: usize,
     missing: usize,
@@ -85,16 +112,31 @@ struct Figures {
 
 /// Runs `rounds` kill -9 rounds; returns the figures.
 fn rounds(durability: &str, rounds: usize, seed: u64) -> Figures {
+    run(durability, rounds, seed, false)
+}
+
+/// `graceful`: SIGTERM instead of SIGKILL, and the process must exit 0.
+fn run(durability: &str, rounds: usize, seed: u64, graceful: bool) -> Figures {
     let sim = Sim::start();
     let dir = tempfile::tempdir().unwrap();
     let mut received: BTreeMap<String, String> = BTreeMap::new(); // request id -> tag
     let mut rng = seed;
-    let mut figures = Figures { rounds, received: 0, rows: 0, missing: 0, duplicated: 0 };
+    let mut figures = Figures {
+        rounds,
+        truncated: 0,
+        received: 0,
+        rows: 0,
+        missing: 0,
+        duplicated: 0,
+    };
     for round in 0..rounds {
         let served = Served::start(
             dir.path(),
             &[
-                ("upstream.base_url", format!("\"http://127.0.0.1:{}\"", sim.1)),
+                (
+                    "upstream.base_url",
+                    format!("\"http://127.0.0.1:{}\"", sim.1),
+                ),
                 ("ledger.durability", format!("\"{durability}\"")),
             ],
             &[],
@@ -103,13 +145,16 @@ fn rounds(durability: &str, rounds: usize, seed: u64) -> Figures {
         let port = served.proxy_port;
         let done = Arc::new(AtomicBool::new(false));
         let got = Arc::new(Mutex::new(Vec::new()));
+        let truncated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let callers: Vec<_> = (0..CALLERS)
             .map(|c| {
-                let (done, got) = (done.clone(), got.clone());
+                let (done, got, truncated) = (done.clone(), got.clone(), truncated.clone());
                 std::thread::spawn(move || {
                     let mut n = 0;
                     'outer: while !done.load(Ordering::Relaxed) {
-                        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { break };
+                        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                            break;
+                        };
                         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                         loop {
                             let tag = format!("r{round}c{c}n{n}");
@@ -117,7 +162,12 @@ fn rounds(durability: &str, rounds: usize, seed: u64) -> Figures {
                             match call(&mut s, &tag) {
                                 Ok(Some(id)) => got.lock().unwrap().push((id, tag)),
                                 Ok(None) => {}
-                                Err(_) => continue 'outer,
+                                Err(e) => {
+                                    if e.kind() == std::io::ErrorKind::InvalidData {
+                                        truncated.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    continue 'outer;
+                                }
                             }
                             if done.load(Ordering::Relaxed) {
                                 break 'outer;
@@ -133,13 +183,23 @@ fn rounds(durability: &str, rounds: usize, seed: u64) -> Figures {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         std::thread::sleep(Duration::from_millis(50 + (z ^ (z >> 31)) % 350));
-        served.child.kill().unwrap(); // SIGKILL
-        served.child.wait().unwrap();
+        if graceful {
+            Command::new("kill")
+                .args(["-TERM", &served.child.id().to_string()])
+                .status()
+                .unwrap();
+            let status = served.child.wait().unwrap();
+            assert_eq!(status.code(), Some(0), "SIGTERM under load exits 0");
+        } else {
+            served.child.kill().unwrap(); // SIGKILL
+            served.child.wait().unwrap();
+        }
         done.store(true, Ordering::Relaxed);
         for c in callers {
             c.join().unwrap();
         }
         received.extend(got.lock().unwrap().drain(..));
+        figures.truncated += truncated.load(Ordering::Relaxed);
     }
     // The ledger as the next start would see it (WAL included).
     let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
@@ -171,7 +231,11 @@ fn kill_9_never_loses_a_call_a_caller_received() {
         "kill -9 (durability=commit): rounds={} calls received in full={} ledger rows={} missing={} duplicated={}",
         f.rounds, f.received, f.rows, f.missing, f.duplicated
     );
-    assert!(f.received > 200, "too little traffic to prove anything: {}", f.received);
+    assert!(
+        f.received > 200,
+        "too little traffic to prove anything: {}",
+        f.received
+    );
     assert_eq!(f.missing, 0, "calls received in full but not in the ledger");
     assert_eq!(f.duplicated, 0);
 }
@@ -192,5 +256,26 @@ fn kill_9_in_background_mode_loses_at_most_the_queue() {
     assert_eq!(f.duplicated, 0);
     // The queue is what was handed to the writer and not yet committed: a group commit's worth
     // of calls per kill at most, never a backlog.
-    assert!(f.missing <= f.rounds * 64, "{} missing over {} kills", f.missing, f.rounds);
+    assert!(
+        f.missing <= f.rounds * 64,
+        "{} missing over {} kills",
+        f.missing,
+        f.rounds
+    );
+}
+
+#[test]
+fn sigterm_under_load_loses_nothing_and_truncates_nothing() {
+    let f = run("commit", 10, 13, true);
+    println!(
+        "SIGTERM under load: rounds={} calls received in full={} ledger rows={} missing={} duplicated={} truncated bodies={}",
+        f.rounds, f.received, f.rows, f.missing, f.duplicated, f.truncated
+    );
+    assert!(f.received > 50);
+    assert_eq!(f.missing, 0);
+    assert_eq!(f.duplicated, 0);
+    assert_eq!(
+        f.truncated, 0,
+        "a body in flight was cut off by a graceful shutdown"
+    );
 }
