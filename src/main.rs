@@ -92,6 +92,10 @@ enum Command {
         /// Calls per minute per endpoint and key before 429 (0 = unlimited).
         #[arg(long, default_value_t = 1000)]
         rate_limit_minute: u32,
+        /// Percent of identifiers (emails, domains, searches) that find a record: 0 matches
+        /// nothing, 100 everything (benchmarks use 100 for full-size answers).
+        #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
+        match_rate: u8,
         /// Leave `credits_consumed` out of bulk_match responses.
         #[arg(long)]
         no_credits_consumed: bool,
@@ -533,6 +537,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             listen,
             seed,
             rate_limit_minute,
+            match_rate,
             no_credits_consumed,
             tls_cert,
             tls_key,
@@ -546,6 +551,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 let sim = creditmeter::sim::Sim::new(creditmeter::sim::SimConfig {
                     seed,
                     rate_limit_minute,
+                    match_rate_pct: match_rate,
                     report_credits_consumed: !no_credits_consumed,
                     ..Default::default()
                 });
