@@ -12,6 +12,7 @@ mod decode;
 mod params;
 mod pattern;
 mod pricing;
+mod project;
 #[cfg(test)]
 mod proptests;
 mod rules;
@@ -27,6 +28,7 @@ pub use params::{percent_decode_bytes, RequestParams};
 pub use pricing::{CreditSource, Credits, Pricing, ResponseView};
 
 use pattern::Pattern;
+use project::Projection;
 use rules::{Charge, FieldPath, RecordsMatched, RecordsRequested};
 
 /// The built-in Apollo catalog.
@@ -158,6 +160,8 @@ pub struct Endpoint {
     reported: Option<FieldPath>,
     charges: Vec<Charge>,
     inspects_body: bool,
+    /// What pricing reads of a response body, compiled from the rules above.
+    projection: Projection,
     /// False only for `other`.
     catalogued: bool,
 }
@@ -173,6 +177,7 @@ impl Endpoint {
             reported: None,
             charges: Vec::new(),
             inspects_body: false,
+            projection: Projection::default(),
             catalogued: false,
         }
     }

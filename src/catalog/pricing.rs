@@ -114,6 +114,17 @@ pub struct Pricing {
 
 /// Prices a finished call to `ep`; see the module docs.
 pub(super) fn price(ep: &Endpoint, req: &RequestParams, resp: &ResponseView<'_>) -> Pricing {
+    price_with(ep, req, resp, |json| ep.projection.parse(json))
+}
+
+/// Prices with `parse` reading the body: the endpoint's projection, or (in tests) a full parse
+/// to check the projection against.
+pub(super) fn price_with(
+    ep: &Endpoint,
+    req: &RequestParams,
+    resp: &ResponseView<'_>,
+    parse: impl FnOnce(&[u8]) -> Result<Value, serde_json::Error>,
+) -> Pricing {
     let mut pricing = Pricing {
         credits: Credits::default(),
         source: CreditSource::None,
@@ -127,7 +138,7 @@ pub(super) fn price(ep: &Endpoint, req: &RequestParams, resp: &ResponseView<'_>)
 
     // Endpoints that never look at the body see an empty object, which no rule reads.
     let body: Body = if ep.inspects_body {
-        read_json(resp)
+        read_json(resp, parse)
     } else {
         Ok(Map::new())
     };
@@ -177,8 +188,12 @@ pub(super) fn price(ep: &Endpoint, req: &RequestParams, resp: &ResponseView<'_>)
     pricing
 }
 
-/// Decodes the body and parses its top-level JSON object, or says why it cannot.
-fn read_json(resp: &ResponseView<'_>) -> Body {
+/// Decodes the body and parses its top-level JSON object with `parse` (the endpoint's
+/// projection), or says why it cannot.
+fn read_json(
+    resp: &ResponseView<'_>,
+    parse: impl FnOnce(&[u8]) -> Result<Value, serde_json::Error>,
+) -> Body {
     if resp.truncated {
         return Err(format!(
             "response body is incomplete ({} bytes kept for pricing)",
@@ -187,7 +202,7 @@ fn read_json(resp: &ResponseView<'_>) -> Body {
     }
     let decoded = decode_body(resp.content_encoding, resp.body, resp.max_decoded)
         .map_err(|e| error_chain(&e))?;
-    match serde_json::from_slice::<Value>(&decoded) {
+    match parse(&decoded) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(format!(
             "response body is a JSON {}, not an object",

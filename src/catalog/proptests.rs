@@ -431,3 +431,71 @@ fn form_encoding_matches_the_parser() {
     assert_eq!(p.get("k"), Some(&json!("a b+c/é")));
     assert_eq!(p.get("j"), Some(&json!("a b")));
 }
+
+// --- Pricing from a projected body ------------------------------------------------------------
+
+/// Response bodies of the shapes the built-in rules read: their fields hold nulls, records,
+/// empty and non-empty objects and arrays, entries with duplicate or odd `id`s, and scalars of
+/// the wrong kind, beside fields no rule reads.
+fn response_body() -> impl Strategy<Value = Value> {
+    let entry = prop_oneof![
+        Just(Value::Null),
+        (0..4u8).prop_map(|n| json!({"id": format!("p{n}"), "name": "x"})),
+        (0..4i64).prop_map(|n| json!({"id": n})),
+        Just(json!({"id": [1], "x": {}})),
+        Just(json!({"name": "no id"})),
+        json_value(),
+    ];
+    let field = prop_oneof![
+        json_value(),
+        prop::collection::vec(entry, 0..6).prop_map(Value::Array),
+        Just(json!({})),
+        Just(json!({"first_name": "Ada", "emails": []})),
+        (0.0..20.0f64).prop_map(|c| json!(c)),
+    ];
+    let key = prop_oneof![
+        Just("person"),
+        Just("matches"),
+        Just("organization"),
+        Just("organizations"),
+        Just("accounts"),
+        Just("people"),
+        Just("contacts"),
+        Just("news_articles"),
+        Just("organization_job_postings"),
+        Just("credits_consumed"),
+        Just("pagination"),
+    ];
+    prop::collection::vec((key, field), 0..6).prop_map(|fields| {
+        Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    })
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    /// The projection exists only for speed: every built-in endpoint must price every body
+    /// exactly as a full parse of it would (credits, source, counts and notes).
+    #[test]
+    fn a_projected_body_prices_exactly_like_the_full_one(body in response_body(), raw in any::<bool>()) {
+        let catalog = Catalog::builtin();
+        let bytes = if raw { body.to_string().into_bytes() } else { b"{\"person\": [1,".to_vec() };
+        let req = RequestParams::parse(Some("reveal_phone_number=true&reveal_personal_emails=true"), b"{\"details\":[{},{}]}");
+        for ep in catalog.endpoints() {
+            let resp = super::ResponseView {
+                status: 200,
+                content_encoding: None,
+                body: &bytes,
+                truncated: false,
+                max_decoded: 1 << 20,
+            };
+            let fast = super::pricing::price(ep, &req, &resp);
+            let full = super::pricing::price_with(ep, &req, &resp, |json| serde_json::from_slice::<Value>(json));
+            prop_assert_eq!(fast.credits, full.credits, "endpoint {}", ep.name());
+            prop_assert_eq!(fast.source, full.source);
+            prop_assert_eq!(fast.records_matched, full.records_matched);
+            prop_assert_eq!(fast.records_requested, full.records_requested);
+            prop_assert_eq!(fast.note, full.note);
+        }
+    }
+}

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::params::{json_kind, RequestParams};
+use super::project::Projection;
 
 /// The response body as rules see it: its top-level object, or why there is none.
 pub(super) type Body = Result<Map<String, Value>, String>;
@@ -53,6 +54,11 @@ impl FieldPath {
         Ok(FieldPath {
             text: text.to_owned(),
         })
+    }
+
+    /// Its keys, outermost first.
+    pub(super) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.text.split('.')
     }
 
     fn lookup<'a>(&self, body: &'a Map<String, Value>) -> Option<&'a Value> {
@@ -142,6 +148,19 @@ impl Charge {
 
     pub(super) fn needs_body(&self) -> bool {
         !matches!(self.basis, Basis::Success)
+    }
+
+    /// Marks what this charge reads of a response.
+    pub(super) fn project(&self, p: &mut Projection) {
+        match &self.basis {
+            Basis::Success => {}
+            Basis::Present(field) => p.shape(field.keys()),
+            Basis::Each { field, unique_by } => match unique_by {
+                Some(key) => p.entry_key(field.keys(), key),
+                None => p.shape(field.keys()),
+            },
+            Basis::Nonempty(fields) => fields.iter().for_each(|f| p.shape(f.keys())),
+        }
     }
 
     /// Credits (milli) this charge adds for a 2xx response.
@@ -254,6 +273,16 @@ pub(super) enum RecordsMatched {
 }
 
 impl RecordsMatched {
+    /// Marks what this count reads of a response.
+    pub(super) fn project(&self, p: &mut Projection) {
+        match self {
+            RecordsMatched::Present(field) | RecordsMatched::NonnullItems(field) => {
+                p.shape(field.keys())
+            }
+            RecordsMatched::Items(fields) => fields.iter().for_each(|f| p.shape(f.keys())),
+        }
+    }
+
     pub(super) fn count(&self, body: &Map<String, Value>) -> Result<i64, String> {
         let len = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         match self {

@@ -29,6 +29,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::pattern::Pattern;
+use super::project::Projection;
 use super::rules::{
     to_milli, Basis, Charge, CreditType, FieldPath, RecordsMatched, RecordsRequested,
 };
@@ -223,6 +224,14 @@ fn compile_endpoint(
 
     let inspects_body =
         records_matched.is_some() || reported.is_some() || charges.iter().any(Charge::needs_body);
+    let mut projection = Projection::default();
+    charges.iter().for_each(|c| c.project(&mut projection));
+    if let Some(r) = &records_matched {
+        r.project(&mut projection);
+    }
+    if let Some(field) = &reported {
+        projection.full(field.keys());
+    }
     let endpoint = Endpoint {
         name,
         methods,
@@ -237,6 +246,7 @@ fn compile_endpoint(
         reported,
         charges,
         inspects_body,
+        projection,
         catalogued: true,
     };
     Ok((endpoint, patterns))

@@ -1,0 +1,350 @@
+//! Reading only what an endpoint's rules look at.
+//!
+//! A 64 KB search answer is hundreds of nested objects, but its price depends only on whether a
+//! couple of arrays are empty. Building a full `serde_json::Value` of it costs thousands of
+//! allocations per call, which profiles showed to be most of the proxy's CPU. A [`Projection`]
+//! is compiled once per endpoint from its rules and parses a body into a small `Value` that
+//! answers every rule exactly as the full one would:
+//!
+//! - a field read for its *shape* (`present`, `each`, `nonempty`, record counts) keeps its
+//!   JSON kind, an object's or array's emptiness and each array entry's nullness; entries
+//!   become `true` or `null`, strings become empty;
+//! - an array read `each … unique_by = "k"` keeps each object entry's `k` when it is a string
+//!   or a number;
+//! - a field read whole (a `reported` figure) is kept whole;
+//! - everything else is skipped without being built.
+//!
+//! The JSON is still checked in full (syntax, trailing bytes), so a broken body is reported
+//! as before.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// What the rules read of one field, and of the fields under it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Need {
+    /// The value whole.
+    full: bool,
+    /// Its kind, whether it is empty, and its entries' nullness.
+    shape: bool,
+    /// Keys kept from object entries of an array (`unique_by`).
+    entry_keys: Vec<String>,
+    /// Fields under it (dotted paths).
+    children: BTreeMap<String, Need>,
+}
+
+/// A key the projection keeps under an object that would otherwise look empty.
+const NONEMPTY_MARK: &str = "\u{0}";
+
+/// The parts of a response body an endpoint's rules read; see the module docs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Projection {
+    top: Need,
+}
+
+impl Projection {
+    fn at<'a>(&mut self, path: impl IntoIterator<Item = &'a str>) -> &mut Need {
+        path.into_iter().fold(&mut self.top, |need, key| {
+            need.children.entry(key.to_owned()).or_default()
+        })
+    }
+
+    /// The rules read this field's shape.
+    pub(super) fn shape<'a>(&mut self, path: impl IntoIterator<Item = &'a str>) {
+        self.at(path).shape = true;
+    }
+
+    /// The rules read this key of each object entry of this array field.
+    pub(super) fn entry_key<'a>(&mut self, path: impl IntoIterator<Item = &'a str>, key: &str) {
+        let need = self.at(path);
+        need.shape = true;
+        if !need.entry_keys.iter().any(|k| k == key) {
+            need.entry_keys.push(key.to_owned());
+        }
+    }
+
+    /// The rules read this field whole.
+    pub(super) fn full<'a>(&mut self, path: impl IntoIterator<Item = &'a str>) {
+        self.at(path).full = true;
+    }
+
+    /// Parses a JSON document into the value the rules need (see the module docs).
+    pub(super) fn parse(&self, json: &[u8]) -> Result<Value, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let value = Projected(&self.top).deserialize(&mut de)?;
+        de.end()?;
+        Ok(value)
+    }
+}
+
+/// Deserializes one value as its [`Need`] says.
+struct Projected<'n>(&'n Need);
+
+impl<'de> DeserializeSeed<'de> for Projected<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        if self.0.full {
+            Value::deserialize(d)
+        } else {
+            d.deserialize_any(self)
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for Projected<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
+        // Only the kind matters: a field read whole never gets here.
+        Ok(Value::String(String::new()))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        if self.0.shape {
+            while let Some(item) = seq.next_element_seed(Entry(&self.0.entry_keys))? {
+                items.push(item);
+            }
+        } else {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut kept = Map::new();
+        let mut any = false;
+        while let Some(key) = map.next_key_seed(Key(&self.0.children))? {
+            any = true;
+            match key {
+                Some((name, need)) => {
+                    kept.insert(name, map.next_value_seed(Projected(need))?);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if self.0.shape && any && kept.is_empty() {
+            kept.insert(NONEMPTY_MARK.to_owned(), Value::Null);
+        }
+        Ok(Value::Object(kept))
+    }
+}
+
+/// An object key: the field's name and need when the projection keeps it, `None` otherwise
+/// (so skipped keys are never allocated).
+struct Key<'n>(&'n BTreeMap<String, Need>);
+
+impl<'de, 'n> DeserializeSeed<'de> for Key<'n> {
+    type Value = Option<(String, &'n Need)>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, 'n> Visitor<'de> for Key<'n> {
+    type Value = Option<(String, &'n Need)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.get_key_value(v).map(|(k, need)| (k.clone(), need)))
+    }
+}
+
+/// An array entry read for its nullness and, if it is an object, the `unique_by` keys.
+struct Entry<'k>(&'k [String]);
+
+impl<'de> DeserializeSeed<'de> for Entry<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Entry<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
+        Ok(Value::Bool(true))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
+        Ok(Value::Bool(true))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
+        Ok(Value::Bool(true))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
+        Ok(Value::Bool(true))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
+        Ok(Value::Bool(true))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Value::Bool(true))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        if self.0.is_empty() {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Value::Bool(true));
+        }
+        let mut kept = Map::new();
+        while let Some(key) = map.next_key_seed(EntryKey(self.0))? {
+            match key {
+                Some(name) => {
+                    // Only a string or a number identifies an entry; anything else is left out,
+                    // which the rule treats the same way (the entry always counts).
+                    let value = map.next_value::<Value>()?;
+                    if value.is_string() || value.is_number() {
+                        kept.insert(name, value);
+                    } else {
+                        kept.remove(&name);
+                    }
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Value::Object(kept))
+    }
+}
+
+/// A key of an array entry: kept when it is one of the `unique_by` keys.
+struct EntryKey<'k>(&'k [String]);
+
+impl<'de> DeserializeSeed<'de> for EntryKey<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntryKey<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
+        Ok(self.0.iter().find(|k| *k == v).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn projected(p: &Projection, v: &Value) -> Value {
+        p.parse(v.to_string().as_bytes()).unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn keeps_shapes_entries_keys_and_whole_fields_only() {
+        let mut p = Projection::default();
+        p.shape(["person"]);
+        p.entry_key(["matches"], "id");
+        p.full(["credits_consumed"]);
+        p.shape(["a", "b"]);
+        let body = json!({
+            "person": {"name": "Ada", "employment_history": [{"x": 1}]},
+            "matches": [null, {"id": "p1", "name": "x"}, {"id": 7}, {"id": [1]}, "s"],
+            "credits_consumed": 2.5,
+            "a": {"b": [], "c": "skip"},
+            "pagination": {"page": 1},
+        });
+        assert_eq!(
+            projected(&p, &body),
+            json!({
+                "person": {NONEMPTY_MARK: null},
+                "matches": [null, {"id": "p1"}, {"id": 7}, {}, true],
+                "credits_consumed": 2.5,
+                "a": {"b": []},
+            })
+        );
+    }
+
+    #[test]
+    fn keeps_kinds_and_emptiness() {
+        let mut p = Projection::default();
+        for k in ["o", "e", "s", "n", "b", "z", "arr"] {
+            p.shape([k]);
+        }
+        let body = json!({"o": {}, "e": [], "s": "text", "n": 3, "b": false, "z": null, "arr": [[1], {"k": 1}]});
+        assert_eq!(
+            projected(&p, &body),
+            json!({"o": {}, "e": [], "s": "", "n": 3, "b": false, "z": null, "arr": [true, true]})
+        );
+    }
+
+    #[test]
+    fn a_broken_document_is_still_an_error() {
+        let mut p = Projection::default();
+        p.shape(["person"]);
+        assert!(p.parse(br#"{"person": {"a": 1}, "x": [1, 2"#).is_err());
+        assert!(p.parse(br#"{"person": null} trailing"#).is_err());
+        assert!(p.parse(br#"{"x": "\ud800 bad escape"#).is_err());
+        assert_eq!(p.parse(b"[1, 2]").ok(), Some(json!([])));
+    }
+}
