@@ -6,6 +6,10 @@
 //! and read parameters → admission (holds and budgets, see `guard`; 429/503 when refused) →
 //! spawn the upstream exchange as its own task (so a caller that leaves early cannot cancel the
 //! metering of a call Apollo may bill) → response head with `X-Meter-Request-Id` → tapped body.
+//!
+//! With `proxy.metering = false` a call takes the same guards, attribution checks, body cap and
+//! header hygiene, then goes straight upstream and back: no ledger row, no pricing, no
+//! admission, no tap, no spawned task, no request id.
 
 pub mod listener;
 pub mod tap;
@@ -32,8 +36,9 @@ use crate::meter::{now_ms, CallContext, CallMeter, Captured, Finish, Meter, Requ
 use tap::{error_chain, DrainSettings, TapBody};
 use upstream::Upstream;
 
-/// The body type the proxy answers with: a tapped upstream body or a small local one.
-pub type ProxyBody = Either<TapBody, Full<Bytes>>;
+/// The body type the proxy answers with: a tapped upstream body, a small local one, or, with
+/// `proxy.metering = false`, upstream's body passed through untouched.
+pub type ProxyBody = Either<TapBody, Either<Full<Bytes>, Incoming>>;
 
 /// The request header carrying the proxy access token (stripped like every `x-meter-*`).
 pub const PROXY_TOKEN_HEADER: &str = "x-meter-token";
@@ -87,6 +92,8 @@ pub struct Proxy {
     pub max_request_body: u64,
     pub upstream_timeout: Duration,
     pub drain: DrainSettings,
+    /// `proxy.metering`: when false, calls are forwarded unrecorded (see `handle_unmetered`).
+    pub metering: bool,
 }
 
 impl Proxy {
@@ -105,6 +112,9 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        if !self.metering {
+            return Ok(self.handle_unmetered(req).await);
+        }
         let request_id = self.ids.next();
         let started_at = now_ms();
         let (mut parts, body) = req.into_parts();
@@ -195,7 +205,46 @@ impl Proxy {
         }))
     }
 
-    /// What every call must pass: the guards (no CONNECT, no absolute-form
+    /// `proxy.metering = false`: the same guards, attribution checks, body cap and header
+    /// hygiene as a metered call, then upstream's answer passed through as it comes. Nothing
+    /// is recorded, priced or admitted, and no task is spawned: the call lives on its
+    /// connection, and there is no request id to name.
+    async fn handle_unmetered(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let up = match self.unmetered_request(req).await {
+            Ok(up) => up,
+            Err(r) => {
+                tracing::info!(status = r.status.as_u16(), code = r.code, message = %r.message, "call refused (metering off)");
+                return r.response("");
+            }
+        };
+        match self
+            .send_upstream(up, Instant::now() + self.upstream_timeout)
+            .await
+        {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Right(Either::Right(body)))
+            }
+            Err((r, _)) => {
+                tracing::warn!(code = r.code, message = %r.message, "upstream failure (metering off)");
+                r.response("")
+            }
+        }
+    }
+
+    /// The upstream request of an unmetered call, or why it may not go upstream.
+    async fn unmetered_request(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Request<Full<Bytes>>, Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let (_, query) = self.screen(&mut parts, self.settings().require_table)?;
+        let body = self.read_body(&parts.headers, body).await?;
+        self.upstream_request(parts, query.as_deref(), body)
+    }
+
+    /// What every call must pass, metered or not: the guards (no CONNECT, no absolute-form
     /// targets: this proxy reaches exactly one upstream), `proxy.require_token`, and
     /// attribution (every `x-meter-*` header and `meter_*` parameter removed, bad values
     /// refused). Returns the attribution and the query string to forward.
@@ -504,7 +553,7 @@ impl Rejection {
         self
     }
 
-    /// The JSON error naming the call's `request_id`.
+    /// The JSON error; an empty `request_id` (an unmetered call) is left out.
     fn response(self, request_id: &str) -> Response<ProxyBody> {
         json_error(
             self.status,
@@ -518,10 +567,12 @@ impl Rejection {
 
 /// A small body made here, not by upstream.
 fn local_body(bytes: Bytes) -> ProxyBody {
-    Either::Right(Full::new(bytes))
+    Either::Right(Either::Left(Full::new(bytes)))
 }
 
-/// A JSON error a caller can read: `{"error": code, "message": …, "request_id": …}`.
+/// A JSON error a caller can read: `{"error": code, "message": …, "request_id": …}`, with the
+/// `X-Meter-Request-Id` header. Without a request id (metering off: no ledger row to name),
+/// neither the key nor the header is sent.
 pub fn json_error(
     status: StatusCode,
     code: &str,
@@ -532,9 +583,11 @@ pub fn json_error(
     let mut body = serde_json::json!({
         "error": code,
         "message": message,
-        "request_id": request_id,
         "source": "creditmeter",
     });
+    if !request_id.is_empty() {
+        body["request_id"] = serde_json::Value::String(request_id.to_owned());
+    }
     if let Some(f) = field {
         body["field"] = serde_json::Value::String(f.to_owned());
     }
@@ -545,8 +598,10 @@ pub fn json_error(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    if !request_id.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
     }
     resp
 }
