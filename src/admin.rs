@@ -47,6 +47,8 @@ pub struct Admin {
     pub protect_metrics: bool,
     /// What the reconciliation poller last did (`GET /api/reconcile`).
     pub reconcile: Arc<crate::reconcile::PollerStatus>,
+    /// `proxy.metering`: false when calls are forwarded unrecorded; `/readyz` says so.
+    pub metering: bool,
 }
 
 /// The admin listener's response type.
@@ -113,6 +115,7 @@ impl Admin {
             "config": "loaded",
             "durability": self.durability,
             "draining": draining,
+            "metering": if self.metering { "on" } else { "off" },
         });
         json_response(
             if ready {

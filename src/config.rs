@@ -124,6 +124,11 @@ pub struct ProxyConfig {
     pub require_token: bool,
     /// `proxy.token_env`, default `CREDITMETER_PROXY_TOKEN`.
     pub token_env: String,
+    /// `proxy.metering`, default true. When false, calls are forwarded (still behind the
+    /// not-an-open-proxy guards, `require_token`, attribution checks and the body cap) but
+    /// nothing is recorded, priced or checked against budgets and holds: for benchmarks that
+    /// isolate metering's own cost, and as an emergency bypass.
+    pub metering: bool,
 }
 
 /// Default environment variable holding the proxy access token.
@@ -159,6 +164,7 @@ impl Default for ProxyConfig {
             cancelled_drain_max: ByteSize(DEFAULT_CANCELLED_DRAIN_MAX),
             require_token: false,
             token_env: DEFAULT_PROXY_TOKEN_ENV.to_owned(),
+            metering: true,
         }
     }
 }
@@ -560,6 +566,15 @@ impl Config {
                 "must be above zero, e.g. \"10MiB\"",
             ));
         }
+        if !self.proxy.metering && !self.budget.is_empty() {
+            return Err(invalid(
+                "proxy.metering",
+                format!(
+                    "is false, but [[budget]] entries are configured ({}): budgets cannot be enforced without metering; remove the [[budget]] entries or set proxy.metering = true",
+                    self.budget.len()
+                ),
+            ));
+        }
         self.reconcile.validate()?;
         crate::guard::config::validate(&self.guard, &self.budget)?;
         Ok(())
@@ -738,6 +753,7 @@ mod tests {
         assert_eq!(c.upstream.base_url, "https://api.apollo.io");
         assert_eq!(c.ledger.durability, Durability::Commit);
         assert_eq!(c.proxy.max_request_body.0, 10 << 20);
+        assert!(c.proxy.metering, "metering is on unless switched off");
     }
 
     #[test]
@@ -824,6 +840,28 @@ mod tests {
             .contains("admin.listen"));
         let c = Config::from_toml("[ledger]\ndurability = \"sometimes\"\n");
         assert!(c.unwrap_err().to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn metering_off_parses_alone_and_refuses_budgets() {
+        let c = Config::from_toml("[proxy]\nmetering = false\n").unwrap();
+        c.validate().unwrap();
+        assert!(!c.proxy.metering);
+        let c = Config::from_toml(
+            "[proxy]\nmetering = false\n[[budget]]\nname = \"b\"\nscope = \"global\"\nlimit = 10\nwindow = \"day\"\n",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("proxy.metering") && err.contains("budgets cannot be enforced"),
+            "{err}"
+        );
+        // The same budget with metering on is fine: the budget itself is not the problem.
+        let c = Config::from_toml(
+            "[[budget]]\nname = \"b\"\nscope = \"global\"\nlimit = 10\nwindow = \"day\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

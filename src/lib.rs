@@ -277,6 +277,7 @@ pub async fn run_with_reload(
             hard_stop: hard_stop.clone(),
             max_bytes: config.proxy.cancelled_drain_max.0,
         },
+        metering: config.proxy.metering,
     });
     let admin_token = config.admin.token();
     let admin = Arc::new(admin::Admin {
@@ -290,6 +291,7 @@ pub async fn run_with_reload(
         token_digest: admin::Admin::digest_token(admin_token.as_deref()),
         protect_metrics: config.admin.protect_metrics,
         reconcile: reconcile_status,
+        metering: config.proxy.metering,
     });
     drop(ledger_handle);
 
@@ -306,8 +308,14 @@ pub async fn run_with_reload(
         durability,
         on_error = config.ledger.on_error.as_str(),
         catalog = catalog.version(),
+        metering = config.proxy.metering,
         "creditmeter serving"
     );
+    if !config.proxy.metering {
+        tracing::warn!(
+            "proxy.metering = false: metering is off; calls are forwarded but no call is recorded, priced, or checked against holds (benchmarks and emergency bypass only)"
+        );
+    }
 
     let proxy_task = {
         let proxy = proxy.clone();

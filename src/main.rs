@@ -390,6 +390,14 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     ""
                 }
             );
+            println!(
+                "  proxy.metering          {}",
+                if config.proxy.metering {
+                    "on"
+                } else {
+                    "OFF: calls are forwarded but nothing is recorded or priced"
+                }
+            );
             println!("  admin.listen            {}", config.admin.listen);
             println!("  upstream.base_url       {}", config.upstream.base_url);
             println!(

@@ -70,6 +70,7 @@ fn check_config_prints_what_is_in_force() {
     let text = String::from_utf8_lossy(&out.stdout);
     for want in [
         "proxy.listen",
+        "proxy.metering          on",
         "https://api.apollo.io",
         "people_bulk_match",
         "ok",

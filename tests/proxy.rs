@@ -208,24 +208,51 @@ where
     (s, h, resp.into_body().collect().await.unwrap().to_bytes())
 }
 
+/// A POST carrying an API key, attribution headers, and a hop-by-hop header named in
+/// `Connection`.
+fn attributed_post(url: &str) -> http::request::Builder {
+    http::Request::post(url)
+        .header("x-api-key", "sk-live-123")
+        .header("x-meter-table", "Header Table")
+        .header("x-meter-workflow", "wf-1")
+        .header("x-meter-tag-team", "growth")
+        .header("content-type", "application/json")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "drop-me")
+}
+
+/// What upstream must see of an [`attributed_post`]: no `x-meter-*`, no hop-by-hop header,
+/// the key, and its own Host.
+fn assert_forwarded_clean(s: &Seen, upstream: std::net::SocketAddr) {
+    assert!(
+        s.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-meter-")),
+        "{:?}",
+        s.headers
+    );
+    assert!(
+        s.headers.get("x-hop").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
+    assert_eq!(s.headers.get("x-api-key").unwrap(), "sk-live-123");
+    assert_eq!(
+        s.headers.get("host").unwrap().to_str().unwrap(),
+        upstream.to_string()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meter_headers_are_stripped_and_everything_else_arrives() {
     let dir = tempfile::tempdir().unwrap();
     let up = Scripted::start().await;
     let proxy = Proxy::start(config_for(&up.url(), None), dir.path()).await;
     let body = r#"{"first_name":"Ada","last_name":"Lovelace","domain":"example.com"}"#;
-    let req = http::Request::post(proxy.url("/api/v1/people/match?reveal_personal_emails=true&meter_table=Q3+Leads&person_titles%5B%5D=CEO"))
-        .header("x-api-key", "sk-live-123")
+    let req = attributed_post(&proxy.url("/api/v1/people/match?reveal_personal_emails=true&meter_table=Q3+Leads&person_titles%5B%5D=CEO"))
         .header("authorization", "Bearer oauth-tok")
-        .header("x-meter-table", "Header Table")
-        .header("x-meter-workflow", "wf-1")
-        .header("x-meter-tag-team", "growth")
         .header("x-custom-thing", "keep-me")
         .header("accept", "application/json")
         .header("user-agent", "clay/1.0")
-        .header("content-type", "application/json")
-        .header("connection", "keep-alive, x-hop")
-        .header("x-hop", "drop-me")
         .body(Full::new(Bytes::from(body)))
         .unwrap();
     let (status, headers, _) = send(&client(), req).await;
@@ -238,26 +265,11 @@ async fn meter_headers_are_stripped_and_everything_else_arrives() {
         s.uri,
         "/api/v1/people/match?reveal_personal_emails=true&person_titles%5B%5D=CEO"
     );
-    assert!(
-        s.headers
-            .keys()
-            .all(|k| !k.as_str().starts_with("x-meter-")),
-        "{:?}",
-        s.headers
-    );
-    assert_eq!(s.headers.get("x-api-key").unwrap(), "sk-live-123");
+    assert_forwarded_clean(s, up.addr);
     assert_eq!(s.headers.get("authorization").unwrap(), "Bearer oauth-tok");
     assert_eq!(s.headers.get("x-custom-thing").unwrap(), "keep-me");
     assert_eq!(s.headers.get("user-agent").unwrap(), "clay/1.0");
     assert_eq!(s.headers.get("accept").unwrap(), "application/json");
-    assert!(
-        s.headers.get("x-hop").is_none(),
-        "headers named in Connection are hop-by-hop"
-    );
-    assert_eq!(
-        s.headers.get("host").unwrap().to_str().unwrap(),
-        up.addr.to_string()
-    );
     assert_eq!(s.body, Bytes::from(body));
     // The ledger has the attribution, and no trace of the key.
     let id = headers
@@ -501,6 +513,14 @@ async fn absolute_uris_and_connect_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let up = Scripted::start().await;
     let proxy = Proxy::start(config_for(&up.url(), None), dir.path()).await;
+    refused_as_open_proxy(&proxy).await;
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// Sends an absolute-form GET and a CONNECT over raw TCP, checks they get 400 and 405 saying
+/// why, and returns the raw responses.
+async fn refused_as_open_proxy(proxy: &Proxy) -> Vec<String> {
+    let mut answers = Vec::new();
     for (request, want) in [
         (
             "GET http://evil.example.com/steal HTTP/1.1\r\nHost: evil.example.com\r\n\r\n",
@@ -524,8 +544,9 @@ async fn absolute_uris_and_connect_are_refused() {
             text.contains("not an open proxy") || text.contains("CONNECT is not supported"),
             "{text}"
         );
+        answers.push(text.into_owned());
     }
-    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    answers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -930,4 +951,185 @@ async fn the_admin_api_requires_the_token_when_one_is_set() {
     assert_eq!(get(&format!("http://{}/healthz", proxy.admin)).await.0, 200);
     // The token appears nowhere in what the admin listener serves.
     assert!(!proxy.metrics().await.contains("s3cret-admin"));
+}
+
+/// A config for `upstream` with `proxy.metering = false`.
+fn unmetered_config(upstream: &str) -> creditmeter::config::Config {
+    let mut cfg = config_for(upstream, None);
+    cfg.proxy.metering = false;
+    cfg
+}
+
+/// Rows in `calls` once the proxy has shut down (so nothing can still be queued).
+async fn calls_after_shutdown(proxy: &mut Proxy) -> usize {
+    proxy.shutdown().await;
+    rows(&proxy.ledger(), "1 = 1").len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metering_off_forwards_the_simulators_answer_and_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two identical simulators: the proxy fronts one, the other gives the reference answer
+    // (a sim's answer is a function of its seed and call count, so the bytes must match).
+    let sim_cfg = SimConfig {
+        rate_limit_minute: 0,
+        match_rate_pct: 100,
+        ..Default::default()
+    };
+    let sim = SimServer::start(sim_cfg.clone(), None).await;
+    let twin = SimServer::start(sim_cfg, None).await;
+    let mut proxy = Proxy::start(unmetered_config(&sim.url(false)), dir.path()).await;
+    let (_, _, ready) = get(&format!("http://{}/readyz", proxy.admin)).await;
+    let ready: serde_json::Value = serde_json::from_slice(&ready).unwrap();
+    assert_eq!(ready["metering"], "off", "{ready}");
+
+    let build = |url: String| {
+        http::Request::post(url)
+            .header("x-api-key", "test-key")
+            .header("content-type", "application/json")
+            .header("accept-encoding", "gzip")
+    };
+    let body = r#"{"email":"ada@example.com"}"#;
+    let (ds, dh, db) = send(
+        &client(),
+        build(format!("{}/api/v1/people/match", twin.url(false)))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await;
+    let (ps, ph, pb) = send(
+        &client(),
+        build(proxy.url("/api/v1/people/match?meter_table=Bench"))
+            .header("x-meter-table", "Bench")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ds, 200);
+    assert_eq!(ps, ds, "status");
+    assert_eq!(ph.get("content-encoding"), dh.get("content-encoding"));
+    assert_eq!(ph.get("content-encoding").unwrap(), "gzip");
+    assert!(
+        pb == db,
+        "the caller got different bytes than the simulator sent"
+    );
+    assert!(
+        ph.get("x-meter-request-id").is_none(),
+        "no ledger row, so no request id: {ph:?}"
+    );
+    // Upstream billed the call; creditmeter recorded none of it.
+    assert_eq!(sim.sim.billed().lead_milli, 1000);
+    assert_eq!(calls_after_shutdown(&mut proxy).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metering_off_still_strips_meter_headers_before_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let mut proxy = Proxy::start(unmetered_config(&up.url()), dir.path()).await;
+    let body = r#"{"email":"ada@example.com"}"#;
+    let req =
+        attributed_post(&proxy.url(
+            "/api/v1/people/match?meter_table=Q3&reveal_personal_emails=true&meter_workflow=wf",
+        ))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let (status, headers, got) = send(&client(), req).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        got,
+        Bytes::from_static(br#"{"person": {"id": "p1", "name": "Echo"}, "request_id": -7}"#)
+    );
+    assert!(headers.get("x-meter-request-id").is_none(), "{headers:?}");
+    // A large streamed gzip body passes through byte for byte, its length announced.
+    let req = http::Request::get(proxy.url("/api/v1/people/match?script=blob"))
+        .header("accept-encoding", "gzip")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, h, got) = send(&client(), req).await;
+    assert_eq!(status, 200);
+    assert!(got == blob(), "blob: different bytes than upstream sent");
+    assert_eq!(
+        h.get("content-length").unwrap().to_str().unwrap(),
+        blob().len().to_string()
+    );
+
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let s = &seen[0];
+    assert_eq!(s.uri, "/api/v1/people/match?reveal_personal_emails=true");
+    assert_forwarded_clean(s, up.addr);
+    assert_eq!(s.body, Bytes::from(body));
+    assert_eq!(calls_after_shutdown(&mut proxy).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metering_off_keeps_every_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let mut cfg = unmetered_config(&up.url());
+    cfg.proxy.max_request_body = creditmeter::config::ByteSize(1024);
+    cfg.proxy.require_token = true;
+    cfg.proxy.token_env = "CREDITMETER_TEST_PROXY_TOKEN_METEROFF".into();
+    cfg.upstream.timeout = creditmeter::config::HumanDuration(Duration::from_millis(500));
+    std::env::set_var("CREDITMETER_TEST_PROXY_TOKEN_METEROFF", "let-me-in");
+    let mut proxy = Proxy::start(cfg, dir.path()).await;
+
+    // Not an open proxy.
+    for text in refused_as_open_proxy(&proxy).await {
+        assert!(!text.to_ascii_lowercase().contains("x-meter-request-id"));
+    }
+
+    // The token, attribution and body-cap checks answer as a metered proxy does, and
+    // upstream.timeout still bounds the wait for the response head; none is recorded.
+    let call = |query: &str, token: Option<&str>, table: &str, body: usize| {
+        let mut b = http::Request::post(proxy.url(&format!("/api/v1/people/match{query}")))
+            .header("x-api-key", "k")
+            .header("x-meter-table", table);
+        if let Some(t) = token {
+            b = b.header("x-meter-token", t);
+        }
+        b.body(Full::new(Bytes::from("x".repeat(body)))).unwrap()
+    };
+    let long = "t".repeat(129);
+    for (req, want, code, field) in [
+        (
+            call("", None, "t", 2),
+            401,
+            "proxy_token_required",
+            Some("X-Meter-Token"),
+        ),
+        (
+            call("", Some("let-me-in"), &long, 2),
+            400,
+            "invalid_attribution",
+            Some("X-Meter-Table"),
+        ),
+        (
+            call("", Some("let-me-in"), "t", 4096),
+            413,
+            "request_body_too_large",
+            None,
+        ),
+        (
+            call("?script=stall", Some("let-me-in"), "t", 2),
+            504,
+            "upstream_timeout",
+            None,
+        ),
+    ] {
+        let (status, h, body) = send(&client(), req).await;
+        assert_eq!(status, want, "{code}");
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"], code, "{json}");
+        assert_eq!(json["field"].as_str(), field, "{json}");
+        assert!(json.get("request_id").is_none(), "{json}");
+        assert!(h.get("x-meter-request-id").is_none(), "{code}");
+    }
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the call that passed every check was sent upstream"
+    );
+    assert_eq!(calls_after_shutdown(&mut proxy).await, 0);
 }

@@ -6,6 +6,10 @@
 //! and read parameters → admission (holds and budgets, see `guard`; 429/503 when refused) →
 //! spawn the upstream exchange as its own task (so a caller that leaves early cannot cancel the
 //! metering of a call Apollo may bill) → response head with `X-Meter-Request-Id` → tapped body.
+//!
+//! With `proxy.metering = false` a call takes the same guards, attribution checks, body cap and
+//! header hygiene, then goes straight upstream and back: no ledger row, no pricing, no
+//! admission, no tap, no spawned task, no request id.
 
 pub mod listener;
 pub mod tap;
@@ -17,14 +21,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{request, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::attribution::{self, KeyFingerprinter};
+use crate::attribution::{self, Attribution, KeyFingerprinter};
 use crate::catalog::{Catalog, RequestParams};
 use crate::guard::{Guard, Refusal};
 use crate::ledger::Outcome;
@@ -32,8 +36,9 @@ use crate::meter::{now_ms, CallContext, CallMeter, Captured, Finish, Meter, Requ
 use tap::{error_chain, DrainSettings, TapBody};
 use upstream::Upstream;
 
-/// The body type the proxy answers with: a tapped upstream body or a small local one.
-pub type ProxyBody = Either<TapBody, Full<Bytes>>;
+/// The body type the proxy answers with: a tapped upstream body, a small local one, or, with
+/// `proxy.metering = false`, upstream's body passed through untouched.
+pub type ProxyBody = Either<TapBody, Either<Full<Bytes>, Incoming>>;
 
 /// The request header carrying the proxy access token (stripped like every `x-meter-*`).
 pub const PROXY_TOKEN_HEADER: &str = "x-meter-token";
@@ -87,6 +92,8 @@ pub struct Proxy {
     pub max_request_body: u64,
     pub upstream_timeout: Duration,
     pub drain: DrainSettings,
+    /// `proxy.metering`: when false, calls are forwarded unrecorded (see `handle_unmetered`).
+    pub metering: bool,
 }
 
 impl Proxy {
@@ -105,6 +112,9 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        if !self.metering {
+            return Ok(self.handle_unmetered(req).await);
+        }
         let request_id = self.ids.next();
         let started_at = now_ms();
         let (mut parts, body) = req.into_parts();
@@ -113,148 +123,39 @@ impl Proxy {
         let settings = self.settings();
         let catalog = settings.catalog.clone();
         let endpoint = catalog.classify_id(method.as_str(), &path);
-
-        let reject =
-            |status: StatusCode, code: &'static str, message: String, field: Option<&str>| {
-                let ctx = CallContext {
-                    request_id: request_id.clone(),
-                    started_at,
-                    method: method.to_string(),
-                    path: path.clone(),
-                    catalog: catalog.clone(),
-                    endpoint,
-                    params: RequestParams::default(),
-                    attribution: Default::default(),
-                    key_fp: None,
-                    request_bytes: 0,
-                };
-                (status, code, message, field.map(str::to_owned), ctx)
-            };
-
-        // Guards: this proxy reaches exactly one upstream.
-        let refused = if method == Method::CONNECT {
-            Some(reject(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "connect_refused",
-                "CONNECT is not supported: creditmeter forwards only to its configured upstream"
-                    .into(),
-                None,
-            ))
-        } else if parts.version < Version::HTTP_2 && parts.uri.authority().is_some() {
-            Some(reject(
-                StatusCode::BAD_REQUEST,
-                "absolute_uri_refused",
-                format!(
-                    "request targets another host ({}); creditmeter is not an open proxy: send origin-form paths like /api/v1/people/match",
-                    // The host only: an authority can carry `user:password@` (a credential).
-                    parts.uri.host().unwrap_or("")
-                ),
-                None,
-            ))
-        } else {
-            None
+        // What a call refused before its body was read is recorded with.
+        let refused = |attribution: Attribution| CallContext {
+            request_id: request_id.clone(),
+            started_at,
+            method: method.to_string(),
+            path: path.clone(),
+            catalog: catalog.clone(),
+            endpoint,
+            params: RequestParams::default(),
+            attribution,
+            key_fp: None,
+            request_bytes: 0,
         };
-        if let Some((status, code, message, field, ctx)) = refused {
-            return Ok(self.refuse(ctx, status, code, message, field, None).await);
-        }
 
-        // proxy.require_token: only callers holding the token may spend credits through us.
-        if let Some(want) = &self.token_digest {
-            let given = parts
-                .headers
-                .get(PROXY_TOKEN_HEADER)
-                .map(|v| v.as_bytes())
-                .unwrap_or_default();
-            let given = ring::digest::digest(&ring::digest::SHA256, given);
-            if !crate::admin::constant_time_eq(given.as_ref(), want.as_ref()) {
-                let (status, code, message, field, ctx) = reject(
-                    StatusCode::UNAUTHORIZED,
-                    "proxy_token_required",
-                    "this creditmeter requires X-Meter-Token with the proxy access token (proxy.require_token)".into(),
-                    Some("X-Meter-Token"),
-                );
-                return Ok(self.refuse(ctx, status, code, message, field, None).await);
-            }
-        }
-
-        // Attribution: read and strip x-meter-*; bad values never reach upstream.
-        let (attribution, query) = match attribution::extract(
-            &mut parts.headers,
-            parts.uri.query(),
-            settings.require_table,
-        ) {
+        let (attribution, query) = match self.screen(&mut parts, settings.require_table) {
             Ok(v) => v,
-            Err(e) => {
-                let (status, code, message, field, ctx) = reject(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_attribution",
-                    e.to_string(),
-                    e.field(),
-                );
-                return Ok(self.refuse(ctx, status, code, message, field, None).await);
-            }
+            Err(r) => return Ok(self.refuse(refused(Attribution::default()), r).await),
         };
 
         // ledger.on_error = "fail_closed": no credit may be spent while the ledger cannot record it.
         if self.meter.ledger.refuse_new_calls() {
-            let (status, code, message, field, ctx) = reject(
+            let r = Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ledger_unavailable",
-                "the ledger cannot record calls right now and ledger.on_error = \"fail_closed\"; nothing was sent upstream".into(),
-                None,
+                "the ledger cannot record calls right now and ledger.on_error = \"fail_closed\"; nothing was sent upstream",
             );
-            return Ok(self
-                .refuse(ctx, status, code, message, field, Some(attribution))
-                .await);
+            return Ok(self.refuse(refused(attribution), r).await);
         }
 
         // The request body: small JSON, read whole (capped) because pricing needs its parameters.
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<u64>().ok());
-        let too_large = || {
-            reject(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_body_too_large",
-                format!(
-                    "request body exceeds proxy.max_request_body ({} bytes)",
-                    self.max_request_body
-                ),
-                None,
-            )
-        };
-        if declared.is_some_and(|n| n > self.max_request_body) {
-            let (status, code, message, field, ctx) = too_large();
-            return Ok(self
-                .refuse(ctx, status, code, message, field, Some(attribution))
-                .await);
-        }
-        let body_bytes = match Limited::new(body, self.max_request_body as usize)
-            .collect()
-            .await
-        {
-            Ok(c) => c.to_bytes(),
-            Err(e) => {
-                let (status, code, message, field, ctx) =
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        too_large()
-                    } else {
-                        reject(
-                            StatusCode::BAD_REQUEST,
-                            "request_body_unreadable",
-                            format!(
-                                "could not read the request body: {}",
-                                error_chain(e.as_ref())
-                            ),
-                            None,
-                        )
-                    };
-                return Ok(self
-                    .refuse(ctx, status, code, message, field, Some(attribution))
-                    .await);
-            }
+        let body_bytes = match self.read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(r) => return Ok(self.refuse(refused(attribution), r).await),
         };
 
         let params = RequestParams::parse(query.as_deref(), &body_bytes);
@@ -265,7 +166,7 @@ impl Proxy {
             request_id: request_id.clone(),
             started_at,
             method: method.to_string(),
-            path: path.clone(),
+            path,
             catalog,
             endpoint,
             params,
@@ -282,29 +183,10 @@ impl Proxy {
         };
         let call = CallMeter::new(self.meter.clone(), ctx).with_admission(admission);
 
-        // The upstream request: same method, path, query (minus meter_*), headers and body.
-        let uri = match self.upstream.uri_for(&path, query.as_deref()) {
-            Ok(u) => u,
-            Err(e) => {
-                return Ok(self
-                    .fail_before_upstream(
-                        call,
-                        StatusCode::BAD_REQUEST,
-                        "invalid_path",
-                        format!("cannot forward this path: {e}"),
-                    )
-                    .await)
-            }
+        let up = match self.upstream_request(parts, query.as_deref(), body_bytes) {
+            Ok(up) => up,
+            Err(r) => return Ok(self.fail_with(call, r, Outcome::Rejected).await),
         };
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let mut up = Request::new(Full::new(body_bytes));
-        *up.method_mut() = method.clone();
-        *up.uri_mut() = uri;
-        *up.headers_mut() = parts.headers;
-        *up.version_mut() = Version::HTTP_11; // the pool picks h2 by ALPN when upstream offers it
-
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
         self.drain.tracker.spawn(async move {
@@ -323,6 +205,215 @@ impl Proxy {
         }))
     }
 
+    /// `proxy.metering = false`: the same guards, attribution checks, body cap and header
+    /// hygiene as a metered call, then upstream's answer passed through as it comes. Nothing
+    /// is recorded, priced or admitted, and no task is spawned: the call lives on its
+    /// connection, and there is no request id to name.
+    async fn handle_unmetered(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let up = match self.unmetered_request(req).await {
+            Ok(up) => up,
+            Err(r) => {
+                tracing::info!(status = r.status.as_u16(), code = r.code, message = %r.message, "call refused (metering off)");
+                return r.response("");
+            }
+        };
+        match self
+            .send_upstream(up, Instant::now() + self.upstream_timeout)
+            .await
+        {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Right(Either::Right(body)))
+            }
+            Err((r, _)) => {
+                tracing::warn!(code = r.code, message = %r.message, "upstream failure (metering off)");
+                r.response("")
+            }
+        }
+    }
+
+    /// The upstream request of an unmetered call, or why it may not go upstream.
+    async fn unmetered_request(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Request<Full<Bytes>>, Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let (_, query) = self.screen(&mut parts, self.settings().require_table)?;
+        let body = self.read_body(&parts.headers, body).await?;
+        self.upstream_request(parts, query.as_deref(), body)
+    }
+
+    /// What every call must pass, metered or not: the guards (no CONNECT, no absolute-form
+    /// targets: this proxy reaches exactly one upstream), `proxy.require_token`, and
+    /// attribution (every `x-meter-*` header and `meter_*` parameter removed, bad values
+    /// refused). Returns the attribution and the query string to forward.
+    fn screen(
+        &self,
+        parts: &mut request::Parts,
+        require_table: bool,
+    ) -> Result<(Attribution, Option<String>), Rejection> {
+        if parts.method == Method::CONNECT {
+            return Err(Rejection::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "connect_refused",
+                "CONNECT is not supported: creditmeter forwards only to its configured upstream",
+            ));
+        }
+        if parts.version < Version::HTTP_2 && parts.uri.authority().is_some() {
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "absolute_uri_refused",
+                format!(
+                    "request targets another host ({}); creditmeter is not an open proxy: send origin-form paths like /api/v1/people/match",
+                    // The host only: an authority can carry `user:password@` (a credential).
+                    parts.uri.host().unwrap_or("")
+                ),
+            ));
+        }
+        // proxy.require_token: only callers holding the token may spend credits through us.
+        if let Some(want) = &self.token_digest {
+            let given = parts
+                .headers
+                .get(PROXY_TOKEN_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            let given = ring::digest::digest(&ring::digest::SHA256, given);
+            if !crate::admin::constant_time_eq(given.as_ref(), want.as_ref()) {
+                return Err(Rejection::new(
+                    StatusCode::UNAUTHORIZED,
+                    "proxy_token_required",
+                    "this creditmeter requires X-Meter-Token with the proxy access token (proxy.require_token)",
+                )
+                .field("X-Meter-Token"));
+            }
+        }
+        // Attribution: read and strip x-meter-*; bad values never reach upstream.
+        attribution::extract(&mut parts.headers, parts.uri.query(), require_table).map_err(|e| {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_attribution",
+                e.to_string(),
+            );
+            match e.field() {
+                Some(f) => r.field(f),
+                None => r,
+            }
+        })
+    }
+
+    /// The request body, read whole up to `proxy.max_request_body` (413 past it).
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Rejection> {
+        let too_large = || {
+            Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_body_too_large",
+                format!(
+                    "request body exceeds proxy.max_request_body ({} bytes)",
+                    self.max_request_body
+                ),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_request_body) {
+            return Err(too_large());
+        }
+        match Limited::new(body, self.max_request_body as usize)
+            .collect()
+            .await
+        {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(e) => Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "request_body_unreadable",
+                format!(
+                    "could not read the request body: {}",
+                    error_chain(e.as_ref())
+                ),
+            )),
+        }
+    }
+
+    /// The upstream request: same method, path, query (minus `meter_*`), headers (minus
+    /// hop-by-hop ones and `Host`) and body.
+    fn upstream_request(
+        &self,
+        mut parts: request::Parts,
+        query: Option<&str>,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, Rejection> {
+        let uri = self
+            .upstream
+            .uri_for(parts.uri.path(), query)
+            .map_err(|e| {
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_path",
+                    format!("cannot forward this path: {e}"),
+                )
+            })?;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let mut up = Request::new(Full::new(body));
+        *up.method_mut() = parts.method;
+        *up.uri_mut() = uri;
+        *up.headers_mut() = parts.headers;
+        *up.version_mut() = Version::HTTP_11; // the pool picks h2 by ALPN when upstream offers it
+        Ok(up)
+    }
+
+    /// Sends `req` and waits for the response head until `deadline` (or the hard stop of
+    /// shutdown). A failure comes back as the JSON error to answer and the outcome to record.
+    async fn send_upstream(
+        &self,
+        req: Request<Full<Bytes>>,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, (Rejection, Outcome)> {
+        let sent = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.upstream.request(req)) => r,
+            _ = self.drain.hard_stop.cancelled() => {
+                return Err((
+                    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "creditmeter is shutting down"),
+                    Outcome::UpstreamError,
+                ));
+            }
+        };
+        match sent {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                let what = if e.is_connect() {
+                    "could not connect to upstream"
+                } else {
+                    "upstream failed before sending a response"
+                };
+                Err((
+                    Rejection::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!("{what}: {}", error_chain(&e)),
+                    ),
+                    Outcome::UpstreamError,
+                ))
+            }
+            Err(_) => Err((
+                Rejection::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "upstream did not answer within upstream.timeout ({:?})",
+                        self.upstream_timeout
+                    ),
+                ),
+                Outcome::UpstreamTimeout,
+            )),
+        }
+    }
+
     /// Runs the upstream exchange up to the response head, and wraps the body in the tap.
     async fn exchange(
         &self,
@@ -332,45 +423,9 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let deadline = Instant::now() + self.upstream_timeout;
         call.upstream_sent();
-        let sent = tokio::select! {
-            r = tokio::time::timeout_at(deadline, self.upstream.request(req)) => r,
-            _ = self.drain.hard_stop.cancelled() => {
-                return self.fail_upstream(call, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", Outcome::UpstreamError,
-                    "creditmeter is shutting down".into()).await;
-            }
-        };
-        let resp = match sent {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => {
-                let what = if e.is_connect() {
-                    "could not connect to upstream"
-                } else {
-                    "upstream failed before sending a response"
-                };
-                return self
-                    .fail_upstream(
-                        call,
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        Outcome::UpstreamError,
-                        format!("{what}: {}", error_chain(&e)),
-                    )
-                    .await;
-            }
-            Err(_) => {
-                return self
-                    .fail_upstream(
-                        call,
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        Outcome::UpstreamTimeout,
-                        format!(
-                            "upstream did not answer within upstream.timeout ({:?})",
-                            self.upstream_timeout
-                        ),
-                    )
-                    .await;
-            }
+        let resp = match self.send_upstream(req, deadline).await {
+            Ok(resp) => resp,
+            Err((r, outcome)) => return self.fail_upstream(call, r, outcome).await,
         };
         let (mut parts, body) = resp.into_parts();
         call.response_head(parts.status.as_u16(), &parts.headers);
@@ -393,39 +448,21 @@ impl Proxy {
             if let Some(ack) = ack {
                 let _ = ack.await;
             }
-            return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+            return Response::from_parts(parts, local_body(Bytes::new()));
         }
         let tap = TapBody::new(body, call, deadline, self.drain.clone());
         Response::from_parts(parts, Either::Left(tap))
     }
 
     /// A call refused before anything went upstream: recorded as `rejected`, answered with JSON.
-    async fn refuse(
-        &self,
-        ctx: CallContext,
-        status: StatusCode,
-        code: &'static str,
-        message: String,
-        field: Option<String>,
-        attribution: Option<attribution::Attribution>,
-    ) -> Response<ProxyBody> {
-        let mut ctx = ctx;
-        if let Some(a) = attribution {
-            ctx.attribution = a;
-        }
-        let request_id = ctx.request_id.clone();
-        tracing::info!(request_id, status = status.as_u16(), code, %message, "call refused");
-        let mut call = CallMeter::new(self.meter.clone(), ctx);
-        let ack = call.finish(Finish {
-            outcome: Outcome::Rejected,
-            body: Captured::default(),
-            response_bytes: 0,
-            error: Some(message.clone()),
-        });
-        if let Some(ack) = ack {
-            let _ = ack.await;
-        }
-        json_error(status, code, message, &request_id, field.as_deref())
+    async fn refuse(&self, ctx: CallContext, r: Rejection) -> Response<ProxyBody> {
+        tracing::info!(request_id = ctx.request_id, status = r.status.as_u16(), code = r.code, message = %r.message, "call refused");
+        self.fail_with(
+            CallMeter::new(self.meter.clone(), ctx),
+            r,
+            Outcome::Rejected,
+        )
+        .await
     }
 
     /// A call refused by a hold or a budget: recorded with its outcome, answered with the
@@ -445,7 +482,7 @@ impl Proxy {
             let _ = ack.await;
         }
         let body = Bytes::from(refusal.body(&request_id).to_string());
-        let mut resp = Response::new(Either::Right(Full::new(body)));
+        let mut resp = Response::new(local_body(body));
         *resp.status_mut() = refusal.status();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -461,52 +498,81 @@ impl Proxy {
         resp
     }
 
-    async fn fail_before_upstream(
-        &self,
-        call: CallMeter,
-        status: StatusCode,
-        code: &'static str,
-        message: String,
-    ) -> Response<ProxyBody> {
-        self.fail_with(call, status, code, Outcome::Rejected, message)
-            .await
-    }
-
     async fn fail_upstream(
         &self,
         call: CallMeter,
-        status: StatusCode,
-        code: &'static str,
+        r: Rejection,
         outcome: Outcome,
-        message: String,
     ) -> Response<ProxyBody> {
-        tracing::warn!(request_id = call.request_id(), code, %message, "upstream failure");
-        self.fail_with(call, status, code, outcome, message).await
+        tracing::warn!(request_id = call.request_id(), code = r.code, message = %r.message, "upstream failure");
+        self.fail_with(call, r, outcome).await
     }
 
+    /// Records a call that got no upstream body with `outcome`, and answers its JSON error.
     async fn fail_with(
         &self,
         mut call: CallMeter,
-        status: StatusCode,
-        code: &'static str,
+        r: Rejection,
         outcome: Outcome,
-        message: String,
     ) -> Response<ProxyBody> {
         let request_id = call.request_id().to_owned();
         let ack = call.finish(Finish {
             outcome,
             body: Captured::default(),
             response_bytes: 0,
-            error: Some(message.clone()),
+            error: Some(r.message.clone()),
         });
         if let Some(ack) = ack {
             let _ = ack.await;
         }
-        json_error(status, code, message, &request_id, None)
+        r.response(&request_id)
     }
 }
 
-/// A JSON error a caller can read: `{"error": code, "message": …, "request_id": …}`.
+/// Why a call is answered here rather than by upstream: the parts of its JSON error.
+struct Rejection {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// The header or parameter at fault, when there is one.
+    field: Option<String>,
+}
+
+impl Rejection {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn field(mut self, field: &str) -> Self {
+        self.field = Some(field.to_owned());
+        self
+    }
+
+    /// The JSON error; an empty `request_id` (an unmetered call) is left out.
+    fn response(self, request_id: &str) -> Response<ProxyBody> {
+        json_error(
+            self.status,
+            self.code,
+            self.message,
+            request_id,
+            self.field.as_deref(),
+        )
+    }
+}
+
+/// A small body made here, not by upstream.
+fn local_body(bytes: Bytes) -> ProxyBody {
+    Either::Right(Either::Left(Full::new(bytes)))
+}
+
+/// A JSON error a caller can read: `{"error": code, "message": …, "request_id": …}`, with the
+/// `X-Meter-Request-Id` header. Without a request id (metering off: no ledger row to name),
+/// neither the key nor the header is sent.
 pub fn json_error(
     status: StatusCode,
     code: &str,
@@ -517,21 +583,25 @@ pub fn json_error(
     let mut body = serde_json::json!({
         "error": code,
         "message": message,
-        "request_id": request_id,
         "source": "creditmeter",
     });
+    if !request_id.is_empty() {
+        body["request_id"] = serde_json::Value::String(request_id.to_owned());
+    }
     if let Some(f) = field {
         body["field"] = serde_json::Value::String(f.to_owned());
     }
     let bytes = Bytes::from(body.to_string());
-    let mut resp = Response::new(Either::Right(Full::new(bytes)));
+    let mut resp = Response::new(local_body(bytes));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    if !request_id.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
     }
     resp
 }
