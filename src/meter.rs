@@ -16,7 +16,7 @@ use crate::attribution::Attribution;
 use crate::catalog::{Catalog, CreditSource, RequestParams, ResponseView};
 use crate::config::Durability;
 use crate::guard::{Admission, Amount};
-use crate::ledger::writer::Ack;
+use crate::ledger::writer::{Ack, AckSender};
 use crate::ledger::{CallRecord, LedgerHandle, Outcome};
 use crate::metrics::Metrics;
 
@@ -217,8 +217,87 @@ impl CallMeter {
 
     /// Prices and records the call. Returns the commit acknowledgement to wait for when the
     /// ledger runs in `commit` durability.
+    ///
+    /// A large response (see [`OFFLOAD_BYTES`]) is priced on tokio's blocking pool, so that
+    /// inflating and scanning it never holds up the other calls on an async worker; a small
+    /// one is priced here, where a thread hand-off would cost more than the work.
     pub fn finish(&mut self, f: Finish) -> Option<Ack> {
         let ctx = self.ctx.take()?;
+        let weight = if self.content_encoding.is_some() {
+            f.body.len.saturating_mul(ENCODED_WEIGHT)
+        } else {
+            f.body.len
+        };
+        let call = Finished {
+            meter: self.meter.clone(),
+            status: self.status,
+            content_encoding: self.content_encoding.take(),
+            upstream_started: self.upstream_started,
+            admission: self.admission.take(),
+            ctx: Some(ctx),
+            finish: Some(f),
+        };
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        match runtime.filter(|_| weight >= OFFLOAD_BYTES) {
+            None => call.record(None),
+            Some(rt) => {
+                let (ack_tx, ack_rx) = if self.meter.durability == Durability::Commit {
+                    let (t, r) = tokio::sync::oneshot::channel();
+                    (Some(t), Some(r))
+                } else {
+                    (None, None)
+                };
+                let mut call = Offloaded(Some((call, ack_tx)));
+                rt.spawn_blocking(move || call.record());
+                ack_rx
+            }
+        }
+    }
+}
+
+/// Responses at least this large (encoded bytes × [`ENCODED_WEIGHT`] when compressed) are
+/// priced off the async workers.
+pub const OFFLOAD_BYTES: usize = 32 * 1024;
+
+/// A compressed body inflates to several times its size before it is scanned.
+const ENCODED_WEIGHT: usize = 4;
+
+/// A call handed to the blocking pool. If the pool never runs it (the runtime is shutting
+/// down), dropping it records the call right there: it is never lost.
+struct Offloaded(Option<(Finished, Option<AckSender>)>);
+
+impl Offloaded {
+    fn record(&mut self) {
+        if let Some((call, ack)) = self.0.take() {
+            call.record(ack);
+        }
+    }
+}
+
+impl Drop for Offloaded {
+    fn drop(&mut self) {
+        self.record();
+    }
+}
+
+/// A finished call with everything pricing needs, owned, so it can move to another thread.
+struct Finished {
+    meter: Arc<Meter>,
+    status: Option<u16>,
+    content_encoding: Option<String>,
+    upstream_started: Option<Instant>,
+    admission: Option<Admission>,
+    /// Both always set; taken once by `record`.
+    ctx: Option<Box<CallContext>>,
+    finish: Option<Finish>,
+}
+
+impl Finished {
+    /// Prices the call, settles its budget reservation, counts it and hands the row to the
+    /// ledger. With `ack` the commit is reported there; otherwise the returned
+    /// acknowledgement (if durability asks for one) reports it.
+    fn record(mut self, ack: Option<AckSender>) -> Option<Ack> {
+        let (ctx, f) = (self.ctx.take()?, self.finish.take()?);
         let record = self.build(*ctx, f);
         if let Some(admission) = self.admission.take() {
             admission.settle(Amount::of(
@@ -228,8 +307,16 @@ impl CallMeter {
             ));
         }
         self.meter.metrics.observe_call(&record);
-        let want_ack = self.meter.durability == Durability::Commit;
-        self.meter.ledger.submit(record, want_ack)
+        match ack {
+            Some(tx) => {
+                self.meter.ledger.submit_acked(record, Some(tx));
+                None
+            }
+            None => {
+                let want_ack = self.meter.durability == Durability::Commit;
+                self.meter.ledger.submit(record, want_ack)
+            }
+        }
     }
 
     fn build(&self, ctx: CallContext, f: Finish) -> CallRecord {

@@ -585,6 +585,58 @@ async fn the_row_is_committed_before_the_caller_sees_the_end_of_the_body() {
     }
 }
 
+/// Large answers (here 250 KB searches, gzipped) are priced on the blocking pool, not on an
+/// async worker: each must still be priced as the simulator billed and committed before the
+/// caller sees its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_gzip_answers_are_priced_off_the_workers_and_committed_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            match_rate_pct: 100,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
+    let c = client();
+    let conn = proxy.ledger();
+    for page in 1..=8 {
+        let req = http::Request::post(proxy.url("/api/v1/mixed_companies/search"))
+            .header("x-api-key", "k")
+            .header("x-meter-table", "big")
+            .header("accept-encoding", "gzip")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"page":{page},"per_page":100}}"#
+            ))))
+            .unwrap();
+        let (status, h, body) = send(&c, req).await;
+        assert_eq!(status, 200);
+        assert_eq!(h.get("content-encoding").unwrap(), "gzip");
+        assert!(
+            body.len() * 4 >= creditmeter::meter::OFFLOAD_BYTES,
+            "the answer ({} bytes) is too small to take the offloaded path",
+            body.len()
+        );
+        let billed: i64 = h["x-sim-billed-milli"].to_str().unwrap().parse().unwrap();
+        let id = h.get("x-meter-request-id").unwrap().to_str().unwrap();
+        let (credits, source, bytes): (i64, String, i64) = conn
+            .query_row(
+                "SELECT credits_milli, credit_source, response_bytes FROM calls WHERE request_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap_or_else(|e| panic!("page {page} received in full but not in the ledger: {e}"));
+        assert_eq!(credits, billed, "page {page}");
+        assert!(billed > 0, "a page of results is billed");
+        assert_eq!(source, "catalog");
+        assert_eq!(bytes as usize, body.len());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_disconnect_mid_body_still_leaves_a_priced_row() {
     let dir = tempfile::tempdir().unwrap();
