@@ -69,9 +69,16 @@ struct Args {
     /// Load-generator threads (they share the machine with the targets and the simulator).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// A setting for the metered creditmeter, `section.key=value` with a TOML value, e.g.
+    /// `--set 'ledger.durability="background"'`. Repeatable.
+    #[arg(long = "set", value_name = "SETTING")]
+    settings: Vec<String>,
     /// Also write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Keep the working directory (configs, logs, ledger) and print where it is.
+    #[arg(long)]
+    keep: bool,
     /// `cargo bench` passes this to every benchmark binary.
     #[arg(long, hide = true)]
     bench: bool,
@@ -209,6 +216,7 @@ fn run(mut args: Args) -> Result<()> {
                     lab.dir.path(),
                     lab.sim.addr,
                     Metering::Durable,
+                    &args.settings,
                 )?)
             }
             Target::CreditmeterNometer => {
@@ -216,6 +224,7 @@ fn run(mut args: Args) -> Result<()> {
                     lab.dir.path(),
                     lab.sim.addr,
                     Metering::Off,
+                    &[],
                 )?)
             }
         }
@@ -237,6 +246,9 @@ fn run(mut args: Args) -> Result<()> {
         "- load: {} rounds × {}s per target per scenario, targets in rotating order, {} load-generator threads on the same machine",
         args.rounds, args.secs, args.threads
     );
+    for setting in &args.settings {
+        println!("- creditmeter (metered) with `{setting}`");
+    }
     if args.smoke {
         println!("- SMOKE RUN: too short for its figures to mean anything");
     }
@@ -287,6 +299,10 @@ fn run(mut args: Args) -> Result<()> {
         results.push(result);
     }
     report::print_targets(&results);
+    if args.keep {
+        let Lab { dir, .. } = lab;
+        println!("working directory kept: {}", dir.keep().display());
+    }
     if let Some(path) = &args.json {
         let json = report::json(&results, &procs::machine(), &nginx_version, args.smoke);
         std::fs::write(path, serde_json::to_string_pretty(&json)?)

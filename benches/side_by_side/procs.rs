@@ -137,7 +137,14 @@ pub enum Metering {
 }
 
 /// `creditmeter serve` in front of the simulator, on its defaults except the addresses.
-pub fn start_creditmeter(dir: &Path, upstream: SocketAddr, metering: Metering) -> Result<Service> {
+/// `settings` are extra `section.key=value` lines (TOML values) for the metered creditmeter,
+/// for trying a setting side by side with the defaults.
+pub fn start_creditmeter(
+    dir: &Path,
+    upstream: SocketAddr,
+    metering: Metering,
+    settings: &[String],
+) -> Result<Service> {
     let addr = free_addr()?;
     let admin = free_addr()?;
     let name = match metering {
@@ -151,6 +158,22 @@ pub fn start_creditmeter(dir: &Path, upstream: SocketAddr, metering: Metering) -
     );
     if metering == Metering::Off {
         config = config.replacen("[proxy]\n", "[proxy]\nmetering = false\n", 1);
+    } else {
+        for setting in settings {
+            let (path, value) = setting
+                .split_once('=')
+                .with_context(|| format!("--set {setting}: expected section.key=value"))?;
+            let (section, key) = path
+                .trim()
+                .split_once('.')
+                .with_context(|| format!("--set {setting}: expected section.key=value"))?;
+            let header = format!("[{section}]\n");
+            let line = format!("{key} = {}\n", value.trim());
+            match config.find(&header) {
+                Some(at) => config.insert_str(at + header.len(), &line),
+                None => config.push_str(&format!("\n{header}{line}")),
+            }
+        }
     }
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config)?;
