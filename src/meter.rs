@@ -256,8 +256,10 @@ impl CallMeter {
 }
 
 /// Responses at least this large (encoded bytes × [`ENCODED_WEIGHT`] when compressed) are
-/// priced off the async workers.
-pub const OFFLOAD_BYTES: usize = 32 * 1024;
+/// priced off the async workers. Measured (BENCHMARKS.md): at 32 KiB, handing every 64 KB
+/// search to the pool cost more in thread wake-ups than its ~60 µs scan; a gzipped 250 KB
+/// search (about 1 ms to inflate and scan) is worth moving.
+pub const OFFLOAD_BYTES: usize = 128 * 1024;
 
 /// A compressed body inflates to several times its size before it is scanned.
 const ENCODED_WEIGHT: usize = 4;
