@@ -94,12 +94,14 @@ pub fn decode_body<'a>(
                 MultiGzDecoder::new(&*data),
                 "gzip",
                 max_decoded,
+                data.len(),
             )?),
             Coding::Deflate => Cow::Owned(inflate(&data, max_decoded)?),
             Coding::Brotli => Cow::Owned(read_capped(
                 brotli::Decompressor::new(&*data, BROTLI_BUFFER_BYTES),
                 "br",
                 max_decoded,
+                data.len(),
             )?),
         };
     }
@@ -111,11 +113,16 @@ pub fn decode_body<'a>(
 
 /// Inflates zlib-wrapped deflate, falling back to raw deflate.
 fn inflate(data: &[u8], max_decoded: usize) -> Result<Vec<u8>, DecodeError> {
-    match read_capped(ZlibDecoder::new(data), "deflate", max_decoded) {
+    match read_capped(ZlibDecoder::new(data), "deflate", max_decoded, data.len()) {
         Err(DecodeError::Corrupt { source, .. }) => {
             // Report the zlib error if raw deflate is corrupt too: zlib is what the header
             // promised. A raw stream that outgrows the cap is reported as too large.
-            match read_capped(DeflateDecoder::new(data), "deflate", max_decoded) {
+            match read_capped(
+                DeflateDecoder::new(data),
+                "deflate",
+                max_decoded,
+                data.len(),
+            ) {
                 Err(DecodeError::Corrupt { .. }) => Err(DecodeError::Corrupt {
                     coding: "deflate",
                     source,
@@ -127,13 +134,16 @@ fn inflate(data: &[u8], max_decoded: usize) -> Result<Vec<u8>, DecodeError> {
     }
 }
 
-/// Reads `reader` to the end, failing once it yields more than `max` bytes.
+/// Reads `reader` to the end, failing once it yields more than `max` bytes. The output starts
+/// at a few times the `encoded` size (JSON compresses 5-10×), so a 250 KB answer is not
+/// copied through a chain of doubling buffers.
 fn read_capped(
     reader: impl Read,
     coding: &'static str,
     max: usize,
+    encoded: usize,
 ) -> Result<Vec<u8>, DecodeError> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(encoded.saturating_mul(6).min(max));
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
     reader
         .take(limit)
