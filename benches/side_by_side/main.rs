@@ -461,24 +461,44 @@ where
     })
 }
 
-/// Memory per idle keep-alive connection: RSS before, with `--idle` connections open (each
-/// having answered one call), and whether they all still answer afterwards.
+/// Memory per idle keep-alive connection, on freshly started proxies (so what the allocator
+/// kept from the load scenarios does not count as connection memory): RSS before, with `--idle`
+/// connections open (each having answered one call), and whether they all still answer
+/// afterwards. What the long-running processes hold after the load scenarios is reported too.
 async fn idle(lab: &Lab, args: &Args) -> Result<ScenarioResult> {
     let mix = Arc::new(Mix::apollo());
     let mut rows = Vec::new();
+    let mut after_load = Vec::new();
+    let fresh_dir = lab.dir.path().join("idle");
+    std::fs::create_dir_all(&fresh_dir)?;
     for t in args
         .targets
         .iter()
         .copied()
         .filter(|t| *t != Target::Direct)
     {
-        let Some(svc) = lab.service(t) else { continue };
+        if let Some(svc) = lab.service(t) {
+            after_load.push((t, svc.rss_kib()));
+        }
+        let fresh = match t {
+            Target::Direct => continue,
+            Target::Nginx => procs::start_nginx(&fresh_dir, &args.nginx, lab.sim.addr)?,
+            Target::Creditmeter => procs::start_creditmeter(
+                &fresh_dir,
+                lab.sim.addr,
+                Metering::Durable,
+                &args.settings,
+            )?,
+            Target::CreditmeterNometer => {
+                procs::start_creditmeter(&fresh_dir, lab.sim.addr, Metering::Off, &[])?
+            }
+        };
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = svc.rss_kib();
-        let conns = load::open_idle(svc.addr, mix.clone(), args.idle).await?;
+        let before = fresh.rss_kib();
+        let conns = load::open_idle(fresh.addr, mix.clone(), args.idle).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let with = svc.rss_kib();
-        let alive = load::touch_all(conns, mix.clone(), svc.addr).await;
+        let with = fresh.rss_kib();
+        let alive = load::touch_all(conns, mix.clone(), fresh.addr).await;
         rows.push(report::IdleRow {
             target: t,
             before_kib: before,
@@ -488,8 +508,12 @@ async fn idle(lab: &Lab, args: &Args) -> Result<ScenarioResult> {
         });
     }
     Ok(ScenarioResult::idle(
-        format!("{} idle keep-alive connections", args.idle),
+        format!(
+            "{} idle keep-alive connections (freshly started proxies)",
+            args.idle
+        ),
         rows,
+        after_load,
     ))
 }
 

@@ -70,7 +70,8 @@ enum Body {
         kinds: Vec<&'static str>,
         rows: Vec<(Target, Measured)>,
     },
-    Idle(Vec<IdleRow>),
+    /// Fresh proxies with idle connections, and the RSS the load scenarios' processes kept.
+    Idle(Vec<IdleRow>, Vec<(Target, u64)>),
     /// `ledger bench` runs: rows/s and the line it printed.
     Ledger(Vec<(f64, String)>),
 }
@@ -98,11 +99,11 @@ impl ScenarioResult {
         }
     }
 
-    pub fn idle(title: String, rows: Vec<IdleRow>) -> Self {
+    pub fn idle(title: String, rows: Vec<IdleRow>, after_load: Vec<(Target, u64)>) -> Self {
         ScenarioResult {
             key: "idle",
             title,
-            body: Body::Idle(rows),
+            body: Body::Idle(rows, after_load),
         }
     }
 
@@ -131,7 +132,7 @@ impl ScenarioResult {
         println!();
         match &self.body {
             Body::Load { kinds, rows } => print_load(self, kinds, rows),
-            Body::Idle(rows) => {
+            Body::Idle(rows, after_load) => {
                 println!("| target | RSS before | RSS with connections | per connection | still answering after |");
                 println!("|---|---:|---:|---:|---:|");
                 for r in rows {
@@ -144,6 +145,14 @@ impl ScenarioResult {
                         r.alive,
                         r.conns
                     );
+                }
+                if !after_load.is_empty() {
+                    let held: Vec<String> = after_load
+                        .iter()
+                        .map(|(t, kib)| format!("{} {:.1} MiB", t.label(), mib(*kib)))
+                        .collect();
+                    println!();
+                    println!("The processes that ran the load scenarios above held, idle, afterwards: {}.", held.join(", "));
                 }
             }
             Body::Ledger(runs) => {
@@ -293,7 +302,7 @@ pub fn print_targets(results: &[ScenarioResult]) {
             );
         }
     }
-    if let Some(Body::Idle(rows)) = find("idle").map(|r| &r.body) {
+    if let Some(Body::Idle(rows, _)) = find("idle").map(|r| &r.body) {
         if let Some(cm) = rows.iter().find(|r| r.target == Target::Creditmeter) {
             println!(
                 "- RSS under 64 MiB at {} keep-alive connections: {:.1} MiB: {}",
@@ -339,8 +348,9 @@ pub fn json(results: &[ScenarioResult], machine: &str, nginx: &str, smoke: bool)
                         })
                         .collect(),
                 ),
-                Body::Idle(rows) => Value::Array(
-                    rows.iter()
+                Body::Idle(rows, after_load) => json!({
+                    "after_load_rss_kib": after_load.iter().map(|(t, k)| json!({"target": t.label(), "rss_kib": k})).collect::<Vec<_>>(),
+                    "fresh": rows.iter()
                         .map(|x| {
                             json!({
                                 "target": x.target.label(), "conns": x.conns, "alive": x.alive,
@@ -348,8 +358,8 @@ pub fn json(results: &[ScenarioResult], machine: &str, nginx: &str, smoke: bool)
                                 "per_conn_kib": x.per_conn_kib(),
                             })
                         })
-                        .collect(),
-                ),
+                        .collect::<Vec<_>>(),
+                }),
                 Body::Ledger(runs) => {
                     json!({ "rows_per_sec": runs.iter().map(|r| r.0).collect::<Vec<_>>() })
                 }
