@@ -279,12 +279,6 @@ enum LedgerCommand {
     },
 }
 
-/// mimalloc rather than glibc's malloc: under load glibc kept growing per-thread arenas (the
-/// resident set of a metered proxy reached 60 MiB and stayed there) and its malloc/free were
-/// a tenth of the proxy's CPU in profiles; see BENCHMARKS.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
