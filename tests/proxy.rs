@@ -552,15 +552,7 @@ async fn refused_as_open_proxy(proxy: &Proxy) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_row_is_committed_before_the_caller_sees_the_end_of_the_body() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = SimServer::start(
-        SimConfig {
-            rate_limit_minute: 0,
-            ..Default::default()
-        },
-        None,
-    )
-    .await;
-    let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
+    let (_sim, proxy) = proxy_before_sim(SimConfig::default(), dir.path()).await;
     let c = client();
     let conn = proxy.ledger();
     for i in 0..30 {
@@ -585,22 +577,31 @@ async fn the_row_is_committed_before_the_caller_sees_the_end_of_the_body() {
     }
 }
 
+/// A plain-HTTP simulator without rate limits, and a proxy on defaults in front of it.
+async fn proxy_before_sim(cfg: SimConfig, dir: &std::path::Path) -> (SimServer, Proxy) {
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..cfg
+        },
+        None,
+    )
+    .await;
+    let proxy = Proxy::start(config_for(&sim.url(false), None), dir).await;
+    (sim, proxy)
+}
+
 /// Large answers (here 250 KB searches, gzipped) are priced on the blocking pool, not on an
 /// async worker: each must still be priced as the simulator billed and committed before the
 /// caller sees its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_gzip_answers_are_priced_off_the_workers_and_committed_first() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = SimServer::start(
-        SimConfig {
-            rate_limit_minute: 0,
-            match_rate_pct: 100,
-            ..Default::default()
-        },
-        None,
-    )
-    .await;
-    let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
+    let sim = SimConfig {
+        match_rate_pct: 100,
+        ..Default::default()
+    };
+    let (_sim, proxy) = proxy_before_sim(sim, dir.path()).await;
     let c = client();
     let conn = proxy.ledger();
     for page in 1..=8 {

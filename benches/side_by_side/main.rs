@@ -202,31 +202,12 @@ fn run(mut args: Args) -> Result<()> {
         dir,
     };
     for t in args.targets.clone() {
+        let svc = start_target(t, lab.dir.path(), lab.sim.addr, &args)?;
         match t {
             Target::Direct => {}
-            Target::Nginx => {
-                lab.nginx = Some(procs::start_nginx(
-                    lab.dir.path(),
-                    &args.nginx,
-                    lab.sim.addr,
-                )?)
-            }
-            Target::Creditmeter => {
-                lab.metered = Some(procs::start_creditmeter(
-                    lab.dir.path(),
-                    lab.sim.addr,
-                    Metering::Durable,
-                    &args.settings,
-                )?)
-            }
-            Target::CreditmeterNometer => {
-                lab.unmetered = Some(procs::start_creditmeter(
-                    lab.dir.path(),
-                    lab.sim.addr,
-                    Metering::Off,
-                    &[],
-                )?)
-            }
+            Target::Nginx => lab.nginx = svc,
+            Target::Creditmeter => lab.metered = svc,
+            Target::CreditmeterNometer => lab.unmetered = svc,
         }
     }
 
@@ -310,6 +291,23 @@ fn run(mut args: Args) -> Result<()> {
         println!("figures written to {}", path.display());
     }
     Ok(())
+}
+
+/// Starts the proxy of target `t` in `dir` in front of the simulator (none for direct).
+fn start_target(
+    t: Target,
+    dir: &std::path::Path,
+    sim: std::net::SocketAddr,
+    args: &Args,
+) -> Result<Option<Service>> {
+    Ok(Some(match t {
+        Target::Direct => return Ok(None),
+        Target::Nginx => procs::start_nginx(dir, &args.nginx, sim)?,
+        Target::Creditmeter => {
+            procs::start_creditmeter(dir, sim, Metering::Durable, &args.settings)?
+        }
+        Target::CreditmeterNometer => procs::start_creditmeter(dir, sim, Metering::Off, &[])?,
+    }))
 }
 
 /// Before any timing: every proxy must hand back exactly what the simulator answers.
@@ -480,18 +478,8 @@ async fn idle(lab: &Lab, args: &Args) -> Result<ScenarioResult> {
         if let Some(svc) = lab.service(t) {
             after_load.push((t, svc.rss_kib()));
         }
-        let fresh = match t {
-            Target::Direct => continue,
-            Target::Nginx => procs::start_nginx(&fresh_dir, &args.nginx, lab.sim.addr)?,
-            Target::Creditmeter => procs::start_creditmeter(
-                &fresh_dir,
-                lab.sim.addr,
-                Metering::Durable,
-                &args.settings,
-            )?,
-            Target::CreditmeterNometer => {
-                procs::start_creditmeter(&fresh_dir, lab.sim.addr, Metering::Off, &[])?
-            }
+        let Some(fresh) = start_target(t, &fresh_dir, lab.sim.addr, args)? else {
+            continue;
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = fresh.rss_kib();
