@@ -198,6 +198,7 @@ pub async fn run_with_reload(
             on_error: config.ledger.on_error,
             spool_reserve: config.ledger.spool_reserve.0,
             secret: secret.clone(),
+            group_wait: crate::ledger::writer::GROUP_WAIT,
         },
         metrics.ledger(),
     )?;

@@ -16,7 +16,7 @@ use crate::attribution::Attribution;
 use crate::catalog::{Catalog, CreditSource, RequestParams, ResponseView};
 use crate::config::Durability;
 use crate::guard::{Admission, Amount};
-use crate::ledger::writer::{Ack, AckSender};
+use crate::ledger::writer::{Ack, AckSender, RowExpected};
 use crate::ledger::{CallRecord, LedgerHandle, Outcome};
 use crate::metrics::Metrics;
 
@@ -154,11 +154,14 @@ pub struct CallMeter {
     content_encoding: Option<String>,
     upstream_started: Option<Instant>,
     admission: Option<Admission>,
+    /// Tells the ledger writer a row is on its way, until it is submitted.
+    expected: Option<RowExpected>,
 }
 
 impl CallMeter {
     pub fn new(meter: Arc<Meter>, ctx: CallContext) -> Self {
         Self {
+            expected: Some(meter.ledger.expect_row()),
             meter,
             ctx: Some(Box::new(ctx)),
             status: None,
@@ -236,6 +239,7 @@ impl CallMeter {
             admission: self.admission.take(),
             ctx: Some(ctx),
             finish: Some(f),
+            _expected: self.expected.take(),
         };
         let runtime = tokio::runtime::Handle::try_current().ok();
         match runtime.filter(|_| weight >= OFFLOAD_BYTES) {
@@ -292,6 +296,8 @@ struct Finished {
     /// Both always set; taken once by `record`.
     ctx: Option<Box<CallContext>>,
     finish: Option<Finish>,
+    /// Dropped with the call, after its row is submitted.
+    _expected: Option<RowExpected>,
 }
 
 impl Finished {

@@ -260,7 +260,7 @@ fn groups_of(report: &report::SpendReport) -> BTreeMap<String, (i64, i64)> {
         .collect()
 }
 
-fn bench_metrics() -> Result<LedgerMetrics, prometheus::Error> {
+pub(crate) fn bench_metrics() -> Result<LedgerMetrics, prometheus::Error> {
     Ok(LedgerMetrics {
         pending: IntGauge::new("bench_pending", "rows pending")?,
         commit_seconds: Histogram::with_opts(HistogramOpts::new(
@@ -272,7 +272,7 @@ fn bench_metrics() -> Result<LedgerMetrics, prometheus::Error> {
     })
 }
 
-fn bench_row(i: usize) -> CallRecord {
+pub(crate) fn bench_row(i: usize) -> CallRecord {
     let now = crate::meter::now_ms();
     CallRecord {
         request_id: format!("bench-{now:x}-{i:08x}-{}", std::process::id()),
@@ -326,6 +326,7 @@ fn writer_bench(opts: &BenchOptions) -> Result<String, BenchError> {
             on_error: crate::config::OnLedgerError::Spool,
             spool_reserve: 0,
             secret,
+            group_wait: crate::ledger::writer::GROUP_WAIT,
         },
         metrics.clone(),
     )?;

@@ -76,6 +76,7 @@ fn write_rows(db: &Path, rows: Vec<CallRecord>) {
             on_error: creditmeter::config::OnLedgerError::Spool,
             spool_reserve: 0,
             secret,
+            group_wait: creditmeter::ledger::writer::GROUP_WAIT,
         },
         metrics(),
     )

@@ -3,7 +3,9 @@
 //! It blocks for the first row, drains whatever else is queued (up to `batch_max`), writes the
 //! batch in one IMMEDIATE transaction with a cached prepared statement, commits, and then
 //! acknowledges every row of the batch. Idle traffic gives single-row commits; load gives big
-//! batches. The async side never waits on this thread except through the acknowledgement
+//! batches. While many calls are on their way ([`GROUP_MIN_EXPECTED`]), a batch also waits
+//! until [`GROUP_WAIT`] after the previous commit, since a commit costs about the same for one
+//! row as for ten; a quiet proxy never waits. The async side never waits on this thread except through the acknowledgement
 //! future, which it polls without blocking.
 //!
 //! When SQLite cannot take a batch (disk full, a lock held elsewhere past `busy_timeout`, the
@@ -18,7 +20,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -68,6 +70,9 @@ pub struct WriterConfig {
     pub spool_reserve: u64,
     /// The install secret, written back if the file has to be recreated.
     pub secret: Vec<u8>,
+    /// Under load, how long after the last commit a batch waits for more rows ([`GROUP_WAIT`]
+    /// in the proxy; zero never waits).
+    pub group_wait: Duration,
 }
 
 impl WriterConfig {
@@ -103,6 +108,19 @@ enum Msg {
 struct Shared {
     healthy: AtomicBool,
     spooled: AtomicU64,
+    /// Calls sent upstream whose rows are not handed over yet (see [`RowExpected`]).
+    expected: AtomicUsize,
+}
+
+/// A call whose row will be submitted soon: counted while it lives, so the writer knows when
+/// waiting a moment for more rows will fill a batch (see [`GROUP_WAIT`]). Drop it once the
+/// row is submitted.
+pub struct RowExpected(Arc<Shared>);
+
+impl Drop for RowExpected {
+    fn drop(&mut self) {
+        self.0.expected.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A cheap, cloneable handle for submitting rows.
@@ -139,6 +157,12 @@ impl LedgerHandle {
                 log_lost_row(&row, "the ledger writer has stopped");
             }
         }
+    }
+
+    /// Counts a call whose row will follow; see [`RowExpected`].
+    pub fn expect_row(&self) -> RowExpected {
+        self.shared.expected.fetch_add(1, Ordering::Relaxed);
+        RowExpected(self.shared.clone())
     }
 
     /// False while SQLite is refusing writes (rows are being spooled), true once it recovers.
@@ -187,6 +211,7 @@ impl LedgerWriter {
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(spool.rows == 0),
             spooled: AtomicU64::new(spool.rows),
+            expected: AtomicUsize::new(0),
         });
         metrics.spooled.set(spool.rows as i64);
         let identity = file_identity(&config.path);
@@ -198,6 +223,7 @@ impl LedgerWriter {
             shared: shared.clone(),
             spool,
             next_recovery: Instant::now(),
+            last_commit: Instant::now(),
             config: config.clone(),
         };
         worker.ensure_reserve();
@@ -338,8 +364,23 @@ struct Worker {
     shared: Arc<Shared>,
     spool: Spool,
     next_recovery: Instant,
+    /// When the last batch was committed (or spooled).
+    last_commit: Instant,
     config: WriterConfig,
 }
+
+/// Under load, a batch waits until this long after the previous commit for more rows
+/// (`WriterConfig::group_wait` in the proxy).
+///
+/// A commit's cost is mostly per transaction (writing the touched pages to the WAL), not per
+/// row. Without a wait, a busy proxy's batches were 1–2 rows: the writer kept finishing
+/// before the next row came, and took a fifth of the process's CPU (BENCHMARKS.md). The wait
+/// applies only while at least [`GROUP_MIN_EXPECTED`] calls are on their way and the writer
+/// committed less than this long ago, so a lightly loaded proxy still commits each row at once.
+pub const GROUP_WAIT: Duration = Duration::from_millis(1);
+
+/// Calls on their way (sent upstream, row not yet handed over) that make [`GROUP_WAIT`] worth it.
+pub const GROUP_MIN_EXPECTED: usize = 8;
 
 type Batch = Vec<(
     Box<CallRecord>,
@@ -385,6 +426,9 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            if !closing && !batch.is_empty() {
+                closing = self.gather(&mut batch);
+            }
             if self.needs_recovery() && Instant::now() >= self.next_recovery {
                 self.try_recover();
             }
@@ -406,6 +450,32 @@ impl Worker {
                 );
             }
         }
+    }
+
+    /// Under load, waits until `group_wait` ([`GROUP_WAIT`]) after the last commit for more rows to join the
+    /// batch. It sleeps rather than blocking on the queue: a blocked receiver is woken by every
+    /// row sent, and those wake-ups cost more than the commits saved. Returns true if the
+    /// writer was asked to close meanwhile.
+    fn gather(&mut self, batch: &mut Batch) -> bool {
+        if batch.len() >= self.config.batch_max
+            || self.config.group_wait.is_zero()
+            || self.shared.expected.load(Ordering::Relaxed) < GROUP_MIN_EXPECTED
+        {
+            return false;
+        }
+        let deadline = self.last_commit + self.config.group_wait;
+        if let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            std::thread::sleep(left);
+        }
+        let mut closing = false;
+        while batch.len() < self.config.batch_max {
+            match self.rx.try_recv() {
+                Ok(Msg::Row(r, a)) => batch.push((r, a)),
+                Ok(Msg::Close) => closing = true,
+                Err(_) => break,
+            }
+        }
+        closing
     }
 
     /// Rows wait in the spool, or the last write failed.
@@ -442,6 +512,7 @@ impl Worker {
             }
         };
         self.metrics.pending.sub(n);
+        self.last_commit = Instant::now();
         for (_, ack) in batch.drain(..) {
             if let Some(ack) = ack {
                 // The caller may be gone; that is fine.
@@ -734,4 +805,87 @@ impl Spool {
 fn log_lost_row(row: &CallRecord, why: &str) {
     let json = serde_json::to_string(row).unwrap_or_else(|_| row.request_id.clone());
     tracing::error!(reason = why, row = %json, "ledger row NOT committed");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::scale::{bench_metrics, bench_row};
+
+    const WAIT: Duration = Duration::from_millis(400);
+
+    fn start(dir: &Path) -> (LedgerWriter, LedgerHandle, LedgerMetrics) {
+        let path = dir.join("ledger.db");
+        let conn = crate::ledger::open_for_write(&path, Synchronous::Normal).unwrap();
+        let secret = crate::ledger::install_secret(&conn).unwrap();
+        let metrics = bench_metrics().unwrap();
+        let config = WriterConfig {
+            path,
+            synchronous: Synchronous::Normal,
+            batch_max: 1024,
+            busy_timeout: Duration::from_secs(5),
+            on_error: OnLedgerError::Spool,
+            spool_reserve: 0,
+            secret,
+            group_wait: WAIT,
+        };
+        let (writer, handle) = LedgerWriter::spawn(conn, config, metrics.clone()).unwrap();
+        (writer, handle, metrics)
+    }
+
+    /// Submits rows `gap` apart as calls do (waiting for the commit), and returns how many
+    /// commits they took and how long the slowest one waited for its acknowledgement.
+    fn send(
+        handle: &LedgerHandle,
+        metrics: &LedgerMetrics,
+        ids: std::ops::Range<usize>,
+        gap: Duration,
+    ) -> (u64, Duration) {
+        let before = metrics.commit_seconds.get_sample_count();
+        let mut acks = Vec::new();
+        for i in ids {
+            acks.push((Instant::now(), handle.submit(bench_row(i), true).unwrap()));
+            std::thread::sleep(gap);
+        }
+        let mut slowest = Duration::ZERO;
+        for (sent, ack) in acks {
+            ack.blocking_recv().unwrap().unwrap();
+            slowest = slowest.max(sent.elapsed());
+        }
+        (metrics.commit_seconds.get_sample_count() - before, slowest)
+    }
+
+    #[test]
+    fn busy_traffic_shares_commits_and_a_quiet_call_never_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, handle, metrics) = start(dir.path());
+
+        // Quiet: no other call on its way, so a row is committed as soon as it comes.
+        let (_, slowest) = send(&handle, &metrics, 0..3, Duration::from_millis(5));
+        assert!(slowest < WAIT / 2, "a quiet row waited {slowest:?}");
+
+        // Busy: eight calls on their way. Rows arriving 5 ms apart join one commit (two if
+        // the first came after the wait), instead of one commit each.
+        let on_their_way: Vec<_> = (0..GROUP_MIN_EXPECTED)
+            .map(|_| handle.expect_row())
+            .collect();
+        let (commits, slowest) = send(&handle, &metrics, 3..13, Duration::from_millis(5));
+        assert!(commits <= 2, "10 rows took {commits} commits");
+        assert!(slowest <= WAIT * 3, "a busy row waited {slowest:?}");
+
+        // Those calls end: back to committing at once.
+        drop(on_their_way);
+        let (_, slowest) = send(&handle, &metrics, 13..16, Duration::from_millis(5));
+        assert!(slowest < WAIT / 2, "a quiet row waited {slowest:?}");
+
+        drop(handle);
+        writer.close();
+        let conn = Connection::open(dir.path().join("ledger.db")).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 16, "every row committed");
+    }
 }
