@@ -5,8 +5,8 @@
 //! acknowledges every row of the batch. Idle traffic gives single-row commits; load gives big
 //! batches. While many calls are on their way ([`GROUP_MIN_EXPECTED`]), a batch also waits
 //! until [`GROUP_WAIT`] after the previous commit, since a commit costs about the same for one
-//! row as for ten; a quiet proxy never waits. The async side never waits on this thread except through the acknowledgement
-//! future, which it polls without blocking.
+//! row as for ten; a quiet proxy never waits. The async side never waits on this thread
+//! except through the acknowledgement future, which it polls without blocking.
 //!
 //! When SQLite cannot take a batch (disk full, a lock held elsewhere past `busy_timeout`, the
 //! file deleted, replaced or unwritable), the batch is appended to the spool, a JSON-lines file
@@ -452,10 +452,10 @@ impl Worker {
         }
     }
 
-    /// Under load, waits until `group_wait` ([`GROUP_WAIT`]) after the last commit for more rows to join the
-    /// batch. It sleeps rather than blocking on the queue: a blocked receiver is woken by every
-    /// row sent, and those wake-ups cost more than the commits saved. Returns true if the
-    /// writer was asked to close meanwhile.
+    /// Under load, waits until `group_wait` ([`GROUP_WAIT`]) after the last commit for more
+    /// rows to join the batch. It sleeps rather than blocking on the queue: a blocked receiver
+    /// is woken by every row sent, and those wake-ups cost more than the commits saved.
+    /// Returns true if the writer was asked to close meanwhile.
     fn gather(&mut self, batch: &mut Batch) -> bool {
         if batch.len() >= self.config.batch_max
             || self.config.group_wait.is_zero()

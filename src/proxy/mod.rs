@@ -195,13 +195,12 @@ impl Proxy {
             let _ = tx.send(response);
         });
         Ok(rx.await.unwrap_or_else(|_| {
-            json_error(
+            Rejection::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
-                "the upstream task ended unexpectedly".into(),
-                &request_id,
-                None,
+                "the upstream task ended unexpectedly",
             )
+            .response(Some(&request_id))
         }))
     }
 
@@ -214,7 +213,7 @@ impl Proxy {
             Ok(up) => up,
             Err(r) => {
                 tracing::info!(status = r.status.as_u16(), code = r.code, message = %r.message, "call refused (metering off)");
-                return r.response("");
+                return r.response(None);
             }
         };
         match self
@@ -228,7 +227,7 @@ impl Proxy {
             }
             Err((r, _)) => {
                 tracing::warn!(code = r.code, message = %r.message, "upstream failure (metering off)");
-                r.response("")
+                r.response(None)
             }
         }
     }
@@ -481,16 +480,11 @@ impl Proxy {
         if let Some(ack) = ack {
             let _ = ack.await;
         }
-        let body = Bytes::from(refusal.body(&request_id).to_string());
-        let mut resp = Response::new(local_body(body));
-        *resp.status_mut() = refusal.status();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
+        let mut resp = json_reply(
+            refusal.status(),
+            &refusal.body(&request_id),
+            Some(&request_id),
         );
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
-        }
         if let Some(secs) = refusal.retry_after_secs() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -525,7 +519,7 @@ impl Proxy {
         if let Some(ack) = ack {
             let _ = ack.await;
         }
-        r.response(&request_id)
+        r.response(Some(&request_id))
     }
 }
 
@@ -553,57 +547,46 @@ impl Rejection {
         self
     }
 
-    /// The JSON error; an empty `request_id` (an unmetered call) is left out.
-    fn response(self, request_id: &str) -> Response<ProxyBody> {
-        json_error(
-            self.status,
-            self.code,
-            self.message,
-            request_id,
-            self.field.as_deref(),
-        )
+    /// The JSON error a caller can read: `{"error": code, "message": …, "request_id": …}`,
+    /// with the `X-Meter-Request-Id` header. Without a request id (metering off: no ledger
+    /// row to name), neither the key nor the header is sent.
+    fn response(self, request_id: Option<&str>) -> Response<ProxyBody> {
+        let mut body = serde_json::json!({
+            "error": self.code,
+            "message": self.message,
+            "source": "creditmeter",
+        });
+        if let Some(id) = request_id {
+            body["request_id"] = serde_json::Value::String(id.to_owned());
+        }
+        if let Some(f) = self.field {
+            body["field"] = serde_json::Value::String(f);
+        }
+        json_reply(self.status, &body, request_id)
     }
 }
 
-/// A small body made here, not by upstream.
-fn local_body(bytes: Bytes) -> ProxyBody {
-    Either::Right(Either::Left(Full::new(bytes)))
-}
-
-/// A JSON error a caller can read: `{"error": code, "message": …, "request_id": …}`, with the
-/// `X-Meter-Request-Id` header. Without a request id (metering off: no ledger row to name),
-/// neither the key nor the header is sent.
-pub fn json_error(
+/// A JSON answer made here, with `X-Meter-Request-Id` when the call has one.
+fn json_reply(
     status: StatusCode,
-    code: &str,
-    message: String,
-    request_id: &str,
-    field: Option<&str>,
+    body: &serde_json::Value,
+    request_id: Option<&str>,
 ) -> Response<ProxyBody> {
-    let mut body = serde_json::json!({
-        "error": code,
-        "message": message,
-        "source": "creditmeter",
-    });
-    if !request_id.is_empty() {
-        body["request_id"] = serde_json::Value::String(request_id.to_owned());
-    }
-    if let Some(f) = field {
-        body["field"] = serde_json::Value::String(f.to_owned());
-    }
-    let bytes = Bytes::from(body.to_string());
-    let mut resp = Response::new(local_body(bytes));
+    let mut resp = Response::new(local_body(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
-    if !request_id.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(request_id) {
-            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
-        }
+    if let Some(v) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
+}
+
+/// A small body made here, not by upstream.
+fn local_body(bytes: Bytes) -> ProxyBody {
+    Either::Right(Either::Left(Full::new(bytes)))
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
