@@ -8,6 +8,7 @@
 //! free. Phone reveals and waterfalls bill later, when their job ends (`jobs.rs`): the
 //! synchronous answer bills only the demographic part.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -24,6 +25,9 @@ use super::{lock, SimConfig};
 
 /// Most records `people/bulk_match` and `organizations/bulk_enrich` take in one call.
 const MAX_BULK_RECORDS: usize = 10;
+/// Apollo's answer to API callers of the legacy `mixed_people/search` (with a 422).
+const MIXED_PEOPLE_SEARCH_DEPRECATED: &str = "This endpoint is deprecated for API callers. Please \
+     use the new mixed_people/api_search endpoint: https://docs.apollo.io/reference/people-api-search.";
 /// Page size when the caller names none, and the most Apollo returns.
 const DEFAULT_PER_PAGE: u64 = 25;
 const MAX_PER_PAGE: u64 = 100;
@@ -72,6 +76,40 @@ impl Endpoint {
 pub(crate) struct Route<'a> {
     pub(crate) endpoint: Endpoint,
     id: &'a str,
+}
+
+/// `path` as Rails routes it: repeated slashes collapse into one, and percent-encoded
+/// unreserved characters (letters, digits, `-`, `.`, `_`, `~`) decode, so
+/// `//api/v1/%70eople/match` is `/api/v1/people/match`. Other escapes (`%2F`) stay as they are.
+pub(crate) fn canonical_path(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    let needs_work = bytes.windows(2).any(|w| w == b"//") || bytes.contains(&b'%');
+    if !needs_work {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        match c {
+            '/' if out.ends_with('/') => {}
+            '%' => {
+                let decoded = rest
+                    .get(..2)
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .filter(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b));
+                match decoded {
+                    Some(byte) => {
+                        out.push(char::from(byte));
+                        rest = &rest[2..];
+                    }
+                    None => out.push('%'),
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Collection actions, never record ids.
@@ -226,6 +264,11 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
             });
             paid_page(body, &page, Charge::credits(1, 0))
         }
+        // Apollo answers API callers of the legacy search with a free 422.
+        Endpoint::MixedPeopleSearch if !ctx.cfg.legacy_people_search => Answer::free(Reply::json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"error": MIXED_PEOPLE_SEARCH_DEPRECATED}),
+        )),
         Endpoint::MixedPeopleSearch => {
             let page = Page::search(ctx.cfg, "people", params, 5_000);
             let people = page.records(|id| {
@@ -698,11 +741,35 @@ mod tests {
             (Method::GET, "/api/v1/people", None),
             (Method::GET, "/api/v2/people/match", None),
             (Method::POST, "/api/v1/contacts/search", None),
+            (
+                Method::GET,
+                "/api/v1/webhook_result/-42",
+                Some((Endpoint::WebhookResult, "-42")),
+            ),
+            (Method::GET, "/api/v1/webhook_result/", None),
+            (Method::POST, "/api/v1/webhook_result/1", None),
         ];
         for (method, path, expected) in cases {
             let got = route(&method, path).map(|r| (r.endpoint, r.id));
             assert_eq!(got, expected, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn canonical_paths_collapse_slashes_and_decode_unreserved() {
+        for (raw, canonical) in [
+            ("/api/v1/people/match", "/api/v1/people/match"),
+            ("//api/v1/people/match", "/api/v1/people/match"),
+            ("/api///v1//people/match//", "/api/v1/people/match/"),
+            ("/api/v1/%70eople/%6datch", "/api/v1/people/match"),
+            ("/a/%7E%2D%2E%5F", "/a/~-._"),
+            ("/a%2Fb/%20c", "/a%2Fb/%20c"),
+            ("/bad%zz%4", "/bad%zz%4"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+        ] {
+            assert_eq!(canonical_path(raw), canonical, "{raw}");
+        }
+        assert!(matches!(canonical_path("/api/v1/x"), Cow::Borrowed(_)));
     }
 
     #[test]

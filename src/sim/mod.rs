@@ -1,9 +1,11 @@
 //! `sim`: a deterministic stand-in for the Apollo.io API, for tests, benchmarks and
 //! `creditmeter demo`.
 //!
-//! One request flows: body read (capped) → `/__sim/` control endpoint, or an Apollo route
-//! (`/api/v1/…`, `/v1/…` or the host root; anything else is `404 {"error":"Not Found"}`) →
-//! parameters (Rails-style query merged with the JSON body) → API key (`X-Api-Key`,
+//! One request flows: body read (capped) → path routed as Rails routes it (repeated slashes
+//! collapse, percent-encoded unreserved characters decode) → `/__sim/` control endpoint, or an
+//! Apollo route (`/api/v1/…`, `/v1/…` or the host root; anything else is
+//! `404 {"error":"Not Found"}`) → parameters (Rails-style query merged with the body: JSON or
+//! form-encoded, gzip/deflate/br undone) → API key (`X-Api-Key`,
 //! `Authorization: Bearer`, or `api_key`; none is Apollo's plain-text 401) → fixed-window rate
 //! limit per (key, endpoint) → the answer and its credits → the account is debited → the body
 //! is encoded (gzip when accepted).
@@ -23,6 +25,7 @@
 
 mod account;
 mod api;
+mod body;
 mod control;
 mod data;
 mod jobs;
@@ -113,6 +116,10 @@ pub struct SimConfig {
     /// Include `credits_consumed` (what the job billed) in `webhook_result` answers. Default
     /// true; false leaves it out, so that pricing a result from its payload can be tested.
     pub report_job_credits_consumed: bool,
+    /// Answer `mixed_people/search` as Apollo did before it deprecated the endpoint for API
+    /// callers: a page of people, 1 export credit per non-empty page. Default false: the
+    /// documented `422` ("deprecated for API callers"), free.
+    pub legacy_people_search: bool,
 }
 
 /// [`SimConfig::job_delay`]'s default.
@@ -136,6 +143,7 @@ impl Default for SimConfig {
             result_ttl: DEFAULT_RESULT_TTL,
             mobile_rate_pct: 60,
             report_job_credits_consumed: true,
+            legacy_people_search: false,
         }
     }
 }
@@ -365,7 +373,7 @@ impl Sim {
 
     /// How long a `usage_stats` call is held before its answer (a fault set by a test).
     fn usage_stall(&self, parts: &request::Parts) -> Duration {
-        match api::route(&parts.method, parts.uri.path()) {
+        match api::route(&parts.method, &api::canonical_path(parts.uri.path())) {
             Some(route) if route.endpoint == api::Endpoint::CreditUsageStats => {
                 Duration::from_millis(lock(&self.inner.usage_fault).stall_ms)
             }
@@ -376,7 +384,7 @@ impl Sim {
     /// Answers one request whose body has been read, as of `now`.
     fn dispatch(&self, parts: &request::Parts, body: &[u8], now: Instant) -> Reply {
         self.advance_jobs(now);
-        let path = parts.uri.path();
+        let path = api::canonical_path(parts.uri.path());
         if let Some(action) = path.strip_prefix(CONTROL_PREFIX) {
             if (&parts.method, action) == (&http::Method::GET, "billed") {
                 return control::billed(self.billed_at(now));
@@ -394,7 +402,7 @@ impl Sim {
                 },
             );
         }
-        let (mut reply, charge) = match api::route(&parts.method, path) {
+        let (mut reply, charge) = match api::route(&parts.method, &path) {
             Some(route) if route.endpoint == api::Endpoint::CreditUsageStats => {
                 match lock(&self.inner.usage_fault).reply() {
                     Some(fault) => (fault, Charge::NONE),
@@ -422,7 +430,7 @@ impl Sim {
         now: Instant,
     ) -> (Reply, Charge) {
         let query = params::parse_query(parts.uri.query().unwrap_or_default());
-        let body = params::parse_body(body);
+        let body = body::params(&parts.headers, body, MAX_BODY_BYTES);
         let Some(api_key) = api_key(&parts.headers, [body.as_ref().ok(), query.as_ref().ok()])
         else {
             return (
@@ -454,8 +462,12 @@ impl Sim {
                 let answer = api::answer(&ctx, route, &params::merge(query, body));
                 (answer.reply, answer.charge)
             }
-            (None, Err(err), _) | (None, _, Err(err)) => (
+            (None, Err(err), _) => (
                 Reply::error(StatusCode::BAD_REQUEST, "INVALID_REQUEST", err.to_string()),
+                Charge::NONE,
+            ),
+            (None, _, Err(err)) => (
+                Reply::error(err.status(), err.code(), err.to_string()),
                 Charge::NONE,
             ),
         };

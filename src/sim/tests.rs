@@ -459,11 +459,28 @@ mod billing {
             <= 5));
     }
 
-    #[test]
-    fn people_searches_legacy_export_and_free_api_search() {
+    #[tokio::test]
+    async fn people_searches_legacy_is_deprecated_and_api_search_is_free() {
         let sim = Sim::new(SimConfig::default());
         let legacy = call(
             &sim,
+            "POST",
+            "/v1/mixed_people/search",
+            json!({"per_page": 10}),
+        );
+        assert_eq!(legacy.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(billed_milli(&legacy), 0);
+        assert!(header(&legacy, "x-rate-limit-minute").is_some());
+        assert_eq!(
+            &wire_bytes(legacy).await[..],
+            br#"{"error":"This endpoint is deprecated for API callers. Please use the new mixed_people/api_search endpoint: https://docs.apollo.io/reference/people-api-search."}"#
+        );
+        assert_eq!(sim.billed().export_milli, 0);
+
+        // Accounts from before the deprecation, on request: a page costs an export credit.
+        let old = sim_with(|cfg| cfg.legacy_people_search = true);
+        let legacy = call(
+            &old,
             "POST",
             "/v1/mixed_people/search",
             json!({"per_page": 10}),
@@ -474,7 +491,7 @@ mod billing {
             "email_not_unlocked@domain.com"
         );
         assert_eq!(billed_milli(&legacy), 1_000);
-        assert_eq!(sim.billed().export_milli, 1_000);
+        assert_eq!(old.billed().export_milli, 1_000);
 
         let api = call(
             &sim,
@@ -1146,6 +1163,96 @@ mod requests {
             assert!(header(&reply, "x-minute-usage").is_some());
         }
         assert_eq!(sim.billed().billed_calls, 0);
+    }
+
+    #[test]
+    fn paths_are_routed_like_rails() {
+        let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
+        for uri in [
+            "//api/v1/people/match",
+            "/api//v1///people/match/",
+            "/api/v1/%70eople/match",
+            "/api/v1/people/%6D%61tch",
+            "//v1/people/match",
+        ] {
+            let reply = call(&sim, "POST", uri, json!({"email": "ada@acme.com"}));
+            assert_eq!(reply.status, StatusCode::OK, "{uri}");
+            assert_eq!(billed_milli(&reply), 1_000, "{uri}");
+        }
+        // A reserved character stays escaped, so it is not a separator.
+        let reply = call(
+            &sim,
+            "POST",
+            "/api/v1/people%2Fmatch",
+            json!({"email": "a@b.c"}),
+        );
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
+        let control = sim.dispatch(&parts("GET", "//__sim/billed", &[]), b"", Instant::now());
+        assert_eq!(control.body()["lead_milli"], 5_000);
+    }
+
+    #[test]
+    fn form_encoded_bodies_carry_rails_parameters() {
+        let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
+        let form =
+            "details[][email]=a%40x.com&details[][first_name]=Ann&details[][email]=b%40y.com\
+                    &reveal_phone_number=true&poll_only=true&api_key=form-key";
+        let reply = sim.dispatch(
+            &parts(
+                "POST",
+                "/api/v1/people/bulk_match",
+                &[("content-type", "application/x-www-form-urlencoded")],
+            ),
+            form.as_bytes(),
+            Instant::now(),
+        );
+        assert_eq!(reply.status, StatusCode::OK);
+        let body = reply.body();
+        assert_eq!(body["total_requested_enrichments"], 2);
+        assert_eq!(body["matches"][0]["first_name"], "Ann");
+        assert_eq!(body["phone_enrichment"]["status"], "pending");
+        assert_eq!(billed_milli(&reply), 2_000);
+        assert_eq!(
+            sim.jobs(),
+            (1, 1),
+            "the phone reveal was read from the form"
+        );
+    }
+
+    #[test]
+    fn compressed_bodies_are_decoded() {
+        use std::io::Write;
+        let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
+        let json = br#"{"email": "zip@acme.com", "reveal_phone_number": true, "poll_only": true}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(json).unwrap();
+        let mut br = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+        br.write_all(json).unwrap();
+        for (coding, body) in [("gzip", gz.finish().unwrap()), ("br", br.into_inner())] {
+            let reply = sim.dispatch(
+                &parts(
+                    "POST",
+                    "/api/v1/people/match",
+                    &[("x-api-key", KEY), ("content-encoding", coding)],
+                ),
+                &body,
+                Instant::now(),
+            );
+            assert_eq!(reply.status, StatusCode::OK, "{coding}");
+            assert_eq!(reply.body()["person"]["email"], "zip@acme.com");
+        }
+        assert_eq!(sim.jobs(), (2, 2));
+        let reply = sim.dispatch(
+            &parts(
+                "POST",
+                "/api/v1/people/match",
+                &[("x-api-key", KEY), ("content-encoding", "compress")],
+            ),
+            b"xx",
+            Instant::now(),
+        );
+        assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(sim.billed().billed_calls, 2);
     }
 
     #[test]
