@@ -194,16 +194,20 @@ impl JobPerson {
     }
 }
 
-/// The state of a job as `/__sim/jobs` lists it.
+/// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum JobState {
+pub enum JobState {
+    /// Running: webhook_result answers `404 result_pending`; nothing billed yet.
     Pending,
+    /// Ended and billed: webhook_result answers 200.
     Done,
+    /// Past [`SimConfig::result_ttl`]: webhook_result answers `410 request_id_expired`.
     Expired,
 }
 
 impl JobState {
-    fn name(self) -> &'static str {
+    /// `pending`, `done` or `expired`.
+    pub fn name(self) -> &'static str {
         match self {
             JobState::Pending => "pending",
             JobState::Done => "done",
@@ -232,9 +236,9 @@ struct Job {
 
 impl Job {
     fn state(&self, now: Instant, ttl: Duration) -> JobState {
-        if now < self.ends_at {
+        if now < self.ends_at && !self.billed {
             JobState::Pending
-        } else if now.duration_since(self.ends_at) >= ttl {
+        } else if now.saturating_duration_since(self.ends_at) >= ttl {
             JobState::Expired
         } else {
             JobState::Done
@@ -569,9 +573,25 @@ impl Jobs {
         self.billed
     }
 
-    /// Jobs started, and those not yet ended.
-    pub(crate) fn counts(&self) -> (u64, u64) {
-        (self.by_id.len() as u64, self.unbilled.len() as u64)
+    /// Every job in the order it started, as [`JobSummary`]s at `now`.
+    pub(crate) fn summaries(&self, cfg: &SimConfig, now: Instant) -> Vec<JobSummary> {
+        self.order
+            .iter()
+            .filter_map(|id| self.by_id.get(id))
+            .map(|job| {
+                let billed = if job.billed { job.charge } else { Charge::NONE };
+                JobSummary {
+                    request_id: job.request_id,
+                    endpoint: job.endpoint,
+                    request_type: job.ask.request_type(),
+                    state: job.state(now, cfg.result_ttl),
+                    people: job.people.len(),
+                    lead_milli: billed.lead_milli,
+                    direct_dial_milli: billed.direct_dial_milli,
+                    export_milli: billed.export_milli,
+                }
+            })
+            .collect()
     }
 
     /// Answers `GET webhook_result/{raw_id}` at `now` (after [`Jobs::advance`]).
@@ -611,25 +631,48 @@ impl Jobs {
     /// The body of `GET /__sim/jobs`: every job in the order it started.
     pub(crate) fn listing(&self, cfg: &SimConfig, now: Instant) -> Value {
         let jobs: Vec<Value> = self
-            .order
+            .summaries(cfg, now)
             .iter()
-            .filter_map(|id| self.by_id.get(id))
             .map(|job| {
-                let billed = if job.billed { job.charge } else { Charge::NONE };
                 json!({
                     "request_id": job.request_id,
                     "endpoint": job.endpoint,
-                    "request_type": job.ask.request_type(),
-                    "state": job.state(now, cfg.result_ttl).name(),
-                    "people": job.people.len(),
-                    "lead_milli": billed.lead_milli,
-                    "direct_dial_milli": billed.direct_dial_milli,
-                    "export_milli": billed.export_milli,
-                    "billed_milli": billed.total_milli(),
+                    "request_type": job.request_type,
+                    "state": job.state.name(),
+                    "people": job.people,
+                    "lead_milli": job.lead_milli,
+                    "direct_dial_milli": job.direct_dial_milli,
+                    "export_milli": job.export_milli,
+                    "billed_milli": job.billed_milli(),
                 })
             })
             .collect();
         json!({"jobs": jobs})
+    }
+}
+
+/// One asynchronous job as a test sees it ([`Sim::jobs`](super::Sim::jobs), `GET /__sim/jobs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSummary {
+    /// The `request_id` the synchronous answer carried.
+    pub request_id: i64,
+    /// `people/match` or `people/bulk_match`.
+    pub endpoint: &'static str,
+    /// `phone` or `waterfall`.
+    pub request_type: &'static str,
+    pub state: JobState,
+    /// Distinct people the job enriches.
+    pub people: usize,
+    /// What the job billed when it ended (0 while pending), in thousandths of a credit.
+    pub lead_milli: i64,
+    pub direct_dial_milli: i64,
+    pub export_milli: i64,
+}
+
+impl JobSummary {
+    /// All the job billed.
+    pub fn billed_milli(&self) -> i64 {
+        self.lead_milli + self.direct_dial_milli + self.export_milli
     }
 }
 

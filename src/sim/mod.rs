@@ -60,6 +60,7 @@ use tracing::{debug, info};
 use account::{Account, Charge, CreditType};
 use control::UsageFault;
 use jobs::Jobs;
+pub use jobs::{JobState, JobSummary};
 use params::{text, Params};
 use rate::{Exceeded, RateLimiter};
 use reply::Reply;
@@ -277,11 +278,12 @@ impl Sim {
         billed
     }
 
-    /// Asynchronous jobs (phone reveals, waterfalls) started so far, and how many of them have
-    /// not ended yet.
-    pub fn jobs(&self) -> (u64, u64) {
-        self.advance_jobs(Instant::now());
-        lock(&self.inner.jobs).counts()
+    /// Every asynchronous job (phone reveal, waterfall) started so far, in order, with what
+    /// each has billed: a test attributes deferred spend by the `request_id` it saw.
+    pub fn jobs(&self) -> Vec<JobSummary> {
+        let now = Instant::now();
+        self.advance_jobs(now);
+        lock(&self.inner.jobs).summaries(&self.inner.cfg, now)
     }
 
     /// Ends the jobs due by `now` and takes what they bill from the balance.

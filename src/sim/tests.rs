@@ -156,7 +156,10 @@ mod billing {
                 billed_calls: 2,
             }
         );
-        assert_eq!(sim.jobs(), (1, 1));
+        let jobs = sim.jobs();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].state, JobState::Pending);
+        assert_eq!(jobs[0].billed_milli(), 0);
     }
 
     #[test]
@@ -190,7 +193,7 @@ mod billing {
         );
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(sim.billed().billed_calls, 1);
-        assert_eq!(sim.jobs(), (1, 1));
+        assert_eq!(sim.jobs().len(), 1);
     }
 
     #[test]
@@ -730,7 +733,7 @@ mod jobs {
         );
         assert_eq!(billed_milli(&pending), 0);
         assert_eq!(sim.billed().direct_dial_milli, 0);
-        assert_eq!(sim.jobs(), (1, 1));
+        assert_eq!(sim.jobs()[0].state, JobState::Pending);
         let jobs = listed(&sim, t0 + Duration::from_secs(1));
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0]["request_id"], request_id);
@@ -771,7 +774,10 @@ mod jobs {
         let billed = sim.billed();
         assert_eq!(billed.direct_dial_milli, mobiles * 8_000);
         assert_eq!(billed.lead_milli, 10_000);
-        assert_eq!(sim.jobs(), (1, 0));
+        let summary = &sim.jobs()[0];
+        assert_eq!(summary.state, JobState::Done);
+        assert_eq!(summary.request_id, request_id.as_i64().unwrap());
+        assert_eq!(summary.direct_dial_milli, mobiles * 8_000);
         let jobs = listed(&sim, t0 + DELAY);
         assert_eq!(jobs[0]["state"], "done");
         assert_eq!(jobs[0]["direct_dial_milli"], mobiles * 8_000);
@@ -1213,8 +1219,8 @@ mod requests {
         assert_eq!(body["phone_enrichment"]["status"], "pending");
         assert_eq!(billed_milli(&reply), 2_000);
         assert_eq!(
-            sim.jobs(),
-            (1, 1),
+            sim.jobs().len(),
+            1,
             "the phone reveal was read from the form"
         );
     }
@@ -1241,7 +1247,7 @@ mod requests {
             assert_eq!(reply.status, StatusCode::OK, "{coding}");
             assert_eq!(reply.body()["person"]["email"], "zip@acme.com");
         }
-        assert_eq!(sim.jobs(), (2, 2));
+        assert_eq!(sim.jobs().len(), 2);
         let reply = sim.dispatch(
             &parts(
                 "POST",
@@ -1528,7 +1534,7 @@ mod wire {
             (billed.lead_milli, billed.calls, billed.billed_calls),
             (2_000, 4, 2)
         );
-        assert_eq!(sim.jobs().0, 2);
+        assert_eq!(sim.jobs().len(), 2);
         // Shutdown drains the clients' idle keep-alive connections and returns.
         stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), server)
@@ -1539,6 +1545,70 @@ mod wire {
         assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_job_pends_then_answers_over_a_real_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sim = sim_with(|cfg| {
+            cfg.match_rate_pct = 100;
+            cfg.job_delay = Duration::from_secs(1);
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let sim = sim.clone();
+            async move {
+                sim.serve(listener, None, async {
+                    stopped.await.ok();
+                })
+                .await
+            }
+        });
+        let client: Client<HttpConnector, http_body_util::Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let send = |method: &str, uri: String, body: &'static str| {
+            let request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("x-api-key", KEY)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(http_body_util::Full::new(Bytes::from_static(
+                    body.as_bytes(),
+                )))
+                .unwrap();
+            let client = client.clone();
+            async move {
+                let response = client.request(request).await.unwrap();
+                let status = response.status();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, serde_json::from_slice::<Value>(&body).unwrap())
+            }
+        };
+        // A form body through a doubled slash: both read as Apollo reads them.
+        let (status, answer) = send(
+            "POST",
+            format!("http://{addr}//api/v1/people/match"),
+            "email=ada%40acme.com&reveal_phone_number=true&poll_only=true",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let id = answer["request_id"].as_i64().unwrap();
+        let poll = format!("http://{addr}/v1/webhook_result/{id}");
+        let (status, pending) = send("GET", poll.clone(), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(pending["error_code"], "result_pending");
+        let wait = pending["retry_after_seconds"].as_u64().unwrap();
+        assert_eq!(wait, 1);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let (status, done) = send("GET", poll, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(done["request_id"], id.to_string());
+        let credits = done["webhook_result"]["credits_consumed"].as_i64().unwrap();
+        assert_eq!(sim.billed().direct_dial_milli, credits * 1_000);
+        assert_eq!(sim.billed().lead_milli, 1_000);
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
     }
 
     #[tokio::test]
