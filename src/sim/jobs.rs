@@ -333,7 +333,9 @@ impl Job {
                         "email_source_cd": null,
                         "position": 0,
                         "email_status_cd": "Verified",
-                        "third_party_data_provider_id": EMAIL_VENDORS[usize::from(lookups.asked) - 1].0,
+                        "third_party_data_provider_id": EMAIL_VENDORS
+                            .get(usize::from(lookups.asked).saturating_sub(1))
+                            .map(|(id, _)| *id),
                         "vendor_validation_statuses": [],
                     }));
                 }
