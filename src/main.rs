@@ -99,6 +99,10 @@ enum Command {
         /// Leave `credits_consumed` out of bulk_match responses.
         #[arg(long)]
         no_credits_consumed: bool,
+        /// A unified-credit plan: `usage_stats` shows one shared pool (`lead_credit`) that
+        /// every credit type draws from.
+        #[arg(long)]
+        unified_credits: bool,
         /// Serve HTTPS with this certificate chain (PEM)...
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -434,9 +438,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             let r = &config.reconcile;
             if r.enabled {
                 println!(
-                    "  reconcile               every {} (balance_lag {}), master key from ${} ({})",
+                    "  reconcile               every {} (balance_lag {}, pool {}), master key from ${} ({})",
                     r.interval,
                     r.balance_lag,
+                    r.pool.as_str(),
                     r.api_key_env,
                     if r.api_key().is_some() {
                         "set"
@@ -547,6 +552,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             rate_limit_minute,
             match_rate,
             no_credits_consumed,
+            unified_credits,
             tls_cert,
             tls_key,
         } => {
@@ -561,6 +567,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     rate_limit_minute,
                     match_rate_pct: match_rate,
                     report_credits_consumed: !no_credits_consumed,
+                    unified_credits,
                     ..Default::default()
                 });
                 let listener = tokio::net::TcpListener::bind(listen)

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use super::drift::{self, Carry};
 use super::usage::UsageStats;
-use super::{CreditType, POLLER_TABLE};
+use super::{CreditType, Pool, POLLER_TABLE};
 use crate::meter::now_ms;
 
 /// Timing rules for settling windows, milliseconds.
@@ -24,11 +24,18 @@ use crate::meter::now_ms;
 pub struct Settings {
     /// `reconcile.balance_lag`: Apollo's delay in showing a billed call.
     pub balance_lag_ms: i64,
-    /// How long after a snapshot its window is final: every call that started before the
-    /// snapshot's answer has ended (upstream.timeout bounds a call) and is committed.
+    /// The longest a window waits after its closing snapshot's answer, whatever the in-flight
+    /// tracker says: by then every call that started before it has ended (upstream.timeout
+    /// bounds a call) and is committed. Windows usually settle much sooner (see the poller).
     pub settle_ms: i64,
     /// How far before a window to look for calls that ended inside it (longer than any call).
     pub lookback_ms: i64,
+    /// How far before a window to look for the original calls of settlement rows that were
+    /// learned inside it (a deferred charge is learned at most `settle.max_wait` after its
+    /// call, 2h by default).
+    pub settlement_lookback_ms: i64,
+    /// `reconcile.pool`: per credit type, or one unified pool.
+    pub pool: Pool,
 }
 
 /// A window just reconciled, for metrics and the log.
@@ -132,16 +139,17 @@ struct Row {
     carry: Carry,
 }
 
-/// Settles, in order, every window whose closing snapshot is older than `settle_ms`, for each
-/// credit type, and stores them. Returns what it stored.
+/// Settles, in order, every window whose closing snapshot was answered at or before
+/// `final_through` (the caller knows every call that started before then is in the ledger), for
+/// each credit type (or the unified pool), and stores them. Returns what it stored.
 pub fn reconcile_pending(
     conn: &mut Connection,
     s: &Settings,
-    now: i64,
+    final_through: i64,
 ) -> rusqlite::Result<Vec<Reconciled>> {
     let mut rows = Vec::new();
-    for t in CreditType::ALL {
-        pending_for(conn, s, now, t, &mut rows)?;
+    for &t in CreditType::pools(s.pool) {
+        pending_for(conn, s, final_through, t, &mut rows)?;
     }
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -186,7 +194,7 @@ pub fn reconcile_pending(
 fn pending_for(
     conn: &Connection,
     s: &Settings,
-    now: i64,
+    final_through: i64,
     t: CreditType,
     out: &mut Vec<Row>,
 ) -> rusqlite::Result<()> {
@@ -211,11 +219,15 @@ fn pending_for(
                 "SELECT {SNAP_COLUMNS} FROM balance_snapshots WHERE credit_type = ?1
                   ORDER BY sent_at, id LIMIT 1"
             );
-            let Some(first) = conn.query_row(&sql, [t.as_str()], snap).optional()? else {
+            let Some(first) = conn
+                .query_row(&sql, [t.snapshot_type().as_str()], snap)
+                .optional()?
+            else {
                 return Ok(());
             };
             let edge = edge_credits(conn, s, t, &first)?;
-            (first, Carry::unknown(edge))
+            let slack = drift::slack(first.consumed);
+            (first, Carry::unknown(edge, slack))
         }
     };
     let sql = format!(
@@ -225,10 +237,13 @@ fn pending_for(
     );
     let mut stmt = conn.prepare(&sql)?;
     let next: Vec<Snap> = stmt
-        .query_map(params![t.as_str(), prev.sent_at, prev.id], snap)?
+        .query_map(
+            params![t.snapshot_type().as_str(), prev.sent_at, prev.id],
+            snap,
+        )?
         .collect::<Result<_, _>>()?;
     for cur in next {
-        if cur.received_at + s.settle_ms > now {
+        if cur.received_at > final_through {
             break;
         }
         let reset = cycle_reset(&prev, &cur);
@@ -238,6 +253,7 @@ fn pending_for(
             apollo_delta: (!reset).then_some(cur.consumed - prev.consumed),
             ledger,
             edge,
+            slack: drift::slack(cur.consumed),
         };
         let settled = drift::settle(carry, w);
         out.push(Row {
@@ -267,11 +283,20 @@ fn pending_for(
 
 /// Calls other than the poller's own that went upstream.
 const PROXIED: &str =
-    "outcome <> 'rejected' AND NOT (endpoint = 'usage_stats' AND table_name IS ?5)";
+    "outcome <> 'rejected' AND NOT (endpoint = 'usage_stats' AND table_name IS ?7)";
+
+/// Rows whose credits Apollo's balance shows by `finished_at` in `(?1, ?2]`. Ordinary calls are
+/// found through the `started_at` index (`?3`..`?4`: a call is never longer than the lookback);
+/// a settlement row (a deferred charge, outcome `settlement`) carries its original call's
+/// `started_at`, which can be hours earlier, so it gets a lookback of its own (`?5`..`?6`).
+/// Apollo bills the deferred part when its job ends, so the row counts where it was learned.
+const IN_WINDOW: &str = "finished_at > ?1 AND finished_at <= ?2
+     AND ((outcome <> 'settlement' AND started_at > ?3 AND started_at <= ?4)
+       OR (outcome = 'settlement' AND started_at > ?5 AND started_at <= ?6))";
 
 /// Credits of type `t` surely inside the window (ended at least `balance_lag` before the
 /// closing snapshot was sent, and not before the opening one), and the proxied calls there by
-/// endpoint.
+/// endpoint. Settlement rows add their credits but are not calls.
 fn window_calls(
     conn: &Connection,
     s: &Settings,
@@ -280,28 +305,36 @@ fn window_calls(
     to: &Snap,
 ) -> rusqlite::Result<(i64, String, i64)> {
     let col = t.ledger_column();
-    // ?1 ?2: finished_at range (exclusive, inclusive); ?3 ?4: started_at range for the index.
-    let window = "started_at > ?3 AND started_at <= ?4 AND finished_at > ?1 AND finished_at <= ?2";
     let lo = from.sent_at - s.balance_lag_ms;
     let hi = to.sent_at - s.balance_lag_ms;
+    let (look, settle_look) = (lo - s.lookback_ms, lo - s.settlement_lookback_ms);
     let ledger: i64 = conn.query_row(
-        &format!("SELECT COALESCE(sum({col}), 0) FROM calls WHERE {window}"),
-        params![lo, hi, lo - s.lookback_ms, to.sent_at],
+        &format!("SELECT COALESCE(sum({col}), 0) FROM calls WHERE {IN_WINDOW}"),
+        params![lo, hi, look, to.sent_at, settle_look, to.sent_at],
         |r| r.get(0),
     )?;
+    let bind = params![
+        lo,
+        hi,
+        look,
+        to.sent_at,
+        settle_look,
+        to.sent_at,
+        POLLER_TABLE
+    ];
     let mut stmt = conn.prepare(&format!(
-        "SELECT endpoint, count(*), sum(status BETWEEN 200 AND 299),
+        "SELECT endpoint, sum(outcome <> 'settlement'),
+                sum(outcome <> 'settlement' AND status BETWEEN 200 AND 299),
                 sum(COALESCE(records_matched, 0)), sum(credits_milli), sum({col})
-           FROM calls WHERE {window} AND {PROXIED}
+           FROM calls WHERE {IN_WINDOW} AND {PROXIED}
           GROUP BY endpoint ORDER BY endpoint"
     ))?;
     let mut by = Map::new();
     let mut calls = 0;
-    let bind = params![lo, hi, lo - s.lookback_ms, to.sent_at, POLLER_TABLE];
     let rows = stmt.query_map(bind, |r| {
         Ok((
             r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
+            r.get::<_, Option<i64>>(1)?.unwrap_or(0),
             r.get::<_, Option<i64>>(2)?.unwrap_or(0),
             r.get::<_, Option<i64>>(3)?.unwrap_or(0),
             r.get::<_, Option<i64>>(4)?.unwrap_or(0),
@@ -321,7 +354,8 @@ fn window_calls(
 }
 
 /// Credits of type `t` at a snapshot's edge: calls that started before Apollo answered and
-/// ended less than `balance_lag` before the poll was sent (or after).
+/// ended less than `balance_lag` before the poll was sent (or after), and settlement rows
+/// learned then (their job may have ended on either side of the snapshot).
 fn edge_credits(
     conn: &Connection,
     s: &Settings,
@@ -333,9 +367,16 @@ fn edge_credits(
     conn.query_row(
         &format!(
             "SELECT COALESCE(sum({col}), 0) FROM calls
-              WHERE started_at > ?1 AND started_at < ?2 AND finished_at > ?3"
+              WHERE finished_at > ?3
+                AND ((outcome <> 'settlement' AND started_at > ?1 AND started_at < ?2)
+                  OR (outcome = 'settlement' AND started_at > ?4 AND started_at < ?2))"
         ),
-        params![edge - s.lookback_ms, at.received_at, edge],
+        params![
+            edge - s.lookback_ms,
+            at.received_at,
+            edge,
+            edge - s.settlement_lookback_ms
+        ],
         |r| r.get(0),
     )
 }
@@ -424,6 +465,8 @@ mod tests {
         balance_lag_ms: 0,
         settle_ms: 100,
         lookback_ms: 60_000,
+        settlement_lookback_ms: 3_600_000,
+        pool: Pool::Typed,
     };
 
     #[test]
@@ -438,8 +481,8 @@ mod tests {
         snapshot(&mut conn, 2000, 7000, "c1"); // 1 + 1 (edge) + 5 out of band
         snapshot(&mut conn, 3000, 7000, "c1");
 
-        // Not final until settle_ms after the closing snapshot's answer.
-        assert!(reconcile_pending(&mut conn, &S, 2050).unwrap().is_empty());
+        // Not final until the caller says calls through the closing snapshot's answer are in.
+        assert!(reconcile_pending(&mut conn, &S, 2009).unwrap().is_empty());
         let got = reconcile_pending(&mut conn, &S, 10_000).unwrap();
         assert_eq!(got.len(), 2, "{got:?}");
         let (w1, w2) = (&got[0], &got[1]);
