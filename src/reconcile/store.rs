@@ -281,9 +281,9 @@ fn pending_for(
     Ok(())
 }
 
-/// Calls other than the poller's own that went upstream.
+/// Calls other than the poller's own (balance and call-count polls) that went upstream.
 const PROXIED: &str =
-    "outcome <> 'rejected' AND NOT (endpoint = 'usage_stats' AND table_name IS ?7)";
+    "outcome <> 'rejected' AND NOT (table_name IS ?7 AND path LIKE '%/usage_stats/%')";
 
 /// Rows whose credits Apollo's balance shows by `finished_at` in `(?1, ?2]`. Ordinary calls are
 /// found through the `started_at` index (`?3`..`?4`: a call is never longer than the lookback);
@@ -441,8 +441,21 @@ mod tests {
             "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint, status,
                  outcome, table_name, credits_milli, lead_milli, credit_source, records_matched,
                  catalog_version)
-             VALUES (?1, ?2, ?3, 'POST', '/x', ?4, 200, 'ok', ?5, ?6, ?6, 'catalog', ?7, 't')",
-            params![id, started, finished, endpoint, table, lead, (lead > 0) as i64],
+             VALUES (?1, ?2, ?3, 'POST', ?8, ?4, 200, 'ok', ?5, ?6, ?6, 'catalog', ?7, 't')",
+            params![
+                id,
+                started,
+                finished,
+                endpoint,
+                table,
+                lead,
+                (lead > 0) as i64,
+                if endpoint == "usage_stats" {
+                    "/api/v1/usage_stats/credit_usage_stats"
+                } else {
+                    "/api/v1/x"
+                }
+            ],
         )
         .unwrap();
     }
