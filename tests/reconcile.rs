@@ -1184,11 +1184,12 @@ async fn a_window_settles_once_its_calls_are_in_not_after_upstream_timeout() {
 
     // A call in flight across a snapshot holds that window until it has ended: a caller's
     // usage_stats call through the proxy, which Apollo (the sim) holds for 5 s, as it holds the
-    // poller's. Sent while the poller's next poll is held, it is in flight when that poll is
-    // answered.
+    // poller's. Sent while the poller's next poll is held (it went out 300 ms after the last
+    // snapshot), it is in flight when that poll is answered, and for 3 s more: longer than the
+    // commit margin, so a settle that ignored it would come too soon.
     next_snapshot(&proxy).await;
     sim_post(&sim, "/__sim/usage_stats_fault", r#"{"stall_ms": 5000}"#).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let req = http::Request::post(proxy.url("/api/v1/usage_stats/credit_usage_stats"))
         .header("x-api-key", MASTER)
         .header("x-meter-table", "slow")

@@ -355,7 +355,8 @@ fn window_calls(
 
 /// Credits of type `t` at a snapshot's edge: calls that started before Apollo answered and
 /// ended less than `balance_lag` before the poll was sent (or after), and settlement rows
-/// learned then (their job may have ended on either side of the snapshot).
+/// learned within `balance_lag` either side of it (their job ended a little before they were
+/// learned, on either side of the snapshot; learned later than that, it surely ended after).
 fn edge_credits(
     conn: &Connection,
     s: &Settings,
@@ -369,13 +370,15 @@ fn edge_credits(
             "SELECT COALESCE(sum({col}), 0) FROM calls
               WHERE finished_at > ?3
                 AND ((outcome <> 'settlement' AND started_at > ?1 AND started_at < ?2)
-                  OR (outcome = 'settlement' AND started_at > ?4 AND started_at < ?2))"
+                  OR (outcome = 'settlement' AND started_at > ?4 AND started_at < ?2
+                      AND finished_at <= ?5))"
         ),
         params![
             edge - s.lookback_ms,
             at.received_at,
             edge,
-            edge - s.settlement_lookback_ms
+            edge - s.settlement_lookback_ms,
+            at.received_at + s.balance_lag_ms
         ],
         |r| r.get(0),
     )
