@@ -132,7 +132,7 @@ pub fn ensure_tables(conn: &Connection) -> rusqlite::Result<()> {
          CREATE INDEX IF NOT EXISTS api_usage_counts_poll ON api_usage_counts(poll_id);
          CREATE TABLE IF NOT EXISTS reconcile_calls (
              id            INTEGER PRIMARY KEY,
-             endpoint      TEXT NOT NULL,
+             endpoint      TEXT NOT NULL,    -- '' marks a window with no calls at all
              routes        TEXT NOT NULL,    -- Apollo's routes for it, comma-separated
              window_start  INTEGER NOT NULL, -- sent_at of the opening poll
              window_end    INTEGER NOT NULL, -- sent_at of the closing poll
@@ -376,7 +376,9 @@ pub fn reconcile_pending(
         let mut endpoints: std::collections::BTreeSet<String> = apollo.keys().cloned().collect();
         endpoints.extend(ledger.keys().cloned());
         endpoints.extend(carries.keys().cloned());
+        endpoints.remove("");
         let mut next_carries = std::collections::BTreeMap::new();
+        let mut window_rows = 0;
         for endpoint in endpoints {
             let (counted, routes) = apollo.get(&endpoint).cloned().unwrap_or_default();
             let in_window = ledger.get(&endpoint).copied().unwrap_or(0);
@@ -394,7 +396,9 @@ pub fn reconcile_pending(
                     slack: 0,
                 },
             );
-            next_carries.insert(endpoint.clone(), settled.carry);
+            if settled.carry != (Carry { lo: 0, hi: 0 }) {
+                next_carries.insert(endpoint.clone(), settled.carry);
+            }
             let w = CallWindow {
                 endpoint,
                 routes: routes.join(", "),
@@ -408,7 +412,35 @@ pub fn reconcile_pending(
             if w.outside_calls > 0 {
                 out.push(w.clone());
             }
-            rows.push((w, prev.id, cur.id, edge, settled.carry));
+            // An endpoint with no calls on either side and nothing carried needs no row.
+            let idle = counted == 0
+                && in_window == 0
+                && edge == 0
+                && settled.drift == 0
+                && settled.carry == (Carry { lo: 0, hi: 0 });
+            if !idle {
+                rows.push((w, prev.id, cur.id, edge, settled.carry));
+                window_rows += 1;
+            }
+        }
+        if window_rows == 0 {
+            // One row marks the window settled (`to_poll` is where the next pass resumes).
+            rows.push((
+                CallWindow {
+                    endpoint: String::new(),
+                    routes: String::new(),
+                    window_start: prev.sent_at,
+                    window_end: cur.sent_at,
+                    apollo_calls: 0,
+                    ledger_calls: 0,
+                    drift_calls: 0,
+                    outside_calls: 0,
+                },
+                prev.id,
+                cur.id,
+                0,
+                Carry { lo: 0, hi: 0 },
+            ));
         }
         carries = next_carries;
         before = after;
@@ -575,5 +607,93 @@ mod tests {
         );
         // A route first seen now.
         assert_eq!(counted_between([None; 3], [Some(1), Some(2), Some(2)]), 2);
+    }
+
+    fn ledger() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        drop(crate::ledger::open_for_write(&path, crate::config::Synchronous::Normal).unwrap());
+        let conn = super::super::store::open(&path).unwrap();
+        (dir, conn)
+    }
+
+    fn row(conn: &Connection, id: &str, started: i64, finished: i64, outcome: &str) {
+        conn.execute(
+            "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint,
+                 status, outcome, credit_source, catalog_version)
+             VALUES (?1, ?2, ?3, 'POST', '/api/v1/people/match', 'people_match', 200, ?4,
+                 'catalog', 't')",
+            params![id, started, finished, outcome],
+        )
+        .unwrap();
+    }
+
+    fn poll(conn: &mut Connection, sent: i64, day: i64) {
+        let counts = [RouteCount {
+            route: "people/match".into(),
+            endpoint: "people_match".into(),
+            counts: [None, None, Some(day)],
+        }];
+        insert_poll(conn, &format!("p{sent}"), sent, sent + 10, &counts).unwrap();
+    }
+
+    const S: Settings = Settings {
+        balance_lag_ms: 0,
+        settle_ms: 100,
+        lookback_ms: 60_000,
+        settlement_lookback_ms: 3_600_000,
+        pool: super::super::Pool::Typed,
+    };
+
+    #[test]
+    fn windows_name_calls_outside_and_settle_once() {
+        let (_dir, mut conn) = ledger();
+        poll(&mut conn, 1000, 100);
+        // Window 1: 3 proxied calls, Apollo counted 10; a settlement row is no call.
+        for i in 0..3 {
+            row(&conn, &format!("a{i}"), 1100 + i, 1200 + i, "ok");
+        }
+        row(&conn, "s", -500_000, 1500, "settlement");
+        row(&conn, "r", 1600, 1601, "rejected");
+        // In flight across the second poll: Apollo counted it in window 1.
+        row(&conn, "edge", 1990, 2100, "ok");
+        poll(&mut conn, 2000, 111);
+        // Window 2: nothing outside.
+        row(&conn, "b", 2200, 2300, "ok");
+        poll(&mut conn, 3000, 112);
+        // Window 3: no calls at all.
+        poll(&mut conn, 4000, 112);
+
+        assert!(reconcile_pending(&mut conn, &S, 2009).unwrap().is_empty());
+        let out = reconcile_pending(&mut conn, &S, 10_000).unwrap();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            (out[0].window_start, out[0].window_end, out[0].outside_calls),
+            (1000, 2000, 7)
+        );
+        assert_eq!((out[0].apollo_calls, out[0].ledger_calls), (11, 3));
+        assert_eq!(
+            out[0].summary().split(" between").next().unwrap(),
+            "7 people/match calls outside creditmeter"
+        );
+        // Settled windows are never settled again, the empty one included.
+        assert!(reconcile_pending(&mut conn, &S, 10_000).unwrap().is_empty());
+        let windows: i64 = conn
+            .query_row(
+                "SELECT count(DISTINCT window_end) FROM reconcile_calls",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(windows, 3);
+        assert_eq!(
+            outside_totals(&conn).unwrap(),
+            vec![("people_match".to_owned(), 7)]
+        );
+        assert_eq!(load_outside(&conn, 0, 10_000).unwrap(), out);
+        poll(&mut conn, 5000, 120);
+        let more = reconcile_pending(&mut conn, &S, 10_000).unwrap();
+        assert_eq!(more.len(), 1);
+        assert_eq!((more[0].window_start, more[0].outside_calls), (4000, 8));
     }
 }
