@@ -435,9 +435,14 @@ impl Poller {
                 continue;
             };
             let final_through = if self.meter.ledger.is_healthy() {
+                // The upper bound never cuts balance_lag short.
+                let longest = self
+                    .settings
+                    .settle_ms
+                    .max(self.settings.balance_lag_ms + margin);
                 committed_through
                     .min(now - self.settings.balance_lag_ms)
-                    .max(now - self.settings.settle_ms)
+                    .max(now - longest)
             } else {
                 // The last commit of calls failed: the ledger may be missing rows, and settling
                 // now would turn them into drift. Settle once commits succeed again.
