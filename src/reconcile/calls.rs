@@ -181,7 +181,12 @@ pub fn insert_poll(
             "INSERT INTO api_usage_counts (poll_id, route, endpoint, minute_calls, hour_calls,
                  day_calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        for c in counts {
+        // A route with no calls in any window reads the same as an absent one: not stored
+        // (Apollo lists every route it limits, most of them idle).
+        for c in counts
+            .iter()
+            .filter(|c| c.counts.iter().any(|n| n.unwrap_or(0) != 0))
+        {
             stmt.execute(params![
                 poll,
                 c.route,
