@@ -266,6 +266,7 @@ impl Poller {
         let mut failures: u32 = 0;
         // Why per-route call counts are not to be had, once said.
         let mut calls_unavailable: Option<String> = None;
+        let mut pool_hint_given = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -286,6 +287,15 @@ impl Poller {
                     }
                     failures = 0;
                     delay = self.interval;
+                    let only_lead = p
+                        .stats
+                        .balances
+                        .iter()
+                        .all(|b| b.credit_type == super::CreditType::Lead);
+                    if self.settings.pool == Pool::Typed && only_lead && !pool_hint_given {
+                        pool_hint_given = true;
+                        tracing::warn!("reconcile: Apollo reports only lead_credit, as on a unified-credit plan, where it includes mobile reveals and exports: set reconcile.pool = \"unified\", or direct-dial and export spend reads as unmetered lead credits");
+                    }
                     for b in &p.stats.balances {
                         self.metrics.observe_balance(
                             b.credit_type.as_str(),
