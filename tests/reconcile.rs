@@ -985,7 +985,8 @@ async fn calls_sent_straight_to_apollo_are_named_per_endpoint_with_their_count_a
     env();
     let dir = tempfile::tempdir().unwrap();
     let sim = sim().await;
-    let proxy = Proxy::start(config(&sim.url(false), "400ms"), dir.path()).await;
+    // Windows of 1s, so that the calls below surely fall in one.
+    let proxy = Proxy::start(config(&sim.url(false), "1s"), dir.path()).await;
     next_snapshot(&proxy).await;
     burst(&proxy, "before", 2, 2).await;
     next_snapshot(&proxy).await;
