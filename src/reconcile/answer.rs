@@ -10,8 +10,12 @@
 //! calls at all, is traffic outside the proxy. A window can be both: the catalog part is what the
 //! ratio predicts, the rest is outside.
 //!
+//! Next to the credits, the per-endpoint call counts ([`super::calls`]) name calls that
+//! Apollo counted but creditmeter never saw.
+//!
 //! JSON shape (stable, for scripts): `{"window": {"since", "until"}, "status": {...},
-//! "totals": [...], "findings": [...], "windows": [...]}`; see [`Answer::to_json`].
+//! "totals": [...], "findings": [...], "windows": [...], "outside_calls": [...]}`; see
+//! [`Answer::to_json`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

@@ -5,11 +5,17 @@
 //! [`poller`] reads that balance every `reconcile.interval` through the proxy's upstream client,
 //! records the poll as an ordinary (free) call, and stores the figures in `balance_snapshots`.
 //! Each pair of consecutive snapshots is a window; once every call that could belong to it has
-//! ended, [`store`] settles it per credit type ([`drift`]: Apollo's consumed delta against the
+//! ended, [`store`] settles it per credit type (or pool) ([`drift`]: Apollo's consumed delta against the
 //! ledger's credits, with calls at the edges netted out) into `reconciliation`, and the metrics
 //! follow. [`answer`] reads those windows back for `creditmeter report --reconcile` and
 //! `GET /api/reconcile`, and says what the drift looks like: traffic outside the proxy, or a
-//! catalog rule that under-prices one endpoint.
+//! catalog rule that under-prices one endpoint. [`calls`] does the same for Apollo's call counts
+//! per route (`usage_stats/api_usage_stats`), so calls made outside creditmeter get a name.
+//!
+//! Apollo's figures are whole credits ([`drift::slack`]); `reconcile.pool = "unified"` reads
+//! `lead_credit` as one pool against the ledger's total ([`Pool`]). A window settles as soon
+//! as every call that started before its closing snapshot is in the ledger (the poller asks
+//! `crate::inflight`), not a fixed `upstream.timeout` later.
 
 pub mod answer;
 pub mod calls;
