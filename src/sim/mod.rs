@@ -413,6 +413,9 @@ impl Sim {
         else {
             return Reply::text(StatusCode::UNAUTHORIZED, INVALID_API_KEY);
         };
+        // Counted like any authenticated call, refused or not, and free in the billed totals.
+        lock(&self.inner.api_usage).count("usage_stats/api_usage_stats", now);
+        lock(&self.inner.account).bill(Charge::NONE);
         let cfg = &self.inner.cfg;
         if cfg.master_key.as_ref().is_some_and(|m| *m != api_key) {
             return Reply::error(
@@ -421,7 +424,6 @@ impl Sim {
                 "This API key is not authorized to access api/v1/usage_stats/api_usage_stats",
             );
         }
-        lock(&self.inner.api_usage).count("usage_stats/api_usage_stats", now);
         match cfg.api_usage_stats_fault {
             Some(404) => Reply::not_found(),
             Some(status) => {

@@ -169,4 +169,95 @@ mod tests {
         assert_eq!(s[r#"["api/v1/people", "match"]"#]["minute"]["consumed"], 1);
         assert_eq!(s[r#"["api/v1/people", "match"]"#]["hour"]["consumed"], 3);
     }
+
+    /// A request as the sim's dispatcher sees it.
+    fn ask(
+        sim: &super::super::Sim,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+    ) -> super::super::Reply {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            b = b.header("x-api-key", k);
+        }
+        let (parts, ()) = b.body(()).unwrap().into_parts();
+        sim.dispatch(&parts, b"{}", Instant::now())
+    }
+
+    #[test]
+    fn the_sim_counts_every_authenticated_call_per_route_whoever_sent_it() {
+        let sim = super::super::Sim::new(super::super::SimConfig {
+            master_key: Some("master".into()),
+            ..Default::default()
+        });
+        ask(&sim, "POST", "/api/v1/people/match", Some("one"));
+        ask(&sim, "POST", "/v1/people/match", Some("two"));
+        ask(
+            &sim,
+            "GET",
+            "/organizations/enrich?domain=a.example",
+            Some("one"),
+        );
+        // No key: Apollo's 401, no team to count it for.
+        ask(&sim, "POST", "/api/v1/people/match", None);
+        // Only the master key reads the counts.
+        let refused = ask(
+            &sim,
+            "POST",
+            "/api/v1/usage_stats/api_usage_stats",
+            Some("one"),
+        );
+        assert_eq!(refused.status, http::StatusCode::FORBIDDEN);
+        let r = ask(
+            &sim,
+            "POST",
+            "/api/v1/usage_stats/api_usage_stats",
+            Some("master"),
+        );
+        assert_eq!(r.status, http::StatusCode::OK);
+        let b = r.body();
+        assert_eq!(
+            b[r#"["api/v1/people", "match"]"#]["day"]["consumed"], 2,
+            "{b}"
+        );
+        assert_eq!(b[r#"["api/v1/people", "match"]"#]["minute"]["limit"], 1000);
+        assert_eq!(
+            b[r#"["api/v1/organizations", "enrich"]"#]["hour"]["consumed"],
+            1
+        );
+        // This very call is counted too, the refused one as well.
+        assert_eq!(
+            b[r#"["api/v1/usage_stats", "api_usage_stats"]"#]["day"]["consumed"],
+            2
+        );
+        assert_eq!(
+            sim.billed().calls,
+            6,
+            "every request to an Apollo path, refused ones included"
+        );
+    }
+
+    #[test]
+    fn plans_without_the_counts_answer_404_or_an_empty_body() {
+        for (fault, status) in [
+            (404, http::StatusCode::NOT_FOUND),
+            (200, http::StatusCode::OK),
+        ] {
+            let sim = super::super::Sim::new(super::super::SimConfig {
+                api_usage_stats_fault: Some(fault),
+                ..Default::default()
+            });
+            let r = ask(
+                &sim,
+                "POST",
+                "/api/v1/usage_stats/api_usage_stats",
+                Some("k"),
+            );
+            assert_eq!(r.status, status);
+            if fault == 200 {
+                assert_eq!(r.body(), &Value::Null, "an empty text body");
+            }
+        }
+    }
 }
