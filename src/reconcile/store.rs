@@ -546,4 +546,63 @@ mod tests {
         // After the reset, drift is measured again: 3 consumed, 1 metered.
         assert_eq!((got[1].cycle_reset, got[1].unmetered_milli), (false, 2000));
     }
+
+    #[test]
+    fn settlement_rows_count_where_they_were_learned_and_are_not_calls() {
+        let (_dir, mut conn) = ledger();
+        let settlement = |conn: &Connection, id: &str, started: i64, learned: i64, lead: i64| {
+            conn.execute(
+                "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint,
+                     status, outcome, table_name, credits_milli, lead_milli, credit_source,
+                     catalog_version)
+                 VALUES (?1, ?2, ?3, 'POST', '/api/v1/people/bulk_match', 'people_bulk_match',
+                     200, 'settlement', 't1', ?4, ?4, 'reported', 't')",
+                params![id, started, learned, lead],
+            )
+            .unwrap();
+        };
+        snapshot(&mut conn, 1_000_000, 0, "c1");
+        // The original call, half an hour before (beyond an ordinary call's lookback), billed
+        // nothing synchronously; its deferred 1.5 credits were learned inside the window.
+        call(
+            &conn,
+            "orig",
+            -800_000,
+            -799_000,
+            "people_bulk_match",
+            0,
+            "t1",
+        );
+        settlement(&conn, "s1", -800_000, 1_500_000, 1500);
+        // Learned just after the closing snapshot (within balance_lag of it): at its edge.
+        settlement(&conn, "s2", -800_000, 2_000_005, 2000);
+        // Learned well after it: surely the next window's.
+        settlement(&conn, "s3", -800_000, 2_500_000, 3000);
+        snapshot(&mut conn, 2_000_000, 3000, "c1"); // 1.5 + 2 (edge) floored: 3
+        snapshot(&mut conn, 3_000_000, 6000, "c1"); // + 3: 6.5 floored
+        let s = Settings {
+            balance_lag_ms: 100,
+            ..S
+        };
+        let got = reconcile_pending(&mut conn, &s, i64::MAX).unwrap();
+        let lead: Vec<&Reconciled> = got
+            .iter()
+            .filter(|r| r.credit_type == CreditType::Lead)
+            .collect();
+        assert_eq!(lead.len(), 2, "{got:?}");
+        assert!(lead.iter().all(|r| r.drift_milli == 0), "{lead:?}");
+        assert_eq!(lead.iter().map(|r| r.calls).sum::<i64>(), 0);
+        let (ledger, edge, by): (i64, i64, String) = conn
+            .query_row(
+                "SELECT ledger_milli, edge_milli, by_endpoint FROM reconciliation
+                  WHERE credit_type = 'lead' AND window_end = 2000000",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((ledger, edge), (1500, 2000));
+        let by: Value = serde_json::from_str(&by).unwrap();
+        assert_eq!(by["people_bulk_match"]["calls"], 0, "{by}");
+        assert_eq!(by["people_bulk_match"]["credits_milli"], 1500, "{by}");
+    }
 }
