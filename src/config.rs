@@ -404,6 +404,12 @@ pub struct ReconcileConfig {
     /// still not show it. Calls that finished within this time before a snapshot are "at the
     /// edge": either side of it may hold them. Must be shorter than `interval`.
     pub balance_lag: HumanDuration,
+    /// `reconcile.pool`, default `"typed"`: how the Apollo plan keeps credits. `"typed"` sets
+    /// each of `lead_credit`, `direct_dial_credit` and `export_credit` against the ledger's
+    /// credits of that type; `"unified"` (unified-credit plans, where `lead_credit` is one
+    /// shared pool that already includes mobile reveals and exports) sets `lead_credit`
+    /// against the ledger's total.
+    pub pool: crate::reconcile::Pool,
 }
 
 impl Default for ReconcileConfig {
@@ -413,6 +419,7 @@ impl Default for ReconcileConfig {
             interval: HumanDuration(DEFAULT_RECONCILE_INTERVAL),
             api_key_env: DEFAULT_RECONCILE_API_KEY_ENV.to_owned(),
             balance_lag: HumanDuration(DEFAULT_RECONCILE_BALANCE_LAG),
+            pool: crate::reconcile::Pool::Typed,
         }
     }
 }
@@ -871,6 +878,13 @@ mod tests {
         assert_eq!(c.reconcile.interval.0, DEFAULT_RECONCILE_INTERVAL);
         assert_eq!(c.reconcile.api_key_env, "APOLLO_MASTER_API_KEY");
         assert_eq!(c.reconcile.balance_lag.0, DEFAULT_RECONCILE_BALANCE_LAG);
+        assert_eq!(c.reconcile.pool, crate::reconcile::Pool::Typed);
+        let u = Config::from_toml("[reconcile]\npool = \"unified\"\n").unwrap();
+        assert_eq!(u.reconcile.pool, crate::reconcile::Pool::Unified);
+        let e = Config::from_toml("[reconcile]\npool = \"shared\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool") && e.contains("unified"), "{e}");
         let c = Config::from_toml(
             "[reconcile]\nenabled = true\ninterval = \"200ms\"\nbalance_lag = \"0s\"\napi_key_env = \"K\"\n",
         )

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod guard;
+pub mod inflight;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;
@@ -116,8 +117,14 @@ fn seed_reconcile_metrics(
     metrics: &Metrics,
 ) -> rusqlite::Result<()> {
     if config.reconcile.enabled {
-        let types = reconcile::CreditType::ALL.map(reconcile::CreditType::as_str);
+        let types: Vec<&str> = reconcile::CreditType::pools(config.reconcile.pool)
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
         metrics.init_reconcile(&types, &reconcile::poller::POLL_RESULTS);
+    }
+    for (endpoint, n) in reconcile::calls::outside_totals(conn)? {
+        metrics.add_outside_calls(&endpoint, n);
     }
     for (t, milli) in reconcile::store::unmetered_totals(conn)? {
         metrics.add_unmetered(t.as_str(), milli);
@@ -227,6 +234,7 @@ pub async fn run_with_reload(
         durability: config.ledger.durability,
         max_inspect: usize::try_from(config.catalog.max_inspect.0).unwrap_or(usize::MAX),
         max_decoded: usize::try_from(config.catalog.max_decoded.0).unwrap_or(usize::MAX),
+        inflight: inflight::InFlight::new(),
     });
     let proxy_settings = Arc::new(proxy::SettingsCell::new(proxy::ProxySettings {
         catalog: catalog.clone(),
@@ -258,6 +266,7 @@ pub async fn run_with_reload(
         settings: reconcile::poller::settings(
             config.reconcile.balance_lag.0,
             config.upstream.timeout.0,
+            config.reconcile.pool,
         ),
         status: reconcile_status.clone(),
     });

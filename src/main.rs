@@ -112,6 +112,10 @@ enum Command {
         /// Leave `credits_consumed` out of webhook_result answers (the payload is then priced).
         #[arg(long)]
         no_job_credits_consumed: bool,
+        /// A unified-credit plan: `usage_stats` shows one shared pool (`lead_credit`) that
+        /// every credit type draws from.
+        #[arg(long)]
+        unified_credits: bool,
         /// Serve HTTPS with this certificate chain (PEM)...
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -447,9 +451,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             let r = &config.reconcile;
             if r.enabled {
                 println!(
-                    "  reconcile               every {} (balance_lag {}), master key from ${} ({})",
+                    "  reconcile               every {} (balance_lag {}, pool {}), master key from ${} ({})",
                     r.interval,
                     r.balance_lag,
+                    r.pool.as_str(),
                     r.api_key_env,
                     if r.api_key().is_some() {
                         "set"
@@ -564,6 +569,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             result_ttl,
             mobile_rate,
             no_job_credits_consumed,
+            unified_credits,
             tls_cert,
             tls_key,
         } => {
@@ -582,6 +588,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     result_ttl,
                     mobile_rate_pct: mobile_rate,
                     report_job_credits_consumed: !no_job_credits_consumed,
+                    unified_credits,
                     ..Default::default()
                 });
                 let listener = tokio::net::TcpListener::bind(listen)

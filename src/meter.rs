@@ -16,6 +16,7 @@ use crate::attribution::Attribution;
 use crate::catalog::{Catalog, CreditSource, RequestParams, ResponseView};
 use crate::config::Durability;
 use crate::guard::{Admission, Amount};
+use crate::inflight::InFlightGuard;
 use crate::ledger::writer::{Ack, AckSender, RowExpected};
 use crate::ledger::{CallRecord, LedgerHandle, Outcome};
 use crate::metrics::Metrics;
@@ -29,6 +30,9 @@ pub struct Meter {
     pub max_inspect: usize,
     /// Cap on decoded bytes while pricing.
     pub max_decoded: usize,
+    /// Calls in flight by start time, so reconciliation knows when a window's calls are all
+    /// in the ledger (see `inflight`).
+    pub inflight: Arc<crate::inflight::InFlight>,
 }
 
 /// Unix time in milliseconds.
@@ -156,11 +160,14 @@ pub struct CallMeter {
     admission: Option<Admission>,
     /// Tells the ledger writer a row is on its way, until it is submitted.
     expected: Option<RowExpected>,
+    /// Keeps the call in `Meter::inflight` until its row is submitted.
+    inflight: Option<InFlightGuard>,
 }
 
 impl CallMeter {
     pub fn new(meter: Arc<Meter>, ctx: CallContext) -> Self {
         Self {
+            inflight: Some(meter.inflight.register(ctx.started_at)),
             expected: Some(meter.ledger.expect_row()),
             meter,
             ctx: Some(Box::new(ctx)),
@@ -240,6 +247,7 @@ impl CallMeter {
             ctx: Some(ctx),
             finish: Some(f),
             _expected: self.expected.take(),
+            _inflight: self.inflight.take(),
         };
         let runtime = tokio::runtime::Handle::try_current().ok();
         match runtime.filter(|_| weight >= OFFLOAD_BYTES) {
@@ -298,6 +306,8 @@ struct Finished {
     finish: Option<Finish>,
     /// Dropped with the call, after its row is submitted.
     _expected: Option<RowExpected>,
+    /// Likewise: the call leaves `Meter::inflight` once its row is submitted.
+    _inflight: Option<InFlightGuard>,
 }
 
 impl Finished {

@@ -41,6 +41,9 @@ struct ReconcileMetrics {
     polls: IntCounterVec,
     /// `creditmeter_reconcile_last_success_timestamp_seconds`.
     last_success: Gauge,
+    /// `creditmeter_outside_calls_total{endpoint}`: calls Apollo counted (api_usage_stats)
+    /// beyond those that passed through creditmeter, summed over settled windows.
+    outside_calls: IntCounterVec,
 }
 
 /// Every metric creditmeter exports.
@@ -184,6 +187,13 @@ impl Metrics {
                 "creditmeter_reconcile_last_success_timestamp_seconds",
                 "Unix time of the last successful Apollo balance poll.",
             )?,
+            outside_calls: IntCounterVec::new(
+                Opts::new(
+                    "creditmeter_outside_calls_total",
+                    "Calls Apollo counted (usage_stats/api_usage_stats) that did not pass through creditmeter, by endpoint (reconciled windows).",
+                ),
+                &["endpoint"],
+            )?,
         };
         let budgets = BudgetMetrics::new()?;
         let build_info = IntGaugeVec::new(
@@ -213,6 +223,7 @@ impl Metrics {
             Box::new(reconcile.unmetered.clone()),
             Box::new(reconcile.polls.clone()),
             Box::new(reconcile.last_success.clone()),
+            Box::new(reconcile.outside_calls.clone()),
             Box::new(build_info),
             Box::new(budgets.limit.clone()),
             Box::new(budgets.spent.clone()),
@@ -445,6 +456,17 @@ impl Metrics {
                 .unmetered
                 .with_label_values(&[credit_type])
                 .inc_by(milli as f64 / 1000.0);
+        }
+    }
+
+    /// Adds calls outside creditmeter found in a settled window, or seeds the counter from the
+    /// ledger's total at start-up.
+    pub fn add_outside_calls(&self, endpoint: &str, calls: i64) {
+        if let Ok(n) = u64::try_from(calls) {
+            self.reconcile
+                .outside_calls
+                .with_label_values(&[endpoint])
+                .inc_by(n);
         }
     }
 

@@ -159,10 +159,15 @@ fn windows(proxy: &Proxy) -> Vec<Win> {
 
 /// Waits until every credit type has a settled window ending at or after `t`.
 async fn settled_through(proxy: &Proxy, t: i64) -> Vec<Win> {
+    settled_through_types(proxy, t, &["lead", "direct_dial", "export"]).await
+}
+
+/// Waits until each of `types` has a settled window ending at or after `t`.
+async fn settled_through_types(proxy: &Proxy, t: i64, types: &[&str]) -> Vec<Win> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let ws = windows(proxy);
-        let done = ["lead", "direct_dial", "export"]
+        let done = types
             .iter()
             .all(|ty| ws.iter().any(|w| w.credit_type == *ty && w.end >= t));
         if done {
@@ -510,12 +515,17 @@ async fn an_under_priced_catalog_rule_is_named_with_its_ratio_next_to_outside_sp
     }
     assert_eq!(listed[4]["unmetered"], 3.0);
     assert_eq!(listed[4]["proxied_calls"], 0);
-    assert_eq!(listed[5]["outside"], 4.0, "{:#}", listed[5]);
+    // Apollo's figures are whole credits: a window's split is known to within one credit.
+    let mixed_outside = listed[5]["outside"].as_f64().unwrap();
+    assert!((mixed_outside - 4.0).abs() <= 1.0, "{:#}", listed[5]);
     let outside = findings
         .iter()
         .find(|f| f["kind"] == "outside_proxy")
         .unwrap();
-    assert_eq!(outside["unmetered"], 7.0);
+    assert!(
+        (outside["unmetered"].as_f64().unwrap() - 7.0).abs() <= 1.0,
+        "{outside:#}"
+    );
 
     // The drift is exactly half a credit per matched organization, all told.
     let matched: i64 = proxy
@@ -527,7 +537,11 @@ async fn an_under_priced_catalog_rule_is_named_with_its_ratio_next_to_outside_sp
         )
         .unwrap();
     let unmetered: i64 = windows(&proxy).iter().map(|w| w.unmetered).sum();
-    assert_eq!(unmetered, matched * 500 + 7000);
+    // To within the fraction of a credit Apollo's last whole-credit figure hides.
+    assert!(
+        (unmetered - (matched * 500 + 7000)).abs() < 1000,
+        "unmetered {unmetered}, matched {matched}"
+    );
 
     let table = cli_report(&proxy.db, "table");
     if std::env::var_os("SHOW_REPORT").is_some() {
@@ -771,4 +785,478 @@ async fn an_unreachable_apollo_fails_polls_and_calls_alike_and_nothing_else() {
     let (status, _, _) = get(&format!("http://{}/readyz", proxy.admin)).await;
     assert_eq!(status, 200);
     proxy.shutdown().await;
+}
+
+/// A call sent straight to the sim, as Clay's native integration or a script with the key
+/// would: Apollo bills and counts it, creditmeter never sees it.
+async fn direct_call(sim: &SimServer, method: &str, path: &str, body: &str) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", sim.addr))
+        .header("x-api-key", "someone-elses-key")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let (status, _, body) = send(&client(), req).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+/// A deferred charge learned now, as the settlement side records it (DESIGN.md: outcome
+/// `settlement`, `settles` = the original's request_id, the original's `started_at`,
+/// `finished_at` = when learned). Written straight into the ledger, as branch `settle` would.
+fn insert_settlement(db: &Path, original_started: i64, lead_milli: i64, n: usize) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let has_settles: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('calls') WHERE name = 'settles'")
+        .unwrap()
+        .exists([])
+        .unwrap();
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint, status,
+             outcome, table_name, credits_milli, lead_milli, credit_source, catalog_version)
+         VALUES (?1, ?2, ?3, 'POST', '/api/v1/people/bulk_match', 'people_bulk_match', 200,
+             'settlement', 'leads', ?4, ?4, 'reported', 'test')",
+        rusqlite::params![format!("settle-{n}"), original_started, now, lead_milli],
+    )
+    .unwrap();
+    if has_settles {
+        conn.execute(
+            "UPDATE calls SET settles = ?1 WHERE request_id = ?2",
+            rusqlite::params![format!("orig-{n}"), format!("settle-{n}")],
+        )
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fractional_deferred_charges_over_many_windows_show_no_drift_on_whole_credit_balances() {
+    env();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = sim().await;
+    let proxy = Proxy::start(config(&sim.url(false), "300ms"), dir.path()).await;
+    next_snapshot(&proxy).await;
+    // An hour-old bulk match whose waterfall bills 1.01 credits per window as its jobs end
+    // (Apollo bills when the job ends; creditmeter learns it a moment later). The originals
+    // started long before any window, beyond the lookback ordinary calls get.
+    let original = now_ms() - 3_600_000;
+    let bulk = r#"{"details":[{"email":"a@frac.example"},{"email":"b@frac.example"}]}"#;
+    let mut proxied_bulk = 0;
+    for n in 0..12 {
+        next_snapshot(&proxy).await;
+        sim_post(
+            &sim,
+            "/__sim/debit",
+            r#"{"credit_type":"lead","credits":1.01}"#,
+        )
+        .await;
+        insert_settlement(&proxy.db, original, 1010, n);
+        if n % 3 == 0 {
+            assert_eq!(
+                call(&proxy, "POST", "/api/v1/people/bulk_match", bulk).await,
+                200
+            );
+            proxied_bulk += 1;
+        }
+    }
+    next_snapshot(&proxy).await;
+    let ws = settled_through(&proxy, now_ms()).await;
+    let lead: Vec<&Win> = ws.iter().filter(|w| w.credit_type == "lead").collect();
+    assert!(lead.len() >= 12, "{ws:?}");
+    // Apollo's figures are whole credits...
+    assert!(
+        lead.iter()
+            .all(|w| w.apollo_delta.is_some_and(|d| d % 1000 == 0)),
+        "{lead:?}"
+    );
+    // ...and the ledger's 12.12 credits of fractions never show as drift.
+    assert!(ws.iter().all(|w| w.drift == 0), "{ws:?}");
+    let apollo: i64 = lead.iter().filter_map(|w| w.apollo_delta).sum();
+    let metered: i64 = lead.iter().map(|w| w.metered).sum();
+    assert_eq!(apollo, metered);
+    // The settlements count as credits but not as calls.
+    let conn = proxy.ledger();
+    let mut stmt = conn
+        .prepare("SELECT by_endpoint FROM reconciliation WHERE credit_type = 'lead'")
+        .unwrap();
+    let (mut calls, mut credits) = (0, 0);
+    for by in stmt.query_map([], |r| r.get::<_, String>(0)).unwrap() {
+        let by: Value = serde_json::from_str(&by.unwrap()).unwrap();
+        calls += by["people_bulk_match"]["calls"].as_i64().unwrap_or(0);
+        credits += by["people_bulk_match"]["credits_milli"]
+            .as_i64()
+            .unwrap_or(0);
+    }
+    assert_eq!(calls, proxied_bulk);
+    let proxied_credits: i64 = conn
+        .query_row(
+            "SELECT sum(credits_milli) FROM calls WHERE endpoint = 'people_bulk_match' AND outcome = 'ok'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(credits, proxied_credits + 12 * 1010);
+    // Nor do they make Apollo's call counts look short or long.
+    let outside: i64 = conn
+        .query_row(
+            "SELECT COALESCE(sum(abs(drift_calls)), 0) FROM reconcile_calls WHERE endpoint = 'people_bulk_match'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(outside, 0);
+    let api = api_reconcile(&proxy).await;
+    assert_eq!(api["windows"], Value::Array(vec![]), "{api:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unified_pool_is_reconciled_as_one_total() {
+    env();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            master_key: Some(MASTER.into()),
+            rate_limit_minute: 0,
+            unified_credits: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config(&sim.url(false), "300ms");
+    cfg.reconcile.pool = creditmeter::reconcile::Pool::Unified;
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    next_snapshot(&proxy).await;
+    burst(&proxy, "u1", 3, 3).await;
+    next_snapshot(&proxy).await;
+    // A mobile reveal and an export in Apollo's web app: on a unified plan both come out of the
+    // one pool that usage_stats calls lead_credit.
+    let t0 = now_ms();
+    sim_post(
+        &sim,
+        "/__sim/debit",
+        r#"{"credit_type":"direct_dial","credits":8}"#,
+    )
+    .await;
+    sim_post(
+        &sim,
+        "/__sim/debit",
+        r#"{"credit_type":"export","credits":1}"#,
+    )
+    .await;
+    next_snapshot(&proxy).await;
+    burst(&proxy, "u2", 2, 2).await;
+    next_snapshot(&proxy).await;
+    let ws = settled_through_types(&proxy, now_ms(), &["unified"]).await;
+    assert!(ws.iter().all(|w| w.credit_type == "unified"), "{ws:?}");
+    let drifting: Vec<&Win> = ws.iter().filter(|w| w.drift != 0).collect();
+    assert_eq!(drifting.len(), 1, "{ws:?}");
+    assert_eq!(drifting[0].unmetered, 9000, "{ws:?}");
+    assert!(drifting[0].start <= t0 && drifting[0].end >= t0);
+    let metered: i64 = ws.iter().map(|w| w.metered).sum();
+    let ledger: i64 = proxy
+        .ledger()
+        .query_row(
+            "SELECT sum(credits_milli) FROM calls WHERE table_name = 'leads'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(metered, ledger);
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "creditmeter_unmetered_credits_total",
+            &[("credit_type", "unified")]
+        ),
+        9.0
+    );
+    let api = api_reconcile(&proxy).await;
+    let listed = api["windows"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{api:#}");
+    assert_eq!(listed[0]["credit_type"], "unified");
+    assert_eq!(listed[0]["unmetered"], 9.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sent_straight_to_apollo_are_named_per_endpoint_with_their_count_and_window() {
+    env();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = sim().await;
+    // Windows of 1s, so that the calls below surely fall in one.
+    let proxy = Proxy::start(config(&sim.url(false), "1s"), dir.path()).await;
+    next_snapshot(&proxy).await;
+    burst(&proxy, "before", 2, 2).await;
+    next_snapshot(&proxy).await;
+    let t0 = now_ms();
+    for i in 0..7 {
+        let body = format!(r#"{{"email":"direct{i}@outside.example"}}"#);
+        direct_call(&sim, "POST", "/api/v1/people/match", &body).await;
+    }
+    direct_call(
+        &sim,
+        "GET",
+        "/v1/organizations/enrich?domain=outside.example",
+        "",
+    )
+    .await;
+    // Proxied traffic in the same window is not mistaken for outside calls.
+    burst(&proxy, "during", 3, 2).await;
+    let t1 = now_ms();
+    next_snapshot(&proxy).await;
+    burst(&proxy, "after", 1, 1).await;
+    next_snapshot(&proxy).await;
+    settled_through(&proxy, now_ms()).await;
+    let conn = proxy.ledger();
+    let until = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let mut stmt = conn
+            .prepare(
+                "SELECT endpoint, routes, window_start, window_end, outside_calls FROM reconcile_calls
+                  WHERE outside_calls > 0 ORDER BY window_start, endpoint",
+            )
+            .unwrap();
+        let rows: Vec<(String, String, i64, i64, i64)> = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let settled: i64 = conn
+            .query_row(
+                "SELECT COALESCE(max(window_end), 0) FROM reconcile_calls",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if settled >= t1 {
+            break rows;
+        }
+        assert!(
+            Instant::now() < until,
+            "call-count windows not settled: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (endpoint, routes, start, end, n) = &rows[1];
+    assert_eq!(
+        (endpoint.as_str(), routes.as_str(), *n),
+        ("people_match", "people/match", 7)
+    );
+    assert!(
+        *start <= t0 && *end >= t1,
+        "calls at {t0}..{t1}, window {start}..{end}"
+    );
+    let org = &rows[0];
+    assert_eq!(
+        (org.0.as_str(), org.1.as_str(), org.4),
+        ("organizations_enrich", "organizations/enrich", 1)
+    );
+
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "creditmeter_outside_calls_total",
+            &[("endpoint", "people_match")]
+        ),
+        7.0
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "creditmeter_outside_calls_total",
+            &[("endpoint", "organizations_enrich")]
+        ),
+        1.0
+    );
+    let api = api_reconcile(&proxy).await;
+    let listed = api["outside_calls"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{api:#}");
+    let pm = listed
+        .iter()
+        .find(|w| w["endpoint"] == "people_match")
+        .unwrap();
+    assert_eq!(pm["outside_calls"], 7);
+    assert!(
+        pm["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("7 people/match calls outside creditmeter between "),
+        "{pm:#}"
+    );
+    assert_eq!(api["poller"]["call_counts"], "ok");
+    assert!(api["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["kind"] == "outside_calls"
+            && f["endpoint"] == "people_match"
+            && f["calls"] == 7));
+    let cli: Value = serde_json::from_str(&cli_report(&proxy.db, "json")).unwrap();
+    assert_eq!(cli["outside_calls"], api["outside_calls"]);
+    let table = cli_report(&proxy.db, "table");
+    assert!(
+        table.contains("7 people/match calls outside creditmeter between"),
+        "{table}"
+    );
+    assert!(
+        table.contains("1 organizations/enrich call outside creditmeter between"),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_without_api_usage_stats_still_reconciles_credits_and_says_why() {
+    env();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            master_key: Some(MASTER.into()),
+            rate_limit_minute: 0,
+            api_usage_stats_fault: Some(404),
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = Proxy::start(config(&sim.url(false), "300ms"), dir.path()).await;
+    next_snapshot(&proxy).await;
+    direct_call(
+        &sim,
+        "POST",
+        "/api/v1/people/match",
+        r#"{"email":"x@outside.example"}"#,
+    )
+    .await;
+    sim_post(
+        &sim,
+        "/__sim/debit",
+        r#"{"credit_type":"lead","credits":2}"#,
+    )
+    .await;
+    next_snapshot(&proxy).await;
+    next_snapshot(&proxy).await;
+    let ws = settled_through(&proxy, now_ms()).await;
+    assert!(ws.iter().any(|w| w.unmetered > 0), "{ws:?}");
+    let api = api_reconcile(&proxy).await;
+    assert!(
+        api["poller"]["call_counts"]
+            .as_str()
+            .unwrap()
+            .starts_with("unavailable: Apollo answered 404"),
+        "{:#}",
+        api["poller"]
+    );
+    assert_eq!(api["outside_calls"], Value::Array(vec![]));
+    assert_eq!(api["poller"]["last_result"], "ok");
+    // Proxying is untouched.
+    burst(&proxy, "still", 1, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_settles_once_its_calls_are_in_not_after_upstream_timeout() {
+    env();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = sim().await;
+    let mut cfg = config(&sim.url(false), "300ms");
+    // The old rule waited upstream.timeout + 1s after every closing snapshot.
+    cfg.upstream.timeout = HumanDuration(Duration::from_secs(40));
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    next_snapshot(&proxy).await;
+    burst(&proxy, "quick", 2, 2).await;
+    next_snapshot(&proxy).await;
+    let (received, _) = last_snapshot(&proxy);
+    let ws = settled_through(&proxy, received - 1).await;
+    let settled_at = reconciled_at(&proxy, received);
+    eprintln!(
+        "detection: window closed by the snapshot answered at {received} settled {} ms later",
+        settled_at - received
+    );
+    assert!(ws.iter().all(|w| w.drift == 0), "{ws:?}");
+    assert!(
+        settled_at - received < 40_000,
+        "waited for upstream.timeout"
+    );
+
+    // A call in flight across a snapshot holds that window until it has ended: a caller's
+    // usage_stats call through the proxy, which Apollo (the sim) holds for 5 s, as it holds the
+    // poller's. Sent while the poller's next poll is held (it went out 300 ms after the last
+    // snapshot), it is in flight when that poll is answered, and for 3 s more: longer than the
+    // commit margin, so a settle that ignored it would come too soon.
+    next_snapshot(&proxy).await;
+    sim_post(&sim, "/__sim/usage_stats_fault", r#"{"stall_ms": 5000}"#).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let req = http::Request::post(proxy.url("/api/v1/usage_stats/credit_usage_stats"))
+        .header("x-api-key", MASTER)
+        .header("x-meter-table", "slow")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send(&client(), req).await.0, 200);
+    sim_post(&sim, "/__sim/usage_stats_fault", "{}").await;
+    let (slow_started, slow_finished): (i64, i64) = proxy
+        .ledger()
+        .query_row(
+            "SELECT started_at, finished_at FROM calls WHERE table_name = 'slow'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    next_snapshot(&proxy).await;
+    next_snapshot(&proxy).await;
+    let held: Vec<i64> = {
+        let conn = proxy.ledger();
+        let mut stmt = conn
+            .prepare(
+                "SELECT DISTINCT received_at FROM balance_snapshots
+                  WHERE received_at > ?1 AND received_at < ?2",
+            )
+            .unwrap();
+        stmt.query_map([slow_started, slow_finished], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert!(
+        !held.is_empty(),
+        "no snapshot was answered while the slow call ({slow_started}..{slow_finished}) was in flight"
+    );
+    settled_through(&proxy, now_ms() - 1000).await;
+    for r in held {
+        let settled = reconciled_at(&proxy, r);
+        assert!(
+            settled >= slow_finished,
+            "the window closed by the snapshot answered at {r} settled at {settled}, before the call in flight ended at {slow_finished}"
+        );
+    }
+}
+
+/// `(received_at, sent_at)` of the latest balance snapshot.
+fn last_snapshot(proxy: &Proxy) -> (i64, i64) {
+    proxy
+        .ledger()
+        .query_row(
+            "SELECT received_at, sent_at FROM balance_snapshots ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+/// When the lead window closed by the snapshot answered at `received` was settled.
+fn reconciled_at(proxy: &Proxy, received: i64) -> i64 {
+    proxy
+        .ledger()
+        .query_row(
+            "SELECT r.reconciled_at FROM reconciliation r JOIN balance_snapshots b ON b.id = r.to_snapshot
+              WHERE b.received_at = ?1 AND r.credit_type = 'lead'",
+            [received],
+            |r| r.get(0),
+        )
+        .unwrap()
 }

@@ -5,13 +5,20 @@
 //! [`poller`] reads that balance every `reconcile.interval` through the proxy's upstream client,
 //! records the poll as an ordinary (free) call, and stores the figures in `balance_snapshots`.
 //! Each pair of consecutive snapshots is a window; once every call that could belong to it has
-//! ended, [`store`] settles it per credit type ([`drift`]: Apollo's consumed delta against the
+//! ended, [`store`] settles it per credit type (or pool) ([`drift`]: Apollo's consumed delta against the
 //! ledger's credits, with calls at the edges netted out) into `reconciliation`, and the metrics
 //! follow. [`answer`] reads those windows back for `creditmeter report --reconcile` and
 //! `GET /api/reconcile`, and says what the drift looks like: traffic outside the proxy, or a
-//! catalog rule that under-prices one endpoint.
+//! catalog rule that under-prices one endpoint. [`calls`] does the same for Apollo's call counts
+//! per route (`usage_stats/api_usage_stats`), so calls made outside creditmeter get a name.
+//!
+//! Apollo's figures are whole credits ([`drift::slack`]); `reconcile.pool = "unified"` reads
+//! `lead_credit` as one pool against the ledger's total ([`Pool`]). A window settles as soon
+//! as every call that started before its closing snapshot is in the ledger (the poller asks
+//! `crate::inflight`), not a fixed `upstream.timeout` later.
 
 pub mod answer;
+pub mod calls;
 pub mod drift;
 pub mod poller;
 pub mod store;
@@ -26,6 +33,30 @@ pub const POLLER_TABLE: &str = "_creditmeter";
 pub const POLLER_WORKFLOW: &str = "reconcile";
 /// The path polled, under the upstream base URL.
 pub const USAGE_STATS_PATH: &str = "/api/v1/usage_stats/credit_usage_stats";
+/// The per-route call counts polled next to the balance (see [`calls`]).
+pub const API_USAGE_STATS_PATH: &str = "/api/v1/usage_stats/api_usage_stats";
+
+/// `reconcile.pool`: how Apollo's plan keeps credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// One balance per credit type (`lead_credit`, `direct_dial_credit`, `export_credit`),
+    /// each set against the ledger's credits of that type. The default.
+    #[default]
+    Typed,
+    /// Unified-credit plans: `lead_credit` is one shared pool that already includes mobile
+    /// reveals and exports, so it is set against the ledger's total.
+    Unified,
+}
+
+impl Pool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pool::Typed => "typed",
+            Pool::Unified => "unified",
+        }
+    }
+}
 
 /// The credit types the ledger prices, and their names on Apollo's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -33,10 +64,30 @@ pub enum CreditType {
     Lead,
     DirectDial,
     Export,
+    /// `reconcile.pool = "unified"`: Apollo's `lead_credit` as one pool holding every credit
+    /// type, set against the ledger's total (`credits_milli`). Never in [`CreditType::ALL`].
+    Unified,
 }
 
 impl CreditType {
     pub const ALL: [CreditType; 3] = [CreditType::Lead, CreditType::DirectDial, CreditType::Export];
+
+    /// What a window is reconciled per: the three types, or the one unified pool.
+    pub fn pools(pool: Pool) -> &'static [CreditType] {
+        match pool {
+            Pool::Typed => &CreditType::ALL,
+            Pool::Unified => &[CreditType::Unified],
+        }
+    }
+
+    /// The credit type whose balance snapshots a pool is judged by (`lead` for the unified
+    /// pool: Apollo reports it as `lead_credit`).
+    pub fn snapshot_type(self) -> CreditType {
+        match self {
+            CreditType::Unified => CreditType::Lead,
+            t => t,
+        }
+    }
 
     /// The ledger's and the metrics' name: `lead`, `direct_dial`, `export`.
     pub fn as_str(self) -> &'static str {
@@ -44,6 +95,7 @@ impl CreditType {
             CreditType::Lead => "lead",
             CreditType::DirectDial => "direct_dial",
             CreditType::Export => "export",
+            CreditType::Unified => "unified",
         }
     }
 
@@ -53,6 +105,7 @@ impl CreditType {
             CreditType::Lead => "lead_credit",
             CreditType::DirectDial => "direct_dial_credit",
             CreditType::Export => "export_credit",
+            CreditType::Unified => "lead_credit",
         }
     }
 
@@ -62,11 +115,15 @@ impl CreditType {
             CreditType::Lead => "lead_milli",
             CreditType::DirectDial => "direct_dial_milli",
             CreditType::Export => "export_milli",
+            CreditType::Unified => "credits_milli",
         }
     }
 
-    /// `lead`, `direct_dial`, `export` (or Apollo's `…_credit` spelling).
+    /// `lead`, `direct_dial`, `export` (or Apollo's `…_credit` spelling), `unified`.
     pub fn parse(s: &str) -> Option<CreditType> {
+        if s == "unified" {
+            return Some(CreditType::Unified);
+        }
         let s = s.strip_suffix("_credit").unwrap_or(s);
         CreditType::ALL.into_iter().find(|t| t.as_str() == s)
     }

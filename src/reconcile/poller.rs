@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::{self, Reconciled, Settings};
 use super::usage::{self, UsageStats};
-use super::{credits, POLLER_TABLE, POLLER_WORKFLOW, USAGE_STATS_PATH};
+use super::{
+    calls, credits, Pool, API_USAGE_STATS_PATH, POLLER_TABLE, POLLER_WORKFLOW, USAGE_STATS_PATH,
+};
 use crate::attribution::{Attribution, KeyFingerprinter};
 use crate::catalog::RequestParams;
 use crate::ledger::Outcome;
@@ -37,7 +39,8 @@ use crate::report::format_time;
 
 /// The longest pause between two attempts while polls fail (unless the interval is longer).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30 * 60);
-/// Added to `upstream.timeout` before a window is settled: time for the last calls to commit.
+/// Time for a submitted row to commit: a window settles this long after its last call's row was
+/// handed to the writer (and at the latest this long after `upstream.timeout`).
 pub const SETTLE_MARGIN: Duration = Duration::from_secs(1);
 /// The usage-stats answer is a few hundred bytes; anything past this is not it.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
@@ -78,13 +81,19 @@ pub struct Poller {
     pub status: Arc<PollerStatus>,
 }
 
+/// How far back a settlement row's original call may lie: `settle.max_wait`'s default (2h)
+/// plus an hour. (Wire `settle.max_wait` in here once `[settle]` lands.)
+pub const SETTLEMENT_LOOKBACK: Duration = Duration::from_secs(3 * 3600);
+
 /// The settling rules that follow from the configuration.
-pub fn settings(balance_lag: Duration, upstream_timeout: Duration) -> Settings {
+pub fn settings(balance_lag: Duration, upstream_timeout: Duration, pool: Pool) -> Settings {
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4);
     Settings {
         balance_lag_ms: ms(balance_lag),
         settle_ms: ms(upstream_timeout + SETTLE_MARGIN),
         lookback_ms: ms(upstream_timeout * 2 + Duration::from_secs(600)),
+        settlement_lookback_ms: ms(SETTLEMENT_LOOKBACK),
+        pool,
     }
 }
 
@@ -106,6 +115,8 @@ struct StatusInner {
     last_success: Option<i64>,
     consecutive_failures: u32,
     next_attempt: Option<i64>,
+    /// `ok`, or `unavailable: why` for the per-route call counts.
+    call_counts: Option<String>,
 }
 
 impl PollerStatus {
@@ -128,7 +139,8 @@ impl PollerStatus {
 
     /// As JSON: `enabled`, `interval_ms`, `api_key_env`, `api_key_set`, `last_attempt`,
     /// `last_result`, `last_error`, `last_success`, `consecutive_failures`, `next_attempt`
-    /// (times RFC 3339, UTC).
+    /// (times RFC 3339, UTC), `call_counts` (`ok`, or `unavailable: …` when Apollo's
+    /// `api_usage_stats` cannot be read; null before the first successful poll).
     pub fn to_json(&self) -> serde_json::Value {
         let s = self
             .inner
@@ -147,8 +159,25 @@ impl PollerStatus {
             "last_success": t(s.last_success),
             "consecutive_failures": s.consecutive_failures,
             "next_attempt": t(s.next_attempt),
+            "call_counts": s.call_counts,
         })
     }
+}
+
+/// A 2xx answer to one poll.
+struct Fetched {
+    request_id: String,
+    sent_at: i64,
+    received_at: i64,
+    body: Bytes,
+}
+
+/// One successful poll of the call counts.
+struct PolledCalls {
+    request_id: String,
+    sent_at: i64,
+    received_at: i64,
+    counts: Vec<calls::RouteCount>,
 }
 
 /// One successful poll.
@@ -210,15 +239,34 @@ pub fn backoff(interval: Duration, failures: u32) -> Duration {
 
 impl Poller {
     /// Polls until `stop`; a poll in flight is abandoned (and recorded as such) on `hard_stop`.
+    /// Windows settle alongside, as soon as they are final (see [`Poller::settle_loop`]).
     pub async fn run(self, stop: CancellationToken, hard_stop: CancellationToken) {
         tracing::info!(
             interval = ?self.interval,
             key_env = %self.api_key_env,
             key_set = self.api_key.is_some(),
+            pool = self.settings.pool.as_str(),
             "reconcile: polling Apollo's credit balance (usage_stats) to catch credits spent outside creditmeter"
         );
+        let (stored_tx, stored_rx) = tokio::sync::watch::channel(i64::MIN);
+        tokio::join!(
+            self.poll_loop(&stop, &hard_stop, stored_tx),
+            self.settle_loop(&stop, stored_rx)
+        );
+        tracing::debug!("reconcile: poller stopped");
+    }
+
+    async fn poll_loop(
+        &self,
+        stop: &CancellationToken,
+        hard_stop: &CancellationToken,
+        stored: tokio::sync::watch::Sender<i64>,
+    ) {
         let mut delay = Duration::ZERO;
         let mut failures: u32 = 0;
+        // Why per-route call counts are not to be had, once said.
+        let mut calls_unavailable: Option<String> = None;
+        let mut pool_hint_given = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -239,6 +287,15 @@ impl Poller {
                     }
                     failures = 0;
                     delay = self.interval;
+                    let only_lead = p
+                        .stats
+                        .balances
+                        .iter()
+                        .all(|b| b.credit_type == super::CreditType::Lead);
+                    if self.settings.pool == Pool::Typed && only_lead && !pool_hint_given {
+                        pool_hint_given = true;
+                        tracing::warn!("reconcile: Apollo reports only lead_credit, as on a unified-credit plan, where it includes mobile reveals and exports: set reconcile.pool = \"unified\", or direct-dial and export spend reads as unmetered lead credits");
+                    }
                     for b in &p.stats.balances {
                         self.metrics.observe_balance(
                             b.credit_type.as_str(),
@@ -262,54 +319,173 @@ impl Poller {
                     (None, e.result(), Some(e.brief()))
                 }
             };
+            // The per-route call counts, right after a balance that could be read.
+            let calls = match &snapshot {
+                Some(_) => tokio::select! {
+                    _ = hard_stop.cancelled() => break,
+                    r = self.poll_calls() => match r {
+                        Ok(c) => {
+                            if let Some(why) = calls_unavailable.take() {
+                                tracing::info!(was = %why, "reconcile: api_usage_stats answers again; per-endpoint call counts resumed");
+                            }
+                            Some(c)
+                        }
+                        Err(why) => {
+                            if calls_unavailable.is_none() {
+                                tracing::warn!(%why, "reconcile: per-endpoint call counts (usage_stats/api_usage_stats) are not available: {why}; credits are still reconciled, but calls outside creditmeter cannot be named per endpoint (said once; retried every interval)");
+                            }
+                            calls_unavailable = Some(why);
+                            None
+                        }
+                    },
+                },
+                None => None,
+            };
             self.metrics.observe_reconcile_poll(result);
             let success = snapshot.as_ref().map(|p| p.received_at);
+            let calls_status = calls_unavailable.clone();
             self.status.update(|s| {
                 s.last_attempt = Some(attempted);
                 s.last_result = Some(result);
                 s.last_error = error;
                 if success.is_some() {
                     s.last_success = success;
+                    s.call_counts = Some(match calls_status {
+                        None => "ok".to_owned(),
+                        Some(why) => format!("unavailable: {why}"),
+                    });
                 }
                 s.consecutive_failures = failures;
                 s.next_attempt = Some(now_ms() + i64::try_from(delay.as_millis()).unwrap_or(0));
             });
-            // Windows settle even while Apollo is unreachable: the last ones become final.
-            self.settle(snapshot).await;
+            if let Some(received) = self.store(snapshot, calls).await {
+                stored.send_replace(received);
+            }
         }
-        tracing::debug!("reconcile: poller stopped");
     }
 
-    /// Stores the snapshot (if any) and settles what has become final, off the async threads.
-    async fn settle(&self, snapshot: Option<Polled>) {
+    /// Stores a snapshot and its call counts, off the async threads; returns its answer time.
+    async fn store(&self, snapshot: Option<Polled>, calls: Option<PolledCalls>) -> Option<i64> {
+        let p = snapshot?;
         let path = self.ledger_path.clone();
-        let mut settings = self.settings;
-        if !self.meter.ledger.is_healthy() {
-            // The last commit of calls failed: the ledger may be missing rows, and settling now
-            // would turn them into drift. Store the snapshot; settle once commits succeed again.
-            tracing::warn!(
-                "reconcile: the ledger writer is failing; windows wait until it recovers"
-            );
-            settings.settle_ms = i64::MAX / 4;
-        }
-        let done = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Reconciled>> {
+        let received = p.received_at;
+        let done = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
             let mut conn = store::open(&path)?;
-            if let Some(p) = snapshot {
-                store::insert_snapshot(
+            store::insert_snapshot(&mut conn, &p.request_id, p.sent_at, p.received_at, &p.stats)?;
+            if let Some(c) = calls {
+                calls::insert_poll(
                     &mut conn,
-                    &p.request_id,
-                    p.sent_at,
-                    p.received_at,
-                    &p.stats,
+                    &c.request_id,
+                    c.sent_at,
+                    c.received_at,
+                    &c.counts,
                 )?;
             }
-            store::reconcile_pending(&mut conn, &settings, now_ms())
+            Ok(())
         })
         .await;
-        let windows = match done {
+        match done {
+            Ok(Ok(())) => Some(received),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, ledger = %self.ledger_path.display(), "reconcile: could not store the balance; this poll is lost, the next one goes on");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile: the storing task failed");
+                None
+            }
+        }
+    }
+
+    /// Settles windows as soon as they are final. A window is final once every call that
+    /// started before its closing snapshot was answered is in the ledger, and `balance_lag` has
+    /// passed since (deferred charges learned meanwhile may belong to it). The in-flight
+    /// tracker (`Meter::inflight`) says when the first holds: no call that started before the
+    /// answer is still in flight, and the last of them was handed to the ledger writer at least
+    /// [`SETTLE_MARGIN`] ago (time for its commit). Whatever the tracker says, `upstream.timeout`
+    /// plus the margin after the answer (`Settings::settle_ms`) bounds the wait. So a window is
+    /// known one interval plus `balance_lag` after its spend, not an interval plus
+    /// `upstream.timeout`.
+    async fn settle_loop(
+        &self,
+        stop: &CancellationToken,
+        mut stored: tokio::sync::watch::Receiver<i64>,
+    ) {
+        let margin = i64::try_from(SETTLE_MARGIN.as_millis()).unwrap_or(1000);
+        let tick =
+            (self.interval / 20).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        // (observed at, every call that started before this had been submitted then)
+        let mut seen: std::collections::VecDeque<(i64, i64)> = Default::default();
+        let mut committed_through = i64::MIN;
+        // Snapshots stored and not yet settled (their answer times); a restart's backlog is
+        // settled on the first pass by the upper bound.
+        let mut unsettled: std::collections::VecDeque<i64> = [i64::MIN + 1].into();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+                changed = stored.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let r = *stored.borrow_and_update();
+                    unsettled.push_back(r);
+                }
+            }
+            let now = now_ms();
+            seen.push_back((now, self.meter.inflight.oldest_start().unwrap_or(now)));
+            while let Some(&(at, clear)) = seen.front() {
+                if at + margin > now {
+                    break;
+                }
+                committed_through = committed_through.max(clear);
+                seen.pop_front();
+            }
+            let Some(&oldest) = unsettled.front() else {
+                continue;
+            };
+            let final_through = if self.meter.ledger.is_healthy() {
+                // The upper bound never cuts balance_lag short.
+                let longest = self
+                    .settings
+                    .settle_ms
+                    .max(self.settings.balance_lag_ms + margin);
+                committed_through
+                    .min(now - self.settings.balance_lag_ms)
+                    .max(now - longest)
+            } else {
+                // The last commit of calls failed: the ledger may be missing rows, and settling
+                // now would turn them into drift. Settle once commits succeed again.
+                i64::MIN
+            };
+            if oldest > final_through {
+                continue;
+            }
+            while unsettled.front().is_some_and(|&r| r <= final_through) {
+                unsettled.pop_front();
+            }
+            self.settle(final_through).await;
+        }
+    }
+
+    /// Settles every window final through `final_through`, off the async threads, and reports
+    /// what it found.
+    async fn settle(&self, final_through: i64) {
+        let path = self.ledger_path.clone();
+        let settings = self.settings;
+        let done = tokio::task::spawn_blocking(
+            move || -> rusqlite::Result<(Vec<Reconciled>, Vec<calls::CallWindow>)> {
+                let mut conn = store::open(&path)?;
+                let credits = store::reconcile_pending(&mut conn, &settings, final_through)?;
+                let outside = calls::reconcile_pending(&mut conn, &settings, final_through)?;
+                Ok((credits, outside))
+            },
+        )
+        .await;
+        let (windows, outside) = match done {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, ledger = %self.ledger_path.display(), "reconcile: could not store the balance or settle windows; retrying next poll");
+                tracing::warn!(error = %e, ledger = %self.ledger_path.display(), "reconcile: could not settle windows; retrying next poll");
                 return;
             }
             Err(e) => {
@@ -317,6 +493,18 @@ impl Poller {
                 return;
             }
         };
+        for w in outside {
+            self.metrics.add_outside_calls(&w.endpoint, w.outside_calls);
+            tracing::warn!(
+                endpoint = %w.endpoint,
+                routes = %w.routes,
+                outside_calls = w.outside_calls,
+                apollo_calls = w.apollo_calls,
+                ledger_calls = w.ledger_calls,
+                "reconcile: {}; see `creditmeter report --reconcile`",
+                w.summary()
+            );
+        }
         for w in windows {
             let (start, end) = (format_time(w.window_start), format_time(w.window_end));
             let ty = w.credit_type.as_str();
@@ -407,8 +595,42 @@ impl Poller {
         }
     }
 
-    /// One poll, recorded in the ledger as an ordinary call.
+    /// One balance poll.
     async fn poll(&self) -> Result<Polled, PollError> {
+        let f = self.fetch(USAGE_STATS_PATH).await?;
+        let stats = usage::parse(&f.body).map_err(|e| PollError::BadAnswer(e.to_string()))?;
+        Ok(Polled {
+            request_id: f.request_id,
+            sent_at: f.sent_at,
+            received_at: f.received_at,
+            stats,
+        })
+    }
+
+    /// One poll of the per-route call counts; the error says why they are not to be had.
+    async fn poll_calls(&self) -> Result<PolledCalls, String> {
+        let f = self
+            .fetch(API_USAGE_STATS_PATH)
+            .await
+            .map_err(|e| match e {
+                PollError::Status { status: 404, .. } => {
+                    "Apollo answered 404 (the plan may not offer it)".to_owned()
+                }
+                e => e.brief(),
+            })?;
+        let catalog = self.proxy_settings.get().catalog.clone();
+        let counts = calls::parse(&f.body, &catalog).map_err(|e| e.to_string())?;
+        Ok(PolledCalls {
+            request_id: f.request_id,
+            sent_at: f.sent_at,
+            received_at: f.received_at,
+            counts,
+        })
+    }
+
+    /// One POST of `{}` to `path`, recorded in the ledger as an ordinary call; a 2xx answer's
+    /// body.
+    async fn fetch(&self, path: &'static str) -> Result<Fetched, PollError> {
         let Some(key) = &self.api_key else {
             return Err(PollError::NoKey);
         };
@@ -427,8 +649,8 @@ impl Poller {
             request_id: request_id.clone(),
             started_at: sent_at,
             method: "POST".into(),
-            path: USAGE_STATS_PATH.into(),
-            endpoint: catalog.classify_id("POST", USAGE_STATS_PATH),
+            path: path.into(),
+            endpoint: catalog.classify_id("POST", path),
             catalog,
             params: RequestParams::parse(None, &body),
             attribution: Attribution {
@@ -440,7 +662,7 @@ impl Poller {
             request_bytes: body.len() as i64,
         };
         let mut call = CallMeter::new(self.meter.clone(), ctx);
-        let uri = match self.upstream.uri_for(USAGE_STATS_PATH, None) {
+        let uri = match self.upstream.uri_for(path, None) {
             Ok(u) => u,
             Err(e) => {
                 let msg = format!("cannot build the usage_stats URL: {e}");
@@ -559,12 +781,11 @@ impl Poller {
                 detail: snippet(&bytes),
             });
         }
-        let stats = usage::parse(&bytes).map_err(|e| PollError::BadAnswer(e.to_string()))?;
-        Ok(Polled {
+        Ok(Fetched {
             request_id,
             sent_at,
             received_at,
-            stats,
+            body: bytes,
         })
     }
 }

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use super::drift::{self, Carry};
 use super::usage::UsageStats;
-use super::{CreditType, POLLER_TABLE};
+use super::{CreditType, Pool, POLLER_TABLE};
 use crate::meter::now_ms;
 
 /// Timing rules for settling windows, milliseconds.
@@ -24,11 +24,18 @@ use crate::meter::now_ms;
 pub struct Settings {
     /// `reconcile.balance_lag`: Apollo's delay in showing a billed call.
     pub balance_lag_ms: i64,
-    /// How long after a snapshot its window is final: every call that started before the
-    /// snapshot's answer has ended (upstream.timeout bounds a call) and is committed.
+    /// The longest a window waits after its closing snapshot's answer, whatever the in-flight
+    /// tracker says: by then every call that started before it has ended (upstream.timeout
+    /// bounds a call) and is committed. Windows usually settle much sooner (see the poller).
     pub settle_ms: i64,
     /// How far before a window to look for calls that ended inside it (longer than any call).
     pub lookback_ms: i64,
+    /// How far before a window to look for the original calls of settlement rows that were
+    /// learned inside it (a deferred charge is learned at most `settle.max_wait` after its
+    /// call, 2h by default).
+    pub settlement_lookback_ms: i64,
+    /// `reconcile.pool`: per credit type, or one unified pool.
+    pub pool: Pool,
 }
 
 /// A window just reconciled, for metrics and the log.
@@ -132,16 +139,17 @@ struct Row {
     carry: Carry,
 }
 
-/// Settles, in order, every window whose closing snapshot is older than `settle_ms`, for each
-/// credit type, and stores them. Returns what it stored.
+/// Settles, in order, every window whose closing snapshot was answered at or before
+/// `final_through` (the caller knows every call that started before then is in the ledger), for
+/// each credit type (or the unified pool), and stores them. Returns what it stored.
 pub fn reconcile_pending(
     conn: &mut Connection,
     s: &Settings,
-    now: i64,
+    final_through: i64,
 ) -> rusqlite::Result<Vec<Reconciled>> {
     let mut rows = Vec::new();
-    for t in CreditType::ALL {
-        pending_for(conn, s, now, t, &mut rows)?;
+    for &t in CreditType::pools(s.pool) {
+        pending_for(conn, s, final_through, t, &mut rows)?;
     }
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -186,7 +194,7 @@ pub fn reconcile_pending(
 fn pending_for(
     conn: &Connection,
     s: &Settings,
-    now: i64,
+    final_through: i64,
     t: CreditType,
     out: &mut Vec<Row>,
 ) -> rusqlite::Result<()> {
@@ -211,11 +219,15 @@ fn pending_for(
                 "SELECT {SNAP_COLUMNS} FROM balance_snapshots WHERE credit_type = ?1
                   ORDER BY sent_at, id LIMIT 1"
             );
-            let Some(first) = conn.query_row(&sql, [t.as_str()], snap).optional()? else {
+            let Some(first) = conn
+                .query_row(&sql, [t.snapshot_type().as_str()], snap)
+                .optional()?
+            else {
                 return Ok(());
             };
             let edge = edge_credits(conn, s, t, &first)?;
-            (first, Carry::unknown(edge))
+            let slack = drift::slack(first.consumed);
+            (first, Carry::unknown(edge, slack))
         }
     };
     let sql = format!(
@@ -225,10 +237,13 @@ fn pending_for(
     );
     let mut stmt = conn.prepare(&sql)?;
     let next: Vec<Snap> = stmt
-        .query_map(params![t.as_str(), prev.sent_at, prev.id], snap)?
+        .query_map(
+            params![t.snapshot_type().as_str(), prev.sent_at, prev.id],
+            snap,
+        )?
         .collect::<Result<_, _>>()?;
     for cur in next {
-        if cur.received_at + s.settle_ms > now {
+        if cur.received_at > final_through {
             break;
         }
         let reset = cycle_reset(&prev, &cur);
@@ -238,6 +253,7 @@ fn pending_for(
             apollo_delta: (!reset).then_some(cur.consumed - prev.consumed),
             ledger,
             edge,
+            slack: drift::slack(cur.consumed),
         };
         let settled = drift::settle(carry, w);
         out.push(Row {
@@ -265,13 +281,22 @@ fn pending_for(
     Ok(())
 }
 
-/// Calls other than the poller's own that went upstream.
+/// Calls other than the poller's own (balance and call-count polls) that went upstream.
 const PROXIED: &str =
-    "outcome <> 'rejected' AND NOT (endpoint = 'usage_stats' AND table_name IS ?5)";
+    "outcome <> 'rejected' AND NOT (table_name IS ?7 AND path LIKE '%/usage_stats/%')";
+
+/// Rows whose credits Apollo's balance shows by `finished_at` in `(?1, ?2]`. Ordinary calls are
+/// found through the `started_at` index (`?3`..`?4`: a call is never longer than the lookback);
+/// a settlement row (a deferred charge, outcome `settlement`) carries its original call's
+/// `started_at`, which can be hours earlier, so it gets a lookback of its own (`?5`..`?6`).
+/// Apollo bills the deferred part when its job ends, so the row counts where it was learned.
+const IN_WINDOW: &str = "finished_at > ?1 AND finished_at <= ?2
+     AND ((outcome <> 'settlement' AND started_at > ?3 AND started_at <= ?4)
+       OR (outcome = 'settlement' AND started_at > ?5 AND started_at <= ?6))";
 
 /// Credits of type `t` surely inside the window (ended at least `balance_lag` before the
 /// closing snapshot was sent, and not before the opening one), and the proxied calls there by
-/// endpoint.
+/// endpoint. Settlement rows add their credits but are not calls.
 fn window_calls(
     conn: &Connection,
     s: &Settings,
@@ -280,28 +305,36 @@ fn window_calls(
     to: &Snap,
 ) -> rusqlite::Result<(i64, String, i64)> {
     let col = t.ledger_column();
-    // ?1 ?2: finished_at range (exclusive, inclusive); ?3 ?4: started_at range for the index.
-    let window = "started_at > ?3 AND started_at <= ?4 AND finished_at > ?1 AND finished_at <= ?2";
     let lo = from.sent_at - s.balance_lag_ms;
     let hi = to.sent_at - s.balance_lag_ms;
+    let (look, settle_look) = (lo - s.lookback_ms, lo - s.settlement_lookback_ms);
     let ledger: i64 = conn.query_row(
-        &format!("SELECT COALESCE(sum({col}), 0) FROM calls WHERE {window}"),
-        params![lo, hi, lo - s.lookback_ms, to.sent_at],
+        &format!("SELECT COALESCE(sum({col}), 0) FROM calls WHERE {IN_WINDOW}"),
+        params![lo, hi, look, to.sent_at, settle_look, to.sent_at],
         |r| r.get(0),
     )?;
+    let bind = params![
+        lo,
+        hi,
+        look,
+        to.sent_at,
+        settle_look,
+        to.sent_at,
+        POLLER_TABLE
+    ];
     let mut stmt = conn.prepare(&format!(
-        "SELECT endpoint, count(*), sum(status BETWEEN 200 AND 299),
+        "SELECT endpoint, sum(outcome <> 'settlement'),
+                sum(outcome <> 'settlement' AND status BETWEEN 200 AND 299),
                 sum(COALESCE(records_matched, 0)), sum(credits_milli), sum({col})
-           FROM calls WHERE {window} AND {PROXIED}
+           FROM calls WHERE {IN_WINDOW} AND {PROXIED}
           GROUP BY endpoint ORDER BY endpoint"
     ))?;
     let mut by = Map::new();
     let mut calls = 0;
-    let bind = params![lo, hi, lo - s.lookback_ms, to.sent_at, POLLER_TABLE];
     let rows = stmt.query_map(bind, |r| {
         Ok((
             r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
+            r.get::<_, Option<i64>>(1)?.unwrap_or(0),
             r.get::<_, Option<i64>>(2)?.unwrap_or(0),
             r.get::<_, Option<i64>>(3)?.unwrap_or(0),
             r.get::<_, Option<i64>>(4)?.unwrap_or(0),
@@ -321,7 +354,9 @@ fn window_calls(
 }
 
 /// Credits of type `t` at a snapshot's edge: calls that started before Apollo answered and
-/// ended less than `balance_lag` before the poll was sent (or after).
+/// ended less than `balance_lag` before the poll was sent (or after), and settlement rows
+/// learned within `balance_lag` either side of it (their job ended a little before they were
+/// learned, on either side of the snapshot; learned later than that, it surely ended after).
 fn edge_credits(
     conn: &Connection,
     s: &Settings,
@@ -333,9 +368,18 @@ fn edge_credits(
     conn.query_row(
         &format!(
             "SELECT COALESCE(sum({col}), 0) FROM calls
-              WHERE started_at > ?1 AND started_at < ?2 AND finished_at > ?3"
+              WHERE finished_at > ?3
+                AND ((outcome <> 'settlement' AND started_at > ?1 AND started_at < ?2)
+                  OR (outcome = 'settlement' AND started_at > ?4 AND started_at < ?2
+                      AND finished_at <= ?5))"
         ),
-        params![edge - s.lookback_ms, at.received_at, edge],
+        params![
+            edge - s.lookback_ms,
+            at.received_at,
+            edge,
+            edge - s.settlement_lookback_ms,
+            at.received_at + s.balance_lag_ms
+        ],
         |r| r.get(0),
     )
 }
@@ -400,8 +444,21 @@ mod tests {
             "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint, status,
                  outcome, table_name, credits_milli, lead_milli, credit_source, records_matched,
                  catalog_version)
-             VALUES (?1, ?2, ?3, 'POST', '/x', ?4, 200, 'ok', ?5, ?6, ?6, 'catalog', ?7, 't')",
-            params![id, started, finished, endpoint, table, lead, (lead > 0) as i64],
+             VALUES (?1, ?2, ?3, 'POST', ?8, ?4, 200, 'ok', ?5, ?6, ?6, 'catalog', ?7, 't')",
+            params![
+                id,
+                started,
+                finished,
+                endpoint,
+                table,
+                lead,
+                (lead > 0) as i64,
+                if endpoint == "usage_stats" {
+                    "/api/v1/usage_stats/credit_usage_stats"
+                } else {
+                    "/api/v1/x"
+                }
+            ],
         )
         .unwrap();
     }
@@ -424,6 +481,8 @@ mod tests {
         balance_lag_ms: 0,
         settle_ms: 100,
         lookback_ms: 60_000,
+        settlement_lookback_ms: 3_600_000,
+        pool: Pool::Typed,
     };
 
     #[test]
@@ -438,8 +497,8 @@ mod tests {
         snapshot(&mut conn, 2000, 7000, "c1"); // 1 + 1 (edge) + 5 out of band
         snapshot(&mut conn, 3000, 7000, "c1");
 
-        // Not final until settle_ms after the closing snapshot's answer.
-        assert!(reconcile_pending(&mut conn, &S, 2050).unwrap().is_empty());
+        // Not final until the caller says calls through the closing snapshot's answer are in.
+        assert!(reconcile_pending(&mut conn, &S, 2009).unwrap().is_empty());
         let got = reconcile_pending(&mut conn, &S, 10_000).unwrap();
         assert_eq!(got.len(), 2, "{got:?}");
         let (w1, w2) = (&got[0], &got[1]);
@@ -486,5 +545,64 @@ mod tests {
         assert_eq!((got[0].drift_milli, got[0].unmetered_milli), (0, 0));
         // After the reset, drift is measured again: 3 consumed, 1 metered.
         assert_eq!((got[1].cycle_reset, got[1].unmetered_milli), (false, 2000));
+    }
+
+    #[test]
+    fn settlement_rows_count_where_they_were_learned_and_are_not_calls() {
+        let (_dir, mut conn) = ledger();
+        let settlement = |conn: &Connection, id: &str, started: i64, learned: i64, lead: i64| {
+            conn.execute(
+                "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint,
+                     status, outcome, table_name, credits_milli, lead_milli, credit_source,
+                     catalog_version)
+                 VALUES (?1, ?2, ?3, 'POST', '/api/v1/people/bulk_match', 'people_bulk_match',
+                     200, 'settlement', 't1', ?4, ?4, 'reported', 't')",
+                params![id, started, learned, lead],
+            )
+            .unwrap();
+        };
+        snapshot(&mut conn, 1_000_000, 0, "c1");
+        // The original call, half an hour before (beyond an ordinary call's lookback), billed
+        // nothing synchronously; its deferred 1.5 credits were learned inside the window.
+        call(
+            &conn,
+            "orig",
+            -800_000,
+            -799_000,
+            "people_bulk_match",
+            0,
+            "t1",
+        );
+        settlement(&conn, "s1", -800_000, 1_500_000, 1500);
+        // Learned just after the closing snapshot (within balance_lag of it): at its edge.
+        settlement(&conn, "s2", -800_000, 2_000_005, 2000);
+        // Learned well after it: surely the next window's.
+        settlement(&conn, "s3", -800_000, 2_500_000, 3000);
+        snapshot(&mut conn, 2_000_000, 3000, "c1"); // 1.5 + 2 (edge) floored: 3
+        snapshot(&mut conn, 3_000_000, 6000, "c1"); // + 3: 6.5 floored
+        let s = Settings {
+            balance_lag_ms: 100,
+            ..S
+        };
+        let got = reconcile_pending(&mut conn, &s, i64::MAX).unwrap();
+        let lead: Vec<&Reconciled> = got
+            .iter()
+            .filter(|r| r.credit_type == CreditType::Lead)
+            .collect();
+        assert_eq!(lead.len(), 2, "{got:?}");
+        assert!(lead.iter().all(|r| r.drift_milli == 0), "{lead:?}");
+        assert_eq!(lead.iter().map(|r| r.calls).sum::<i64>(), 0);
+        let (ledger, edge, by): (i64, i64, String) = conn
+            .query_row(
+                "SELECT ledger_milli, edge_milli, by_endpoint FROM reconciliation
+                  WHERE credit_type = 'lead' AND window_end = 2000000",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((ledger, edge), (1500, 2000));
+        let by: Value = serde_json::from_str(&by).unwrap();
+        assert_eq!(by["people_bulk_match"]["calls"], 0, "{by}");
+        assert_eq!(by["people_bulk_match"]["credits_milli"], 1500, "{by}");
     }
 }

@@ -1,7 +1,13 @@
 //! The sim's credit account: the running totals of what calls billed ([`Billed`]), the balance
 //! per credit type that `usage_stats/credit_usage_stats` reports, and the credit cycle.
 //!
-//! Amounts are in thousandths of a credit, like the proxy's ledger.
+//! Amounts are in thousandths of a credit, like the proxy's ledger. Apollo bills fractions
+//! (`credits_consumed: 1.01`) but its usage figures are integers, so the account keeps the exact
+//! consumption and reports it rounded down to whole credits, cumulatively: 1.01 credits a call
+//! shows as 1, 2, 3, ... 99, 101 (Apollo does not document its rounding; flooring the running
+//! total is the model, and `left_over` is `limit - consumed` as Apollo documents). On a
+//! unified-credit plan `lead_credit` is one pool that every credit type draws from, and the
+//! per-type pools are not reported.
 
 use serde_json::{json, Value};
 
@@ -102,8 +108,10 @@ pub(crate) fn credits_json(milli: i64) -> Value {
 /// Balances and totals; lives behind the sim's mutex.
 #[derive(Debug)]
 pub(crate) struct Account {
-    /// The cycle's allowance per credit type.
+    /// The cycle's allowance per credit type (of the one pool, when unified).
     limit_milli: i64,
+    /// A unified-credit plan: one pool, reported as `lead_credit`.
+    unified: bool,
     /// Spent this cycle per credit type, calls and out-of-band debits alike.
     consumed_milli: [i64; 3],
     /// Months since year 0 of the current cycle's start.
@@ -112,10 +120,11 @@ pub(crate) struct Account {
 }
 
 impl Account {
-    /// A fresh account allowing `initial_credits` of each credit type.
-    pub(crate) fn new(initial_credits: i64) -> Self {
+    /// A fresh account allowing `initial_credits` of each credit type, or of the one pool.
+    pub(crate) fn new(initial_credits: i64, unified: bool) -> Self {
         Self {
             limit_milli: initial_credits.saturating_mul(MILLI_PER_CREDIT),
+            unified,
             consumed_milli: [0; 3],
             cycle_month: FIRST_CYCLE_MONTH,
             billed: Billed::default(),
@@ -153,18 +162,28 @@ impl Account {
         self.billed
     }
 
-    /// The body of `usage_stats/credit_usage_stats`.
+    /// The body of `usage_stats/credit_usage_stats`: whole credits, the running consumption
+    /// rounded down.
     pub(crate) fn usage_stats(&self) -> Value {
         let mut stats = serde_json::Map::new();
-        for (credit_type, consumed) in CreditType::ALL.iter().zip(self.consumed_milli) {
+        let whole = |milli: i64| milli.div_euclid(MILLI_PER_CREDIT);
+        let limit = whole(self.limit_milli);
+        let mut pool = |key: &str, consumed_milli: i64| {
+            let consumed = whole(consumed_milli);
             stats.insert(
-                credit_type.usage_key().to_owned(),
-                json!({
-                    "limit": credits_json(self.limit_milli),
-                    "consumed": credits_json(consumed),
-                    "left_over": credits_json(self.limit_milli - consumed),
-                }),
+                key.to_owned(),
+                json!({"limit": limit, "consumed": consumed, "left_over": limit - consumed}),
             );
+        };
+        if self.unified {
+            pool(
+                CreditType::Lead.usage_key(),
+                self.consumed_milli.iter().sum(),
+            );
+        } else {
+            for (credit_type, consumed) in CreditType::ALL.iter().zip(self.consumed_milli) {
+                pool(credit_type.usage_key(), consumed);
+            }
         }
         stats.insert(
             "current_credit_cycle_start".to_owned(),
@@ -189,7 +208,7 @@ mod tests {
 
     #[test]
     fn bills_calls_and_reports_balances() {
-        let mut account = Account::new(100);
+        let mut account = Account::new(100, false);
         account.bill(Charge::credits(2, 8));
         account.bill(Charge::NONE);
         account.bill(Charge::exports(1));
@@ -222,10 +241,11 @@ mod tests {
 
     #[test]
     fn debits_move_the_balance_but_not_billed() {
-        let mut account = Account::new(10);
+        let mut account = Account::new(10, false);
         account.debit(CreditType::parse("lead_credit").unwrap(), 1_500);
-        assert_eq!(account.usage_stats()["lead_credit"]["consumed"], 1.5);
-        assert_eq!(account.usage_stats()["lead_credit"]["left_over"], 8.5);
+        // Whole credits, rounded down: 1.5 consumed shows as 1.
+        assert_eq!(account.usage_stats()["lead_credit"]["consumed"], 1);
+        assert_eq!(account.usage_stats()["lead_credit"]["left_over"], 9);
         assert_eq!(account.billed(), Billed::default());
         assert_eq!(
             CreditType::parse("direct_dial"),
@@ -236,7 +256,7 @@ mod tests {
 
     #[test]
     fn a_new_cycle_starts_empty_a_month_later() {
-        let mut account = Account::new(10);
+        let mut account = Account::new(10, false);
         account.bill(Charge::credits(1, 0));
         for _ in 0..12 {
             account.reset_cycle();
@@ -249,5 +269,40 @@ mod tests {
         );
         // Billed totals are a record of calls, not of the cycle.
         assert_eq!(account.billed().lead_milli, 1_000);
+    }
+
+    #[test]
+    fn fractional_consumption_shows_as_whole_credits_rounded_down_cumulatively() {
+        let mut account = Account::new(1000, false);
+        let bulk = Charge {
+            lead_milli: 1_010,
+            ..Charge::NONE
+        };
+        let mut shown = Vec::new();
+        for _ in 0..100 {
+            account.bill(bulk);
+            shown.push(account.usage_stats()["lead_credit"]["consumed"].clone());
+        }
+        assert_eq!(shown[0], 1);
+        assert_eq!(shown[98], 99);
+        // 100 calls of 1.01 are 101 credits: the fractions add up, none is lost.
+        assert_eq!(shown[99], 101);
+        assert_eq!(account.usage_stats()["lead_credit"]["left_over"], 899);
+        assert!(shown.iter().all(Value::is_i64));
+    }
+
+    #[test]
+    fn a_unified_plan_reports_one_pool_of_every_type() {
+        let mut account = Account::new(100, true);
+        account.bill(Charge::credits(2, 8));
+        account.bill(Charge::exports(1));
+        account.debit(CreditType::DirectDial, 500);
+        let stats = account.usage_stats();
+        assert_eq!(
+            stats["lead_credit"],
+            json!({"limit": 100, "consumed": 11, "left_over": 89})
+        );
+        assert!(stats.get("direct_dial_credit").is_none(), "{stats}");
+        assert!(stats.get("export_credit").is_none(), "{stats}");
     }
 }

@@ -34,6 +34,7 @@ mod rate;
 mod reply;
 #[cfg(test)]
 mod tests;
+mod usage;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -121,6 +122,12 @@ pub struct SimConfig {
     /// callers: a page of people, 1 export credit per non-empty page. Default false: the
     /// documented `422` ("deprecated for API callers"), free.
     pub legacy_people_search: bool,
+    /// A unified-credit plan: `usage_stats` reports one shared pool, `lead_credit`, that every
+    /// credit type draws from (`initial_credits` in all). Default false (a pool per type).
+    pub unified_credits: bool,
+    /// Answer `usage_stats/api_usage_stats` as some plans do: `Some(404)` not found, `Some(200)`
+    /// an empty body. Default `None`: the per-route call counts.
+    pub api_usage_stats_fault: Option<u16>,
 }
 
 /// [`SimConfig::job_delay`]'s default.
@@ -145,6 +152,8 @@ impl Default for SimConfig {
             mobile_rate_pct: 60,
             report_job_credits_consumed: true,
             legacy_people_search: false,
+            unified_credits: false,
+            api_usage_stats_fault: None,
         }
     }
 }
@@ -184,6 +193,8 @@ struct Inner {
     jobs: Mutex<Jobs>,
     /// Admitted calls so far; numbers each call for its per-call ids.
     calls: AtomicU64,
+    /// The team's call counts per route, for `usage_stats/api_usage_stats`.
+    api_usage: Mutex<usage::ApiUsage>,
 }
 
 impl fmt::Debug for Sim {
@@ -210,10 +221,11 @@ impl Sim {
                     cfg.legacy_daily_headers,
                     Instant::now(),
                 )),
-                account: Mutex::new(Account::new(cfg.initial_credits)),
+                account: Mutex::new(Account::new(cfg.initial_credits, cfg.unified_credits)),
                 usage_fault: Mutex::new(UsageFault::default()),
                 jobs: Mutex::new(Jobs::default()),
                 calls: AtomicU64::new(0),
+                api_usage: Mutex::new(usage::ApiUsage::default()),
                 cfg,
             }),
         }
@@ -404,6 +416,9 @@ impl Sim {
                 },
             );
         }
+        if usage::is_api_usage_stats(&parts.method, &path) {
+            return self.api_usage_stats(parts, body, now);
+        }
         let (mut reply, charge) = match api::route(&parts.method, &path) {
             Some(route) if route.endpoint == api::Endpoint::CreditUsageStats => {
                 match lock(&self.inner.usage_fault).reply() {
@@ -440,6 +455,8 @@ impl Sim {
                 Charge::NONE,
             );
         };
+        // The team's call counts see every authenticated call, answered or refused.
+        lock(&self.inner.api_usage).count(route.endpoint.path(), now);
         if route.endpoint == api::Endpoint::CreditUsageStats
             && self
                 .inner
@@ -475,6 +492,48 @@ impl Sim {
         };
         rate.write_headers(&mut reply.headers);
         (reply, charge)
+    }
+}
+
+impl Sim {
+    /// `usage_stats/api_usage_stats` (free, master key): the call counts per route, or the
+    /// plan's 404 / empty answer when [`SimConfig::api_usage_stats_fault`] says so.
+    fn api_usage_stats(&self, parts: &request::Parts, body: &[u8], now: Instant) -> Reply {
+        let query = params::parse_query(parts.uri.query().unwrap_or_default());
+        let body = params::parse_body(body);
+        let Some(api_key) = api_key(&parts.headers, [body.as_ref().ok(), query.as_ref().ok()])
+        else {
+            return Reply::text(StatusCode::UNAUTHORIZED, INVALID_API_KEY);
+        };
+        // Counted like any authenticated call, refused or not, and free in the billed totals.
+        lock(&self.inner.api_usage).count("usage_stats/api_usage_stats", now);
+        lock(&self.inner.account).bill(Charge::NONE);
+        let cfg = &self.inner.cfg;
+        if cfg.master_key.as_ref().is_some_and(|m| *m != api_key) {
+            return Reply::error(
+                StatusCode::FORBIDDEN,
+                "API_INACCESSIBLE",
+                "This API key is not authorized to access api/v1/usage_stats/api_usage_stats",
+            );
+        }
+        match cfg.api_usage_stats_fault {
+            Some(404) => Reply::not_found(),
+            Some(status) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                Reply::text(status, "")
+            }
+            None => {
+                let limits = [
+                    cfg.rate_limit_minute,
+                    cfg.rate_limit_hourly,
+                    cfg.rate_limit_daily,
+                ];
+                Reply::json(
+                    StatusCode::OK,
+                    lock(&self.inner.api_usage).stats(limits, now),
+                )
+            }
+        }
     }
 }
 
