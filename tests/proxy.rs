@@ -803,18 +803,23 @@ async fn an_upstream_reset_mid_body_is_recorded() {
         "the caller sees the body cut short"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (outcome, credits, err): (String, i64, String) = proxy
+    let (outcome, credits, source, err): (String, i64, String, String) = proxy
         .ledger()
-        .query_row("SELECT outcome, credits_milli, error FROM calls", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT outcome, credits_milli, credit_source, error FROM calls",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .unwrap();
     assert_eq!(outcome, "upstream_error");
+    // Apollo answered 200, so it billed: the most a plain match costs, marked as an estimate.
     assert_eq!(
-        credits, 0,
-        "a cut-short body justifies no body-based charge"
+        (credits, source.as_str()),
+        (1000, "estimated"),
+        "a 2xx cut short is priced at the catalog's worst case"
     );
     assert!(err.contains("upstream response body"), "{err}");
+    assert!(err.contains("priced at the catalog's worst case"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1226,14 +1231,44 @@ async fn paths_are_forwarded_recorded_and_priced_in_the_form_apollo_routes() {
     // (what the caller sent, what upstream must see and the ledger hold, endpoint, credits)
     let cases = [
         // A base URL with a trailing slash.
-        ("//api/v1/people/match", "/api/v1/people/match", "people_match", 1000),
-        ("/api//v1///people/match", "/api/v1/people/match", "people_match", 1000),
-        ("/api/v1/%70eople/%6Datch", "/api/v1/people/match", "people_match", 1000),
-        ("/api/v1/people/match/", "/api/v1/people/match/", "people_match", 1000),
-        ("//v1/./people/x/../match", "/v1/people/match", "people_match", 1000),
+        (
+            "//api/v1/people/match",
+            "/api/v1/people/match",
+            "people_match",
+            1000,
+        ),
+        (
+            "/api//v1///people/match",
+            "/api/v1/people/match",
+            "people_match",
+            1000,
+        ),
+        (
+            "/api/v1/%70eople/%6Datch",
+            "/api/v1/people/match",
+            "people_match",
+            1000,
+        ),
+        (
+            "/api/v1/people/match/",
+            "/api/v1/people/match/",
+            "people_match",
+            1000,
+        ),
+        (
+            "//v1/./people/x/../match",
+            "/v1/people/match",
+            "people_match",
+            1000,
+        ),
         // An escaped reserved character is data, not a separator: forwarded escaped (hex
         // upper-cased, an equivalence), unpriced.
-        ("/api/v1/people%2fmatch", "/api/v1/people%2Fmatch", "other", 0),
+        (
+            "/api/v1/people%2fmatch",
+            "/api/v1/people%2Fmatch",
+            "other",
+            0,
+        ),
     ];
     for (sent, _, _, _) in &cases {
         let req = http::Request::post(proxy.url(&format!("{sent}?a=1&meter_table=paths")))
@@ -1254,7 +1289,10 @@ async fn paths_are_forwarded_recorded_and_priced_in_the_form_apollo_routes() {
     let seen = up.seen.lock().unwrap().clone();
     let forwarded: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
     let want: Vec<String> = cases.iter().map(|c| format!("{}?a=1", c.1)).collect();
-    assert_eq!(forwarded, want, "upstream sees exactly the path that was priced");
+    assert_eq!(
+        forwarded, want,
+        "upstream sees exactly the path that was priced"
+    );
 
     // The one 2xx no endpoint prices is counted, so a new Apollo endpoint gets noticed.
     let m = proxy.metrics().await;
@@ -1262,7 +1300,10 @@ async fn paths_are_forwarded_recorded_and_priced_in_the_form_apollo_routes() {
         metric_sum(&m, "creditmeter_unpriced_total", &[("method", "POST")]),
         1.0
     );
-    assert_eq!(metric_sum(&m, "creditmeter_unpriced_total", &[("method", "GET")]), 0.0);
+    assert_eq!(
+        metric_sum(&m, "creditmeter_unpriced_total", &[("method", "GET")]),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1289,7 +1330,8 @@ async fn form_and_gzip_request_bodies_go_upstream_as_sent_and_are_priced_like_js
         if let Some(e) = encoding {
             req = req.header("content-encoding", *e);
         }
-        let (status, h, _) = send(&c, req.body(Full::new(Bytes::from(body.clone()))).unwrap()).await;
+        let (status, h, _) =
+            send(&c, req.body(Full::new(Bytes::from(body.clone()))).unwrap()).await;
         assert_eq!(status, 200);
         let (_, _, credits, source, error) = row_by_id(&proxy.ledger(), &request_id(&h));
         priced.push((credits, source, error));
@@ -1300,7 +1342,9 @@ async fn form_and_gzip_request_bodies_go_upstream_as_sent_and_are_priced_like_js
         assert_eq!(s.body, Bytes::from(body.clone()));
         assert_eq!(s.headers.get("content-type").unwrap(), *content_type);
         assert_eq!(
-            s.headers.get("content-encoding").map(|v| v.to_str().unwrap()),
+            s.headers
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap()),
             *encoding
         );
     }
@@ -1313,9 +1357,24 @@ async fn form_and_gzip_request_bodies_go_upstream_as_sent_and_are_priced_like_js
 
     // A body whose parameters cannot be read: the worst case, estimated, and why.
     let unreadable: Vec<(&str, Option<&str>, Vec<u8>, &str)> = vec![
-        ("application/json", None, b"{\"email\": ".to_vec(), "request body is not valid JSON"),
-        ("text/plain", None, b"email=a".to_vec(), "Content-Type `text/plain`"),
-        ("application/json", Some("gzip"), json.clone(), "could not be decoded: gzip"),
+        (
+            "application/json",
+            None,
+            b"{\"email\": ".to_vec(),
+            "request body is not valid JSON",
+        ),
+        (
+            "text/plain",
+            None,
+            b"email=a".to_vec(),
+            "Content-Type `text/plain`",
+        ),
+        (
+            "application/json",
+            Some("gzip"),
+            json.clone(),
+            "could not be decoded: gzip",
+        ),
     ];
     for (content_type, encoding, body, why) in unreadable {
         let mut req = http::Request::post(proxy.url("/api/v1/people/match"))
@@ -1334,6 +1393,16 @@ async fn form_and_gzip_request_bodies_go_upstream_as_sent_and_are_priced_like_js
     }
 }
 
+/// (table, method, path, content type, gzip the body?, body)
+type WorkloadCall = (
+    &'static str,
+    &'static str,
+    String,
+    Option<&'static str>,
+    bool,
+    Vec<u8>,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_table_ledger_equals_the_simulator_for_doubled_slashes_forms_and_gzip() {
     let dir = tempfile::tempdir().unwrap();
@@ -1348,22 +1417,59 @@ async fn per_table_ledger_equals_the_simulator_for_doubled_slashes_forms_and_gzi
     let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
     let c = client();
     let form_type = "application/x-www-form-urlencoded";
-    // (table, method, path, content type, gzip?, body)
-    let mut calls: Vec<(&str, &str, String, Option<&str>, bool, Vec<u8>)> = Vec::new();
+    let mut calls: Vec<WorkloadCall> = Vec::new();
     for i in 0..12 {
-        calls.push(("Slashes", "POST", "//api/v1/people/match".into(), Some("application/json"), false,
-            format!(r#"{{"email":"s{i}@acme{i}.com"}}"#).into_bytes()));
-        calls.push(("Slashes", "GET", format!("//v1/organizations/enrich?domain=slash{i}.com"), None, false, Vec::new()));
-        calls.push(("Slashes", "POST", "/api//v1/%70eople/bulk_match".into(), Some("application/json"), false,
-            format!(r#"{{"details":[{{"email":"b{i}@x{i}.com"}},{{"email":"c{i}@y{i}.com"}}]}}"#).into_bytes()));
-        calls.push(("Forms", "POST", "/api/v1/people/match".into(), Some(form_type), false,
-            format!("email=f{i}%40forms{i}.com&first_name=Ann").into_bytes()));
+        calls.push((
+            "Slashes",
+            "POST",
+            "//api/v1/people/match".into(),
+            Some("application/json"),
+            false,
+            format!(r#"{{"email":"s{i}@acme{i}.com"}}"#).into_bytes(),
+        ));
+        calls.push((
+            "Slashes",
+            "GET",
+            format!("//v1/organizations/enrich?domain=slash{i}.com"),
+            None,
+            false,
+            Vec::new(),
+        ));
+        calls.push((
+            "Slashes",
+            "POST",
+            "/api//v1/%70eople/bulk_match".into(),
+            Some("application/json"),
+            false,
+            format!(r#"{{"details":[{{"email":"b{i}@x{i}.com"}},{{"email":"c{i}@y{i}.com"}}]}}"#)
+                .into_bytes(),
+        ));
+        calls.push((
+            "Forms",
+            "POST",
+            "/api/v1/people/match".into(),
+            Some(form_type),
+            false,
+            format!("email=f{i}%40forms{i}.com&first_name=Ann").into_bytes(),
+        ));
         calls.push(("Forms", "POST", "/api/v1/people/bulk_match".into(), Some(form_type), false,
             format!("details[][email]=g{i}%40a.com&details[][email]=h{i}%40b.com&details[][email]=k{i}%40c.com").into_bytes()));
-        calls.push(("Gzip", "POST", "/api/v1/organizations/bulk_enrich".into(), Some("application/json"), true,
-            format!(r#"{{"domains":["gz{i}.com","hz{i}.com"]}}"#).into_bytes()));
-        calls.push(("Gzip", "POST", "/v1/people/match".into(), Some(form_type), true,
-            format!("email=z{i}%40gzip{i}.com").into_bytes()));
+        calls.push((
+            "Gzip",
+            "POST",
+            "/api/v1/organizations/bulk_enrich".into(),
+            Some("application/json"),
+            true,
+            format!(r#"{{"domains":["gz{i}.com","hz{i}.com"]}}"#).into_bytes(),
+        ));
+        calls.push((
+            "Gzip",
+            "POST",
+            "/v1/people/match".into(),
+            Some(form_type),
+            true,
+            format!("email=z{i}%40gzip{i}.com").into_bytes(),
+        ));
     }
     let mut billed: BTreeMap<String, i64> = BTreeMap::new();
     for (table, method, path, content_type, gzip, body) in &calls {
@@ -1395,9 +1501,16 @@ async fn per_table_ledger_equals_the_simulator_for_doubled_slashes_forms_and_gzi
     for table in ["Slashes", "Forms", "Gzip"] {
         let want = billed.get(table).copied().unwrap_or(0);
         assert!(want > 0, "{table}: the workload bills something");
-        assert_eq!(ledger.get(table).copied().unwrap_or(0), want, "{table}: ledger vs simulator");
+        assert_eq!(
+            ledger.get(table).copied().unwrap_or(0),
+            want,
+            "{table}: ledger vs simulator"
+        );
         let metric = metric_sum(&m, "creditmeter_credits_total", &[("table", table)]);
-        assert!((metric - want as f64 / 1000.0).abs() < 1e-6, "{table}: metric {metric}");
+        assert!(
+            (metric - want as f64 / 1000.0).abs() < 1e-6,
+            "{table}: metric {metric}"
+        );
     }
     let total = sim.sim.billed();
     assert_eq!(
@@ -1422,4 +1535,99 @@ async fn per_table_ledger_equals_the_simulator_for_doubled_slashes_forms_and_gzi
         )
         .unwrap();
     assert_eq!(requested, 12 * 3);
+}
+
+/// An upstream that answers people/match with a 200 head and half a body, then stalls for
+/// `stall` (and then closes).
+async fn half_answer_upstream(stall: Duration) -> std::net::SocketAddr {
+    let (addr, _) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"person\": {\"id\": \"p1\"",
+        stall,
+        false,
+    )
+    .await;
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_cut_short_settles_its_budget_reservation_at_the_worst_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = half_answer_upstream(Duration::from_millis(50)).await;
+    let mut cfg = config_for(&format!("http://{up}"), None);
+    let budgets = creditmeter::config::Config::from_toml(
+        "[[budget]]\nname = \"all\"\nscope = \"global\"\nlimit = 100\nwindow = \"month\"\n",
+    )
+    .unwrap();
+    cfg.budget = budgets.budget;
+    cfg.validate().unwrap();
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("x-meter-table", "cut")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"email":"a@x.com"}"#)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.into_body().collect().await.is_err(), "cut short");
+    let r = wait_rows(&proxy.ledger(), "table_name = 'cut'", 1)
+        .await
+        .remove(0);
+    assert_eq!(
+        (
+            r.outcome.as_str(),
+            r.credits_milli,
+            r.credit_source.as_str()
+        ),
+        ("upstream_error", 1000, "estimated")
+    );
+    // The reservation was settled at that amount, not handed back.
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "creditmeter_budget_spent_credits", &[("budget", "all")]),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_budget_reserved_credits",
+            &[("budget", "all")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_sum(&m, "creditmeter_credits_total", &[("table", "cut")]),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_cut_off_by_the_shutdown_hard_stop_is_priced_at_the_worst_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = half_answer_upstream(Duration::from_secs(30)).await;
+    let mut cfg = config_for(&format!("http://{up}"), None);
+    cfg.shutdown.grace = creditmeter::config::HumanDuration(Duration::from_millis(300));
+    let mut proxy = Proxy::start(cfg, dir.path()).await;
+    let req = http::Request::post(proxy.url("/api/v1/people/bulk_match"))
+        .header("x-meter-table", "stopped")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(
+            b"details[][email]=a%40x.com&details[][email]=b%40y.com",
+        )))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let db = proxy.db.clone();
+    // The body stalls; shutdown's grace passes and the hard stop cuts the call off.
+    let body = tokio::spawn(async move { resp.into_body().collect().await.is_err() });
+    proxy.shutdown().await;
+    assert!(body.await.unwrap(), "the caller sees the body cut off");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let r = rows(&conn, "table_name = 'stopped'");
+    assert_eq!(r.len(), 1, "{r:?}");
+    // Two details asked for: at most two lead credits, recorded as an estimate.
+    assert_eq!(
+        (r[0].status, r[0].credits_milli, r[0].credit_source.as_str()),
+        (Some(200), 2000, "estimated"),
+        "{r:?}"
+    );
 }

@@ -185,21 +185,20 @@ fn read_body(body: &RequestBody<'_>) -> Result<Map<String, Value>, String> {
             ));
         }
     };
-    let decoded = decode_body(body.content_encoding, body.bytes, body.max_decoded).map_err(|e| {
-        let mut why = format!("request body could not be decoded: {e}");
-        if let Some(source) = std::error::Error::source(&e) {
-            why.push_str(&format!(": {source}"));
-        }
-        why
-    })?;
+    let decoded =
+        decode_body(body.content_encoding, body.bytes, body.max_decoded).map_err(|e| {
+            let mut why = format!("request body could not be decoded: {e}");
+            if let Some(source) = std::error::Error::source(&e) {
+                why.push_str(&format!(": {source}"));
+            }
+            why
+        })?;
     if decoded.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    let kind = kind.unwrap_or_else(|| {
-        match decoded.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{' | b'[') => BodyKind::Json,
-            _ => BodyKind::Form,
-        }
+    let kind = kind.unwrap_or_else(|| match decoded.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{' | b'[') => BodyKind::Json,
+        _ => BodyKind::Form,
     });
     match kind {
         BodyKind::Form => Ok(parse_query(&String::from_utf8_lossy(&decoded))),
@@ -534,7 +533,8 @@ mod tests {
 
     #[test]
     fn form_bodies_are_read_with_rails_keys() {
-        let form = b"details[][email]=a%40x.com&details[][email]=b%40y.com&reveal_phone_number=true";
+        let form =
+            b"details[][email]=a%40x.com&details[][email]=b%40y.com&reveal_phone_number=true";
         for content_type in [
             Some("application/x-www-form-urlencoded"),
             Some("Application/X-WWW-Form-Urlencoded; charset=UTF-8"),
@@ -595,18 +595,48 @@ mod tests {
         };
         let bomb = gzip(&vec![b' '; 2 << 20])?;
         for (content_type, encoding, bytes, why) in [
-            (Some("application/json"), None, &b"{\"a\":"[..], "request body is not valid JSON"),
-            (None, None, &b"[1,2]"[..], "request body is a JSON array, not an object"),
-            (Some("text/plain"), None, &b"x=1"[..], "Content-Type `text/plain`"),
+            (
+                Some("application/json"),
+                None,
+                &b"{\"a\":"[..],
+                "request body is not valid JSON",
+            ),
+            (
+                None,
+                None,
+                &b"[1,2]"[..],
+                "request body is a JSON array, not an object",
+            ),
+            (
+                Some("text/plain"),
+                None,
+                &b"x=1"[..],
+                "Content-Type `text/plain`",
+            ),
             (
                 Some("multipart/form-data; boundary=x"),
                 None,
                 &b"--x"[..],
                 "Content-Type `multipart/form-data`",
             ),
-            (None, Some("gzip"), &broken[..], "request body could not be decoded: gzip"),
-            (None, Some("zstd"), &b"x"[..], "unsupported content-encoding `zstd`"),
-            (None, Some("gzip"), &bomb[..], "decoded body exceeds 1 MiB cap"),
+            (
+                None,
+                Some("gzip"),
+                &broken[..],
+                "request body could not be decoded: gzip",
+            ),
+            (
+                None,
+                Some("zstd"),
+                &b"x"[..],
+                "unsupported content-encoding `zstd`",
+            ),
+            (
+                None,
+                Some("gzip"),
+                &bomb[..],
+                "decoded body exceeds 1 MiB cap",
+            ),
         ] {
             let p = with(content_type, encoding, bytes);
             let note = p.note().unwrap_or_default();

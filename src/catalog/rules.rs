@@ -249,7 +249,10 @@ pub(super) enum RecordsRequested {
     /// `details`, then `domains` (Apollo: `details` takes precedence over `domains[]`); unknown
     /// if the first one present is not an array. `max` is the most records one request can
     /// ask for (Apollo refuses more), which bounds the worst case when the count is unknown.
-    ParamLen { params: Vec<String>, max: Option<i64> },
+    ParamLen {
+        params: Vec<String>,
+        max: Option<i64>,
+    },
     /// Always this many, such as 1 for a single match.
     Fixed(i64),
 }

@@ -305,12 +305,10 @@ fn records_requested(spec: &RecordsRequestedSpec) -> Result<RecordsRequested, St
         (None, Some(n), None) if n < 0 => Err(format!("`fixed = {n}` must not be negative")),
         (None, Some(n), None) => Ok(RecordsRequested::Fixed(n)),
         (None, Some(_), Some(_)) => Err("`max` only applies to `param_len`".to_owned()),
-        (Some(_), Some(_), _) => {
-            Err("give either `param_len` or `fixed`, not both".to_owned())
+        (Some(_), Some(_), _) => Err("give either `param_len` or `fixed`, not both".to_owned()),
+        (None, None, _) => {
+            Err("`records_requested` needs `param_len = \"details\"` or `fixed = 1`".to_owned())
         }
-        (None, None, _) => Err(
-            "`records_requested` needs `param_len = \"details\"` or `fixed = 1`".to_owned(),
-        ),
     }
 }
 

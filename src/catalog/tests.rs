@@ -909,14 +909,26 @@ fn paths_are_classified_in_canonical_form() {
         "//v1/people/match",
         "//people/match",
     ] {
-        assert_eq!(catalog.classify("POST", path).name(), "people_match", "{path:?}");
+        assert_eq!(
+            catalog.classify("POST", path).name(),
+            "people_match",
+            "{path:?}"
+        );
     }
     // An escaped reserved character is not a separator: one segment, no endpoint.
-    assert_eq!(catalog.classify("POST", "/api/v1/people%2Fmatch").name(), "other");
-    assert_eq!(catalog.classify("POST", "/api/v1/people%2fmatch").name(), "other");
+    assert_eq!(
+        catalog.classify("POST", "/api/v1/people%2Fmatch").name(),
+        "other"
+    );
+    assert_eq!(
+        catalog.classify("POST", "/api/v1/people%2fmatch").name(),
+        "other"
+    );
     // `organizations//job_postings` is `organizations/job_postings`: a record id to Rails.
     assert_eq!(
-        catalog.classify("GET", "/v1/organizations//job_postings").name(),
+        catalog
+            .classify("GET", "/v1/organizations//job_postings")
+            .name(),
         "organization_get"
     );
 }
@@ -941,7 +953,10 @@ fn named_free_endpoints_cost_nothing() {
                 &RequestParams::default(),
                 &view(200, None, br#"{"healthy": true, "is_logged_in": true}"#),
             );
-            assert_eq!((p.credits, p.source), (milli(0, 0, 0), CreditSource::Catalog));
+            assert_eq!(
+                (p.credits, p.source),
+                (milli(0, 0, 0), CreditSource::Catalog)
+            );
             assert_eq!(ep.worst_case_milli(&RequestParams::default()), Some(0));
         }
     }
@@ -964,10 +979,15 @@ fn organizations_bulk_enrich_counts_details_before_domains() {
     let ep = catalog.classify("POST", "/api/v1/organizations/bulk_enrich");
     let requested = |query: Option<&str>, body: Value| {
         let req = RequestParams::parse(query, body.to_string().as_bytes());
-        let p = catalog.price(ep, &req, &view(200, None, orgs(&[Some("o1"), None]).to_string().as_bytes()));
+        let p = catalog.price(
+            ep,
+            &req,
+            &view(200, None, orgs(&[Some("o1"), None]).to_string().as_bytes()),
+        );
         (p.records_requested, p.credits, ep.worst_case_milli(&req))
     };
-    let details = json!({"details": [{"domain": "a.com"}, {"name": "google"}, {"linkedin_url": "l"}]});
+    let details =
+        json!({"details": [{"domain": "a.com"}, {"name": "google"}, {"linkedin_url": "l"}]});
     // `details` only, `domains[]` only, and both: `details` takes precedence.
     assert_eq!(
         requested(None, details.clone()),
@@ -991,7 +1011,13 @@ fn organizations_bulk_enrich_counts_details_before_domains() {
     let p = catalog.price(
         ep,
         &req,
-        &view(200, None, orgs(&[Some("o1"), Some("o1"), Some("o3")]).to_string().as_bytes()),
+        &view(
+            200,
+            None,
+            orgs(&[Some("o1"), Some("o1"), Some("o3")])
+                .to_string()
+                .as_bytes(),
+        ),
     );
     assert_eq!((p.credits, p.records_matched), (milli(2000, 0, 0), Some(3)));
 }
@@ -1035,13 +1061,20 @@ fn form_and_compressed_request_bodies_price_like_json() -> TestResult {
     let json_body = br#"{"details":[{"email":"a@x.com"},{"email":"b@y.com","id":"p2"},{"email":"c@z.com"}],"reveal_phone_number":true}"#;
     // Rails keys: a key the last element already has starts the next one.
     let form_body = b"details[][email]=a%40x.com&details[][email]=b%40y.com&details[][id]=p2&details[][email]=c%40z.com&reveal_phone_number=true";
-    let want = price(&request(Some("application/json"), None, json_body), "/v1/people/bulk_match");
+    let want = price(
+        &request(Some("application/json"), None, json_body),
+        "/v1/people/bulk_match",
+    );
     assert_eq!(want.2, Some(3));
     for req in [
         request(Some("application/x-www-form-urlencoded"), None, form_body),
         request(None, None, form_body),
         request(Some("application/json"), Some("gzip"), &gzip(json_body)?),
-        request(Some("application/x-www-form-urlencoded"), Some("br"), &brotli(form_body)?),
+        request(
+            Some("application/x-www-form-urlencoded"),
+            Some("br"),
+            &brotli(form_body)?,
+        ),
         request(None, Some("deflate"), &zlib(form_body)?),
     ] {
         assert_eq!(req.note(), None);
@@ -1066,36 +1099,66 @@ fn unreadable_request_bodies_are_priced_at_the_worst_case() -> TestResult {
     };
     let bomb = gzip(&vec![b' '; 4 << 20])?;
     for (req, why) in [
-        (request(Some("application/json"), None, b"{\"email\": "), "not valid JSON"),
-        (request(Some("text/plain"), None, b"email=a"), "Content-Type `text/plain`"),
-        (request(None, Some("gzip"), &cut), "could not be decoded: gzip"),
+        (
+            request(Some("application/json"), None, b"{\"email\": "),
+            "not valid JSON",
+        ),
+        (
+            request(Some("text/plain"), None, b"email=a"),
+            "Content-Type `text/plain`",
+        ),
+        (
+            request(None, Some("gzip"), &cut),
+            "could not be decoded: gzip",
+        ),
         (request(None, Some("gzip"), &bomb), "exceeds 1 MiB cap"),
     ] {
         // Reserved at the worst case: as if every parameter a charge depends on were set.
-        assert_eq!(match_ep.worst_case(&req), match_ep.worst_case(&every_flag), "{why}");
+        assert_eq!(
+            match_ep.worst_case(&req),
+            match_ep.worst_case(&every_flag),
+            "{why}"
+        );
         let answer = json!({"person": person("p1"), "request_id": -42}).to_string();
         let p = catalog.price(match_ep, &req, &view(200, None, answer.as_bytes()));
         let expected = catalog.price(match_ep, &every_flag, &view(200, None, answer.as_bytes()));
         assert_eq!(p.credits, expected.credits, "{why}");
         assert_eq!(p.source, CreditSource::Estimated, "{why}");
         let note = p.note.unwrap_or_default();
-        assert!(note.contains(why) && note.contains("priced as if it asked for everything"), "{note}");
+        assert!(
+            note.contains(why) && note.contains("priced as if it asked for everything"),
+            "{note}"
+        );
         // A miss is still free: the charges read the answer, and there is nothing in it.
         let p = catalog.price(match_ep, &req, &view(200, None, br#"{"person": null}"#));
         assert_eq!(p.credits, milli(0, 0, 0), "{why}");
 
         // Where no charge depends on a parameter, the answer alone prices the call exactly.
         let ep = catalog.classify("POST", "/api/v1/organizations/enrich");
-        let p = catalog.price(ep, &req, &view(200, None, br#"{"organization": {"id": "o"}}"#));
-        assert_eq!((p.credits, p.source, p.note), (milli(1000, 0, 0), CreditSource::Catalog, None));
+        let p = catalog.price(
+            ep,
+            &req,
+            &view(200, None, br#"{"organization": {"id": "o"}}"#),
+        );
+        assert_eq!(
+            (p.credits, p.source, p.note),
+            (milli(1000, 0, 0), CreditSource::Catalog, None)
+        );
     }
     // A readable plain request is exact.
     let p = catalog.price(
         match_ep,
         &request(Some("application/json"), None, br#"{"email":"a@x.com"}"#),
-        &view(200, None, json!({"person": person("p1")}).to_string().as_bytes()),
+        &view(
+            200,
+            None,
+            json!({"person": person("p1")}).to_string().as_bytes(),
+        ),
     );
-    assert_eq!((p.credits, p.source), (milli(1000, 0, 0), CreditSource::Catalog));
+    assert_eq!(
+        (p.credits, p.source),
+        (milli(1000, 0, 0), CreditSource::Catalog)
+    );
     Ok(())
 }
 
@@ -1198,7 +1261,10 @@ fn truncated_bodies_are_priced_at_the_worst_case() -> TestResult {
     );
     // Free endpoints stay free, non-2xx answers stay 0.
     let p = price_raw("POST", "/v1/mixed_people/api_search", &req, resp);
-    assert_eq!((p.credits, p.source), (milli(0, 0, 0), CreditSource::Catalog));
+    assert_eq!(
+        (p.credits, p.source),
+        (milli(0, 0, 0), CreditSource::Catalog)
+    );
     let p = price_raw(
         "POST",
         "/v1/people/match",
@@ -1278,7 +1344,9 @@ fn wrong_shapes_are_noted() {
     );
     let catalog = Catalog::builtin();
     let reveal = RequestParams::parse(None, br#"{"reveal_phone_number": true}"#);
-    let worst = catalog.classify("POST", "/v1/people/match").worst_case(&reveal);
+    let worst = catalog
+        .classify("POST", "/v1/people/match")
+        .worst_case(&reveal);
     assert_eq!(
         (Some(p.credits), p.source, p.records_matched),
         (worst, CreditSource::Estimated, None)
@@ -1571,12 +1639,16 @@ fn endpoints_are_validated() {
         .contains("`param_len` needs a parameter name"));
     assert!(records("records_requested = { param_len = [] }\n")
         .contains("`param_len` needs a parameter name (or a list of them)"));
-    assert!(records("records_requested = { param_len = \"d\", max = -2 }\n")
-        .contains("`max = -2` must not be negative"));
+    assert!(
+        records("records_requested = { param_len = \"d\", max = -2 }\n")
+            .contains("`max = -2` must not be negative")
+    );
     assert!(records("records_requested = { fixed = 1, max = 3 }\n")
         .contains("`max` only applies to `param_len`"));
-    assert!(records("records_requested = { param_len = \"d\", fixed = 1 }\n")
-        .contains("either `param_len` or `fixed`"));
+    assert!(
+        records("records_requested = { param_len = \"d\", fixed = 1 }\n")
+            .contains("either `param_len` or `fixed`")
+    );
     assert!(records("records_requested = {}\n").contains("needs `param_len"));
     assert!(records("records_requested = { count = 1 }\n").contains("unknown field `count`"));
     assert!(records("records_matched = { items = [] }\n")

@@ -361,16 +361,13 @@ impl Proxy {
         query: Option<&str>,
         body: Bytes,
     ) -> Result<Request<Full<Bytes>>, Rejection> {
-        let uri = self
-            .upstream
-            .uri_for(path, query)
-            .map_err(|e| {
-                Rejection::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_path",
-                    format!("cannot forward this path: {e}"),
-                )
-            })?;
+        let uri = self.upstream.uri_for(path, query).map_err(|e| {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                format!("cannot forward this path: {e}"),
+            )
+        })?;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         parts.headers.remove(header::CONTENT_LENGTH);

@@ -353,7 +353,9 @@ mod tests {
         assert!(parse_body(b"  \n").unwrap().is_empty());
         // Forms and compressed bodies, as Rails reads them.
         assert_eq!(
-            Value::Object(parse_body(b"details[][email]=a%40x.com&reveal_phone_number=true").unwrap()),
+            Value::Object(
+                parse_body(b"details[][email]=a%40x.com&reveal_phone_number=true").unwrap()
+            ),
             json!({"details": [{"email": "a@x.com"}], "reveal_phone_number": "true"})
         );
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
