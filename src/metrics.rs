@@ -685,6 +685,31 @@ mod tests {
     }
 
     #[test]
+    fn unpriced_answers_are_counted_by_method_and_their_paths_remembered_within_a_bound() {
+        let m = Metrics::new(10, "test", crate::config::OnLedgerError::Spool).unwrap();
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            text.contains("creditmeter_unpriced_total{method=\"POST\"} 0"),
+            "{text}"
+        );
+        for i in 0..UNPRICED_LOGGED_MAX + 50 {
+            m.observe_unpriced("POST", &format!("/api/v1/new_endpoint/{i}"));
+            m.observe_unpriced("POST", &format!("/api/v1/new_endpoint/{i}"));
+        }
+        m.observe_unpriced("BREW", "/coffee");
+        let text = String::from_utf8(m.encode()).unwrap();
+        let want = format!(
+            "creditmeter_unpriced_total{{method=\"POST\"}} {}",
+            2 * (UNPRICED_LOGGED_MAX + 50)
+        );
+        assert!(text.contains(&want), "{want} missing in\n{text}");
+        assert!(text.contains("creditmeter_unpriced_total{method=\"other\"} 1"));
+        // Memory stays bounded: the cap, plus the marker that the overflow was announced.
+        let logged = m.unpriced_logged.lock().map(|l| l.len()).unwrap_or(0);
+        assert_eq!(logged, UNPRICED_LOGGED_MAX + 1);
+    }
+
+    #[test]
     fn label_cap_admits_up_to_cap_then_overflows() {
         let m = Metrics::new(2, "test", crate::config::OnLedgerError::Spool).unwrap();
         assert_eq!(m.table_label(Some("a")), "a");

@@ -8,7 +8,8 @@
 //! name = "people_match"
 //! methods = ["GET", "POST"]
 //! paths = ["people/match"]               # `{id}` matches one non-empty segment
-//! records_requested = { fixed = 1 }      # or { param_len = "details" }
+//! records_requested = { fixed = 1 }      # or { param_len = "details", max = 10 },
+//!                                        # { param_len = ["details", "domains"] } (first given)
 //! records_matched = { present = "person" }  # or { nonnull_items = "matches" }, { items = [...] }
 //! reported = "credits_consumed"          # optional: the response's own credit figure
 //!
