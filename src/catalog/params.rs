@@ -180,14 +180,21 @@ fn read_body(body: &RequestBody<'_>) -> Result<Map<String, Value>, String> {
         Some(t) if t == "application/x-www-form-urlencoded" => Some(BodyKind::Form),
         Some(t) => {
             return Err(format!(
-                "request body has Content-Type `{t}`, which creditmeter does not read \
-                 (only JSON and application/x-www-form-urlencoded)"
+                "request body has Content-Type {}, which creditmeter does not read \
+                 (only JSON and application/x-www-form-urlencoded)",
+                quoted_token(&t)
             ));
         }
     };
     let decoded =
         decode_body(body.content_encoding, body.bytes, body.max_decoded).map_err(|e| {
-            let mut why = format!("request body could not be decoded: {e}");
+            let mut why = match &e {
+                super::decode::DecodeError::Unsupported(token) => format!(
+                    "request body could not be decoded: unsupported content-encoding {}",
+                    quoted_token(token)
+                ),
+                e => format!("request body could not be decoded: {e}"),
+            };
             if let Some(source) = std::error::Error::source(&e) {
                 why.push_str(&format!(": {source}"));
             }
@@ -210,6 +217,21 @@ fn read_body(body: &RequestBody<'_>) -> Result<Map<String, Value>, String> {
             )),
             Err(e) => Err(format!("request body is not valid JSON ({e})")),
         },
+    }
+}
+
+/// A caller-supplied header token, quoted for an error message (which the ledger keeps) only
+/// when it looks like a media type or a coding; anything else (long, or odd bytes, which might
+/// be a credential pasted in the wrong place) is not repeated.
+fn quoted_token(token: &str) -> String {
+    let plain = token.len() <= 64
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-/".contains(&b));
+    if plain {
+        format!("`{token}`")
+    } else {
+        "of an unrecognised form".to_owned()
     }
 }
 
@@ -630,6 +652,18 @@ mod tests {
                 Some("zstd"),
                 &b"x"[..],
                 "unsupported content-encoding `zstd`",
+            ),
+            (
+                None,
+                Some("sk_live_0123456789abcdef0123456789abcdef0123456789abcdef0123456789"),
+                &b"x"[..],
+                "unsupported content-encoding of an unrecognised form",
+            ),
+            (
+                Some("x-key=sk_live_123"),
+                None,
+                &b"x"[..],
+                "Content-Type of an unrecognised form",
             ),
             (
                 None,
