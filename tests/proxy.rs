@@ -1631,3 +1631,33 @@ async fn a_2xx_cut_off_by_the_shutdown_hard_stop_is_priced_at_the_worst_case() {
         "{r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_request_bomb_is_decoded_no_further_than_proxy_max_request_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let mut cfg = config_for(&up.url(), None);
+    cfg.proxy.max_request_body = creditmeter::config::ByteSize(64 << 10);
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    // 8 MiB of JSON padding in a few KiB: small on the wire, under the body cap.
+    let mut json = br#"{"email":"a@x.com","pad":""#.to_vec();
+    json.resize(8 << 20, b' ');
+    let bomb = gzipped(&json);
+    assert!(bomb.len() < 64 << 10);
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("x-meter-table", "bomb")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Full::new(Bytes::from(bomb.clone())))
+        .unwrap();
+    let (status, h, _) = send(&client(), req).await;
+    assert_eq!(
+        status, 200,
+        "forwarded as sent: Apollo decides what to make of it"
+    );
+    assert_eq!(up.seen.lock().unwrap()[0].body, Bytes::from(bomb));
+    let (_, _, _, source, error) = row_by_id(&proxy.ledger(), &request_id(&h));
+    assert_eq!(source, "estimated");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("decoded body exceeds 64 KiB cap"), "{error}");
+}

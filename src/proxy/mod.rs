@@ -168,7 +168,12 @@ impl Proxy {
                 content_type: header(header::CONTENT_TYPE),
                 content_encoding: header(header::CONTENT_ENCODING),
                 bytes: &body_bytes,
-                max_decoded: self.meter.max_decoded,
+                // A compressed body may decode to no more than an uncompressed one may be, so
+                // decoding it costs the async worker no more than reading that would.
+                max_decoded: self
+                    .meter
+                    .max_decoded
+                    .min(usize::try_from(self.max_request_body).unwrap_or(usize::MAX)),
             },
         );
         let key_fp = attribution::api_key_from_headers(&parts.headers)
