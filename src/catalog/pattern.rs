@@ -134,10 +134,26 @@ pub(super) fn segments(path: &str) -> impl Iterator<Item = &str> + Clone {
 /// - A trailing slash is kept as sent (at most one); the router ignores it.
 ///
 /// Returns the input unchanged (borrowed) when it is already canonical, which is the usual case.
+/// The result is a fixed point: canonicalising it again changes nothing (a decoded byte can
+/// complete a new escape, as in `%%34%31`, so the rewrite repeats until nothing changes; each
+/// round that changes something shortens the path or upper-cases an escape, so it ends).
 pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
     if is_canonical(path) {
         return std::borrow::Cow::Borrowed(path);
     }
+    let mut current = canonical_once(path);
+    while !is_canonical(&current) {
+        let next = canonical_once(&current);
+        if next == current {
+            break;
+        }
+        current = next;
+    }
+    std::borrow::Cow::Owned(current)
+}
+
+/// One round of [`canonical_path`]'s rewrite.
+fn canonical_once(path: &str) -> String {
     let mut segments: Vec<String> = Vec::new();
     let raw: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let mut trailing = path.ends_with('/');
@@ -161,7 +177,7 @@ pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
     if out.is_empty() || trailing {
         out.push('/');
     }
-    std::borrow::Cow::Owned(out)
+    out
 }
 
 /// True when [`canonical_path`] would return `path` as it is: it starts with `/`, has no empty
@@ -315,6 +331,9 @@ mod tests {
             ("", "/"),
             ("//", "/"),
             ("/é/ü", "/é/ü"),
+            // A decoded byte completing a new escape: decoded too, so the result is stable.
+            ("/%%34%31", "/A"),
+            ("/%%32%66", "/%2F"),
         ] {
             assert_eq!(canonical_path(raw), canonical, "{raw:?}");
             // Canonical is a fixed point.
