@@ -369,9 +369,13 @@ impl Finished {
         };
         // The copy was dropped at the cap: say so, rather than "incomplete (0 bytes kept)".
         let note = match pricing.note {
-            Some(_) if f.body.over_cap => Some(format!(
-                "response body is larger than catalog.max_inspect ({} bytes), so it was not kept for pricing",
-                self.meter.max_inspect
+            Some(n) if f.body.over_cap => Some(format!(
+                "response body is larger than catalog.max_inspect ({} bytes), so it was not kept for pricing{}",
+                self.meter.max_inspect,
+                match n.rfind("; ") {
+                    Some(i) if pricing.source == CreditSource::Estimated => &n[i..],
+                    _ => "",
+                }
             )),
             note => note,
         };
@@ -384,7 +388,8 @@ impl Finished {
             }
             (Some(e), _) => Some(e),
             (None, Some(n))
-                if self.status.is_some_and(|s| (200..300).contains(&s)) && ep.inspects_body() =>
+                if self.status.is_some_and(|s| (200..300).contains(&s))
+                    && (ep.inspects_body() || pricing.source == CreditSource::Estimated) =>
             {
                 Some(format!("pricing: {n}"))
             }

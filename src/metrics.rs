@@ -46,6 +46,9 @@ struct ReconcileMetrics {
     outside_calls: IntCounterVec,
 }
 
+/// How many distinct unpriced paths are logged (and remembered) per process.
+pub const UNPRICED_LOGGED_MAX: usize = 256;
+
 /// Every metric creditmeter exports.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +60,10 @@ pub struct Metrics {
     rate_limit_remaining: IntGaugeVec,
     label_overflow: IntCounterVec,
     reloads: IntCounterVec,
+    /// `creditmeter_unpriced_total{method}`: 2xx answers on endpoint `other`.
+    unpriced: IntCounterVec,
+    /// The distinct paths of unpriced answers already logged (bounded, see [`UNPRICED_LOGGED_MAX`]).
+    unpriced_logged: std::sync::Mutex<std::collections::HashSet<String>>,
     ledger: LedgerMetrics,
     reconcile: ReconcileMetrics,
     budgets: BudgetMetrics,
@@ -116,6 +123,14 @@ impl Metrics {
                 "Calls left in Apollo's current rate-limit window, from its response headers.",
             ),
             &["endpoint", "window"],
+        )?;
+        let unpriced = IntCounterVec::new(
+            Opts::new(
+                "creditmeter_unpriced_total",
+                "2xx answers on paths no catalog endpoint matches (endpoint `other`, priced 0): \
+                 a new or renamed Apollo endpoint shows here first.",
+            ),
+            &["method"],
         )?;
         let label_overflow = IntCounterVec::new(
             Opts::new(
@@ -214,6 +229,7 @@ impl Metrics {
             Box::new(rate_limit.clone()),
             Box::new(rate_limit_remaining.clone()),
             Box::new(label_overflow.clone()),
+            Box::new(unpriced.clone()),
             Box::new(ledger.pending.clone()),
             Box::new(ledger.commit_seconds.clone()),
             Box::new(ledger.errors.clone()),
@@ -253,6 +269,9 @@ impl Metrics {
         for label in ["table", "workflow"] {
             label_overflow.with_label_values(&[label]);
         }
+        for method in ["GET", "POST"] {
+            unpriced.with_label_values(&[method]);
+        }
         Ok(Metrics {
             registry,
             credits,
@@ -263,6 +282,8 @@ impl Metrics {
             rate_limit_remaining,
             label_overflow,
             reloads,
+            unpriced,
+            unpriced_logged: std::sync::Mutex::new(std::collections::HashSet::new()),
             ledger,
             reconcile,
             budgets,
@@ -330,10 +351,51 @@ impl Metrics {
             );
         }
         self.add_records(table, &r.endpoint, r.records_requested, r.records_matched);
+        if r.endpoint == crate::catalog::OTHER_ENDPOINT
+            && r.status.is_some_and(|s| (200..300).contains(&s))
+        {
+            self.observe_unpriced(&r.method, &r.path);
+        }
         if let Some(ms) = r.upstream_ms {
             self.upstream_duration
                 .with_label_values(&[&r.endpoint])
                 .observe(ms as f64 / 1000.0);
+        }
+    }
+
+    /// Counts a 2xx answer on endpoint `other` and logs its path the first time it is seen, so
+    /// a new Apollo endpoint is noticed rather than silently recorded as free. At most
+    /// [`UNPRICED_LOGGED_MAX`] distinct paths are remembered; past that, one more line says
+    /// that further paths are counted but not logged.
+    fn observe_unpriced(&self, method: &str, path: &str) {
+        let method = match method {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => method,
+            _ => "other",
+        };
+        self.unpriced.with_label_values(&[method]).inc();
+        let mut logged = match self.unpriced_logged.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if logged.contains(path) {
+            return;
+        }
+        if logged.len() < UNPRICED_LOGGED_MAX {
+            logged.insert(path.to_owned());
+            tracing::warn!(
+                method,
+                path,
+                "a 2xx answer on a path the catalog does not price (endpoint `other`, 0 credits); \
+                 if Apollo bills this endpoint, add it to the catalog (catalog.path)"
+            );
+        } else if logged.len() == UNPRICED_LOGGED_MAX {
+            // A sentinel no request path can equal (paths start with `/`) marks the notice as given.
+            logged.insert(String::new());
+            tracing::warn!(
+                max = UNPRICED_LOGGED_MAX,
+                "more distinct unpriced paths than are remembered; further ones are counted in \
+                 creditmeter_unpriced_total but not logged"
+            );
         }
     }
 
@@ -642,6 +704,31 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn unpriced_answers_are_counted_by_method_and_their_paths_remembered_within_a_bound() {
+        let m = Metrics::new(10, "test", crate::config::OnLedgerError::Spool).unwrap();
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            text.contains("creditmeter_unpriced_total{method=\"POST\"} 0"),
+            "{text}"
+        );
+        for i in 0..UNPRICED_LOGGED_MAX + 50 {
+            m.observe_unpriced("POST", &format!("/api/v1/new_endpoint/{i}"));
+            m.observe_unpriced("POST", &format!("/api/v1/new_endpoint/{i}"));
+        }
+        m.observe_unpriced("BREW", "/coffee");
+        let text = String::from_utf8(m.encode()).unwrap();
+        let want = format!(
+            "creditmeter_unpriced_total{{method=\"POST\"}} {}",
+            2 * (UNPRICED_LOGGED_MAX + 50)
+        );
+        assert!(text.contains(&want), "{want} missing in\n{text}");
+        assert!(text.contains("creditmeter_unpriced_total{method=\"other\"} 1"));
+        // Memory stays bounded: the cap, plus the marker that the overflow was announced.
+        let logged = m.unpriced_logged.lock().map(|l| l.len()).unwrap_or(0);
+        assert_eq!(logged, UNPRICED_LOGGED_MAX + 1);
     }
 
     #[test]

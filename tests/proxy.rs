@@ -803,18 +803,23 @@ async fn an_upstream_reset_mid_body_is_recorded() {
         "the caller sees the body cut short"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (outcome, credits, err): (String, i64, String) = proxy
+    let (outcome, credits, source, err): (String, i64, String, String) = proxy
         .ledger()
-        .query_row("SELECT outcome, credits_milli, error FROM calls", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT outcome, credits_milli, credit_source, error FROM calls",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .unwrap();
     assert_eq!(outcome, "upstream_error");
+    // Apollo answered 200, so it billed: the most a plain match costs, marked as an estimate.
     assert_eq!(
-        credits, 0,
-        "a cut-short body justifies no body-based charge"
+        (credits, source.as_str()),
+        (1000, "estimated"),
+        "a 2xx cut short is priced at the catalog's worst case"
     );
     assert!(err.contains("upstream response body"), "{err}");
+    assert!(err.contains("priced at the catalog's worst case"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1185,4 +1190,474 @@ async fn metering_off_keeps_every_guard() {
         "only the call that passed every check was sent upstream"
     );
     assert_eq!(calls_after_shutdown(&mut proxy).await, 0);
+}
+
+// --- Requests read as Apollo reads them (issue 13: paths and bodies) ---------------------------
+
+fn gzipped(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// One row's `path`, `endpoint`, `credits_milli`, `credit_source` and `error`.
+fn row_by_id(
+    conn: &rusqlite::Connection,
+    id: &str,
+) -> (String, String, i64, String, Option<String>) {
+    conn.query_row(
+        "SELECT path, endpoint, credits_milli, credit_source, error FROM calls WHERE request_id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    )
+    .unwrap()
+}
+
+fn request_id(h: &http::HeaderMap) -> String {
+    h.get("x-meter-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_forwarded_recorded_and_priced_in_the_form_apollo_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let proxy = Proxy::start(config_for(&up.url(), None), dir.path()).await;
+    let c = client();
+    // (what the caller sent, what upstream must see and the ledger hold, endpoint, credits)
+    let cases = [
+        // A base URL with a trailing slash.
+        (
+            "//api/v1/people/match",
+            "/api/v1/people/match",
+            "people_match",
+            1000,
+        ),
+        (
+            "/api//v1///people/match",
+            "/api/v1/people/match",
+            "people_match",
+            1000,
+        ),
+        (
+            "/api/v1/%70eople/%6Datch",
+            "/api/v1/people/match",
+            "people_match",
+            1000,
+        ),
+        (
+            "/api/v1/people/match/",
+            "/api/v1/people/match/",
+            "people_match",
+            1000,
+        ),
+        (
+            "//v1/./people/x/../match",
+            "/v1/people/match",
+            "people_match",
+            1000,
+        ),
+        // An escaped reserved character is data, not a separator: forwarded escaped (hex
+        // upper-cased, an equivalence), unpriced.
+        (
+            "/api/v1/people%2fmatch",
+            "/api/v1/people%2Fmatch",
+            "other",
+            0,
+        ),
+    ];
+    for (sent, _, _, _) in &cases {
+        let req = http::Request::post(proxy.url(&format!("{sent}?a=1&meter_table=paths")))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"email":"a@x.com"}"#)))
+            .unwrap();
+        let (status, h, _) = send(&c, req).await;
+        assert_eq!(status, 200, "{sent}");
+        let (path, endpoint, credits, _, _) = row_by_id(&proxy.ledger(), &request_id(&h));
+        let (_, canonical, want_endpoint, want_credits) =
+            cases.iter().find(|c| c.0 == *sent).unwrap();
+        assert_eq!(
+            (path.as_str(), endpoint.as_str(), credits),
+            (*canonical, *want_endpoint, *want_credits),
+            "{sent}"
+        );
+    }
+    let seen = up.seen.lock().unwrap().clone();
+    let forwarded: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
+    let want: Vec<String> = cases.iter().map(|c| format!("{}?a=1", c.1)).collect();
+    assert_eq!(
+        forwarded, want,
+        "upstream sees exactly the path that was priced"
+    );
+
+    // The one 2xx no endpoint prices is counted, so a new Apollo endpoint gets noticed.
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "creditmeter_unpriced_total", &[("method", "POST")]),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&m, "creditmeter_unpriced_total", &[("method", "GET")]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn form_and_gzip_request_bodies_go_upstream_as_sent_and_are_priced_like_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let proxy = Proxy::start(config_for(&up.url(), None), dir.path()).await;
+    let c = client();
+    let json = br#"{"email":"a@x.com","reveal_phone_number":true}"#.to_vec();
+    let form = b"email=a%40x.com&reveal_phone_number=true".to_vec();
+    let form_type = "application/x-www-form-urlencoded";
+    // (content type, content encoding, body)
+    let bodies: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
+        ("application/json", None, json.clone()),
+        (form_type, None, form.clone()),
+        ("application/json", Some("gzip"), gzipped(&json)),
+        (form_type, Some("gzip"), gzipped(&form)),
+    ];
+    let mut priced = Vec::new();
+    for (content_type, encoding, body) in &bodies {
+        let mut req = http::Request::post(proxy.url("/api/v1/people/match"))
+            .header("x-meter-table", "bodies")
+            .header("content-type", *content_type);
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", *e);
+        }
+        let (status, h, _) =
+            send(&c, req.body(Full::new(Bytes::from(body.clone()))).unwrap()).await;
+        assert_eq!(status, 200);
+        let (_, _, credits, source, error) = row_by_id(&proxy.ledger(), &request_id(&h));
+        priced.push((credits, source, error));
+    }
+    // The request went upstream byte for byte, with its headers; only our copy was decoded.
+    let seen = up.seen.lock().unwrap().clone();
+    for (s, (content_type, encoding, body)) in seen.iter().zip(&bodies) {
+        assert_eq!(s.body, Bytes::from(body.clone()));
+        assert_eq!(s.headers.get("content-type").unwrap(), *content_type);
+        assert_eq!(
+            s.headers
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap()),
+            *encoding
+        );
+    }
+    // Each form of the same request is priced as the JSON one: the phone reveal was read.
+    let json_priced = priced[0].clone();
+    assert_eq!(json_priced.1, "catalog");
+    for (i, p) in priced.iter().enumerate() {
+        assert_eq!(*p, json_priced, "body {i} ({:?})", bodies[i].0);
+    }
+
+    // A body whose parameters cannot be read: the worst case, estimated, and why.
+    let unreadable: Vec<(&str, Option<&str>, Vec<u8>, &str)> = vec![
+        (
+            "application/json",
+            None,
+            b"{\"email\": ".to_vec(),
+            "request body is not valid JSON",
+        ),
+        (
+            "text/plain",
+            None,
+            b"email=a".to_vec(),
+            "Content-Type `text/plain`",
+        ),
+        (
+            "application/json",
+            Some("gzip"),
+            json.clone(),
+            "could not be decoded: gzip",
+        ),
+    ];
+    for (content_type, encoding, body, why) in unreadable {
+        let mut req = http::Request::post(proxy.url("/api/v1/people/match"))
+            .header("x-meter-table", "bodies")
+            .header("content-type", content_type);
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", e);
+        }
+        let (status, h, _) = send(&c, req.body(Full::new(Bytes::from(body))).unwrap()).await;
+        assert_eq!(status, 200, "{why}");
+        let (_, _, credits, source, error) = row_by_id(&proxy.ledger(), &request_id(&h));
+        assert_eq!(source, "estimated", "{why}");
+        assert!(credits >= json_priced.0, "{why}: {credits}");
+        let error = error.unwrap_or_default();
+        assert!(error.contains(why), "{why}: {error}");
+    }
+}
+
+/// (table, method, path, content type, gzip the body?, body)
+type WorkloadCall = (
+    &'static str,
+    &'static str,
+    String,
+    Option<&'static str>,
+    bool,
+    Vec<u8>,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_table_ledger_equals_the_simulator_for_doubled_slashes_forms_and_gzip() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = Proxy::start(config_for(&sim.url(false), None), dir.path()).await;
+    let c = client();
+    let form_type = "application/x-www-form-urlencoded";
+    let mut calls: Vec<WorkloadCall> = Vec::new();
+    for i in 0..12 {
+        calls.push((
+            "Slashes",
+            "POST",
+            "//api/v1/people/match".into(),
+            Some("application/json"),
+            false,
+            format!(r#"{{"email":"s{i}@acme{i}.com"}}"#).into_bytes(),
+        ));
+        calls.push((
+            "Slashes",
+            "GET",
+            format!("//v1/organizations/enrich?domain=slash{i}.com"),
+            None,
+            false,
+            Vec::new(),
+        ));
+        calls.push((
+            "Slashes",
+            "POST",
+            "/api//v1/%70eople/bulk_match".into(),
+            Some("application/json"),
+            false,
+            format!(r#"{{"details":[{{"email":"b{i}@x{i}.com"}},{{"email":"c{i}@y{i}.com"}}]}}"#)
+                .into_bytes(),
+        ));
+        calls.push((
+            "Forms",
+            "POST",
+            "/api/v1/people/match".into(),
+            Some(form_type),
+            false,
+            format!("email=f{i}%40forms{i}.com&first_name=Ann").into_bytes(),
+        ));
+        calls.push(("Forms", "POST", "/api/v1/people/bulk_match".into(), Some(form_type), false,
+            format!("details[][email]=g{i}%40a.com&details[][email]=h{i}%40b.com&details[][email]=k{i}%40c.com").into_bytes()));
+        calls.push((
+            "Gzip",
+            "POST",
+            "/api/v1/organizations/bulk_enrich".into(),
+            Some("application/json"),
+            true,
+            format!(r#"{{"domains":["gz{i}.com","hz{i}.com"]}}"#).into_bytes(),
+        ));
+        calls.push((
+            "Gzip",
+            "POST",
+            "/v1/people/match".into(),
+            Some(form_type),
+            true,
+            format!("email=z{i}%40gzip{i}.com").into_bytes(),
+        ));
+    }
+    let mut billed: BTreeMap<String, i64> = BTreeMap::new();
+    for (table, method, path, content_type, gzip, body) in &calls {
+        let mut req = http::Request::builder()
+            .method(*method)
+            .uri(proxy.url(path))
+            .header("x-api-key", "k")
+            .header("x-meter-table", *table);
+        if let Some(t) = content_type {
+            req = req.header("content-type", *t);
+        }
+        let body = if *gzip {
+            req = req.header("content-encoding", "gzip");
+            gzipped(body)
+        } else {
+            body.clone()
+        };
+        let (status, h, answer) = send(&c, req.body(Full::new(Bytes::from(body))).unwrap()).await;
+        assert!(status.is_success(), "{method} {path}: {status} {answer:?}");
+        let milli: i64 = h
+            .get("x-sim-billed-milli")
+            .map(|v| v.to_str().unwrap().parse().unwrap())
+            .unwrap_or(0);
+        *billed.entry((*table).to_owned()).or_default() += milli;
+    }
+    let conn = proxy.ledger();
+    let ledger = ledger_by_table(&conn);
+    let m = proxy.metrics().await;
+    for table in ["Slashes", "Forms", "Gzip"] {
+        let want = billed.get(table).copied().unwrap_or(0);
+        assert!(want > 0, "{table}: the workload bills something");
+        assert_eq!(
+            ledger.get(table).copied().unwrap_or(0),
+            want,
+            "{table}: ledger vs simulator"
+        );
+        let metric = metric_sum(&m, "creditmeter_credits_total", &[("table", table)]);
+        assert!(
+            (metric - want as f64 / 1000.0).abs() < 1e-6,
+            "{table}: metric {metric}"
+        );
+    }
+    let total = sim.sim.billed();
+    assert_eq!(
+        billed.values().sum::<i64>(),
+        total.lead_milli + total.direct_dial_milli + total.export_milli
+    );
+    // Every row is priced by its endpoint, under the path Apollo saw, and the form bodies'
+    // `details` were counted.
+    let (other, doubled): (i64, i64) = conn
+        .query_row(
+            "SELECT sum(endpoint = 'other'), sum(instr(path, '//') > 0) FROM calls",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((other, doubled), (0, 0));
+    let requested: i64 = conn
+        .query_row(
+            "SELECT sum(records_requested) FROM calls WHERE table_name = 'Forms' AND endpoint = 'people_bulk_match'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(requested, 12 * 3);
+}
+
+/// An upstream that answers people/match with a 200 head and half a body, then stalls for
+/// `stall` (and then closes).
+async fn half_answer_upstream(stall: Duration) -> std::net::SocketAddr {
+    let (addr, _) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"person\": {\"id\": \"p1\"",
+        stall,
+        false,
+    )
+    .await;
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_cut_short_settles_its_budget_reservation_at_the_worst_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = half_answer_upstream(Duration::from_millis(50)).await;
+    let mut cfg = config_for(&format!("http://{up}"), None);
+    let budgets = creditmeter::config::Config::from_toml(
+        "[[budget]]\nname = \"all\"\nscope = \"global\"\nlimit = 100\nwindow = \"month\"\n",
+    )
+    .unwrap();
+    cfg.budget = budgets.budget;
+    cfg.validate().unwrap();
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("x-meter-table", "cut")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"email":"a@x.com"}"#)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.into_body().collect().await.is_err(), "cut short");
+    let r = wait_rows(&proxy.ledger(), "table_name = 'cut'", 1)
+        .await
+        .remove(0);
+    assert_eq!(
+        (
+            r.outcome.as_str(),
+            r.credits_milli,
+            r.credit_source.as_str()
+        ),
+        ("upstream_error", 1000, "estimated")
+    );
+    // The reservation was settled at that amount, not handed back.
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "creditmeter_budget_spent_credits", &[("budget", "all")]),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_budget_reserved_credits",
+            &[("budget", "all")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_sum(&m, "creditmeter_credits_total", &[("table", "cut")]),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_cut_off_by_the_shutdown_hard_stop_is_priced_at_the_worst_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = half_answer_upstream(Duration::from_secs(30)).await;
+    let mut cfg = config_for(&format!("http://{up}"), None);
+    cfg.shutdown.grace = creditmeter::config::HumanDuration(Duration::from_millis(300));
+    let mut proxy = Proxy::start(cfg, dir.path()).await;
+    let req = http::Request::post(proxy.url("/api/v1/people/bulk_match"))
+        .header("x-meter-table", "stopped")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(
+            b"details[][email]=a%40x.com&details[][email]=b%40y.com",
+        )))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let db = proxy.db.clone();
+    // The body stalls; shutdown's grace passes and the hard stop cuts the call off.
+    let body = tokio::spawn(async move { resp.into_body().collect().await.is_err() });
+    proxy.shutdown().await;
+    assert!(body.await.unwrap(), "the caller sees the body cut off");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let r = rows(&conn, "table_name = 'stopped'");
+    assert_eq!(r.len(), 1, "{r:?}");
+    // Two details asked for: at most two lead credits, recorded as an estimate.
+    assert_eq!(
+        (r[0].status, r[0].credits_milli, r[0].credit_source.as_str()),
+        (Some(200), 2000, "estimated"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_request_bomb_is_decoded_no_further_than_proxy_max_request_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let mut cfg = config_for(&up.url(), None);
+    cfg.proxy.max_request_body = creditmeter::config::ByteSize(64 << 10);
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    // 8 MiB of JSON padding in a few KiB: small on the wire, under the body cap.
+    let mut json = br#"{"email":"a@x.com","pad":""#.to_vec();
+    json.resize(8 << 20, b' ');
+    let bomb = gzipped(&json);
+    assert!(bomb.len() < 64 << 10);
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("x-meter-table", "bomb")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Full::new(Bytes::from(bomb.clone())))
+        .unwrap();
+    let (status, h, _) = send(&client(), req).await;
+    assert_eq!(
+        status, 200,
+        "forwarded as sent: Apollo decides what to make of it"
+    );
+    assert_eq!(up.seen.lock().unwrap()[0].body, Bytes::from(bomb));
+    let (_, _, _, source, error) = row_by_id(&proxy.ledger(), &request_id(&h));
+    assert_eq!(source, "estimated");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("decoded body exceeds 64 KiB cap"), "{error}");
 }

@@ -444,7 +444,7 @@ async fn an_under_priced_catalog_rule_is_named_with_its_ratio_next_to_outside_sp
             rule,
             "credits = 0.5\nper = \"present\"\nfield = \"organization\"",
         )
-        .replace("version = \"apollo-2026-11\"", "version = \"skewed-test\"");
+        .replace("version = \"apollo-2026-12\"", "version = \"skewed-test\"");
     let catalog = dir.path().join("skewed-catalog.toml");
     std::fs::write(&catalog, skewed).unwrap();
 

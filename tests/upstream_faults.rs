@@ -1,8 +1,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Upstream faults (issue 5, point 3): for each way Apollo (or the path to it) can misbehave,
 //! the caller gets a clear error or exactly the upstream bytes, and the ledger row says what
-//! happened (`outcome`, `status`, `error`, `credit_source`) and prices only what the rules can
-//! justify from a complete, readable body. The big-body and bomb tests run the real binary as
+//! happened (`outcome`, `status`, `error`, `credit_source`). A 2xx whose body cannot be read
+//! (cut short, past the deadline, over the cap, corrupt, malformed) was billed by Apollo all the
+//! same, so it is priced at the catalog's worst case for what was asked, with source
+//! `estimated` (issue 13); a non-2xx or no response at all is priced at 0. The big-body and bomb tests run the real binary as
 //! a child process so that its peak memory (`VmHWM`) is creditmeter's alone.
 
 mod common;
@@ -203,7 +205,7 @@ async fn a_reset_or_close_mid_headers_is_a_502_sent_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_mid_body_cuts_the_caller_off_and_prices_nothing() {
+async fn a_reset_mid_body_cuts_the_caller_off_and_is_priced_at_the_worst_case() {
     const HEAD: &[u8] =
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
     const PART: &[u8] = b"{\"person\": {\"id\": \"p1\", \"name\": \"Cut Short\"";
@@ -224,8 +226,8 @@ async fn a_reset_mid_body_cuts_the_caller_off_and_prices_nothing() {
     assert_eq!(r.status, Some(200));
     assert_eq!(
         (r.credits_milli, r.credit_source.as_str()),
-        (0, "none"),
-        "half a person is no evidence of a match"
+        (1000, "estimated"),
+        "Apollo answered 200, so it billed: the most a plain match costs"
     );
     assert_eq!(r.response_bytes, PART.len() as i64);
     let err = r.error.unwrap();
@@ -277,7 +279,11 @@ async fn a_slow_drip_is_cut_off_at_the_timeout() {
     let r = row(&proxy, "drip").await;
     assert_eq!(r.outcome, "upstream_timeout");
     assert_eq!(r.status, Some(200));
-    assert_eq!((r.credits_milli, r.credit_source.as_str()), (0, "none"));
+    assert_eq!(
+        (r.credits_milli, r.credit_source.as_str()),
+        (1000, "estimated"),
+        "a 200 cut off at the deadline is priced at the worst case"
+    );
     assert_eq!(
         r.response_bytes,
         seen.body.len() as i64,
@@ -358,8 +364,9 @@ async fn a_5xx_storm_is_recorded_call_by_call_and_priced_at_zero() {
     assert_eq!(row(&proxy, "after-storm").await.credits_milli, 1000);
 }
 
-/// A complete 200 whose body cannot be priced: the caller gets exactly upstream's bytes, the row
-/// is `ok` with status 200, 0 credits, source `none`, and `error` says why.
+/// A complete 200 whose body cannot be read: the caller gets exactly upstream's bytes, the row
+/// is `ok` with status 200, the worst case of a plain match (1 credit), source `estimated`, and
+/// `error` says why.
 async fn unreadable_body_case(script: &str, table: &str, error_has: &str, expected: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
     let up = Scripted::start().await;
@@ -379,8 +386,8 @@ async fn unreadable_body_case(script: &str, table: &str, error_has: &str, expect
     assert_eq!((r.outcome.as_str(), r.status), ("ok", Some(200)), "{r:?}");
     assert_eq!(
         (r.credits_milli, r.credit_source.as_str()),
-        (0, "none"),
-        "{r:?}"
+        (1000, "estimated"),
+        "an unreadable 200 is priced at the worst case: {r:?}"
     );
     assert_eq!(r.response_bytes, expected.len() as i64);
     let err = r.error.unwrap_or_default();
@@ -391,14 +398,14 @@ async fn unreadable_body_case(script: &str, table: &str, error_has: &str, expect
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_gzip_is_forwarded_as_is_and_priced_at_zero() {
+async fn truncated_gzip_is_forwarded_as_is_and_priced_at_the_worst_case() {
     let full = blob();
     let cut = full.slice(..full.len() / 2);
     unreadable_body_case("truncgz", "truncgz", "gzip decode failed", &cut).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_json_is_forwarded_as_is_and_priced_at_zero() {
+async fn malformed_json_is_forwarded_as_is_and_priced_at_the_worst_case() {
     unreadable_body_case(
         "malformed",
         "malformed",
@@ -409,7 +416,7 @@ async fn malformed_json_is_forwarded_as_is_and_priced_at_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_of_the_wrong_shape_is_forwarded_as_is_and_priced_at_zero() {
+async fn json_of_the_wrong_shape_is_forwarded_as_is_and_priced_at_the_worst_case() {
     unreadable_body_case(
         "shape",
         "shape",
@@ -541,8 +548,8 @@ fn check_big_body_rows(served: &Served, small_mb: usize, big_mb: usize) {
     assert_eq!(big.response_bytes, huge_len(big_mb) as i64);
     assert_eq!(
         (big.credits_milli, big.credit_source.as_str()),
-        (0, "none"),
-        "past the pricing cap the body proves nothing: {big:?}"
+        (1000, "estimated"),
+        "past the pricing cap the body cannot be read: the worst case: {big:?}"
     );
     let err = big.error.unwrap_or_default();
     report(&format!("200 MiB body row: error = {err:?}"));
@@ -589,7 +596,10 @@ async fn a_gzip_bomb_is_stopped_at_the_decode_cap() {
     ));
     let r = served_row(&served, "bomb");
     assert_eq!((r.outcome.as_str(), r.status), ("ok", Some(200)));
-    assert_eq!((r.credits_milli, r.credit_source.as_str()), (0, "none"));
+    assert_eq!(
+        (r.credits_milli, r.credit_source.as_str()),
+        (1000, "estimated")
+    );
     assert_eq!(r.response_bytes, bomb.len() as i64);
     let err = r.error.unwrap_or_default();
     report(&format!("gzip bomb row: error = {err:?}"));

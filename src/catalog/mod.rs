@@ -24,7 +24,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use decode::{decode_body, DecodeError};
-pub use params::{percent_decode_bytes, RequestParams};
+pub use params::{percent_decode_bytes, RequestBody, RequestParams};
+pub use pattern::canonical_path;
 pub use pricing::{CreditSource, Credits, Pricing, ResponseView};
 
 use pattern::Pattern;
@@ -39,6 +40,10 @@ const BUILTIN_ORIGIN: &str = "<built-in apollo-catalog.toml>";
 
 /// The endpoint name of calls no catalog entry matches.
 const OTHER: &str = "other";
+
+/// The endpoint name of calls no catalog entry matches (`other`), as the ledger and metrics
+/// record it.
+pub const OTHER_ENDPOINT: &str = OTHER;
 
 /// A loaded, validated catalog. Immutable, `Send + Sync`; share it in an `Arc`.
 #[derive(Debug)]
@@ -103,11 +108,13 @@ impl Catalog {
         self.endpoints.iter()
     }
 
-    /// The endpoint for a call. `path` is the request path without its query string; one
-    /// trailing `/` is ignored and the method is compared case-insensitively. When several
+    /// The endpoint for a call. `path` is the request path without its query string, taken in
+    /// its [`canonical_path`] form (repeated slashes collapsed, escaped unreserved characters
+    /// decoded, as Apollo's router reads it); one trailing `/` is ignored and the method is
+    /// compared case-insensitively. When several
     /// endpoints match, the pattern with the most literal segments wins (`people/match` over
     /// `people/{id}`), then the earlier one in the file. No match gives the `other` endpoint,
-    /// which charges nothing. Does not allocate.
+    /// which charges nothing. Does not allocate unless the path needs canonicalising.
     pub fn classify(&self, method: &str, path: &str) -> &Endpoint {
         self.endpoint(self.classify_id(method, path))
     }
@@ -115,7 +122,8 @@ impl Catalog {
     /// Like [`classify`](Self::classify), but returns a copyable id to keep with a call across
     /// tasks; [`endpoint`](Self::endpoint) turns it back into the endpoint.
     pub fn classify_id(&self, method: &str, path: &str) -> EndpointId {
-        let segments = pattern::segments(path);
+        let path = canonical_path(path);
+        let segments = pattern::segments(&path);
         self.routes
             .iter()
             .filter(|route| route.pattern.matches(segments.clone()))
@@ -197,6 +205,12 @@ impl Endpoint {
         &self.paths
     }
 
+    /// True when a charge depends on a request parameter (`if_param`), so a request whose
+    /// body cannot be read must be priced at its worst case.
+    pub fn reads_params(&self) -> bool {
+        self.charges.iter().any(|c| c.if_param.is_some())
+    }
+
     /// True when pricing or record counting reads the response body; the proxy copies the
     /// body only then.
     pub fn inspects_body(&self) -> bool {
@@ -204,14 +218,17 @@ impl Endpoint {
     }
 
     /// The most this request can cost, in milli-credits, by the catalog's rules (a figure the
-    /// response reports itself may differ), for budget reservations. An `each` charge is
-    /// bounded by the endpoint's `records_requested`. `None` when there is no bound: the
-    /// `other` endpoint, or an `each` charge whose record count the request does not give.
+    /// response reports itself may differ), for budget reservations and for pricing a call
+    /// whose answer could not be read. An `each` charge is bounded by the endpoint's
+    /// `records_requested` (its count, capped by its `max`; `max` when the count is unknown).
+    /// A request whose body could not be read is assumed to have set every `if_param`. `None`
+    /// when there is no bound: the `other` endpoint, or an `each` charge whose record count
+    /// neither the request nor a `max` gives.
     pub fn worst_case_milli(&self, req: &RequestParams) -> Option<i64> {
         if !self.catalogued {
             return None;
         }
-        let records = self.records_requested.as_ref().and_then(|r| r.count(req));
+        let records = self.records_requested.as_ref().and_then(|r| r.bound(req));
         self.charges
             .iter()
             .filter(|charge| charge.applies(req))
@@ -226,7 +243,7 @@ impl Endpoint {
         if !self.catalogued {
             return None;
         }
-        let records = self.records_requested.as_ref().and_then(|r| r.count(req));
+        let records = self.records_requested.as_ref().and_then(|r| r.bound(req));
         let mut credits = Credits::default();
         for charge in self.charges.iter().filter(|charge| charge.applies(req)) {
             let milli = charge.max_milli(records)?;

@@ -1,10 +1,18 @@
 //! The parameters of one request, as Apollo's Rails server would see them.
 //!
 //! Callers send parameters in the query string (Rails form keys such as `details[][email]`),
-//! in a JSON body, or both; Apollo merges the two. Pricing rules read the merged view:
-//! `reveal_phone_number` to price a phone reveal, `details` to count requested records.
+//! in a body, or both; Rails merges the two, the query string winning key by key
+//! (`ActionDispatch::Http::Parameters#parameters` is `request_parameters.merge(query_parameters)`).
+//! A body is read as Rails reads it: JSON (`application/json`, `…+json`), or a form
+//! (`application/x-www-form-urlencoded`, Rails keys included), after undoing any
+//! `Content-Encoding` (gzip, deflate, br; capped like response bodies). Pricing rules read the
+//! merged view: `reveal_phone_number` to price a phone reveal, `details` to count requested
+//! records. A body that cannot be read leaves the request [`unreadable`](RequestParams::note),
+//! and pricing then assumes the worst case for every parameter a charge depends on.
 
 use serde_json::{Map, Value};
+
+use super::decode::decode_body;
 
 /// Deepest bracket nesting honoured in a query key (`a[b][c]` has 2 levels). Deeper keys are
 /// kept whole as flat keys, which bounds the recursion a hostile query string can cause.
@@ -13,38 +21,67 @@ const MAX_KEY_DEPTH: usize = 16;
 /// Identifier kinds in the order [`RequestParams::identifier_kinds`] reports them (sorted).
 const IDENTIFIER_KINDS: [&str; 5] = ["email", "id", "linkedin_url", "name", "name+domain"];
 
-/// The merged parameters of a request: the query string first, then the top-level keys of a
-/// JSON object body, which win on conflict. Query values are strings; body values keep their
-/// JSON types.
+/// A request body as the caller sent it, with the headers that say how to read it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestBody<'a> {
+    /// The raw `Content-Type` header, e.g. `application/json; charset=utf-8`.
+    pub content_type: Option<&'a str>,
+    /// The raw `Content-Encoding` header, e.g. `gzip`.
+    pub content_encoding: Option<&'a str>,
+    /// The bytes as sent (still encoded).
+    pub bytes: &'a [u8],
+    /// The most bytes decoding may produce (a decompression-bomb guard).
+    pub max_decoded: usize,
+}
+
+/// How a body's media type says to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Form,
+}
+
+/// The merged parameters of a request: the top-level keys of the body, then the query string,
+/// which wins on conflict (as in Rails). Query and form values are strings; JSON values keep
+/// their JSON types.
 #[derive(Debug, Clone, Default)]
 pub struct RequestParams {
     params: Map<String, Value>,
-    note: Option<String>,
+    /// Why the body's parameters could not be read, if they could not.
+    unreadable: Option<String>,
 }
 
 impl RequestParams {
-    /// Merges `query` (without the `?`) and `body`. Never fails: a body that is not a JSON
-    /// object is ignored, and [`note`](Self::note) says why. An empty body is simply absent.
+    /// Merges `query` (without the `?`) and a body read as JSON when it looks like JSON and as
+    /// a form otherwise (no `Content-Type`, no `Content-Encoding`). See
+    /// [`from_request`](Self::from_request).
     pub fn parse(query: Option<&str>, body: &[u8]) -> RequestParams {
-        let mut params = query.map(parse_query).unwrap_or_default();
-        let note = if body.iter().all(u8::is_ascii_whitespace) {
-            None
-        } else {
-            match serde_json::from_slice::<Value>(body) {
-                Ok(Value::Object(fields)) => {
-                    params.extend(fields);
-                    None
-                }
-                Ok(other) => Some(format!(
-                    "request body is a JSON {}, not an object; its parameters were ignored",
-                    json_kind(&other)
-                )),
-                Err(e) => Some(format!(
-                    "request body is not JSON ({e}); its parameters were ignored"
-                )),
-            }
+        RequestParams::from_request(
+            query,
+            &RequestBody {
+                content_type: None,
+                content_encoding: None,
+                bytes: body,
+                max_decoded: usize::MAX,
+            },
+        )
+    }
+
+    /// Merges `query` (without the `?`) and `body`. Never fails: a body that cannot be read
+    /// (an encoding that does not decode or decodes past the cap, malformed JSON, a JSON value
+    /// that is not an object, a media type other than JSON or a form) contributes nothing, and
+    /// [`note`](Self::note) says why. An empty body is simply absent. Without a
+    /// `Content-Type`, a body starting with `{` or `[` is read as JSON and anything else as a
+    /// form (Rack reads a typeless POST body as a form).
+    pub fn from_request(query: Option<&str>, body: &RequestBody<'_>) -> RequestParams {
+        let query = query.map(parse_query).unwrap_or_default();
+        let (mut params, unreadable) = match read_body(body) {
+            Ok(fields) => (fields, None),
+            Err(why) => (Map::new(), Some(why)),
         };
-        RequestParams { params, note }
+        // Rails: `request_parameters.merge(query_parameters)`, so the query string wins.
+        params.extend(query);
+        RequestParams { params, unreadable }
     }
 
     /// The value of a top-level parameter.
@@ -73,9 +110,23 @@ impl RequestParams {
             .filter(|key| !key.is_empty())
     }
 
-    /// Why the body's parameters were ignored, if they were.
+    /// Why the body's parameters could not be read, if they could not; pricing then assumes
+    /// the worst case for every parameter a charge depends on (see
+    /// [`may_be_set`](Self::may_be_set)).
     pub fn note(&self) -> Option<&str> {
-        self.note.as_deref()
+        self.unreadable.as_deref()
+    }
+
+    /// Whether the body's parameters could not be read.
+    pub fn body_unreadable(&self) -> bool {
+        self.unreadable.is_some()
+    }
+
+    /// Whether the request may have set `key` to a true value: it did
+    /// ([`truthy`](Self::truthy)), or its body could not be read, so it may have. Charges
+    /// that depend on a parameter use this, so an unreadable request is priced at its worst case.
+    pub fn may_be_set(&self, key: &str) -> bool {
+        self.unreadable.is_some() || self.truthy(key)
     }
 
     /// The kinds of person identifier the request carries (never their values), sorted:
@@ -114,6 +165,81 @@ impl RequestParams {
             .filter_map(|(kind, present)| present.then_some(*kind))
             .collect()
     }
+}
+
+/// The top-level parameters of a body, or why it cannot be read.
+fn read_body(body: &RequestBody<'_>) -> Result<Map<String, Value>, String> {
+    if body.bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let kind = match media_type(body.content_type) {
+        None => None,
+        Some(t) if t == "application/json" || t.ends_with("+json") || t == "text/json" => {
+            Some(BodyKind::Json)
+        }
+        Some(t) if t == "application/x-www-form-urlencoded" => Some(BodyKind::Form),
+        Some(t) => {
+            return Err(format!(
+                "request body has Content-Type {}, which creditmeter does not read \
+                 (only JSON and application/x-www-form-urlencoded)",
+                quoted_token(&t)
+            ));
+        }
+    };
+    let decoded =
+        decode_body(body.content_encoding, body.bytes, body.max_decoded).map_err(|e| {
+            let mut why = match &e {
+                super::decode::DecodeError::Unsupported(token) => format!(
+                    "request body could not be decoded: unsupported content-encoding {}",
+                    quoted_token(token)
+                ),
+                e => format!("request body could not be decoded: {e}"),
+            };
+            if let Some(source) = std::error::Error::source(&e) {
+                why.push_str(&format!(": {source}"));
+            }
+            why
+        })?;
+    if decoded.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let kind = kind.unwrap_or_else(|| match decoded.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{' | b'[') => BodyKind::Json,
+        _ => BodyKind::Form,
+    });
+    match kind {
+        BodyKind::Form => Ok(parse_query(&String::from_utf8_lossy(&decoded))),
+        BodyKind::Json => match serde_json::from_slice::<Value>(&decoded) {
+            Ok(Value::Object(fields)) => Ok(fields),
+            Ok(other) => Err(format!(
+                "request body is a JSON {}, not an object",
+                json_kind(&other)
+            )),
+            Err(e) => Err(format!("request body is not valid JSON ({e})")),
+        },
+    }
+}
+
+/// A caller-supplied header token, quoted for an error message (which the ledger keeps) only
+/// when it looks like a media type or a coding; anything else (long, or odd bytes, which might
+/// be a credential pasted in the wrong place) is not repeated.
+fn quoted_token(token: &str) -> String {
+    let plain = token.len() <= 64
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-/".contains(&b));
+    if plain {
+        format!("`{token}`")
+    } else {
+        "of an unrecognised form".to_owned()
+    }
+}
+
+/// The media type of a `Content-Type` header, lower-cased, without parameters; `None` when
+/// the header is absent or blank.
+fn media_type(content_type: Option<&str>) -> Option<String> {
+    let t = content_type?.split(';').next()?.trim();
+    (!t.is_empty()).then(|| t.to_ascii_lowercase())
 }
 
 /// A JSON value's type, for messages.
@@ -404,30 +530,164 @@ mod tests {
     }
 
     #[test]
-    fn body_wins_over_query() {
+    fn query_wins_over_body_as_in_rails() {
         let p = RequestParams::parse(
             Some("domain=q.com&api_key=k1&page=2"),
-            br#"{"domain":"b.com"}"#,
+            br#"{"domain":"b.com","per_page":5}"#,
         );
-        assert_eq!(p.get("domain"), Some(&json!("b.com")));
+        assert_eq!(p.get("domain"), Some(&json!("q.com")));
         assert_eq!(p.get("page"), Some(&json!("2")));
+        assert_eq!(p.get("per_page"), Some(&json!(5)));
         assert_eq!(p.api_key(), Some("k1"));
     }
 
-    #[test]
-    fn unusable_bodies_are_noted_not_fatal() {
-        let p = RequestParams::parse(Some("a=1"), b"domain=acme.com");
-        assert!(p
-            .note()
-            .is_some_and(|n| n.starts_with("request body is not JSON")));
-        assert_eq!(p.get("a"), Some(&json!("1")));
+    fn with(content_type: Option<&str>, encoding: Option<&str>, bytes: &[u8]) -> RequestParams {
+        RequestParams::from_request(
+            Some("a=1"),
+            &RequestBody {
+                content_type,
+                content_encoding: encoding,
+                bytes,
+                max_decoded: 1 << 20,
+            },
+        )
+    }
 
-        let p = RequestParams::parse(None, b"[1,2]");
-        assert_eq!(
-            p.note(),
-            Some("request body is a JSON array, not an object; its parameters were ignored")
-        );
-        assert_eq!(RequestParams::parse(None, b" \r\n").note(), None);
+    #[test]
+    fn form_bodies_are_read_with_rails_keys() {
+        let form =
+            b"details[][email]=a%40x.com&details[][email]=b%40y.com&reveal_phone_number=true";
+        for content_type in [
+            Some("application/x-www-form-urlencoded"),
+            Some("Application/X-WWW-Form-Urlencoded; charset=UTF-8"),
+            None,
+        ] {
+            let p = with(content_type, None, form);
+            assert_eq!(p.note(), None, "{content_type:?}");
+            assert_eq!(
+                p.get("details"),
+                Some(&json!([{"email": "a@x.com"}, {"email": "b@y.com"}]))
+            );
+            assert!(p.truthy("reveal_phone_number"));
+            assert_eq!(p.get("a"), Some(&json!("1")));
+        }
+        let p = with(None, None, b"domains[]=a.com&domains[]=b.com");
+        assert_eq!(p.get("domains"), Some(&json!(["a.com", "b.com"])));
+    }
+
+    #[test]
+    fn json_bodies_are_read_by_media_type_or_by_their_first_byte() {
+        let json = br#"{"reveal_phone_number":true,"details":[{"id":"p"}]}"#;
+        for content_type in [
+            Some("application/json"),
+            Some("application/json; charset=utf-8"),
+            Some("application/vnd.api+json"),
+            None,
+        ] {
+            let p = with(content_type, None, json);
+            assert_eq!(p.note(), None, "{content_type:?}");
+            assert!(p.truthy("reveal_phone_number"), "{content_type:?}");
+        }
+    }
+
+    #[test]
+    fn compressed_bodies_are_decoded() -> Result<(), Box<dyn std::error::Error>> {
+        use super::super::testutil::{brotli, gzip, zlib};
+        let json = br#"{"reveal_phone_number":"true"}"#;
+        let form = b"reveal_phone_number=true";
+        for (encoding, bytes) in [
+            ("gzip", gzip(json)?),
+            ("deflate", zlib(json)?),
+            ("br", brotli(json)?),
+            ("gzip", gzip(form)?),
+        ] {
+            let p = with(None, Some(encoding), &bytes);
+            assert_eq!(p.note(), None, "{encoding}");
+            assert!(p.truthy("reveal_phone_number"), "{encoding}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unreadable_bodies_say_why_and_assume_the_worst() -> Result<(), Box<dyn std::error::Error>> {
+        use super::super::testutil::gzip;
+        let broken = {
+            let full = gzip(br#"{"details":[{"id":"p"}]}"#)?;
+            full[..full.len() / 2].to_vec()
+        };
+        let bomb = gzip(&vec![b' '; 2 << 20])?;
+        for (content_type, encoding, bytes, why) in [
+            (
+                Some("application/json"),
+                None,
+                &b"{\"a\":"[..],
+                "request body is not valid JSON",
+            ),
+            (
+                None,
+                None,
+                &b"[1,2]"[..],
+                "request body is a JSON array, not an object",
+            ),
+            (
+                Some("text/plain"),
+                None,
+                &b"x=1"[..],
+                "Content-Type `text/plain`",
+            ),
+            (
+                Some("multipart/form-data; boundary=x"),
+                None,
+                &b"--x"[..],
+                "Content-Type `multipart/form-data`",
+            ),
+            (
+                None,
+                Some("gzip"),
+                &broken[..],
+                "request body could not be decoded: gzip",
+            ),
+            (
+                None,
+                Some("zstd"),
+                &b"x"[..],
+                "unsupported content-encoding `zstd`",
+            ),
+            (
+                None,
+                Some("sk_live_0123456789abcdef0123456789abcdef0123456789abcdef0123456789"),
+                &b"x"[..],
+                "unsupported content-encoding of an unrecognised form",
+            ),
+            (
+                Some("x-key=sk_live_123"),
+                None,
+                &b"x"[..],
+                "Content-Type of an unrecognised form",
+            ),
+            (
+                None,
+                Some("gzip"),
+                &bomb[..],
+                "decoded body exceeds 1 MiB cap",
+            ),
+        ] {
+            let p = with(content_type, encoding, bytes);
+            let note = p.note().unwrap_or_default();
+            assert!(note.contains(why), "{why}: {note}");
+            assert!(p.body_unreadable());
+            // The query string is still read; every flag may have been set.
+            assert_eq!(p.get("a"), Some(&json!("1")));
+            assert!(p.may_be_set("reveal_phone_number"));
+            assert!(!p.truthy("reveal_phone_number"));
+        }
+        // Empty and blank bodies are simply absent, whatever their type.
+        for content_type in [Some("text/plain"), Some("application/json"), None] {
+            assert_eq!(with(content_type, None, b" \r\n").note(), None);
+        }
+        assert_eq!(with(None, None, b"").note(), None);
+        assert!(!with(None, None, b"").may_be_set("reveal_phone_number"));
+        Ok(())
     }
 
     #[test]

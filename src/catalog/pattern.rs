@@ -119,6 +119,154 @@ pub(super) fn segments(path: &str) -> impl Iterator<Item = &str> + Clone {
     path.split('/').filter(move |_| !path.is_empty())
 }
 
+/// The canonical form of a request path, the form creditmeter classifies, records and forwards:
+/// what Apollo's Rails router makes of it, written so that any further normalisation upstream
+/// cannot change it.
+///
+/// - Repeated slashes collapse (`//api/v1//people/match` is `/api/v1/people/match`), as Rails'
+///   `Journey::Router::Utils.normalize_path` squeezes them.
+/// - Percent-encoded unreserved characters (ALPHA, DIGIT, `-`, `.`, `_`, `~`; RFC 3986 §2.3)
+///   are decoded (`%70eople` is `people`), and the hex digits of every other escape are
+///   upper-cased (`%2f` is `%2F`): both are equivalences (RFC 3986 §6.2.2.1–2). An escaped
+///   reserved character such as `%2F` is never decoded, so `people%2Fmatch` stays one segment.
+/// - Dot segments are removed (`/api/v1/./people/x/../match`; RFC 3986 §5.2.4), including
+///   ones spelled `%2E`.
+/// - A trailing slash is kept as sent (at most one); the router ignores it.
+///
+/// Returns the input unchanged (borrowed) when it is already canonical, which is the usual case.
+/// The result is a fixed point: canonicalising it again changes nothing (a decoded byte can
+/// complete a new escape, as in `%%34%31`, so the rewrite repeats until nothing changes; each
+/// round that changes something shortens the path or upper-cases an escape, so it ends).
+pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if is_canonical(path) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut current = canonical_once(path);
+    while !is_canonical(&current) {
+        let next = canonical_once(&current);
+        if next == current {
+            break;
+        }
+        current = next;
+    }
+    std::borrow::Cow::Owned(current)
+}
+
+/// One round of [`canonical_path`]'s rewrite.
+fn canonical_once(path: &str) -> String {
+    let mut segments: Vec<String> = Vec::new();
+    let raw: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let mut trailing = path.ends_with('/');
+    for (i, segment) in raw.iter().enumerate() {
+        let segment = normalise_escapes(segment);
+        let last = i + 1 == raw.len();
+        match segment.as_str() {
+            "." => trailing |= last,
+            ".." => {
+                segments.pop();
+                trailing |= last;
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    out
+}
+
+/// True when [`canonical_path`] would return `path` as it is: it starts with `/`, has no empty
+/// segment except one trailing, no `%` escape to rewrite and no dot segment.
+fn is_canonical(path: &str) -> bool {
+    if path.contains("//") {
+        return false;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return true;
+    }
+    rest.split('/').all(|segment| {
+        !segment.is_empty() && segment != "." && segment != ".." && !needs_escape_work(segment)
+    })
+}
+
+/// Whether a segment holds an escape that [`normalise_escapes`] would change.
+fn needs_escape_work(segment: &str) -> bool {
+    let bytes = segment.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(&h), Some(&l)) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                    h.is_ascii_lowercase() || l.is_ascii_lowercase() || is_unreserved(hex(h, l))
+                }
+                _ => false,
+            }
+    })
+}
+
+/// Decodes escaped unreserved characters and upper-cases the hex of the other escapes. A `%`
+/// not followed by two hex digits is left as it is (the upstream answers such a path itself).
+fn normalise_escapes(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = String::with_capacity(segment.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            if let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2)) {
+                if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() {
+                    let decoded = hex(h, l);
+                    if is_unreserved(decoded) {
+                        out.push(char::from(decoded));
+                    } else {
+                        out.push('%');
+                        out.push(char::from(h.to_ascii_uppercase()));
+                        out.push(char::from(l.to_ascii_uppercase()));
+                    }
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        // Every other byte is copied as it is: the path is valid UTF-8 and multi-byte
+        // sequences never contain `%`.
+        let len = utf8_len(b);
+        out.push_str(segment.get(i..i + len).unwrap_or(""));
+        i += len;
+    }
+    out
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0xf0..=0xff => 4,
+        0xe0..=0xef => 3,
+        0xc0..=0xdf => 2,
+        _ => 1,
+    }
+}
+
+fn hex(high: u8, low: u8) -> u8 {
+    let value = |b: u8| match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b.wrapping_sub(b'A').wrapping_add(10),
+    };
+    value(high) << 4 | value(low)
+}
+
+/// RFC 3986 §2.3: ALPHA / DIGIT / "-" / "." / "_" / "~".
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
 fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
@@ -157,6 +305,44 @@ mod tests {
         assert!(matches("people/match", "/v1", "v1/people/match"));
         assert!(!matches("people/match", "/v1", "/v1/people/match//"));
         assert!(!matches("people/match", "/v1", "//v1/people/match"));
+    }
+
+    #[test]
+    fn canonical_paths_collapse_slashes_and_decode_unreserved_escapes() {
+        for (raw, canonical) in [
+            ("/api/v1/people/match", "/api/v1/people/match"),
+            ("//api/v1/people/match", "/api/v1/people/match"),
+            ("/api//v1///people/match", "/api/v1/people/match"),
+            ("/api/v1/people/match/", "/api/v1/people/match/"),
+            ("/api/v1/people/match//", "/api/v1/people/match/"),
+            ("/api/v1/%70eople/match", "/api/v1/people/match"),
+            ("/api/v1/%50eople/%6d%61tch", "/api/v1/People/match"),
+            ("/api/v1/a%2Db%2E%5F%7E", "/api/v1/a-b._~"),
+            ("/api/v1/people%2Fmatch", "/api/v1/people%2Fmatch"),
+            ("/api/v1/people%2fmatch", "/api/v1/people%2Fmatch"),
+            ("/api/v1/caf%c3%a9", "/api/v1/caf%C3%A9"),
+            ("/api/v1/100%", "/api/v1/100%"),
+            ("/api/v1/%zz/%4", "/api/v1/%zz/%4"),
+            ("/api/v1/./people/x/../match", "/api/v1/people/match"),
+            ("/api/v1/people/%2E%2E/people/match", "/api/v1/people/match"),
+            ("/api/v1/people/..", "/api/v1/"),
+            ("/../../x", "/x"),
+            ("/", "/"),
+            ("", "/"),
+            ("//", "/"),
+            ("/é/ü", "/é/ü"),
+            // A decoded byte completing a new escape: decoded too, so the result is stable.
+            ("/%%34%31", "/A"),
+            ("/%%32%66", "/%2F"),
+        ] {
+            assert_eq!(canonical_path(raw), canonical, "{raw:?}");
+            // Canonical is a fixed point.
+            assert_eq!(canonical_path(canonical), canonical, "{canonical:?}");
+        }
+        assert!(matches!(
+            canonical_path("/api/v1/people/match"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

@@ -1,10 +1,18 @@
 //! Pricing one finished call: endpoint rules × request parameters × decoded response.
 //!
 //! Only a 2xx response on a catalogued endpoint costs anything. Its body is decoded and parsed
-//! once, then every charge whose `if_param` the request set reads it. A body that cannot be
-//! read (cut off, corrupt, not JSON, wrong shape) prices its body-based charges at 0 and says
-//! why in [`Pricing::note`]; a figure Apollo reports itself (`credits_consumed`) wins over the
-//! catalog's own count.
+//! once, then every charge whose `if_param` the request set reads it; a figure Apollo reports
+//! itself (`credits_consumed`) wins over the catalog's own count.
+//!
+//! What cannot be read is priced at the worst case, never at 0, because Apollo billed a 2xx
+//! whether or not creditmeter could read it (source [`CreditSource::Estimated`], the reason in
+//! [`Pricing::note`]):
+//! - a 2xx body a charge needs that cannot be read (cut off after the head, past the upstream
+//!   deadline or the shutdown's hard stop, over the inspection cap, corrupt, not JSON, the wrong
+//!   shape) is priced at the endpoint's [`worst_case`](super::Endpoint::worst_case) for the
+//!   request;
+//! - a request whose body parameters cannot be read is priced as if it had set every
+//!   `if_param` a charge depends on.
 
 use serde_json::{Map, Value};
 
@@ -81,16 +89,21 @@ pub enum CreditSource {
     Reported,
     /// The catalog's rules priced the response.
     Catalog,
-    /// Not priced: unknown endpoint, non-2xx response, or a body the rules could not read.
+    /// The catalog's worst case for what was asked: the answer (or the request's parameters)
+    /// could not be read, so the most the call can have cost was recorded.
+    Estimated,
+    /// Not priced: unknown endpoint or non-2xx response (free), or a body the rules could not
+    /// read on an endpoint whose catalog gives no worst case.
     None,
 }
 
 impl CreditSource {
-    /// The ledger's `credit_source` value: `"reported"`, `"catalog"` or `"none"`.
+    /// The ledger's `credit_source` value: `"reported"`, `"catalog"`, `"estimated"` or `"none"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             CreditSource::Reported => "reported",
             CreditSource::Catalog => "catalog",
+            CreditSource::Estimated => "estimated",
             CreditSource::None => "none",
         }
     }
@@ -147,22 +160,31 @@ pub(super) fn price_with(
         notes.push(note.clone());
     }
 
-    let (mut priced, mut failed) = (false, false);
+    let mut failed = false;
     for charge in ep.charges.iter().filter(|c| c.applies(req)) {
         match charge.milli_for(&body) {
-            Ok(milli) => {
-                pricing.credits.add(charge.credit_type, milli);
-                priced = true;
-            }
+            Ok(milli) => pricing.credits.add(charge.credit_type, milli),
             Err(note) => {
                 notes.push(note);
                 failed = true;
             }
         }
     }
-    // Unpriced only when an applicable charge could not be read and no other one could: an
-    // endpoint with nothing to charge is correctly priced at 0 whatever its body says.
-    if priced || !failed {
+    if failed {
+        // Apollo billed this 2xx whatever creditmeter could read of it: record the most it can
+        // have cost. (An endpoint with nothing to charge never gets here: it is correctly
+        // priced at 0 whatever its body says.)
+        match ep.worst_case(req) {
+            Some(worst) => {
+                pricing.credits = worst;
+                pricing.source = CreditSource::Estimated;
+                notes.push("priced at the catalog's worst case for the request".to_owned());
+            }
+            None => notes.push(
+                "the catalog gives no worst case for this request, so it is priced at 0".to_owned(),
+            ),
+        }
+    } else {
         pricing.source = CreditSource::Catalog;
     }
 
@@ -175,13 +197,23 @@ pub(super) fn price_with(
         }
         if let Some(field) = &ep.reported {
             match reported_milli(field, body) {
-                Ok(Some(total)) => {
+                Ok(Some(total)) if !failed => {
                     pricing.credits = Credits::split_reported(total, pricing.credits);
                     pricing.source = CreditSource::Reported;
                 }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(note) => notes.push(note),
             }
+        }
+    }
+    // Conditional charges were applied on the assumption that an unreadable request asked for
+    // them (`RequestParams::may_be_set`): that is an estimate, unless Apollo reported its figure.
+    if pricing.source == CreditSource::Catalog && ep.reads_params() {
+        if let Some(why) = req.note() {
+            notes.push(format!(
+                "{why}; priced as if it asked for everything a charge depends on"
+            ));
+            pricing.source = CreditSource::Estimated;
         }
     }
     pricing.note = notes.joined();
@@ -295,6 +327,7 @@ mod tests {
     fn credit_source_names_match_the_ledger() {
         assert_eq!(CreditSource::Reported.as_str(), "reported");
         assert_eq!(CreditSource::Catalog.as_str(), "catalog");
+        assert_eq!(CreditSource::Estimated.as_str(), "estimated");
         assert_eq!(CreditSource::None.as_str(), "none");
     }
 

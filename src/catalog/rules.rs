@@ -140,10 +140,12 @@ pub(super) struct Charge {
 
 impl Charge {
     /// Whether the request asked for what this charge prices.
+    /// A request whose body could not be read may have asked for anything, so every
+    /// conditional charge applies to it (its worst case).
     pub(super) fn applies(&self, req: &RequestParams) -> bool {
         self.if_param
             .as_deref()
-            .is_none_or(|param| req.truthy(param))
+            .is_none_or(|param| req.may_be_set(param))
     }
 
     pub(super) fn needs_body(&self) -> bool {
@@ -243,8 +245,14 @@ fn count_entries(items: &[Value], unique_by: Option<&str>) -> i64 {
 /// How many records a request asked for.
 #[derive(Debug, Clone)]
 pub(super) enum RecordsRequested {
-    /// The length of an array parameter, such as `details`; unknown if it is not an array.
-    ParamLen(String),
+    /// The length of the first of these array parameters the request gives, such as
+    /// `details`, then `domains` (Apollo: `details` takes precedence over `domains[]`); unknown
+    /// if the first one present is not an array. `max` is the most records one request can
+    /// ask for (Apollo refuses more), which bounds the worst case when the count is unknown.
+    ParamLen {
+        params: Vec<String>,
+        max: Option<i64>,
+    },
     /// Always this many, such as 1 for a single match.
     Fixed(i64),
 }
@@ -252,11 +260,26 @@ pub(super) enum RecordsRequested {
 impl RecordsRequested {
     pub(super) fn count(&self, req: &RequestParams) -> Option<i64> {
         match self {
-            RecordsRequested::ParamLen(param) => req
-                .get(param)?
-                .as_array()
-                .map(|items| i64::try_from(items.len()).unwrap_or(i64::MAX)),
+            RecordsRequested::ParamLen { params, .. } => {
+                let value = params
+                    .iter()
+                    .find_map(|param| req.get(param).filter(|v| !v.is_null()))?;
+                value
+                    .as_array()
+                    .map(|items| i64::try_from(items.len()).unwrap_or(i64::MAX))
+            }
             RecordsRequested::Fixed(n) => Some(*n),
+        }
+    }
+
+    /// The most records the request can be billed for: its count, capped by `max`, or `max`
+    /// when the count is unknown.
+    pub(super) fn bound(&self, req: &RequestParams) -> Option<i64> {
+        match (self.count(req), self) {
+            (Some(n), RecordsRequested::ParamLen { max: Some(max), .. }) => Some(n.min(*max)),
+            (Some(n), _) => Some(n),
+            (None, RecordsRequested::ParamLen { max, .. }) => *max,
+            (None, RecordsRequested::Fixed(_)) => None,
         }
     }
 }

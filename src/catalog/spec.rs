@@ -1,14 +1,15 @@
 //! The catalog file format (TOML) and its validation into a [`Catalog`].
 //!
 //! ```toml
-//! version = "apollo-2026-11"
+//! version = "apollo-2026-12"
 //! prefixes = ["/api/v1", "/v1", ""]      # patterns are matched under each; "" = host root
 //!
 //! [[endpoint]]
 //! name = "people_match"
 //! methods = ["GET", "POST"]
 //! paths = ["people/match"]               # `{id}` matches one non-empty segment
-//! records_requested = { fixed = 1 }      # or { param_len = "details" }
+//! records_requested = { fixed = 1 }      # or { param_len = "details", max = 10 },
+//!                                        # { param_len = ["details", "domains"] } (first given)
 //! records_matched = { present = "person" }  # or { nonnull_items = "matches" }, { items = [...] }
 //! reported = "credits_consumed"          # optional: the response's own credit figure
 //!
@@ -61,11 +62,22 @@ struct EndpointSpec {
     charges: Vec<Spanned<ChargeSpec>>,
 }
 
+/// `records_requested = { param_len = "details" }`, `{ param_len = ["details", "domains"],
+/// max = 10 }` or `{ fixed = 1 }`.
 #[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum RecordsRequestedSpec {
-    ParamLen(String),
-    Fixed(i64),
+#[serde(deny_unknown_fields)]
+struct RecordsRequestedSpec {
+    param_len: Option<ParamNames>,
+    fixed: Option<i64>,
+    max: Option<i64>,
+}
+
+/// One parameter name, or several in order of precedence.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ParamNames {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -277,15 +289,27 @@ fn http_method(method: &str) -> Result<String, String> {
 }
 
 fn records_requested(spec: &RecordsRequestedSpec) -> Result<RecordsRequested, String> {
-    match spec {
-        RecordsRequestedSpec::ParamLen(param) if param.is_empty() => {
-            Err("`param_len` needs a parameter name".to_owned())
+    match (&spec.param_len, spec.fixed, spec.max) {
+        (Some(names), None, max) => {
+            let params = match names {
+                ParamNames::One(name) => vec![name.clone()],
+                ParamNames::Many(names) => names.clone(),
+            };
+            if params.is_empty() || params.iter().any(String::is_empty) {
+                return Err("`param_len` needs a parameter name (or a list of them)".to_owned());
+            }
+            if let Some(max) = max.filter(|m| *m < 0) {
+                return Err(format!("`max = {max}` must not be negative"));
+            }
+            Ok(RecordsRequested::ParamLen { params, max })
         }
-        RecordsRequestedSpec::ParamLen(param) => Ok(RecordsRequested::ParamLen(param.clone())),
-        RecordsRequestedSpec::Fixed(n) if *n < 0 => {
-            Err(format!("`fixed = {n}` must not be negative"))
+        (None, Some(n), None) if n < 0 => Err(format!("`fixed = {n}` must not be negative")),
+        (None, Some(n), None) => Ok(RecordsRequested::Fixed(n)),
+        (None, Some(_), Some(_)) => Err("`max` only applies to `param_len`".to_owned()),
+        (Some(_), Some(_), _) => Err("give either `param_len` or `fixed`, not both".to_owned()),
+        (None, None, _) => {
+            Err("`records_requested` needs `param_len = \"details\"` or `fixed = 1`".to_owned())
         }
-        RecordsRequestedSpec::Fixed(n) => Ok(RecordsRequested::Fixed(*n)),
     }
 }
 

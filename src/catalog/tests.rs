@@ -80,7 +80,7 @@ fn three_details() -> Value {
 #[test]
 fn builtin_catalog_parses() -> TestResult {
     let catalog = Catalog::from_toml(BUILTIN_TOML, BUILTIN_ORIGIN)?;
-    assert_eq!(catalog.version(), "apollo-2026-11");
+    assert_eq!(catalog.version(), "apollo-2026-12");
     let names: Vec<&str> = catalog.endpoints().map(Endpoint::name).collect();
     assert_eq!(
         names,
@@ -97,6 +97,9 @@ fn builtin_catalog_parses() -> TestResult {
             "news_articles_search",
             "job_postings",
             "usage_stats",
+            "api_usage_stats",
+            "users_api_profile",
+            "auth_health",
         ]
     );
     assert_eq!(Catalog::builtin().endpoints().count(), names.len());
@@ -203,8 +206,8 @@ fn unknown_paths_are_other() {
         "/api/v2/people/match",
         "/api/v1/people/match/extra",
         "/api/v1/people//",
-        "/api/v1/webhook_result/123",
-        "/v1/organizations//job_postings",
+        "/api/v1/people%2Fmatch",
+        "/api/v1/mixed_people/search/../../x",
     ] {
         assert_eq!(catalog.classify("GET", path).name(), "other", "{path:?}");
     }
@@ -890,6 +893,275 @@ fn non_2xx_responses_are_free() {
     assert_eq!((p.source, p.note), (CreditSource::None, None));
 }
 
+// --- paths as Apollo's router reads them ---------------------------------------------------------
+
+#[test]
+fn paths_are_classified_in_canonical_form() {
+    let catalog = Catalog::builtin();
+    for path in [
+        "/api/v1/people/match",
+        "//api/v1/people/match",
+        "/api//v1//people/match",
+        "/api/v1/people/match/",
+        "/api/v1/%70eople/match",
+        "/api/v1/people/%6D%61%74%63%68",
+        "/v1/./people/match",
+        "//v1/people/match",
+        "//people/match",
+    ] {
+        assert_eq!(
+            catalog.classify("POST", path).name(),
+            "people_match",
+            "{path:?}"
+        );
+    }
+    // An escaped reserved character is not a separator: one segment, no endpoint.
+    assert_eq!(
+        catalog.classify("POST", "/api/v1/people%2Fmatch").name(),
+        "other"
+    );
+    assert_eq!(
+        catalog.classify("POST", "/api/v1/people%2fmatch").name(),
+        "other"
+    );
+    // `organizations//job_postings` is `organizations/job_postings`: a record id to Rails.
+    assert_eq!(
+        catalog
+            .classify("GET", "/v1/organizations//job_postings")
+            .name(),
+        "organization_get"
+    );
+}
+
+// --- catalog 2026 ---------------------------------------------------------------------------------
+
+#[test]
+fn named_free_endpoints_cost_nothing() {
+    let catalog = Catalog::builtin();
+    for (method, path, name) in [
+        ("POST", "usage_stats/api_usage_stats", "api_usage_stats"),
+        ("GET", "users/api_profile", "users_api_profile"),
+        ("GET", "auth/health", "auth_health"),
+        ("POST", "usage_stats/credit_usage_stats", "usage_stats"),
+    ] {
+        for prefix in ["/api/v1/", "/v1/", "/"] {
+            let full = format!("{prefix}{path}");
+            let ep = catalog.classify(method, &full);
+            assert_eq!(ep.name(), name, "{method} {full}");
+            let p = catalog.price(
+                ep,
+                &RequestParams::default(),
+                &view(200, None, br#"{"healthy": true, "is_logged_in": true}"#),
+            );
+            assert_eq!(
+                (p.credits, p.source),
+                (milli(0, 0, 0), CreditSource::Catalog)
+            );
+            assert_eq!(ep.worst_case_milli(&RequestParams::default()), Some(0));
+        }
+    }
+    // The documented methods only: a POST to a GET endpoint is not it.
+    assert_eq!(catalog.classify("POST", "/v1/auth/health").name(), "other");
+}
+
+fn orgs(ids: &[Option<&str>]) -> Value {
+    let organizations: Vec<Value> = ids
+        .iter()
+        .map(|id| id.map_or(Value::Null, |id| json!({"id": id, "name": id})))
+        .collect();
+    json!({"status": "success", "total_requested_domains": ids.len(),
+           "organizations": organizations})
+}
+
+#[test]
+fn organizations_bulk_enrich_counts_details_before_domains() {
+    let catalog = Catalog::builtin();
+    let ep = catalog.classify("POST", "/api/v1/organizations/bulk_enrich");
+    let requested = |query: Option<&str>, body: Value| {
+        let req = RequestParams::parse(query, body.to_string().as_bytes());
+        let p = catalog.price(
+            ep,
+            &req,
+            &view(200, None, orgs(&[Some("o1"), None]).to_string().as_bytes()),
+        );
+        (p.records_requested, p.credits, ep.worst_case_milli(&req))
+    };
+    let details =
+        json!({"details": [{"domain": "a.com"}, {"name": "google"}, {"linkedin_url": "l"}]});
+    // `details` only, `domains[]` only, and both: `details` takes precedence.
+    assert_eq!(
+        requested(None, details.clone()),
+        (Some(3), milli(1000, 0, 0), Some(3000))
+    );
+    assert_eq!(
+        requested(Some("domains[]=a.com&domains[]=b.com"), json!({})),
+        (Some(2), milli(1000, 0, 0), Some(2000))
+    );
+    assert_eq!(
+        requested(Some("domains[]=a.com&domains[]=b.com"), details),
+        (Some(3), milli(1000, 0, 0), Some(3000))
+    );
+    // Neither: the most Apollo accepts in one call.
+    assert_eq!(
+        requested(None, json!({})),
+        (None, milli(1000, 0, 0), Some(10_000))
+    );
+    // One credit per organization found, duplicates once.
+    let req = RequestParams::parse(Some("domains[]=a.com&domains[]=a.com&domains[]=c.com"), b"");
+    let p = catalog.price(
+        ep,
+        &req,
+        &view(
+            200,
+            None,
+            orgs(&[Some("o1"), Some("o1"), Some("o3")])
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!((p.credits, p.records_matched), (milli(2000, 0, 0), Some(3)));
+}
+
+#[test]
+fn deprecated_people_search_answers_are_free() {
+    let p = call(
+        "POST",
+        "/api/v1/mixed_people/search",
+        None,
+        json!({"person_titles": ["CEO"]}),
+        422,
+        json!({"error": "This endpoint is deprecated for API callers. Please use the new mixed_people/api_search endpoint"}),
+    );
+    assert_eq!((p.credits, p.source), (milli(0, 0, 0), CreditSource::None));
+}
+
+// --- request bodies Apollo accepts ----------------------------------------------------------------
+
+fn request(content_type: Option<&str>, encoding: Option<&str>, bytes: &[u8]) -> RequestParams {
+    RequestParams::from_request(
+        None,
+        &RequestBody {
+            content_type,
+            content_encoding: encoding,
+            bytes,
+            max_decoded: 1 << 20,
+        },
+    )
+}
+
+#[test]
+fn form_and_compressed_request_bodies_price_like_json() -> TestResult {
+    let catalog = Catalog::builtin();
+    let answer = bulk_response(json!([person("p1"), null, person("p2")]), None).to_string();
+    let price = |req: &RequestParams, path: &str| {
+        let ep = catalog.classify("POST", path);
+        let p = catalog.price(ep, req, &view(200, None, answer.as_bytes()));
+        (p.credits, p.source, p.records_requested, ep.worst_case(req))
+    };
+    let json_body = br#"{"details":[{"email":"a@x.com"},{"email":"b@y.com","id":"p2"},{"email":"c@z.com"}],"reveal_phone_number":true}"#;
+    // Rails keys: a key the last element already has starts the next one.
+    let form_body = b"details[][email]=a%40x.com&details[][email]=b%40y.com&details[][id]=p2&details[][email]=c%40z.com&reveal_phone_number=true";
+    let want = price(
+        &request(Some("application/json"), None, json_body),
+        "/v1/people/bulk_match",
+    );
+    assert_eq!(want.2, Some(3));
+    for req in [
+        request(Some("application/x-www-form-urlencoded"), None, form_body),
+        request(None, None, form_body),
+        request(Some("application/json"), Some("gzip"), &gzip(json_body)?),
+        request(
+            Some("application/x-www-form-urlencoded"),
+            Some("br"),
+            &brotli(form_body)?,
+        ),
+        request(None, Some("deflate"), &zlib(form_body)?),
+    ] {
+        assert_eq!(req.note(), None);
+        assert_eq!(price(&req, "/v1/people/bulk_match"), want);
+        // Through the doubled slash a base URL with a trailing slash makes, too.
+        assert_eq!(price(&req, "//api/v1/people/bulk_match"), want);
+    }
+    Ok(())
+}
+
+#[test]
+fn unreadable_request_bodies_are_priced_at_the_worst_case() -> TestResult {
+    let catalog = Catalog::builtin();
+    let match_ep = catalog.classify("POST", "/api/v1/people/match");
+    let every_flag = RequestParams::parse(
+        Some("reveal_phone_number=true&run_waterfall_email=true&run_waterfall_phone=true"),
+        b"",
+    );
+    let cut = {
+        let full = gzip(br#"{"email":"a@x.com","reveal_phone_number":true}"#)?;
+        full[..full.len() - 9].to_vec()
+    };
+    let bomb = gzip(&vec![b' '; 4 << 20])?;
+    for (req, why) in [
+        (
+            request(Some("application/json"), None, b"{\"email\": "),
+            "not valid JSON",
+        ),
+        (
+            request(Some("text/plain"), None, b"email=a"),
+            "Content-Type `text/plain`",
+        ),
+        (
+            request(None, Some("gzip"), &cut),
+            "could not be decoded: gzip",
+        ),
+        (request(None, Some("gzip"), &bomb), "exceeds 1 MiB cap"),
+    ] {
+        // Reserved at the worst case: as if every parameter a charge depends on were set.
+        assert_eq!(
+            match_ep.worst_case(&req),
+            match_ep.worst_case(&every_flag),
+            "{why}"
+        );
+        let answer = json!({"person": person("p1"), "request_id": -42}).to_string();
+        let p = catalog.price(match_ep, &req, &view(200, None, answer.as_bytes()));
+        let expected = catalog.price(match_ep, &every_flag, &view(200, None, answer.as_bytes()));
+        assert_eq!(p.credits, expected.credits, "{why}");
+        assert_eq!(p.source, CreditSource::Estimated, "{why}");
+        let note = p.note.unwrap_or_default();
+        assert!(
+            note.contains(why) && note.contains("priced as if it asked for everything"),
+            "{note}"
+        );
+        // A miss is still free: the charges read the answer, and there is nothing in it.
+        let p = catalog.price(match_ep, &req, &view(200, None, br#"{"person": null}"#));
+        assert_eq!(p.credits, milli(0, 0, 0), "{why}");
+
+        // Where no charge depends on a parameter, the answer alone prices the call exactly.
+        let ep = catalog.classify("POST", "/api/v1/organizations/enrich");
+        let p = catalog.price(
+            ep,
+            &req,
+            &view(200, None, br#"{"organization": {"id": "o"}}"#),
+        );
+        assert_eq!(
+            (p.credits, p.source, p.note),
+            (milli(1000, 0, 0), CreditSource::Catalog, None)
+        );
+    }
+    // A readable plain request is exact.
+    let p = catalog.price(
+        match_ep,
+        &request(Some("application/json"), None, br#"{"email":"a@x.com"}"#),
+        &view(
+            200,
+            None,
+            json!({"person": person("p1")}).to_string().as_bytes(),
+        ),
+    );
+    assert_eq!(
+        (p.credits, p.source),
+        (milli(1000, 0, 0), CreditSource::Catalog)
+    );
+    Ok(())
+}
+
 // --- response encodings -----------------------------------------------------------------------
 
 #[test]
@@ -928,17 +1200,21 @@ fn a_gzip_bomb_is_stopped_at_the_cap() -> TestResult {
         ..view(200, Some("gzip"), &bomb)
     };
     let p = price_raw("POST", "/v1/people/match", &RequestParams::default(), resp);
+    // Apollo billed the 2xx: the most a plain match costs.
     assert_eq!(
         (p.credits, p.source),
-        (Credits::default(), CreditSource::None)
+        (milli(1000, 0, 0), CreditSource::Estimated)
     );
-    assert_eq!(p.note.as_deref(), Some("decoded body exceeds 1 MiB cap"));
+    assert_eq!(
+        p.note.as_deref(),
+        Some("decoded body exceeds 1 MiB cap; priced at the catalog's worst case for the request")
+    );
     assert_eq!(p.records_matched, None);
     Ok(())
 }
 
 #[test]
-fn truncated_bodies_are_not_priced() -> TestResult {
+fn truncated_bodies_are_priced_at_the_worst_case() -> TestResult {
     let body = gzip(json!({"person": person("p1")}).to_string().as_bytes())?;
     let half = &body[..body.len() / 2];
     let req = RequestParams::default();
@@ -950,15 +1226,55 @@ fn truncated_bodies_are_not_priced() -> TestResult {
     let p = price_raw("POST", "/v1/people/match", &req, resp);
     assert_eq!(
         (p.credits, p.source),
-        (Credits::default(), CreditSource::None)
+        (milli(1000, 0, 0), CreditSource::Estimated)
     );
     assert_eq!(
         p.note,
         Some(format!(
-            "response body is incomplete ({} bytes kept for pricing)",
+            "response body is incomplete ({} bytes kept for pricing); \
+             priced at the catalog's worst case for the request",
             half.len()
         ))
     );
+
+    // A bulk match cut short: one credit per detail asked for, or the most Apollo accepts.
+    let resp = ResponseView {
+        truncated: true,
+        ..view(200, None, b"{\"matches\": [")
+    };
+    let details = RequestParams::parse(None, three_details().to_string().as_bytes());
+    let p = price_raw("POST", "/v1/people/bulk_match", &details, resp);
+    assert_eq!(
+        (p.credits, p.source),
+        (milli(3000, 0, 0), CreditSource::Estimated)
+    );
+    let p = price_raw("POST", "/v1/people/bulk_match", &req, resp);
+    assert_eq!(
+        (p.credits, p.source),
+        (milli(10_000, 0, 0), CreditSource::Estimated)
+    );
+    // An endpoint that charges per 2xx needs no body: exact, whatever happened to it.
+    let p = price_raw("GET", "/v1/people/p1", &req, resp);
+    assert_eq!(
+        (p.credits, p.source),
+        (milli(1000, 0, 0), CreditSource::Catalog)
+    );
+    // Free endpoints stay free, non-2xx answers stay 0.
+    let p = price_raw("POST", "/v1/mixed_people/api_search", &req, resp);
+    assert_eq!(
+        (p.credits, p.source),
+        (milli(0, 0, 0), CreditSource::Catalog)
+    );
+    let p = price_raw(
+        "POST",
+        "/v1/people/match",
+        &req,
+        ResponseView {
+            status: 503,
+            ..resp
+        },
+    );
+    assert_eq!((p.credits, p.source), (milli(0, 0, 0), CreditSource::None));
 
     // Cut short upstream (the tap did not truncate it): a decode error.
     let p = price_raw(
@@ -967,7 +1283,7 @@ fn truncated_bodies_are_not_priced() -> TestResult {
         &req,
         view(200, Some("gzip"), half),
     );
-    assert_eq!(p.source, CreditSource::None);
+    assert_eq!(p.source, CreditSource::Estimated);
     assert!(p
         .note
         .is_some_and(|n| n.starts_with("gzip decode failed: ")));
@@ -982,10 +1298,10 @@ fn unknown_encodings_are_named() {
         &RequestParams::default(),
         view(200, Some("zstd"), b"\x28\xb5"),
     );
-    assert_eq!(p.source, CreditSource::None);
+    assert_eq!(p.source, CreditSource::Estimated);
     assert_eq!(
         p.note.as_deref(),
-        Some("unsupported content-encoding `zstd`")
+        Some("unsupported content-encoding `zstd`; priced at the catalog's worst case for the request")
     );
 }
 
@@ -1000,7 +1316,7 @@ fn malformed_json_is_noted() {
     );
     assert_eq!(
         (p.credits, p.source),
-        (Credits::default(), CreditSource::None)
+        (milli(1000, 0, 0), CreditSource::Estimated)
     );
     assert!(p
         .note
@@ -1009,11 +1325,11 @@ fn malformed_json_is_noted() {
     let p = price_raw("POST", "/v1/people/match", &req, view(200, None, b"[1,2]"));
     assert_eq!(
         p.note.as_deref(),
-        Some("response body is a JSON array, not an object")
+        Some("response body is a JSON array, not an object; priced at the catalog's worst case for the request")
     );
 
     let p = price_raw("POST", "/v1/people/match", &req, view(200, None, b""));
-    assert_eq!(p.source, CreditSource::None);
+    assert_eq!(p.source, CreditSource::Estimated);
 }
 
 #[test]
@@ -1026,13 +1342,18 @@ fn wrong_shapes_are_noted() {
         200,
         json!({"person": 5}),
     );
+    let catalog = Catalog::builtin();
+    let reveal = RequestParams::parse(None, br#"{"reveal_phone_number": true}"#);
+    let worst = catalog
+        .classify("POST", "/v1/people/match")
+        .worst_case(&reveal);
     assert_eq!(
-        (p.credits, p.source, p.records_matched),
-        (Credits::default(), CreditSource::None, None)
+        (Some(p.credits), p.source, p.records_matched),
+        (worst, CreditSource::Estimated, None)
     );
     assert_eq!(
         p.note.as_deref(),
-        Some("response field `person` is a number, expected an object")
+        Some("response field `person` is a number, expected an object; priced at the catalog's worst case for the request")
     );
 
     let p = call(
@@ -1045,14 +1366,14 @@ fn wrong_shapes_are_noted() {
     );
     assert_eq!(
         (p.credits, p.source),
-        (Credits::default(), CreditSource::None)
+        (milli(3000, 0, 0), CreditSource::Estimated)
     );
     assert_eq!(
         p.note.as_deref(),
-        Some("response field `matches` is a string, expected an array")
+        Some("response field `matches` is a string, expected an array; priced at the catalog's worst case for the request")
     );
 
-    // The reported figure still counts when the matches cannot be read.
+    // A reported figure is not trusted from an answer whose matches cannot be read.
     let p = call(
         "POST",
         "/v1/people/bulk_match",
@@ -1063,7 +1384,7 @@ fn wrong_shapes_are_noted() {
     );
     assert_eq!(
         (p.credits, p.source),
-        (milli(2000, 0, 0), CreditSource::Reported)
+        (milli(3000, 0, 0), CreditSource::Estimated)
     );
     assert!(p.note.is_some());
 }
@@ -1148,9 +1469,10 @@ fn worst_case_bounds_a_request() {
         worst("POST", "/v1/people/bulk_match", None, reveal),
         Some(27_000)
     );
+    // No `details`: at most the 10 Apollo accepts in one call.
     assert_eq!(
         worst("POST", "/v1/people/bulk_match", None, Value::Null),
-        None
+        Some(10_000)
     );
     assert_eq!(
         worst("POST", "/v1/mixed_companies/search", None, Value::Null),
@@ -1315,6 +1637,20 @@ fn endpoints_are_validated() {
         .contains("`fixed = -1` must not be negative"));
     assert!(records("records_requested = { param_len = \"\" }\n")
         .contains("`param_len` needs a parameter name"));
+    assert!(records("records_requested = { param_len = [] }\n")
+        .contains("`param_len` needs a parameter name (or a list of them)"));
+    assert!(
+        records("records_requested = { param_len = \"d\", max = -2 }\n")
+            .contains("`max = -2` must not be negative")
+    );
+    assert!(records("records_requested = { fixed = 1, max = 3 }\n")
+        .contains("`max` only applies to `param_len`"));
+    assert!(
+        records("records_requested = { param_len = \"d\", fixed = 1 }\n")
+            .contains("either `param_len` or `fixed`")
+    );
+    assert!(records("records_requested = {}\n").contains("needs `param_len"));
+    assert!(records("records_requested = { count = 1 }\n").contains("unknown field `count`"));
     assert!(records("records_matched = { items = [] }\n")
         .contains("`items` must list at least one field"));
     assert!(records("reported = \"\"\n").starts_with("my.toml:8: endpoint `e`: field `` must be"));

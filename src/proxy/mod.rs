@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::attribution::{self, Attribution, KeyFingerprinter};
-use crate::catalog::{Catalog, RequestParams};
+use crate::catalog::{canonical_path, Catalog, RequestBody, RequestParams};
 use crate::guard::{Guard, Refusal};
 use crate::ledger::Outcome;
 use crate::meter::{now_ms, CallContext, CallMeter, Captured, Finish, Meter, RequestIds};
@@ -119,7 +119,8 @@ impl Proxy {
         let started_at = now_ms();
         let (mut parts, body) = req.into_parts();
         let method = parts.method.clone();
-        let path = parts.uri.path().to_owned();
+        // Classified, recorded and forwarded in one form: what Apollo's router makes of it.
+        let path = canonical_path(parts.uri.path()).into_owned();
         let settings = self.settings();
         let catalog = settings.catalog.clone();
         let endpoint = catalog.classify_id(method.as_str(), &path);
@@ -158,7 +159,23 @@ impl Proxy {
             Err(r) => return Ok(self.refuse(refused(attribution), r).await),
         };
 
-        let params = RequestParams::parse(query.as_deref(), &body_bytes);
+        // Our copy of the parameters, read as Apollo reads them (JSON or form, decoded); the
+        // body itself goes upstream byte for byte.
+        let header = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let params = RequestParams::from_request(
+            query.as_deref(),
+            &RequestBody {
+                content_type: header(header::CONTENT_TYPE),
+                content_encoding: header(header::CONTENT_ENCODING),
+                bytes: &body_bytes,
+                // A compressed body may decode to no more than an uncompressed one may be, so
+                // decoding it costs the async worker no more than reading that would.
+                max_decoded: self
+                    .meter
+                    .max_decoded
+                    .min(usize::try_from(self.max_request_body).unwrap_or(usize::MAX)),
+            },
+        );
         let key_fp = attribution::api_key_from_headers(&parts.headers)
             .or_else(|| params.api_key())
             .map(|k| self.fingerprints.fingerprint(k));
@@ -174,6 +191,7 @@ impl Proxy {
             key_fp,
             request_bytes: body_bytes.len() as i64,
         };
+        let forward_path = ctx.path.clone();
         // Admission: a held call, or one whose worst case would cross a block budget, costs
         // nothing upstream. An admitted call's reservation settles when its meter finishes.
         // (It may wait up to guard.admission_wait for calls in flight to settle.)
@@ -183,7 +201,7 @@ impl Proxy {
         };
         let call = CallMeter::new(self.meter.clone(), ctx).with_admission(admission);
 
-        let up = match self.upstream_request(parts, query.as_deref(), body_bytes) {
+        let up = match self.upstream_request(parts, &forward_path, query.as_deref(), body_bytes) {
             Ok(up) => up,
             Err(r) => return Ok(self.fail_with(call, r, Outcome::Rejected).await),
         };
@@ -240,7 +258,8 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let (_, query) = self.screen(&mut parts, self.settings().require_table)?;
         let body = self.read_body(&parts.headers, body).await?;
-        self.upstream_request(parts, query.as_deref(), body)
+        let path = canonical_path(parts.uri.path()).into_owned();
+        self.upstream_request(parts, &path, query.as_deref(), body)
     }
 
     /// What every call must pass, metered or not: the guards (no CONNECT, no absolute-form
@@ -337,24 +356,23 @@ impl Proxy {
         }
     }
 
-    /// The upstream request: same method, path, query (minus `meter_*`), headers (minus
-    /// hop-by-hop ones and `Host`) and body.
+    /// The upstream request: same method, query (minus `meter_*`), headers (minus hop-by-hop
+    /// ones and `Host`) and body, byte for byte; the path in its canonical form (`path`, from
+    /// [`canonical_path`]), which Apollo's router reads exactly as it reads the caller's.
     fn upstream_request(
         &self,
         mut parts: request::Parts,
+        path: &str,
         query: Option<&str>,
         body: Bytes,
     ) -> Result<Request<Full<Bytes>>, Rejection> {
-        let uri = self
-            .upstream
-            .uri_for(parts.uri.path(), query)
-            .map_err(|e| {
-                Rejection::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_path",
-                    format!("cannot forward this path: {e}"),
-                )
-            })?;
+        let uri = self.upstream.uri_for(path, query).map_err(|e| {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                format!("cannot forward this path: {e}"),
+            )
+        })?;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         parts.headers.remove(header::CONTENT_LENGTH);
