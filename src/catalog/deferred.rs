@@ -17,8 +17,10 @@
 //! ```toml
 //! [endpoint.deferred]
 //! job_id = "request_id"                  # the sync answer's field holding Apollo's job id
-//! result_reported = "credits_consumed"   # the result's own figure: wins when it is a number
-//! result_people = "people"               # the result's array of people, priced otherwise
+//! # the result's own figure (wins when it is a number), and its array of people (priced
+//! # otherwise); a list is tried in order, the first field present wins
+//! result_reported = ["webhook_result.credits_consumed", "credits_consumed"]
+//! result_people = ["webhook_result.people", "people"]
 //!
 //! [[endpoint.deferred.charge]]
 //! param = "reveal_phone_number"          # the request parameter that starts this part
@@ -49,10 +51,39 @@ const MAX_CREDITS: f64 = 1_000_000.0;
 #[serde(deny_unknown_fields)]
 pub(super) struct DeferredToml {
     job_id: String,
-    result_reported: Option<String>,
-    result_people: Option<String>,
+    result_reported: Option<OneOrMany>,
+    result_people: Option<OneOrMany>,
     #[serde(default, rename = "charge")]
     charges: Vec<DeferredChargeToml>,
+}
+
+/// A field path, or several tried in order (the first present wins).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn paths(&self) -> Result<Vec<FieldPath>, String> {
+        let list = match self {
+            OneOrMany::One(p) => std::slice::from_ref(p),
+            OneOrMany::Many(ps) => ps.as_slice(),
+        };
+        if list.is_empty() {
+            return Err("a result field list must name at least one field".into());
+        }
+        list.iter().map(|p| FieldPath::parse(p)).collect()
+    }
+}
+
+/// The first of `paths` present (and not null) in `body`.
+fn first<'a>(paths: &[FieldPath], body: &'a Map<String, Value>) -> Option<(&'a Value, usize)> {
+    paths
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| p.lookup(body).filter(|v| !v.is_null()).map(|v| (v, i)))
 }
 
 #[derive(Deserialize)]
@@ -89,8 +120,10 @@ enum ResultRule {
 #[derive(Debug, Clone)]
 pub struct DeferredSpec {
     job_id: FieldPath,
-    result_reported: Option<FieldPath>,
-    result_people: FieldPath,
+    /// Tried in order; empty: results report no figure.
+    result_reported: Vec<FieldPath>,
+    /// Tried in order.
+    result_people: Vec<FieldPath>,
     charges: Vec<DeferredCharge>,
 }
 
@@ -322,8 +355,8 @@ impl DeferredSpec {
             Ok(_) => return Err("the result is not a JSON object".to_owned()),
             Err(e) => return Err(format!("the result is not JSON: {e}")),
         };
-        let people = match self.result_people.lookup(&body) {
-            Some(Value::Array(items)) => items.as_slice(),
+        let people = match first(&self.result_people, &body) {
+            Some((Value::Array(items), _)) => items.as_slice(),
             _ => &[],
         };
         let mobiles =
@@ -350,7 +383,9 @@ impl DeferredSpec {
                 }
             }
         }
-        if let Some(field) = &self.result_reported {
+        if let Some(field) =
+            first(&self.result_reported, &body).map(|(_, i)| &self.result_reported[i])
+        {
             if let Ok(Some(total)) = reported_milli(field, &body) {
                 let rest_type = rest_type
                     .or_else(|| self.applicable_params(params).next().map(|c| c.credit_type))
@@ -492,12 +527,14 @@ pub(super) fn compile(spec: &DeferredToml) -> Result<DeferredSpec, String> {
     }
     Ok(DeferredSpec {
         job_id: FieldPath::parse(&spec.job_id)?,
-        result_reported: spec
-            .result_reported
-            .as_deref()
-            .map(FieldPath::parse)
-            .transpose()?,
-        result_people: FieldPath::parse(spec.result_people.as_deref().unwrap_or("people"))?,
+        result_reported: match &spec.result_reported {
+            Some(list) => list.paths()?,
+            None => Vec::new(),
+        },
+        result_people: match &spec.result_people {
+            Some(list) => list.paths()?,
+            None => vec![FieldPath::parse("people")?],
+        },
         charges,
     })
 }
@@ -522,7 +559,7 @@ impl fmt::Display for DeferredSpec {
                 Milli(c.estimate_milli),
             )?;
         }
-        if let Some(field) = &self.result_reported {
+        if let Some(field) = self.result_reported.first() {
             write!(f, " (or the result's `{field}`)")?;
         }
         Ok(())
@@ -593,6 +630,37 @@ mod tests {
             json!({"credits_consumed": 9.5, "people": [person(true), person(false)]}),
         );
         assert_eq!(r.credits, milli(1500, 8000, 0));
+    }
+
+    #[test]
+    fn the_documented_nested_result_is_read() {
+        // docs.apollo.io/reference/poll-webhook-result: the payload is under `webhook_result`.
+        let r = price(
+            "people_match",
+            &["reveal_phone_number"],
+            1,
+            json!({"request_id": "-42", "webhook_status": "success", "request_type": "phone",
+                   "webhook_result": {"status": "success", "credits_consumed": 8,
+                                      "people": [person(true)]}}),
+        );
+        assert_eq!(
+            (r.credits, r.source),
+            (milli(0, 8000, 0), SettlementSource::Reported)
+        );
+        let r = price(
+            "people_match",
+            &["reveal_phone_number"],
+            1,
+            json!({"request_id": "-42", "webhook_result": {"people": [person(true)]}}),
+        );
+        assert_eq!(
+            (r.credits, r.source),
+            (milli(0, 8000, 0), SettlementSource::Catalog)
+        );
+        assert_eq!(
+            Catalog::result_job_id(br#"{"request_id": "-42", "webhook_result": {}}"#).as_deref(),
+            Some("-42")
+        );
     }
 
     #[test]

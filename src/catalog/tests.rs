@@ -295,7 +295,7 @@ fn endpoints_print_their_rules() {
          (or the reported `credits_consumed`); later, when the job ends: up to 8 direct_dial per matched \
          record when `reveal_phone_number` is requested (estimate 4); up to 5 lead per requested record \
          when `run_waterfall_email` is requested (estimate 1); up to 10 direct_dial per requested record \
-         when `run_waterfall_phone` is requested (estimate 4) (or the result's `credits_consumed`)"
+         when `run_waterfall_phone` is requested (estimate 4) (or the result's `webhook_result.credits_consumed`)"
     );
     let search = catalog.classify("POST", "/v1/mixed_companies/search");
     assert_eq!(
