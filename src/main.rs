@@ -99,6 +99,19 @@ enum Command {
         /// Leave `credits_consumed` out of bulk_match responses.
         #[arg(long)]
         no_credits_consumed: bool,
+        /// How long a phone reveal or waterfall job runs before it ends and bills, and
+        /// webhook_result answers 200 ("250ms", "2s", "5m").
+        #[arg(long, default_value = "2s", value_parser = creditmeter::config::HumanDuration::parse)]
+        job_delay: std::time::Duration,
+        /// How long a job's result can be polled after it ends; then 410 request_id_expired.
+        #[arg(long, default_value = "30d", value_parser = creditmeter::config::HumanDuration::parse)]
+        result_ttl: std::time::Duration,
+        /// Percent of people a phone reveal finds a mobile number for (8 direct-dial credits each).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u8).range(0..=100))]
+        mobile_rate: u8,
+        /// Leave `credits_consumed` out of webhook_result answers (the payload is then priced).
+        #[arg(long)]
+        no_job_credits_consumed: bool,
         /// Serve HTTPS with this certificate chain (PEM)...
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -547,6 +560,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             rate_limit_minute,
             match_rate,
             no_credits_consumed,
+            job_delay,
+            result_ttl,
+            mobile_rate,
+            no_job_credits_consumed,
             tls_cert,
             tls_key,
         } => {
@@ -561,6 +578,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     rate_limit_minute,
                     match_rate_pct: match_rate,
                     report_credits_consumed: !no_credits_consumed,
+                    job_delay,
+                    result_ttl,
+                    mobile_rate_pct: mobile_rate,
+                    report_job_credits_consumed: !no_job_credits_consumed,
                     ..Default::default()
                 });
                 let listener = tokio::net::TcpListener::bind(listen)

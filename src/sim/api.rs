@@ -1,27 +1,33 @@
 //! Apollo's endpoints: which path is which, what each answers, and what each call bills.
 //!
-//! The billing here is the sim's own reading of Apollo's pricing (DESIGN.md's table), written
-//! independently of the proxy's catalog so that one can check the other:
-//! a matched person or organization costs 1 lead credit, a phone reveal 8 direct-dial credits per
-//! matched person, a non-empty page of companies, news or job postings 1 lead credit, a non-empty
-//! legacy people page 1 export credit; no match, an empty page and `api_search` are free.
+//! The billing here is the sim's own reading of Apollo's documented pricing
+//! (docs.apollo.io/docs/api-pricing and each endpoint's reference), written independently of
+//! the proxy's catalog so that one can check the other: a matched person or organization costs
+//! 1 lead credit, a non-empty page of companies, news or job postings 1 lead credit, a
+//! non-empty legacy people page 1 export credit; no match, an empty page and `api_search` are
+//! free. Phone reveals and waterfalls bill later, when their job ends (`jobs.rs`): the
+//! synchronous answer bills only the demographic part.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::account::{credits_json, Account, Charge};
 use super::data::{self, PersonHints, Rng};
-use super::params::{count, list, text, truthy, Params};
+use super::jobs::{AsyncAsk, Jobs, NewJob};
+use super::params::{count, list, text, Params};
 use super::reply::Reply;
 use super::{lock, SimConfig};
 
 /// Most records `people/bulk_match` and `organizations/bulk_enrich` take in one call.
 const MAX_BULK_RECORDS: usize = 10;
-/// Direct-dial credits for one revealed phone number.
-const PHONE_REVEAL_CREDITS: u64 = 8;
+/// Apollo's answer to API callers of the legacy `mixed_people/search` (with a 422).
+const MIXED_PEOPLE_SEARCH_DEPRECATED: &str = "This endpoint is deprecated for API callers. Please \
+     use the new mixed_people/api_search endpoint: https://docs.apollo.io/reference/people-api-search.";
 /// Page size when the caller names none, and the most Apollo returns.
 const DEFAULT_PER_PAGE: u64 = 25;
 const MAX_PER_PAGE: u64 = 100;
@@ -41,6 +47,7 @@ pub(crate) enum Endpoint {
     MixedPeopleApiSearch,
     NewsArticlesSearch,
     CreditUsageStats,
+    WebhookResult,
 }
 
 impl Endpoint {
@@ -59,6 +66,7 @@ impl Endpoint {
             Endpoint::MixedPeopleApiSearch => "mixed_people/api_search",
             Endpoint::NewsArticlesSearch => "news_articles/search",
             Endpoint::CreditUsageStats => "usage_stats/credit_usage_stats",
+            Endpoint::WebhookResult => "webhook_result/:request_id",
         }
     }
 }
@@ -68,6 +76,40 @@ impl Endpoint {
 pub(crate) struct Route<'a> {
     pub(crate) endpoint: Endpoint,
     id: &'a str,
+}
+
+/// `path` as Rails routes it: repeated slashes collapse into one, and percent-encoded
+/// unreserved characters (letters, digits, `-`, `.`, `_`, `~`) decode, so
+/// `//api/v1/%70eople/match` is `/api/v1/people/match`. Other escapes (`%2F`) stay as they are.
+pub(crate) fn canonical_path(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    let needs_work = bytes.windows(2).any(|w| w == b"//") || bytes.contains(&b'%');
+    if !needs_work {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        match c {
+            '/' if out.ends_with('/') => {}
+            '%' => {
+                let decoded = rest
+                    .get(..2)
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .filter(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b));
+                match decoded {
+                    Some(byte) => {
+                        out.push(char::from(byte));
+                        rest = &rest[2..];
+                    }
+                    None => out.push('%'),
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Collection actions, never record ids.
@@ -96,6 +138,7 @@ pub(crate) fn route<'a>(method: &Method, path: &'a str) -> Option<Route<'a>> {
         ["mixed_people", "api_search"] if post => (Endpoint::MixedPeopleApiSearch, ""),
         ["news_articles", "search"] if post => (Endpoint::NewsArticlesSearch, ""),
         ["usage_stats", "credit_usage_stats"] if post => (Endpoint::CreditUsageStats, ""),
+        ["webhook_result", id] if get && !id.is_empty() => (Endpoint::WebhookResult, *id),
         _ => return None,
     };
     Some(Route { endpoint, id })
@@ -107,6 +150,49 @@ pub(crate) struct Ctx<'a> {
     /// The call's sequence number, for ids that differ per call (`request_id`).
     pub(crate) call: u64,
     pub(crate) account: &'a Mutex<Account>,
+    pub(crate) jobs: &'a Mutex<Jobs>,
+    /// When the call is answered (jobs end `job_delay` after it).
+    pub(crate) now: Instant,
+}
+
+impl Ctx<'_> {
+    /// This call's `request_id`: Apollo's are arbitrary 64-bit integers, often negative.
+    fn request_id(&self) -> i64 {
+        data::hash(self.cfg.seed, &["request_id", &self.call.to_string()]) as i64
+    }
+
+    /// Starts the job of an asynchronous ask.
+    fn start_job(
+        &self,
+        endpoint: &'static str,
+        ask: AsyncAsk,
+        requested: usize,
+        people: &[&str],
+    ) -> i64 {
+        let request_id = self.request_id();
+        lock(self.jobs).start(
+            self.cfg,
+            NewJob {
+                request_id,
+                endpoint,
+                ask,
+                requested,
+                people,
+            },
+            self.now,
+        );
+        request_id
+    }
+}
+
+/// The synchronous answer's note that a waterfall was accepted (the OpenAPI's example).
+fn waterfall_accepted(ask: AsyncAsk) -> Value {
+    let message = if ask.webhook {
+        "Waterfall enrichment request accepted. Results will be sent to the provided webhook URL."
+    } else {
+        "Waterfall enrichment request accepted. Poll webhook_result with the request_id for results."
+    };
+    json!({"status": "accepted", "message": message})
 }
 
 /// An answer and what the call billed.
@@ -139,7 +225,7 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
     let seed = ctx.cfg.seed;
     match route.endpoint {
         Endpoint::PeopleMatch => people_match(ctx, params),
-        Endpoint::PeopleBulkMatch => people_bulk_match(ctx.cfg, params),
+        Endpoint::PeopleBulkMatch => people_bulk_match(ctx, params),
         Endpoint::OrganizationsEnrich => organizations_enrich(ctx.cfg, params),
         Endpoint::OrganizationsBulkEnrich => organizations_bulk_enrich(ctx.cfg, params),
         Endpoint::PersonShow | Endpoint::OrganizationShow | Endpoint::JobPostings
@@ -178,6 +264,11 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
             });
             paid_page(body, &page, Charge::credits(1, 0))
         }
+        // Apollo answers API callers of the legacy search with a free 422.
+        Endpoint::MixedPeopleSearch if !ctx.cfg.legacy_people_search => Answer::free(Reply::json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"error": MIXED_PEOPLE_SEARCH_DEPRECATED}),
+        )),
         Endpoint::MixedPeopleSearch => {
             let page = Page::search(ctx.cfg, "people", params, 5_000);
             let people = page.records(|id| {
@@ -225,42 +316,71 @@ pub(crate) fn answer(ctx: &Ctx<'_>, route: Route<'_>, params: &Params) -> Answer
         Endpoint::CreditUsageStats => {
             Answer::free(Reply::json(StatusCode::OK, lock(ctx.account).usage_stats()))
         }
+        Endpoint::WebhookResult => Answer::free(lock(ctx.jobs).poll(ctx.cfg, route.id, ctx.now)),
     }
 }
 
-/// `people/match`: the person is 1 lead credit, a phone reveal 8 direct-dial credits more.
+/// `people/match`: the person is 1 lead credit. A phone reveal or waterfall starts a job
+/// that bills when it ends; the answer carries its `request_id`, but no phone numbers.
 fn people_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
-    // Apollo's request ids are arbitrary 64-bit integers, often negative.
-    let request_id = data::hash(ctx.cfg.seed, &["request_id", &ctx.call.to_string()]) as i64;
-    match match_person(ctx.cfg, params) {
-        Some((_, person)) => {
-            let phone_reveals = u64::from(truthy(params.get("reveal_phone_number")));
-            Answer::ok(
-                json!({"person": person, "request_id": request_id}),
-                Charge::credits(1, phone_reveals * PHONE_REVEAL_CREDITS),
-            )
+    let ask = match AsyncAsk::of(params) {
+        Ok(ask) => ask,
+        Err(err) => {
+            return Answer::free(Reply::error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_PARAMETERS",
+                err.0,
+            ))
         }
-        None => Answer::free(Reply::json(
-            StatusCode::OK,
-            json!({"person": null, "request_id": request_id}),
-        )),
+    };
+    let found = match_person(ctx.cfg, params);
+    let request_id = match ask {
+        Some(ask) => {
+            let people: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
+            ctx.start_job("people/match", ask, 1, &people)
+        }
+        None => ctx.request_id(),
+    };
+    let (person, charge) = match found {
+        Some((_, person)) => (person, Charge::credits(1, 0)),
+        None => (Value::Null, Charge::NONE),
+    };
+    let mut body = json!({"person": person});
+    if let Some(ask) = ask.filter(|ask| ask.waterfall()) {
+        body["waterfall"] = waterfall_accepted(ask);
     }
+    body["request_id"] = json!(request_id);
+    Answer::ok(body, charge)
 }
 
-/// `people/bulk_match`: 1 lead credit per distinct matched person (+8 direct-dial each with a
-/// phone reveal); `matches[i]` answers `details[i]`.
-fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
+/// `people/bulk_match`: 1 lead credit per distinct matched person; `matches[i]` answers
+/// `details[i]`. A phone reveal or waterfall starts a job over the matched people that bills
+/// when it ends. With a waterfall, Apollo leaves `credits_consumed`, `unique_enriched_records`
+/// and `missing_records` out entirely.
+fn people_bulk_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
+    let cfg = ctx.cfg;
     let Some(details) = list(params.get("details")) else {
         return Answer::free(bulk_failure(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "INVALID_PARAMETERS",
-            "details must be a list of people to match",
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            "invalid request, missing details",
         ));
     };
     if details.len() > MAX_BULK_RECORDS {
         return Answer::free(record_limit_exceeded());
     }
+    let ask = match AsyncAsk::of(params) {
+        Ok(ask) => ask,
+        Err(err) => {
+            return Answer::free(bulk_failure(
+                StatusCode::BAD_REQUEST,
+                "INVALID_PARAMETERS",
+                &err.0,
+            ))
+        }
+    };
     let mut people = HashSet::new();
+    let mut order = Vec::new();
     let matches: Vec<Value> = details
         .iter()
         .map(|detail| {
@@ -269,7 +389,9 @@ fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
                 .and_then(|detail| match_person(cfg, detail))
             {
                 Some((id, person)) => {
-                    people.insert(id);
+                    if people.insert(id.clone()) {
+                        order.push(id);
+                    }
                     person
                 }
                 None => Value::Null,
@@ -277,25 +399,37 @@ fn people_bulk_match(cfg: &SimConfig, params: &Params) -> Answer {
         })
         .collect();
     let unique = people.len() as u64;
-    let reveal = truthy(params.get("reveal_phone_number"));
-    let phone_reveals = if reveal { unique } else { 0 };
-    let charge = Charge::credits(unique, phone_reveals * PHONE_REVEAL_CREDITS);
+    let charge = Charge::credits(unique, 0);
+    let request_id = match ask {
+        Some(ask) => {
+            let ids: Vec<&str> = order.iter().map(String::as_str).collect();
+            ctx.start_job("people/bulk_match", ask, details.len(), &ids)
+        }
+        None => ctx.request_id(),
+    };
     let mut body = json!({
         "status": "success",
         "error_code": null,
         "error_message": null,
         "total_requested_enrichments": details.len(),
-        "unique_enriched_records": unique,
-        "missing_records": matches.iter().filter(|m| m.is_null()).count(),
-        "matches": matches,
     });
-    if cfg.report_credits_consumed {
-        body["credits_consumed"] = credits_json(charge.total_milli());
+    let waterfall = ask.filter(|ask| ask.waterfall());
+    if waterfall.is_none() {
+        body["unique_enriched_records"] = json!(unique);
+        body["missing_records"] = json!(matches.iter().filter(|m| m.is_null()).count());
+        if cfg.report_credits_consumed {
+            body["credits_consumed"] = credits_json(charge.total_milli());
+        }
     }
-    if reveal {
+    body["matches"] = json!(matches);
+    if let Some(ask) = waterfall {
+        body["waterfall"] = waterfall_accepted(ask);
+    }
+    if ask.is_some_and(|ask| ask.reveal_phone) {
         let status = if unique > 0 { "pending" } else { "skipped" };
         body["phone_enrichment"] = json!({"status": status});
     }
+    body["request_id"] = json!(request_id);
     Answer::ok(body, charge)
 }
 
@@ -607,11 +741,35 @@ mod tests {
             (Method::GET, "/api/v1/people", None),
             (Method::GET, "/api/v2/people/match", None),
             (Method::POST, "/api/v1/contacts/search", None),
+            (
+                Method::GET,
+                "/api/v1/webhook_result/-42",
+                Some((Endpoint::WebhookResult, "-42")),
+            ),
+            (Method::GET, "/api/v1/webhook_result/", None),
+            (Method::POST, "/api/v1/webhook_result/1", None),
         ];
         for (method, path, expected) in cases {
             let got = route(&method, path).map(|r| (r.endpoint, r.id));
             assert_eq!(got, expected, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn canonical_paths_collapse_slashes_and_decode_unreserved() {
+        for (raw, canonical) in [
+            ("/api/v1/people/match", "/api/v1/people/match"),
+            ("//api/v1/people/match", "/api/v1/people/match"),
+            ("/api///v1//people/match//", "/api/v1/people/match/"),
+            ("/api/v1/%70eople/%6datch", "/api/v1/people/match"),
+            ("/a/%7E%2D%2E%5F", "/a/~-._"),
+            ("/a%2Fb/%20c", "/a%2Fb/%20c"),
+            ("/bad%zz%4", "/bad%zz%4"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+        ] {
+            assert_eq!(canonical_path(raw), canonical, "{raw}");
+        }
+        assert!(matches!(canonical_path("/api/v1/x"), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -11,12 +11,26 @@
 //!   `{"stall_ms": 3000}`: `usage_stats/credit_usage_stats` answers that way until the fault is
 //!   cleared with `{}`. For the reconciliation poller's fault tests. Answers with the fault.
 //!
+//! - `GET /__sim/jobs`: every asynchronous job (phone reveal, waterfall) in the order it
+//!   started: `{"jobs":[{"request_id","endpoint","request_type","state":"pending"|"done"|
+//!   "expired","people","lead_milli","direct_dial_milli","export_milli","billed_milli"}]}`,
+//!   the credits being what the job billed when it ended (0 while pending). A test attributes
+//!   deferred spend with the `request_id` it saw in the synchronous answer.
+//! - `POST /__sim/webhook_result_fault` with `{"status": 429, "retry_after": 2}` and optionally
+//!   `"calls": N` (only the next N polls) or `"for_ms": M` (only for that long): webhook_result
+//!   answers that way (429 with `retry-after`, default 1 s; any other 4xx/5xx as a JSON error)
+//!   until then, or until cleared with `{}`. Answers with the fault.
+//!
 //! They need no API key, are not rate limited, and are not counted as calls.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, StatusCode};
 use serde_json::{json, Value};
+
+use super::jobs::{Jobs, PollFault};
+use super::{Billed, SimConfig};
 
 use super::account::{Account, CreditType};
 use super::params::parse_body;
@@ -66,22 +80,45 @@ impl UsageFault {
     }
 }
 
-/// Answers `method` on `/__sim/{action}`.
-pub(crate) fn answer(
-    method: &Method,
-    action: &str,
-    body: &[u8],
-    account: &Mutex<Account>,
-    usage_fault: &Mutex<UsageFault>,
-) -> Reply {
+/// The sim state the control endpoints read and change.
+pub(crate) struct State<'a> {
+    pub(crate) cfg: &'a SimConfig,
+    pub(crate) account: &'a Mutex<Account>,
+    pub(crate) usage_fault: &'a Mutex<UsageFault>,
+    pub(crate) jobs: &'a Mutex<Jobs>,
+    pub(crate) now: Instant,
+}
+
+/// `GET /__sim/billed`.
+pub(crate) fn billed(billed: Billed) -> Reply {
+    match serde_json::to_value(billed) {
+        Ok(billed) => Reply::json(StatusCode::OK, billed),
+        Err(err) => Reply::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            err.to_string(),
+        ),
+    }
+}
+
+/// Answers `method` on `/__sim/{action}` (but `GET billed`, which the sim answers itself).
+pub(crate) fn answer(method: &Method, action: &str, body: &[u8], state: State<'_>) -> Reply {
+    let State {
+        cfg,
+        account,
+        usage_fault,
+        jobs,
+        now,
+    } = state;
     match (method, action) {
-        (&Method::GET, "billed") => match serde_json::to_value(lock(account).billed()) {
-            Ok(billed) => Reply::json(StatusCode::OK, billed),
-            Err(err) => Reply::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL_ERROR",
-                err.to_string(),
-            ),
+        (&Method::GET, "jobs") => Reply::json(StatusCode::OK, lock(jobs).listing(cfg, now)),
+        (&Method::POST, "webhook_result_fault") => match parse_poll_fault(body, now) {
+            Ok(fault) => {
+                let answer = poll_fault_json(&fault, now);
+                lock(jobs).fault = fault;
+                Reply::json(StatusCode::OK, answer)
+            }
+            Err(message) => Reply::error(StatusCode::BAD_REQUEST, "INVALID_PARAMETERS", message),
         },
         (&Method::POST, "debit") => match parse_debit(body) {
             Ok((credit_type, milli)) => {
@@ -123,6 +160,55 @@ fn parse_debit(body: &[u8]) -> Result<(CreditType, i64), String> {
         .ok_or("credits must be a number of credits, zero or more")?;
     // `as` saturates, so an absurd amount pins the balance instead of wrapping it.
     Ok((credit_type, (credits * 1_000.0).round() as i64))
+}
+
+/// Reads `{"status": 400..=599 (default 429), "retry_after": secs, "calls": n, "for_ms": ms}`,
+/// every key optional; an empty body or `{}` clears the fault.
+fn parse_poll_fault(body: &[u8], now: Instant) -> Result<PollFault, String> {
+    let params = if body.iter().all(u8::is_ascii_whitespace) {
+        super::params::Params::new()
+    } else {
+        parse_body(body).map_err(|err| err.to_string())?
+    };
+    if params.is_empty() {
+        return Ok(PollFault::default());
+    }
+    let number = |key: &str| -> Result<Option<u64>, String> {
+        match params.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("{key} must be a whole number, zero or more")),
+        }
+    };
+    let status = match number("status")?.unwrap_or(429) {
+        s @ 400..=599 => StatusCode::from_u16(s as u16).map_err(|err| err.to_string())?,
+        _ => return Err("status must be an error status, 400 to 599".into()),
+    };
+    if let Some(key) = params
+        .keys()
+        .find(|key| !matches!(key.as_str(), "status" | "retry_after" | "calls" | "for_ms"))
+    {
+        return Err(format!(
+            "unknown key {key:?}; use status, retry_after, calls, for_ms"
+        ));
+    }
+    Ok(PollFault {
+        status: Some(status),
+        retry_after: number("retry_after")?.unwrap_or(1),
+        calls: number("calls")?,
+        until: number("for_ms")?.map(|ms| now + Duration::from_millis(ms)),
+    })
+}
+
+fn poll_fault_json(fault: &PollFault, now: Instant) -> Value {
+    json!({
+        "status": fault.status.map(|s| s.as_u16()),
+        "retry_after": fault.retry_after,
+        "calls": fault.calls,
+        "for_ms": fault.until.map(|until| until.saturating_duration_since(now).as_millis() as u64),
+    })
 }
 
 /// Reads `{"status": 400..=599, "retry_after": secs, "stall_ms": ms}`, every key optional.

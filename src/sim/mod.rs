@@ -1,9 +1,11 @@
 //! `sim`: a deterministic stand-in for the Apollo.io API, for tests, benchmarks and
 //! `creditmeter demo`.
 //!
-//! One request flows: body read (capped) → `/__sim/` control endpoint, or an Apollo route
-//! (`/api/v1/…`, `/v1/…` or the host root; anything else is `404 {"error":"Not Found"}`) →
-//! parameters (Rails-style query merged with the JSON body) → API key (`X-Api-Key`,
+//! One request flows: body read (capped) → path routed as Rails routes it (repeated slashes
+//! collapse, percent-encoded unreserved characters decode) → `/__sim/` control endpoint, or an
+//! Apollo route (`/api/v1/…`, `/v1/…` or the host root; anything else is
+//! `404 {"error":"Not Found"}`) → parameters (Rails-style query merged with the body: JSON or
+//! form-encoded, gzip/deflate/br undone) → API key (`X-Api-Key`,
 //! `Authorization: Bearer`, or `api_key`; none is Apollo's plain-text 401) → fixed-window rate
 //! limit per (key, endpoint) → the answer and its credits → the account is debited → the body
 //! is encoded (gzip when accepted).
@@ -13,13 +15,20 @@
 //! [`Sim::billed`] and sent per response as `x-sim-billed-milli` (a sim-only header) so the
 //! proxy's ledger can be checked against it.
 //!
-//! Control endpoints (not Apollo): `GET /__sim/billed`, `POST /__sim/debit`,
-//! `POST /__sim/reset_cycle`, `POST /__sim/usage_stats_fault`; see `control.rs`.
+//! Phone reveals and waterfalls run as asynchronous jobs that bill when they end, polled at
+//! `GET webhook_result/{request_id}`; see `jobs.rs`. [`Billed`] includes a job's charge from
+//! the moment it ends; `x-sim-billed-milli` is only what the synchronous answer billed.
+//!
+//! Control endpoints (not Apollo): `GET /__sim/billed`, `GET /__sim/jobs`, `POST /__sim/debit`,
+//! `POST /__sim/reset_cycle`, `POST /__sim/usage_stats_fault`,
+//! `POST /__sim/webhook_result_fault`; see `control.rs`.
 
 mod account;
 mod api;
+mod body;
 mod control;
 mod data;
+mod jobs;
 mod params;
 mod rate;
 mod reply;
@@ -48,8 +57,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use account::{Account, Charge};
+use account::{Account, Charge, CreditType};
 use control::UsageFault;
+use jobs::Jobs;
+pub use jobs::{JobState, JobSummary};
 use params::{text, Params};
 use rate::{Exceeded, RateLimiter};
 use reply::Reply;
@@ -94,7 +105,28 @@ pub struct SimConfig {
     /// When set, `usage_stats/credit_usage_stats` answers only this key (Apollo's "master key")
     /// and any other key gets Apollo's `403 API_INACCESSIBLE`. Default `None`: any key.
     pub master_key: Option<String>,
+    /// How long an asynchronous job (phone reveal, waterfall) runs before it ends, bills, and
+    /// `webhook_result` answers 200. Default [`DEFAULT_JOB_DELAY`].
+    pub job_delay: Duration,
+    /// How long after it ends a job's result can be polled; then `410 request_id_expired`.
+    /// Default 30 days, as Apollo documents.
+    pub result_ttl: Duration,
+    /// Percent of people a phone reveal finds a mobile number for (and bills 8 direct-dial
+    /// credits for). Default 60; a function of (seed, person id).
+    pub mobile_rate_pct: u8,
+    /// Include `credits_consumed` (what the job billed) in `webhook_result` answers. Default
+    /// true; false leaves it out, so that pricing a result from its payload can be tested.
+    pub report_job_credits_consumed: bool,
+    /// Answer `mixed_people/search` as Apollo did before it deprecated the endpoint for API
+    /// callers: a page of people, 1 export credit per non-empty page. Default false: the
+    /// documented `422` ("deprecated for API callers"), free.
+    pub legacy_people_search: bool,
 }
+
+/// [`SimConfig::job_delay`]'s default.
+pub const DEFAULT_JOB_DELAY: Duration = Duration::from_secs(2);
+/// [`SimConfig::result_ttl`]'s default: Apollo keeps results for 30 days.
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -108,14 +140,20 @@ impl Default for SimConfig {
             report_credits_consumed: true,
             initial_credits: 1_000_000,
             master_key: None,
+            job_delay: DEFAULT_JOB_DELAY,
+            result_ttl: DEFAULT_RESULT_TTL,
+            mobile_rate_pct: 60,
+            report_job_credits_consumed: true,
+            legacy_people_search: false,
         }
     }
 }
 
 /// Running totals of what the sim billed, in thousandths of a credit.
 ///
-/// `calls` counts every request to an Apollo path (`/__sim/` excluded), answered or refused;
-/// `billed_calls` those that billed anything. Out-of-band debits are not included.
+/// Credits include what asynchronous jobs billed once they ended (not before). `calls` counts
+/// every request to an Apollo path (`/__sim/` excluded), answered or refused; `billed_calls`
+/// those whose synchronous answer billed anything. Out-of-band debits are not included.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Billed {
     /// Lead (email) credits billed.
@@ -126,7 +164,7 @@ pub struct Billed {
     pub export_milli: i64,
     /// Requests to Apollo paths.
     pub calls: u64,
-    /// Requests that billed anything.
+    /// Requests whose synchronous answer billed anything.
     pub billed_calls: u64,
 }
 
@@ -142,6 +180,8 @@ struct Inner {
     account: Mutex<Account>,
     /// A fault `usage_stats` answers with instead of the balance (set by a control endpoint).
     usage_fault: Mutex<UsageFault>,
+    /// Asynchronous jobs and the webhook_result fault.
+    jobs: Mutex<Jobs>,
     /// Admitted calls so far; numbers each call for its per-call ids.
     calls: AtomicU64,
 }
@@ -172,6 +212,7 @@ impl Sim {
                 )),
                 account: Mutex::new(Account::new(cfg.initial_credits)),
                 usage_fault: Mutex::new(UsageFault::default()),
+                jobs: Mutex::new(Jobs::default()),
                 calls: AtomicU64::new(0),
                 cfg,
             }),
@@ -222,9 +263,45 @@ impl Sim {
         Ok(())
     }
 
-    /// What the sim has billed so far.
+    /// What the sim has billed so far, jobs that have ended included.
     pub fn billed(&self) -> Billed {
-        lock(&self.inner.account).billed()
+        self.billed_at(Instant::now())
+    }
+
+    fn billed_at(&self, now: Instant) -> Billed {
+        self.advance_jobs(now);
+        let deferred = lock(&self.inner.jobs).billed();
+        let mut billed = lock(&self.inner.account).billed();
+        billed.lead_milli += deferred.lead_milli;
+        billed.direct_dial_milli += deferred.direct_dial_milli;
+        billed.export_milli += deferred.export_milli;
+        billed
+    }
+
+    /// Every asynchronous job (phone reveal, waterfall) started so far, in order, with what
+    /// each has billed: a test attributes deferred spend by the `request_id` it saw.
+    pub fn jobs(&self) -> Vec<JobSummary> {
+        let now = Instant::now();
+        self.advance_jobs(now);
+        lock(&self.inner.jobs).summaries(&self.inner.cfg, now)
+    }
+
+    /// Ends the jobs due by `now` and takes what they bill from the balance.
+    fn advance_jobs(&self, now: Instant) {
+        let due = lock(&self.inner.jobs).advance(now);
+        if due.total_milli() == 0 {
+            return;
+        }
+        let mut account = lock(&self.inner.account);
+        for (credit_type, milli) in [
+            (CreditType::Lead, due.lead_milli),
+            (CreditType::DirectDial, due.direct_dial_milli),
+            (CreditType::Export, due.export_milli),
+        ] {
+            if milli > 0 {
+                account.debit(credit_type, milli);
+            }
+        }
     }
 
     async fn serve_connection(
@@ -298,7 +375,7 @@ impl Sim {
 
     /// How long a `usage_stats` call is held before its answer (a fault set by a test).
     fn usage_stall(&self, parts: &request::Parts) -> Duration {
-        match api::route(&parts.method, parts.uri.path()) {
+        match api::route(&parts.method, &api::canonical_path(parts.uri.path())) {
             Some(route) if route.endpoint == api::Endpoint::CreditUsageStats => {
                 Duration::from_millis(lock(&self.inner.usage_fault).stall_ms)
             }
@@ -308,17 +385,26 @@ impl Sim {
 
     /// Answers one request whose body has been read, as of `now`.
     fn dispatch(&self, parts: &request::Parts, body: &[u8], now: Instant) -> Reply {
-        let path = parts.uri.path();
+        self.advance_jobs(now);
+        let path = api::canonical_path(parts.uri.path());
         if let Some(action) = path.strip_prefix(CONTROL_PREFIX) {
+            if (&parts.method, action) == (&http::Method::GET, "billed") {
+                return control::billed(self.billed_at(now));
+            }
             return control::answer(
                 &parts.method,
                 action,
                 body,
-                &self.inner.account,
-                &self.inner.usage_fault,
+                control::State {
+                    cfg: &self.inner.cfg,
+                    account: &self.inner.account,
+                    usage_fault: &self.inner.usage_fault,
+                    jobs: &self.inner.jobs,
+                    now,
+                },
             );
         }
-        let (mut reply, charge) = match api::route(&parts.method, path) {
+        let (mut reply, charge) = match api::route(&parts.method, &path) {
             Some(route) if route.endpoint == api::Endpoint::CreditUsageStats => {
                 match lock(&self.inner.usage_fault).reply() {
                     Some(fault) => (fault, Charge::NONE),
@@ -346,7 +432,7 @@ impl Sim {
         now: Instant,
     ) -> (Reply, Charge) {
         let query = params::parse_query(parts.uri.query().unwrap_or_default());
-        let body = params::parse_body(body);
+        let body = body::params(&parts.headers, body, MAX_BODY_BYTES);
         let Some(api_key) = api_key(&parts.headers, [body.as_ref().ok(), query.as_ref().ok()])
         else {
             return (
@@ -372,12 +458,18 @@ impl Sim {
                     cfg: &self.inner.cfg,
                     call: self.inner.calls.fetch_add(1, Ordering::Relaxed),
                     account: &self.inner.account,
+                    jobs: &self.inner.jobs,
+                    now,
                 };
                 let answer = api::answer(&ctx, route, &params::merge(query, body));
                 (answer.reply, answer.charge)
             }
-            (None, Err(err), _) | (None, _, Err(err)) => (
+            (None, Err(err), _) => (
                 Reply::error(StatusCode::BAD_REQUEST, "INVALID_REQUEST", err.to_string()),
+                Charge::NONE,
+            ),
+            (None, _, Err(err)) => (
+                Reply::error(err.status(), err.code(), err.to_string()),
                 Charge::NONE,
             ),
         };

@@ -111,7 +111,7 @@ mod billing {
     use super::*;
 
     #[test]
-    fn people_match_bills_a_lead_per_person_and_eight_for_a_phone() {
+    fn people_match_bills_a_lead_per_person_and_no_phone_at_once() {
         let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
         let reply = call(
             &sim,
@@ -124,20 +124,23 @@ mod billing {
         assert!(reply.body()["request_id"].is_i64());
         assert_eq!(billed_milli(&reply), 1_000);
 
+        // A phone reveal bills only the person now; the phones come (and bill) with the job.
         let reply = call(
             &sim,
             "GET",
-            "/v1/people/match?email=bob@acme.com&reveal_phone_number=true",
+            "/v1/people/match?email=bob@acme.com&reveal_phone_number=true&poll_only=true",
             Value::Null,
         );
-        assert_eq!(billed_milli(&reply), 9_000);
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(billed_milli(&reply), 1_000);
+        assert!(reply.body()["person"].get("phone_numbers").is_none());
 
         let none = sim_with(|cfg| cfg.match_rate_pct = 0);
         let reply = call(
             &none,
             "POST",
             "/people/match",
-            json!({"email": "ada@acme.com", "reveal_phone_number": true}),
+            json!({"email": "ada@acme.com", "reveal_phone_number": true, "poll_only": true}),
         );
         assert_eq!(reply.body()["person"], Value::Null);
         assert_eq!(header(&reply, "x-sim-billed-milli"), None);
@@ -147,12 +150,50 @@ mod billing {
             sim.billed(),
             Billed {
                 lead_milli: 2_000,
-                direct_dial_milli: 8_000,
+                direct_dial_milli: 0,
                 export_milli: 0,
                 calls: 2,
-                billed_calls: 2
+                billed_calls: 2,
             }
         );
+        let jobs = sim.jobs();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].state, JobState::Pending);
+        assert_eq!(jobs[0].billed_milli(), 0);
+    }
+
+    #[test]
+    fn phone_reveals_and_waterfalls_need_a_webhook_or_poll_only() {
+        let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
+        let reply = call(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "ada@acme.com", "reveal_phone_number": true}),
+        );
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert_eq!(reply.body()["error_code"], "INVALID_PARAMETERS");
+        assert!(reply.body()["error"]
+            .as_str()
+            .unwrap()
+            .contains("webhook_url"));
+        let reply = call(
+            &sim,
+            "POST",
+            "/api/v1/people/bulk_match",
+            json!({"details": [{"email": "a@b.com"}], "run_waterfall_email": true}),
+        );
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert_eq!(reply.body()["status"], "failed");
+        let reply = call(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "ada@acme.com", "reveal_phone_number": true, "webhook_url": "https://hooks.example/apollo"}),
+        );
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(sim.billed().billed_calls, 1);
+        assert_eq!(sim.jobs().len(), 1);
     }
 
     #[test]
@@ -202,7 +243,7 @@ mod billing {
             &sim,
             "POST",
             "/api/v1/people/bulk_match",
-            json!({"details": details, "reveal_phone_number": true}),
+            json!({"details": details, "reveal_phone_number": true, "poll_only": true}),
         );
         let body = reply.body();
         assert_eq!(reply.status, StatusCode::OK);
@@ -219,11 +260,13 @@ mod billing {
         assert_eq!(body["total_requested_enrichments"], 10);
         assert_eq!(body["unique_enriched_records"], unique);
         assert_eq!(body["missing_records"], 8 - unique);
-        assert_eq!(body["credits_consumed"], unique * 9);
+        // The synchronous answer bills (and reports) only the people; phones come later.
+        assert_eq!(body["credits_consumed"], unique);
         assert_eq!(body["phone_enrichment"], json!({"status": "pending"}));
-        assert_eq!(billed_milli(&reply), unique * 9_000);
+        assert!(body["request_id"].is_i64());
+        assert_eq!(billed_milli(&reply), unique * 1_000);
         assert_eq!(sim.billed().lead_milli, unique * 1_000);
-        assert_eq!(sim.billed().direct_dial_milli, unique * 8_000);
+        assert_eq!(sim.billed().direct_dial_milli, 0);
     }
 
     #[test]
@@ -419,11 +462,28 @@ mod billing {
             <= 5));
     }
 
-    #[test]
-    fn people_searches_legacy_export_and_free_api_search() {
+    #[tokio::test]
+    async fn people_searches_legacy_is_deprecated_and_api_search_is_free() {
         let sim = Sim::new(SimConfig::default());
         let legacy = call(
             &sim,
+            "POST",
+            "/v1/mixed_people/search",
+            json!({"per_page": 10}),
+        );
+        assert_eq!(legacy.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(billed_milli(&legacy), 0);
+        assert!(header(&legacy, "x-rate-limit-minute").is_some());
+        assert_eq!(
+            &wire_bytes(legacy).await[..],
+            br#"{"error":"This endpoint is deprecated for API callers. Please use the new mixed_people/api_search endpoint: https://docs.apollo.io/reference/people-api-search."}"#
+        );
+        assert_eq!(sim.billed().export_milli, 0);
+
+        // Accounts from before the deprecation, on request: a page costs an export credit.
+        let old = sim_with(|cfg| cfg.legacy_people_search = true);
+        let legacy = call(
+            &old,
             "POST",
             "/v1/mixed_people/search",
             json!({"per_page": 10}),
@@ -434,7 +494,7 @@ mod billing {
             "email_not_unlocked@domain.com"
         );
         assert_eq!(billed_milli(&legacy), 1_000);
-        assert_eq!(sim.billed().export_milli, 1_000);
+        assert_eq!(old.billed().export_milli, 1_000);
 
         let api = call(
             &sim,
@@ -499,7 +559,7 @@ mod billing {
             &sim,
             "POST",
             "/api/v1/people/match",
-            json!({"email": "a@b.com", "reveal_phone_number": "1"}),
+            json!({"email": "a@b.com", "reveal_phone_number": "1", "poll_only": "1"}),
         );
         let debit = sim.dispatch(
             &parts("POST", "/__sim/debit", &[]),
@@ -519,9 +579,10 @@ mod billing {
             body["lead_credit"],
             json!({"limit": 50, "consumed": 6, "left_over": 44})
         );
+        // The phone reveal's job has not ended: no direct-dial credit is spent yet.
         assert_eq!(
             body["direct_dial_credit"],
-            json!({"limit": 50, "consumed": 8, "left_over": 42})
+            json!({"limit": 50, "consumed": 0, "left_over": 50})
         );
         assert_eq!(body["export_credit"]["consumed"], 0);
         assert!(body["current_credit_cycle_start"].is_string());
@@ -601,6 +662,476 @@ mod billing {
     }
 }
 
+/// Phone reveals and waterfalls: what the synchronous answer bills, what the job bills when it
+/// ends, and webhook_result's answers over a job's life.
+mod jobs {
+    use super::*;
+
+    const DELAY: Duration = Duration::from_secs(5);
+
+    fn async_sim(edit: impl FnOnce(&mut SimConfig)) -> Sim {
+        sim_with(|cfg| {
+            cfg.match_rate_pct = 100;
+            cfg.job_delay = DELAY;
+            edit(cfg);
+        })
+    }
+
+    fn call_at(sim: &Sim, method: &str, uri: &str, body: Value, now: Instant) -> Reply {
+        let body = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        sim.dispatch(&parts(method, uri, &[("x-api-key", KEY)]), &body, now)
+    }
+
+    fn poll(sim: &Sim, request_id: &Value, now: Instant) -> Reply {
+        call_at(
+            sim,
+            "GET",
+            &format!("/api/v1/webhook_result/{request_id}"),
+            Value::Null,
+            now,
+        )
+    }
+
+    fn emails(n: usize) -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"email": format!("lead{i}@example.com")}))
+            .collect()
+    }
+
+    fn listed(sim: &Sim, now: Instant) -> Vec<Value> {
+        let reply = sim.dispatch(&parts("GET", "/__sim/jobs", &[]), b"", now);
+        assert_eq!(reply.status, StatusCode::OK);
+        reply.body()["jobs"].as_array().unwrap().clone()
+    }
+
+    #[test]
+    fn a_phone_reveal_bills_eight_per_mobile_found_when_the_job_ends() {
+        let sim = async_sim(|_| {});
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/bulk_match",
+            json!({"details": emails(10), "reveal_phone_number": true, "poll_only": true}),
+            t0,
+        );
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(billed_milli(&reply), 10_000, "only the people, at once");
+        let request_id = reply.body()["request_id"].clone();
+        assert!(request_id.is_i64());
+
+        // While the job runs: pending, nothing more billed, and the listing says so.
+        let pending = poll(&sim, &request_id, t0 + Duration::from_millis(1_500));
+        assert_eq!(pending.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            pending.body(),
+            &json!({"error_code": "result_pending", "retry_after_seconds": 4})
+        );
+        assert_eq!(billed_milli(&pending), 0);
+        assert_eq!(sim.billed().direct_dial_milli, 0);
+        assert_eq!(sim.jobs()[0].state, JobState::Pending);
+        let jobs = listed(&sim, t0 + Duration::from_secs(1));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0]["request_id"], request_id);
+        assert_eq!(jobs[0]["state"], "pending");
+        assert_eq!(jobs[0]["direct_dial_milli"], 0);
+
+        // Once it ends: the result, its own credits, and the bill all agree.
+        let done = poll(&sim, &request_id, t0 + DELAY);
+        assert_eq!(done.status, StatusCode::OK);
+        let body = done.body();
+        assert_eq!(body["request_id"], request_id.to_string());
+        assert_eq!(body["webhook_status"], "success");
+        assert_eq!(body["request_type"], "phone");
+        assert_eq!(
+            body["last_dispatched_at"],
+            Value::Null,
+            "poll_only: no webhook"
+        );
+        let result = &body["webhook_result"];
+        let people = result["people"].as_array().unwrap();
+        assert_eq!(people.len(), 10);
+        let mobiles = people
+            .iter()
+            .filter(|person| {
+                person["phone_numbers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|phone| phone["type_cd"] == "mobile")
+            })
+            .count() as i64;
+        assert!(
+            mobiles > 0 && mobiles < 10,
+            "a mobile for only some people: {mobiles} of 10"
+        );
+        assert_eq!(result["credits_consumed"], mobiles * 8);
+        assert_eq!(billed_milli(&done), 0, "polling is free");
+        let billed = sim.billed();
+        assert_eq!(billed.direct_dial_milli, mobiles * 8_000);
+        assert_eq!(billed.lead_milli, 10_000);
+        let summary = &sim.jobs()[0];
+        assert_eq!(summary.state, JobState::Done);
+        assert_eq!(summary.request_id, request_id.as_i64().unwrap());
+        assert_eq!(summary.direct_dial_milli, mobiles * 8_000);
+        let jobs = listed(&sim, t0 + DELAY);
+        assert_eq!(jobs[0]["state"], "done");
+        assert_eq!(jobs[0]["direct_dial_milli"], mobiles * 8_000);
+        assert_eq!(jobs[0]["billed_milli"], mobiles * 8_000);
+
+        // The balance moved too, and polling again changes nothing.
+        let stats = call_at(
+            &sim,
+            "POST",
+            "/api/v1/usage_stats/credit_usage_stats",
+            Value::Null,
+            t0 + DELAY,
+        );
+        assert_eq!(stats.body()["direct_dial_credit"]["consumed"], mobiles * 8);
+        let again = poll(&sim, &request_id, t0 + DELAY * 2);
+        assert_eq!(again.body(), done.body());
+        assert_eq!(sim.billed().direct_dial_milli, mobiles * 8_000);
+    }
+
+    #[test]
+    fn the_job_bills_when_it_ends_even_if_nobody_polls() {
+        let sim = async_sim(|_| {});
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "lead3@example.com", "reveal_phone_number": true, "webhook_url": "https://hooks.example/a"}),
+            t0,
+        );
+        assert_eq!(reply.body()["person"]["email"], "lead3@example.com");
+        // Any later request (here the billed totals) sees the job ended.
+        let billed = control_billed(&sim, t0 + DELAY);
+        let jobs = listed(&sim, t0 + DELAY);
+        assert_eq!(jobs[0]["state"], "done");
+        assert_eq!(jobs[0]["endpoint"], "people/match");
+        assert_eq!(billed["direct_dial_milli"], jobs[0]["direct_dial_milli"]);
+        // With a webhook the result says when it was dispatched.
+        let done = poll(&sim, &reply.body()["request_id"], t0 + DELAY);
+        assert!(done.body()["last_dispatched_at"].is_string());
+    }
+
+    fn control_billed(sim: &Sim, now: Instant) -> Value {
+        sim.dispatch(&parts("GET", "/__sim/billed", &[]), b"", now)
+            .body()
+            .clone()
+    }
+
+    #[test]
+    fn mobiles_are_found_for_about_the_configured_share_of_people() {
+        let sim = async_sim(|cfg| cfg.mobile_rate_pct = 60);
+        let t0 = Instant::now();
+        for batch in 0..10 {
+            let details: Vec<Value> = (0..10)
+                .map(|i| json!({"email": format!("p{batch}-{i}@example.com")}))
+                .collect();
+            call_at(
+                &sim,
+                "POST",
+                "/api/v1/people/bulk_match",
+                json!({"details": details, "reveal_phone_number": true, "poll_only": true}),
+                t0,
+            );
+        }
+        let found = sim.billed_at(t0 + DELAY).direct_dial_milli / 8_000;
+        assert!((45..75).contains(&found), "{found} of 100 people");
+        let none = async_sim(|cfg| cfg.mobile_rate_pct = 0);
+        call_at(
+            &none,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "x@y.com", "reveal_phone_number": true, "poll_only": true}),
+            t0,
+        );
+        assert_eq!(none.billed_at(t0 + DELAY).direct_dial_milli, 0);
+    }
+
+    #[test]
+    fn a_waterfall_leaves_the_counts_out_and_bills_each_lookup_later() {
+        let sim = async_sim(|_| {});
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/bulk_match",
+            json!({"details": emails(4), "run_waterfall_email": true, "run_waterfall_phone": true, "poll_only": true}),
+            t0,
+        );
+        let body = reply.body();
+        assert_eq!(reply.status, StatusCode::OK);
+        for absent in [
+            "credits_consumed",
+            "unique_enriched_records",
+            "missing_records",
+        ] {
+            assert!(body.get(absent).is_none(), "{absent} is absent, not zero");
+        }
+        assert_eq!(body["waterfall"]["status"], "accepted");
+        assert_eq!(body["matches"].as_array().unwrap().len(), 4);
+        assert_eq!(billed_milli(&reply), 4_000, "demographics at once");
+
+        let done = poll(&sim, &body["request_id"], t0 + DELAY);
+        assert_eq!(done.status, StatusCode::OK);
+        assert_eq!(done.body()["request_type"], "waterfall");
+        let result = &done.body()["webhook_result"];
+        let people = result["people"].as_array().unwrap();
+        assert_eq!(people.len(), 4);
+        // Every vendor asked is billed, whether or not it found anything.
+        let lookups = |field: &str| -> i64 {
+            people
+                .iter()
+                .map(|p| {
+                    p["waterfall"][field][0]["vendors"]
+                        .as_array()
+                        .unwrap()
+                        .len() as i64
+                })
+                .sum()
+        };
+        let (email_lookups, phone_lookups) = (lookups("emails"), lookups("phone_numbers"));
+        assert!(email_lookups >= 4 && phone_lookups >= 4);
+        let expected = email_lookups * 500 + phone_lookups * 2_250;
+        let reported = (result["credits_consumed"].as_f64().unwrap() * 1_000.0).round() as i64;
+        assert_eq!(reported, expected);
+        let billed = sim.billed();
+        assert_eq!(billed.lead_milli, 4_000 + email_lookups * 500);
+        assert_eq!(billed.direct_dial_milli, phone_lookups * 2_250);
+        assert_eq!(result["target_fields"], json!(["emails", "phone_numbers"]));
+
+        // people/match takes the same flags.
+        let single = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "lead0@example.com", "run_waterfall_email": true, "poll_only": true}),
+            t0,
+        );
+        assert_eq!(single.body()["waterfall"]["status"], "accepted");
+        assert_eq!(billed_milli(&single), 1_000);
+    }
+
+    #[test]
+    fn a_call_that_matched_no_one_bills_nothing_later() {
+        let sim = async_sim(|cfg| cfg.match_rate_pct = 0);
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/bulk_match",
+            json!({"details": emails(3), "reveal_phone_number": true, "run_waterfall_phone": true, "poll_only": true}),
+            t0,
+        );
+        assert_eq!(reply.body()["phone_enrichment"]["status"], "skipped");
+        let done = poll(&sim, &reply.body()["request_id"], t0 + DELAY);
+        assert_eq!(done.status, StatusCode::OK);
+        assert_eq!(done.body()["webhook_result"]["credits_consumed"], 0);
+        assert_eq!(done.body()["webhook_result"]["people"], json!([]));
+        assert_eq!(sim.billed().direct_dial_milli + sim.billed().lead_milli, 0);
+    }
+
+    #[test]
+    fn results_expire_and_bad_ids_are_told_apart() {
+        let sim = async_sim(|cfg| cfg.result_ttl = Duration::from_secs(60));
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "a@b.com", "reveal_phone_number": true, "poll_only": true}),
+            t0,
+        );
+        let id = reply.body()["request_id"].clone();
+        assert_eq!(poll(&sim, &id, t0 + DELAY).status, StatusCode::OK);
+        let expired = poll(&sim, &id, t0 + DELAY + Duration::from_secs(60));
+        assert_eq!(expired.status, StatusCode::GONE);
+        assert_eq!(expired.body(), &json!({"error_code": "request_id_expired"}));
+        assert_eq!(listed(&sim, t0 + DELAY * 20)[0]["state"], "expired");
+
+        let unknown = poll(&sim, &json!(12345), t0);
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+        assert_eq!(unknown.body(), &json!({"error_code": "request_id_unknown"}));
+        // A plain match has a request_id too, but no job behind it.
+        let plain = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "a@b.com"}),
+            t0,
+        );
+        let plain = poll(&sim, &plain.body()["request_id"], t0 + DELAY);
+        assert_eq!(plain.body()["error_code"], "request_id_unknown");
+        for bad in ["abc", "9223372036854775808", "1.5", "0x10"] {
+            let reply = call_at(
+                &sim,
+                "GET",
+                &format!("/api/v1/webhook_result/{bad}"),
+                Value::Null,
+                t0,
+            );
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(reply.body(), &json!({"error_code": "invalid_request_id"}));
+        }
+        assert_eq!(sim.billed().billed_calls, 2, "polls are free");
+    }
+
+    #[test]
+    fn results_are_polled_under_every_prefix_with_a_key() {
+        let sim = async_sim(|_| {});
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "a@b.com", "reveal_phone_number": true, "poll_only": true}),
+            t0,
+        );
+        let id = reply.body()["request_id"].as_i64().unwrap();
+        for prefix in ["/api/v1/", "/v1/", "/"] {
+            let uri = format!("{prefix}webhook_result/{id}");
+            let reply = call_at(&sim, "GET", &uri, Value::Null, t0 + DELAY);
+            assert_eq!(reply.status, StatusCode::OK, "{uri}");
+            assert!(header(&reply, "x-rate-limit-minute").is_some());
+            let anonymous = sim.dispatch(&parts("GET", &uri, &[]), b"", t0 + DELAY);
+            assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+        }
+        let post = call_at(
+            &sim,
+            "POST",
+            &format!("/api/v1/webhook_result/{id}"),
+            Value::Null,
+            t0 + DELAY,
+        );
+        assert_eq!(post.status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn credits_consumed_can_be_left_out_of_results() {
+        let sim = async_sim(|cfg| cfg.report_job_credits_consumed = false);
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/bulk_match",
+            json!({"details": emails(5), "reveal_phone_number": true, "poll_only": true}),
+            t0,
+        );
+        let done = poll(&sim, &reply.body()["request_id"], t0 + DELAY);
+        let result = &done.body()["webhook_result"];
+        assert!(result.get("credits_consumed").is_none());
+        // The payload still prices: 8 per person with a mobile.
+        let mobiles = result["people"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                p["phone_numbers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n["type_cd"] == "mobile")
+            })
+            .count() as i64;
+        assert_eq!(sim.billed().direct_dial_milli, mobiles * 8_000);
+    }
+
+    #[test]
+    fn polls_can_be_refused_with_429_for_a_number_of_calls() {
+        let sim = async_sim(|_| {});
+        let t0 = Instant::now();
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/match",
+            json!({"email": "a@b.com", "reveal_phone_number": true, "poll_only": true}),
+            t0,
+        );
+        let id = reply.body()["request_id"].clone();
+        let fault = sim.dispatch(
+            &parts("POST", "/__sim/webhook_result_fault", &[]),
+            br#"{"status": 429, "retry_after": 3, "calls": 2}"#,
+            t0,
+        );
+        assert_eq!(fault.status, StatusCode::OK);
+        for _ in 0..2 {
+            let limited = poll(&sim, &id, t0 + DELAY);
+            assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(header(&limited, "retry-after"), Some("3"));
+        }
+        assert_eq!(poll(&sim, &id, t0 + DELAY).status, StatusCode::OK);
+
+        // For a while, then by itself no more; `{}` clears at once.
+        sim.dispatch(
+            &parts("POST", "/__sim/webhook_result_fault", &[]),
+            br#"{"for_ms": 1000}"#,
+            t0,
+        );
+        assert_eq!(
+            poll(&sim, &id, t0 + Duration::from_millis(500)).status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(poll(&sim, &id, t0 + DELAY).status, StatusCode::OK);
+        sim.dispatch(
+            &parts("POST", "/__sim/webhook_result_fault", &[]),
+            br#"{"status": 503}"#,
+            t0,
+        );
+        assert_eq!(
+            poll(&sim, &id, t0 + DELAY).status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        sim.dispatch(
+            &parts("POST", "/__sim/webhook_result_fault", &[]),
+            b"{}",
+            t0,
+        );
+        assert_eq!(poll(&sim, &id, t0 + DELAY).status, StatusCode::OK);
+        for bad in [
+            &br#"{"status": 200}"#[..],
+            br#"{"calls": -1}"#,
+            br#"{"retry": 1}"#,
+        ] {
+            let reply = sim.dispatch(&parts("POST", "/__sim/webhook_result_fault", &[]), bad, t0);
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        }
+    }
+
+    #[test]
+    fn jobs_are_deterministic_per_seed() {
+        let run = |seed: u64| {
+            let sim = async_sim(|cfg| cfg.seed = seed);
+            let t0 = Instant::now();
+            let reply = call_at(
+                &sim,
+                "POST",
+                "/api/v1/people/bulk_match",
+                json!({"details": emails(10), "reveal_phone_number": true, "run_waterfall_email": true, "poll_only": true}),
+                t0,
+            );
+            let id = reply.body()["request_id"].clone();
+            let done = poll(&sim, &id, t0 + DELAY);
+            let mut result = done.body()["webhook_result"].clone();
+            // Only the wall-clock timestamps differ between runs.
+            result["request_initiated"] = Value::Null;
+            result["request_completed"] = Value::Null;
+            (id, result, sim.billed())
+        };
+        let (first, second) = (run(42), run(42));
+        assert_eq!(first.0, second.0);
+        assert_eq!(first.1, second.1);
+        assert_eq!(first.2, second.2);
+        assert_ne!(run(7).1, first.1);
+    }
+}
+
 mod requests {
     use super::*;
 
@@ -638,6 +1169,96 @@ mod requests {
             assert!(header(&reply, "x-minute-usage").is_some());
         }
         assert_eq!(sim.billed().billed_calls, 0);
+    }
+
+    #[test]
+    fn paths_are_routed_like_rails() {
+        let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
+        for uri in [
+            "//api/v1/people/match",
+            "/api//v1///people/match/",
+            "/api/v1/%70eople/match",
+            "/api/v1/people/%6D%61tch",
+            "//v1/people/match",
+        ] {
+            let reply = call(&sim, "POST", uri, json!({"email": "ada@acme.com"}));
+            assert_eq!(reply.status, StatusCode::OK, "{uri}");
+            assert_eq!(billed_milli(&reply), 1_000, "{uri}");
+        }
+        // A reserved character stays escaped, so it is not a separator.
+        let reply = call(
+            &sim,
+            "POST",
+            "/api/v1/people%2Fmatch",
+            json!({"email": "a@b.c"}),
+        );
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
+        let control = sim.dispatch(&parts("GET", "//__sim/billed", &[]), b"", Instant::now());
+        assert_eq!(control.body()["lead_milli"], 5_000);
+    }
+
+    #[test]
+    fn form_encoded_bodies_carry_rails_parameters() {
+        let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
+        let form =
+            "details[][email]=a%40x.com&details[][first_name]=Ann&details[][email]=b%40y.com\
+                    &reveal_phone_number=true&poll_only=true&api_key=form-key";
+        let reply = sim.dispatch(
+            &parts(
+                "POST",
+                "/api/v1/people/bulk_match",
+                &[("content-type", "application/x-www-form-urlencoded")],
+            ),
+            form.as_bytes(),
+            Instant::now(),
+        );
+        assert_eq!(reply.status, StatusCode::OK);
+        let body = reply.body();
+        assert_eq!(body["total_requested_enrichments"], 2);
+        assert_eq!(body["matches"][0]["first_name"], "Ann");
+        assert_eq!(body["phone_enrichment"]["status"], "pending");
+        assert_eq!(billed_milli(&reply), 2_000);
+        assert_eq!(
+            sim.jobs().len(),
+            1,
+            "the phone reveal was read from the form"
+        );
+    }
+
+    #[test]
+    fn compressed_bodies_are_decoded() {
+        use std::io::Write;
+        let sim = sim_with(|cfg| cfg.match_rate_pct = 100);
+        let json = br#"{"email": "zip@acme.com", "reveal_phone_number": true, "poll_only": true}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(json).unwrap();
+        let mut br = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+        br.write_all(json).unwrap();
+        for (coding, body) in [("gzip", gz.finish().unwrap()), ("br", br.into_inner())] {
+            let reply = sim.dispatch(
+                &parts(
+                    "POST",
+                    "/api/v1/people/match",
+                    &[("x-api-key", KEY), ("content-encoding", coding)],
+                ),
+                &body,
+                Instant::now(),
+            );
+            assert_eq!(reply.status, StatusCode::OK, "{coding}");
+            assert_eq!(reply.body()["person"]["email"], "zip@acme.com");
+        }
+        assert_eq!(sim.jobs().len(), 2);
+        let reply = sim.dispatch(
+            &parts(
+                "POST",
+                "/api/v1/people/match",
+                &[("x-api-key", KEY), ("content-encoding", "compress")],
+            ),
+            b"xx",
+            Instant::now(),
+        );
+        assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(sim.billed().billed_calls, 2);
     }
 
     #[test]
@@ -874,7 +1495,7 @@ mod wire {
         ] {
             let client = client(client_tls.clone(), h2);
             let request = Request::get(format!(
-                "https://localhost:{port}/api/v1/people/match?email=ada%40acme.com&reveal_phone_number=true"
+                "https://localhost:{port}/api/v1/people/match?email=ada%40acme.com&reveal_phone_number=true&poll_only=true"
             ))
             .header("x-api-key", KEY)
             .header("accept-encoding", "gzip, br")
@@ -886,7 +1507,7 @@ mod wire {
             let headers = response.headers().clone();
             assert_eq!(headers["content-encoding"], "gzip");
             assert_eq!(headers["content-type"], "application/json; charset=utf-8");
-            assert_eq!(headers["x-sim-billed-milli"], "9000");
+            assert_eq!(headers["x-sim-billed-milli"], "1000");
             assert_eq!(headers["x-rate-limit-minute"], "1000");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(headers["content-length"], body.len().to_string().as_str());
@@ -908,16 +1529,12 @@ mod wire {
             assert_eq!(&body[..], INVALID_API_KEY.as_bytes());
         }
 
+        let billed = sim.billed();
         assert_eq!(
-            sim.billed(),
-            Billed {
-                lead_milli: 2_000,
-                direct_dial_milli: 16_000,
-                export_milli: 0,
-                calls: 4,
-                billed_calls: 2
-            }
+            (billed.lead_milli, billed.calls, billed.billed_calls),
+            (2_000, 4, 2)
         );
+        assert_eq!(sim.jobs().len(), 2);
         // Shutdown drains the clients' idle keep-alive connections and returns.
         stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), server)
@@ -928,6 +1545,70 @@ mod wire {
         assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_job_pends_then_answers_over_a_real_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sim = sim_with(|cfg| {
+            cfg.match_rate_pct = 100;
+            cfg.job_delay = Duration::from_secs(1);
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let sim = sim.clone();
+            async move {
+                sim.serve(listener, None, async {
+                    stopped.await.ok();
+                })
+                .await
+            }
+        });
+        let client: Client<HttpConnector, http_body_util::Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let send = |method: &str, uri: String, body: &'static str| {
+            let request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("x-api-key", KEY)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(http_body_util::Full::new(Bytes::from_static(
+                    body.as_bytes(),
+                )))
+                .unwrap();
+            let client = client.clone();
+            async move {
+                let response = client.request(request).await.unwrap();
+                let status = response.status();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, serde_json::from_slice::<Value>(&body).unwrap())
+            }
+        };
+        // A form body through a doubled slash: both read as Apollo reads them.
+        let (status, answer) = send(
+            "POST",
+            format!("http://{addr}//api/v1/people/match"),
+            "email=ada%40acme.com&reveal_phone_number=true&poll_only=true",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let id = answer["request_id"].as_i64().unwrap();
+        let poll = format!("http://{addr}/v1/webhook_result/{id}");
+        let (status, pending) = send("GET", poll.clone(), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(pending["error_code"], "result_pending");
+        let wait = pending["retry_after_seconds"].as_u64().unwrap();
+        assert_eq!(wait, 1);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let (status, done) = send("GET", poll, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(done["request_id"], id.to_string());
+        let credits = done["webhook_result"]["credits_consumed"].as_i64().unwrap();
+        assert_eq!(sim.billed().direct_dial_milli, credits * 1_000);
+        assert_eq!(sim.billed().lead_milli, 1_000);
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
     }
 
     #[tokio::test]
