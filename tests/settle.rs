@@ -929,7 +929,7 @@ async fn against_the_sim() {
     let c = client();
     // table -> (sync milli from x-sim-billed-milli, job request ids)
     let mut calls: BTreeMap<String, (i64, Vec<i64>)> = BTreeMap::new();
-    let mut go = |table: &'static str, path: &'static str, body: Value| {
+    let go = |table: &'static str, path: &'static str, body: Value| {
         let c = c.clone();
         let url = proxy.url(path);
         async move {

@@ -253,7 +253,7 @@ impl DeferredSpec {
     ) -> impl Iterator<Item = &'a DeferredCharge> + 'a {
         self.charges
             .iter()
-            .filter(move |c| params.iter().any(|p| *p == c.param))
+            .filter(move |c| params.contains(&c.param))
     }
 
     /// Whether the request starts a job (one of the parameters is set).
