@@ -191,7 +191,9 @@ pub async fn run_with_reload(
     let guard_for_reload = guard.clone();
     // Deferred charges still pending: read before the writer takes the connection.
     let settle_key = config.settle.resolve()?;
-    let pending_charges = settle::store::pending(&conn).map_err(ledger::LedgerError::from)?;
+    let spool = ledger::WriterConfig::spool_path_of(&config.ledger.path);
+    let pending_charges =
+        settle::store::pending_with_spool(&conn, &spool).map_err(ledger::LedgerError::from)?;
     let (writer, ledger_handle) = LedgerWriter::spawn(
         conn,
         ledger::WriterConfig {

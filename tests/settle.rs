@@ -501,6 +501,11 @@ async fn a_phone_reveal_bills_only_found_mobiles_when_the_job_ends() {
         3.0
     );
     proxy.shutdown().await;
+    // The polling key is never stored: only its fingerprint.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()));
+    }
 }
 
 #[tokio::test]
@@ -547,6 +552,11 @@ async fn a_result_seen_by_a_caller_and_by_creditmeter_counts_once() {
     let rows = settlements(&conn);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0].1, rows[0].3.as_str()), (8000, "reported"));
+    // The caller's poll came first: creditmeter never needed to poll.
+    jobs.with(|s| {
+        let ours = s.polls.iter().filter(|k| k.as_deref() == Some(KEY)).count();
+        assert_eq!((ours, s.polls.len()), (0, 4));
+    });
     let (ledger, metrics) = ledger_and_metrics(&proxy).await;
     assert_eq!(ledger, truth.billed(&jobs));
     assert_eq!(ledger["phones"], 9000);

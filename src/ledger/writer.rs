@@ -78,7 +78,12 @@ pub struct WriterConfig {
 impl WriterConfig {
     /// The spool file: `<ledger>.spool`.
     pub fn spool_path(&self) -> PathBuf {
-        sibling(&self.path, "spool")
+        Self::spool_path_of(&self.path)
+    }
+
+    /// The spool file of the ledger at `ledger`.
+    pub fn spool_path_of(ledger: &Path) -> PathBuf {
+        sibling(ledger, "spool")
     }
 
     fn reserve_path(&self) -> PathBuf {
