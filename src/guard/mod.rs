@@ -157,6 +157,7 @@ impl PendingCharge {
         self.settled = true;
         {
             let mut st = lock(&self.guard.state);
+            st.pending.remove(&self.id);
             if let Some(call) = st.inflight.get_mut(&self.id) {
                 settlement_id.clone_into(&mut call.request_id);
             }
@@ -168,9 +169,19 @@ impl PendingCharge {
 impl Drop for PendingCharge {
     fn drop(&mut self) {
         if !self.settled {
+            lock(&self.guard.state).pending.remove(&self.id);
             self.guard.settle(self.id, Amount::default());
         }
     }
+}
+
+/// What deferred charges hold reserved in budget `name`, dimension `dim` (milli).
+fn pending_reserved(st: &State, name: &Arc<str>, dim: usize) -> i64 {
+    st.pending
+        .iter()
+        .filter_map(|id| st.inflight.get(id))
+        .filter(|call| call.charged.iter().any(|(n, _)| n == name))
+        .fold(0_i64, |sum, call| sum.saturating_add(call.reserved.0[dim]))
 }
 
 impl std::fmt::Debug for PendingCharge {
@@ -377,6 +388,9 @@ struct State {
     inflight: HashMap<u64, InFlight>,
     next_id: u64,
     recent: VecDeque<Settled>,
+    /// Ids in `inflight` that are deferred charges waiting for Apollo's job (see
+    /// [`PendingCharge`]): they settle in seconds to hours, so no call waits for them.
+    pending: HashSet<u64>,
 }
 
 /// Budgets and holds, shared by every call. See the module docs.
@@ -490,6 +504,7 @@ impl Guard {
                 inflight: HashMap::new(),
                 next_id: 1,
                 recent: VecDeque::new(),
+                pending: HashSet::new(),
             }),
             metrics,
             ledger_path,
@@ -632,9 +647,10 @@ impl Guard {
             }
         }
         if !blocked.is_empty() {
-            let in_flight_only = blocked
-                .iter()
-                .all(|(_, c)| c.spent.saturating_add(c.requested) <= c.limit);
+            let in_flight_only = blocked.iter().all(|(i, c)| {
+                let pending = pending_reserved(&st, &st.budgets[*i].def.name, c.dim);
+                c.spent.saturating_add(pending).saturating_add(c.requested) <= c.limit
+            });
             let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
             if in_flight_only && !last {
                 return Err(Blocked::Wait(refusal));
@@ -822,6 +838,7 @@ impl Guard {
         if let Some(call) = st.inflight.get_mut(&id) {
             call.reserved = keep;
             call.charged = still;
+            st.pending.insert(id);
         }
         if !actual.is_zero() {
             st.recent.push_back(Settled {
@@ -873,6 +890,7 @@ impl Guard {
                 charged,
             },
         );
+        st.pending.insert(id);
         PendingCharge {
             guard: self.clone(),
             id,

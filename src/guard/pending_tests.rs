@@ -105,3 +105,25 @@ fn pending_charges_are_reserved_again_after_a_restart() {
     assert_eq!(usage(&g), (8.0, 0.0));
     drop(old);
 }
+
+#[test]
+fn a_call_blocked_by_pending_charges_is_refused_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = guard(dir.path());
+    let a = g.admit("r1", facts(), T0, reveal()).unwrap();
+    let p1 = a.settle_deferred(Amount::of(1000, 0, 0), Amount::of(0, 8000, 0));
+    let a2 = g.admit("r2", facts(), T0, reveal()).unwrap();
+    // A call in flight (not yet answered) is worth waiting for: it may settle lower soon.
+    assert!(matches!(
+        g.try_admit("r3", &facts(), T0, reveal(), false),
+        Err(Blocked::Wait(_))
+    ));
+    // Once it is a pending charge (Apollo's job may take minutes), waiting is pointless.
+    let p2 = a2.settle_deferred(Amount::of(1000, 0, 0), Amount::of(0, 8000, 0));
+    assert!(matches!(
+        g.try_admit("r3", &facts(), T0, reveal(), false),
+        Err(Blocked::Final(_))
+    ));
+    drop((p1, p2));
+    assert_eq!(usage(&g), (2.0, 0.0));
+}
