@@ -467,14 +467,16 @@ fn has_mobile(person: &Value) -> bool {
         })
 }
 
-/// A job id as text: Apollo's is a signed 64-bit integer (often negative); a string is kept
-/// as given.
+/// A job id as text: Apollo's is a signed 64-bit integer (often negative), sent as a number
+/// or a string. Anything else is no job id: it goes into the path creditmeter polls, so it must
+/// never be able to name another path (`../people/match`) that a master key would be billed for.
 fn job_id_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Number(n) => Some(n.to_string()),
-        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
-        _ => None,
-    }
+    let id = match v {
+        Value::Number(n) => n.as_i64()?,
+        Value::String(s) => s.trim().parse::<i64>().ok()?,
+        _ => return None,
+    };
+    Some(id.to_string())
 }
 
 /// The response's top-level object, decoded, or why it cannot be read.
@@ -714,6 +716,23 @@ mod tests {
         assert_eq!(d.estimate, d.worst);
         assert!(d.note.is_some());
         assert_eq!(Deferred::from_json(&d.to_json()).unwrap(), d);
+    }
+
+    #[test]
+    fn only_a_64_bit_integer_is_a_job_id() {
+        assert_eq!(job_id_text(&json!(-4211)).as_deref(), Some("-4211"));
+        assert_eq!(job_id_text(&json!(" 42 ")).as_deref(), Some("42"));
+        for bad in [
+            json!("../people/match"),
+            json!("1/../../x"),
+            json!("12?a=1"),
+            json!(1.5),
+            json!(""),
+            json!(null),
+            json!("99999999999999999999"),
+        ] {
+            assert_eq!(job_id_text(&bad), None, "{bad}");
+        }
     }
 
     #[test]

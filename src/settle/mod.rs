@@ -209,8 +209,10 @@ impl Book {
     /// leaves the charge pending (creditmeter's own poll will learn it). Returns true when it
     /// settled a charge.
     pub fn observe_result(&self, path: &str, body: &[u8]) -> bool {
-        let job = crate::catalog::Catalog::result_job_id(body)
-            .or_else(|| path.rsplit('/').find(|s| !s.is_empty()).map(str::to_owned));
+        let job = crate::catalog::Catalog::result_job_id(body).or_else(|| {
+            let last = path.rsplit('/').find(|s| !s.is_empty())?;
+            last.parse::<i64>().ok().map(|id| id.to_string())
+        });
         let Some(job) = job else {
             return false;
         };
