@@ -183,6 +183,14 @@ impl Book {
             failures: 0,
             reservation,
         };
+        // Only an integer ever goes into the polled path (a ledger row may have been edited).
+        if p.deferred
+            .job_id
+            .as_deref()
+            .is_some_and(|j| j.parse::<i64>().is_err())
+        {
+            p.deferred.job_id = None;
+        }
         if !self.polling {
             let why =
                 "settlement is off ([settle] has no key), so the catalog's estimate is recorded"
