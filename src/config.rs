@@ -96,6 +96,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
     pub reconcile: ReconcileConfig,
+    /// `[settle]`: learning what Apollo bills later (phone reveals, waterfalls).
+    pub settle: SettleConfig,
     /// `[guard]`: settings shared by budgets and holds.
     pub guard: crate::guard::GuardConfig,
     /// `[[budget]]`: spend limits, none by default.
@@ -464,6 +466,98 @@ impl ReconcileConfig {
     }
 }
 
+/// Default `settle.first_poll`: Apollo's phone and waterfall jobs take seconds to minutes.
+pub const DEFAULT_SETTLE_FIRST_POLL: Duration = Duration::from_secs(20);
+/// Default `settle.max_wait`: after it, the catalog's estimate is recorded.
+pub const DEFAULT_SETTLE_MAX_WAIT: Duration = Duration::from_secs(2 * 3600);
+/// The longest `settle.max_wait`: Apollo keeps results for 30 days.
+pub const MAX_SETTLE_MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `[settle]`: deferred charges (see `settle`). Apollo bills phone reveals and waterfalls when
+/// their job ends; creditmeter polls `webhook_result` (free) with the key from `api_key_env`
+/// and records what the job billed as a settlement row.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettleConfig {
+    /// `settle.enabled`: default on when `api_key_env` names a set variable. Off, each deferred
+    /// charge is recorded at once at the catalog's estimate (`credit_source = 'estimated'`).
+    pub enabled: Option<bool>,
+    /// `settle.api_key_env`, default `APOLLO_MASTER_API_KEY`: the environment variable holding
+    /// the Apollo key used to poll results (never logged or stored; the ledger keeps `key_fp`).
+    pub api_key_env: String,
+    /// `settle.first_poll`, default 20s: how long after a call its result is first polled.
+    pub first_poll: HumanDuration,
+    /// `settle.max_wait`, default 2h: after it, the estimate is recorded as the settlement.
+    pub max_wait: HumanDuration,
+}
+
+impl Default for SettleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            api_key_env: DEFAULT_RECONCILE_API_KEY_ENV.to_owned(),
+            first_poll: HumanDuration(DEFAULT_SETTLE_FIRST_POLL),
+            max_wait: HumanDuration(DEFAULT_SETTLE_MAX_WAIT),
+        }
+    }
+}
+
+impl SettleConfig {
+    /// The polling key from the environment, if set and non-empty.
+    pub fn api_key(&self) -> Option<String> {
+        std::env::var(self.api_key_env.trim())
+            .ok()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+    }
+
+    /// Whether settlement runs, and with which key: `Ok(None)` when it is off. An explicit
+    /// `enabled = true` without the key is an error that says which variable to set.
+    pub fn resolve(&self) -> Result<Option<String>, ConfigError> {
+        let key = self.api_key();
+        match (self.enabled, key) {
+            (Some(false), _) | (None, None) => Ok(None),
+            (_, Some(k)) => Ok(Some(k)),
+            (Some(true), None) => Err(invalid(
+                "settle.enabled",
+                format!(
+                    "is true but the environment variable {} (settle.api_key_env) is empty or unset: set it to an Apollo key that may read webhook_result, or set settle.enabled = false to record deferred charges at the catalog's estimate",
+                    self.api_key_env
+                ),
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let env = self.api_key_env.trim();
+        if env.is_empty() || env.contains(|c: char| c == '=' || c.is_whitespace()) {
+            return Err(invalid(
+                "settle.api_key_env",
+                "must name the environment variable holding an Apollo key, e.g. \"APOLLO_MASTER_API_KEY\"",
+            ));
+        }
+        if self.max_wait.0.is_zero() || self.max_wait.0 > MAX_SETTLE_MAX_WAIT {
+            return Err(invalid(
+                "settle.max_wait",
+                format!(
+                    "{} must be above zero and at most \"30d\" (Apollo keeps results for 30 days)",
+                    self.max_wait
+                ),
+            ));
+        }
+        if self.first_poll.0 >= self.max_wait.0 {
+            return Err(invalid(
+                "settle.first_poll",
+                format!(
+                    "{} must be shorter than settle.max_wait ({}): otherwise no result is ever polled",
+                    self.first_poll, self.max_wait
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads and validates a config file; `None` gives the defaults.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -583,6 +677,7 @@ impl Config {
             ));
         }
         self.reconcile.validate()?;
+        self.settle.validate()?;
         crate::guard::config::validate(&self.guard, &self.budget)?;
         Ok(())
     }
@@ -869,6 +964,46 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn settle_defaults_and_rejections() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.settle.enabled, None);
+        assert_eq!(c.settle.api_key_env, "APOLLO_MASTER_API_KEY");
+        assert_eq!(c.settle.first_poll.0, DEFAULT_SETTLE_FIRST_POLL);
+        assert_eq!(c.settle.max_wait.0, DEFAULT_SETTLE_MAX_WAIT);
+        let err = |t: &str| {
+            Config::from_toml(t)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[settle]\nfirst_poll = \"3h\"\n");
+        assert!(
+            e.contains("settle.first_poll") && e.contains("shorter"),
+            "{e}"
+        );
+        let e = err("[settle]\nmax_wait = \"40d\"\n");
+        assert!(e.contains("settle.max_wait") && e.contains("30d"), "{e}");
+        let e = err("[settle]\napi_key_env = \"a key\"\n");
+        assert!(e.contains("settle.api_key_env"), "{e}");
+        let e = Config::from_toml("[settle]\nenable = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("enable"), "{e}");
+        // Explicitly on without the key: an error naming the variable; off: no key needed.
+        let on = Config::from_toml(
+            "[settle]\nenabled = true\napi_key_env = \"CREDITMETER_TEST_UNSET_SETTLE_KEY\"\n",
+        )
+        .unwrap();
+        let e = on.settle.resolve().unwrap_err().to_string();
+        assert!(e.contains("CREDITMETER_TEST_UNSET_SETTLE_KEY"), "{e}");
+        let off =
+            Config::from_toml("[settle]\napi_key_env = \"CREDITMETER_TEST_UNSET_SETTLE_KEY\"\n")
+                .unwrap();
+        assert_eq!(off.settle.resolve().unwrap(), None);
     }
 
     #[test]

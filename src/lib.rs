@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod reconcile;
 pub mod report;
 pub mod scale;
+pub mod settle;
 pub mod sim;
 
 use std::future::Future;
@@ -195,6 +196,11 @@ pub async fn run_with_reload(
         meter::now_ms(),
     )?);
     let guard_for_reload = guard.clone();
+    // Deferred charges still pending: read before the writer takes the connection.
+    let settle_key = config.settle.resolve()?;
+    let spool = ledger::WriterConfig::spool_path_of(&config.ledger.path);
+    let pending_charges =
+        settle::store::pending_with_spool(&conn, &spool).map_err(ledger::LedgerError::from)?;
     let (writer, ledger_handle) = LedgerWriter::spawn(
         conn,
         ledger::WriterConfig {
@@ -228,6 +234,19 @@ pub async fn run_with_reload(
         Durability::Background => "background",
     };
 
+    let proxy_settings = Arc::new(proxy::SettingsCell::new(proxy::ProxySettings {
+        catalog: catalog.clone(),
+        require_table: config.attribution.require_table,
+    }));
+    let book = Arc::new(settle::Book::new(
+        ledger_handle.clone(),
+        metrics.clone(),
+        proxy_settings.clone(),
+        settle_key.is_some(),
+        config.settle.first_poll.0,
+        config.settle.max_wait.0,
+    ));
+    book.restore(pending_charges, &guard);
     let meter = Arc::new(meter::Meter {
         ledger: ledger_handle.clone(),
         metrics: metrics.clone(),
@@ -235,11 +254,19 @@ pub async fn run_with_reload(
         max_inspect: usize::try_from(config.catalog.max_inspect.0).unwrap_or(usize::MAX),
         max_decoded: usize::try_from(config.catalog.max_decoded.0).unwrap_or(usize::MAX),
         inflight: inflight::InFlight::new(),
+        settle: Some(book.clone()),
     });
-    let proxy_settings = Arc::new(proxy::SettingsCell::new(proxy::ProxySettings {
-        catalog: catalog.clone(),
-        require_table: config.attribution.require_table,
-    }));
+    let settler = settle_key.map(|api_key| settle::Settler {
+        book: book.clone(),
+        upstream: upstream.clone(),
+        meter: meter.clone(),
+        proxy_settings: proxy_settings.clone(),
+        fingerprints: attribution::KeyFingerprinter::new(&secret),
+        ids: meter::RequestIds::new(),
+        api_key,
+        api_key_env: config.settle.api_key_env.clone(),
+        timeout: config.upstream.timeout.0,
+    });
     let reconcile_key = config
         .reconcile
         .enabled
@@ -319,8 +346,16 @@ pub async fn run_with_reload(
         on_error = config.ledger.on_error.as_str(),
         catalog = catalog.version(),
         metering = config.proxy.metering,
+        settle = settler.is_some(),
         "creditmeter serving"
     );
+    if settler.is_none() {
+        tracing::warn!(
+            key_env = %config.settle.api_key_env,
+            "settlement is off ([settle]): phone reveals and waterfalls are recorded at the catalog's estimate (credit_source = 'estimated'), not what Apollo bills; set {} to an Apollo key to learn the real figures",
+            config.settle.api_key_env
+        );
+    }
     if !config.proxy.metering {
         tracing::warn!(
             "proxy.metering = false: metering is off; calls are forwarded but no call is recorded, priced, or checked against holds (benchmarks and emergency bypass only)"
@@ -347,6 +382,10 @@ pub async fn run_with_reload(
     // a single proxied call.
     if let Some(poller) = poller {
         tracker.spawn(poller.run(stop.clone(), hard_stop.clone()));
+    }
+    // The settler, likewise: deferred charges learned from webhook_result.
+    if let Some(settler) = settler {
+        tracker.spawn(settler.run(stop.clone(), hard_stop.clone()));
     }
     let admin_stop = CancellationToken::new();
     let admin_hard = CancellationToken::new();

@@ -465,6 +465,24 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             } else {
                 println!("  reconcile               off");
             }
+            let st = &config.settle;
+            let settle_key = match st.resolve() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("creditmeter: {e}");
+                    return Ok(ExitCode::from(EX_USAGE));
+                }
+            };
+            match settle_key {
+                Some(_) => println!(
+                    "  settle                  on: webhook_result polled from {} after a call, key from ${}, estimate after {}",
+                    st.first_poll, st.api_key_env, st.max_wait
+                ),
+                None => println!(
+                    "  settle                  OFF: phone reveals and waterfalls are recorded at the catalog's estimate (set ${} to learn what Apollo bills)",
+                    st.api_key_env
+                ),
+            }
             println!(
                 "catalog: {} ({})",
                 catalog.version(),

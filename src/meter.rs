@@ -33,6 +33,9 @@ pub struct Meter {
     /// Calls in flight by start time, so reconciliation knows when a window's calls are all
     /// in the ledger (see `inflight`).
     pub inflight: Arc<crate::inflight::InFlight>,
+    /// Deferred charges: calls that leave one register it here, and job results seen on the
+    /// way through settle it (`settle`). `None`: deferred charges are only written on the row.
+    pub settle: Option<Arc<crate::settle::Book>>,
 }
 
 /// Unix time in milliseconds.
@@ -316,16 +319,32 @@ impl Finished {
     /// acknowledgement (if durability asks for one) reports it.
     fn record(mut self, ack: Option<AckSender>) -> Option<Ack> {
         let (ctx, f) = (self.ctx.take()?, self.finish.take()?);
-        let record = self.build(*ctx, f);
-        if let Some(admission) = self.admission.take() {
-            admission.settle(Amount::of(
-                record.lead_milli,
-                record.direct_dial_milli,
-                record.export_milli,
-            ));
-        }
+        let (record, later) = self.build(*ctx, f);
+        let actual = Amount::of(
+            record.lead_milli,
+            record.direct_dial_milli,
+            record.export_milli,
+        );
+        // A deferred charge keeps its worst case reserved until it settles.
+        let pending = match (self.admission.take(), &later) {
+            (Some(admission), Later::Deferred(d)) => {
+                let w = crate::catalog::Credits::from(d.worst);
+                Some(admission.settle_deferred(
+                    actual,
+                    Amount::of(w.lead_milli, w.direct_dial_milli, w.export_milli),
+                ))
+            }
+            (Some(admission), _) => {
+                admission.settle(actual);
+                None
+            }
+            (None, _) => None,
+        };
+        let original =
+            matches!(later, Later::Deferred(_)).then(|| crate::settle::Original::of(&record));
+        let path = matches!(later, Later::Result(_)).then(|| record.path.clone());
         self.meter.metrics.observe_call(&record);
-        match ack {
+        let ack = match ack {
             Some(tx) => {
                 self.meter.ledger.submit_acked(record, Some(tx));
                 None
@@ -334,39 +353,48 @@ impl Finished {
                 let want_ack = self.meter.durability == Durability::Commit;
                 self.meter.ledger.submit(record, want_ack)
             }
+        };
+        // After the row, so its settlement (at once when settlement is off) follows it.
+        if let Some(book) = &self.meter.settle {
+            match later {
+                Later::Deferred(d) => {
+                    if let Some(o) = original {
+                        book.register(o, d, pending);
+                    }
+                }
+                Later::Result(body) => {
+                    book.observe_result(path.as_deref().unwrap_or(""), &body);
+                }
+                Later::Nothing => {}
+            }
         }
+        ack
     }
 
-    fn build(&self, ctx: CallContext, f: Finish) -> CallRecord {
+    fn build(&self, ctx: CallContext, f: Finish) -> (CallRecord, Later) {
         let catalog = ctx.catalog.clone();
         let ep = catalog.endpoint(ctx.endpoint);
         let body = f.body.contiguous();
-        let pricing = match self.status {
-            Some(status) => catalog.price(
-                ep,
-                &ctx.params,
-                &ResponseView {
-                    status,
-                    content_encoding: self.content_encoding.as_deref(),
-                    body: &body,
-                    // An incomplete body can never justify a body-based charge.
-                    truncated: f.body.truncated
-                        || f.outcome != Outcome::Ok && f.outcome != Outcome::ClientCancelled,
-                    max_decoded: self.meter.max_decoded,
-                },
-            ),
-            None => catalog.price(
-                ep,
-                &ctx.params,
-                &ResponseView {
-                    status: 0,
-                    content_encoding: None,
-                    body: &[],
-                    truncated: true,
-                    max_decoded: self.meter.max_decoded,
-                },
-            ),
+        let view = match self.status {
+            Some(status) => ResponseView {
+                status,
+                content_encoding: self.content_encoding.as_deref(),
+                body: &body,
+                // An incomplete body can never justify a body-based charge.
+                truncated: f.body.truncated
+                    || f.outcome != Outcome::Ok && f.outcome != Outcome::ClientCancelled,
+                max_decoded: self.meter.max_decoded,
+            },
+            None => ResponseView {
+                status: 0,
+                content_encoding: None,
+                body: &[],
+                truncated: true,
+                max_decoded: self.meter.max_decoded,
+            },
         };
+        let pricing = catalog.price(ep, &ctx.params, &view);
+        let later = later_of(&catalog, ep, &ctx.params, &view, &pricing);
         // The copy was dropped at the cap: say so, rather than "incomplete (0 bytes kept)".
         let note = match pricing.note {
             Some(n) if f.body.over_cap => Some(format!(
@@ -396,7 +424,11 @@ impl Finished {
             (None, _) => None,
         };
         let kinds = ctx.params.identifier_kinds();
-        CallRecord {
+        let deferred = match &later {
+            Later::Deferred(d) => Some(d),
+            _ => None,
+        };
+        let record = CallRecord {
             request_id: ctx.request_id,
             started_at: ctx.started_at,
             finished_at: now_ms(),
@@ -424,8 +456,45 @@ impl Finished {
             response_bytes: f.response_bytes as i64,
             error,
             id_kinds: (!kinds.is_empty()).then(|| kinds.join(",")),
+            settles: None,
+            deferred: deferred.map(crate::catalog::Deferred::to_json),
+            deferred_milli: deferred.map_or(0, crate::catalog::Deferred::worst_milli),
+        };
+        (record, later)
+    }
+}
+
+/// What a finished call leaves for the settler.
+enum Later {
+    Nothing,
+    /// Apollo bills part of it later (`[endpoint.deferred]`).
+    Deferred(crate::catalog::Deferred),
+    /// A job result (`webhook_result` 2xx), decoded.
+    Result(Vec<u8>),
+}
+
+fn later_of(
+    catalog: &Catalog,
+    ep: &crate::catalog::Endpoint,
+    params: &RequestParams,
+    view: &ResponseView<'_>,
+    pricing: &crate::catalog::Pricing,
+) -> Later {
+    let units = crate::catalog::Units {
+        requested: pricing.records_requested,
+        matched: pricing.records_matched,
+    };
+    if let Some(d) = catalog.deferred(ep, params, view, units) {
+        return Later::Deferred(d);
+    }
+    if ep.deferred_results() && (200..300).contains(&view.status) && !view.truncated {
+        if let Ok(body) =
+            crate::catalog::decode_body(view.content_encoding, view.body, view.max_decoded)
+        {
+            return Later::Result(body.into_owned());
         }
     }
+    Later::Nothing
 }
 
 impl Drop for CallMeter {

@@ -67,6 +67,7 @@ pub struct Metrics {
     ledger: LedgerMetrics,
     reconcile: ReconcileMetrics,
     budgets: BudgetMetrics,
+    settle: SettleMetrics,
     tables: LabelCap,
     workflows: LabelCap,
 }
@@ -211,6 +212,7 @@ impl Metrics {
             )?,
         };
         let budgets = BudgetMetrics::new()?;
+        let settle = SettleMetrics::new()?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "creditmeter_build_info",
@@ -249,6 +251,9 @@ impl Metrics {
             Box::new(budgets.over_limit.clone()),
             Box::new(budgets.holds_active.clone()),
             Box::new(budgets.hold_rejections.clone()),
+            Box::new(settle.pending.clone()),
+            Box::new(settle.settlements.clone()),
+            Box::new(settle.polls.clone()),
         ] {
             registry.register(c)?;
         }
@@ -287,6 +292,7 @@ impl Metrics {
             ledger,
             reconcile,
             budgets,
+            settle,
             tables: LabelCap::new(max_label_values),
             workflows: LabelCap::new(max_label_values),
         })
@@ -544,6 +550,34 @@ impl Metrics {
         }
     }
 
+    /// Sets `creditmeter_credits_pending`: the worst case of the deferred charges not yet
+    /// settled, milli-credits.
+    pub fn set_credits_pending(&self, milli: i64) {
+        self.settle.pending.set(milli as f64 / 1000.0);
+    }
+
+    /// Makes every `creditmeter_settlements_total` and `creditmeter_settle_polls_total` series
+    /// present from the first scrape, at 0.
+    pub fn init_settle(&self, results: &[&str], polls: &[&str]) {
+        for r in results {
+            self.settle.settlements.with_label_values(&[r]);
+        }
+        for r in polls {
+            self.settle.polls.with_label_values(&[r]);
+        }
+    }
+
+    /// Counts one settlement by where its figure came from (`reported`, `catalog`,
+    /// `estimated`). Its credits are counted by [`observe_call`](Self::observe_call) on its row.
+    pub fn observe_settlement(&self, result: &str) {
+        self.settle.settlements.with_label_values(&[result]).inc();
+    }
+
+    /// Counts one `webhook_result` poll of the settler by its result.
+    pub fn observe_settle_poll(&self, result: &str) {
+        self.settle.polls.with_label_values(&[result]).inc();
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(16 * 1024);
@@ -551,6 +585,41 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics");
         }
         buf
+    }
+}
+
+/// Deferred-charge metrics.
+struct SettleMetrics {
+    /// `creditmeter_credits_pending`: worst case of the deferred charges not yet settled.
+    pending: Gauge,
+    /// `creditmeter_settlements_total{result}`: settlements recorded, by the figure's source.
+    settlements: IntCounterVec,
+    /// `creditmeter_settle_polls_total{result}`: creditmeter's own webhook_result polls.
+    polls: IntCounterVec,
+}
+
+impl SettleMetrics {
+    fn new() -> Result<SettleMetrics, prometheus::Error> {
+        Ok(SettleMetrics {
+            pending: Gauge::new(
+                "creditmeter_credits_pending",
+                "Credits Apollo may still bill for calls whose asynchronous job (phone reveal, waterfall) has not settled: their worst case.",
+            )?,
+            settlements: IntCounterVec::new(
+                Opts::new(
+                    "creditmeter_settlements_total",
+                    "Deferred charges settled, by where the figure came from (reported, catalog, estimated).",
+                ),
+                &["result"],
+            )?,
+            polls: IntCounterVec::new(
+                Opts::new(
+                    "creditmeter_settle_polls_total",
+                    "creditmeter's own webhook_result polls, by result (done, pending, rate_limited, terminal, error).",
+                ),
+                &["result"],
+            )?,
+        })
     }
 }
 

@@ -299,6 +299,9 @@ pub(crate) fn bench_row(i: usize) -> CallRecord {
         response_bytes: 2000,
         error: None,
         id_kinds: Some("email".into()),
+        settles: None,
+        deferred: None,
+        deferred_milli: 0,
     }
 }
 

@@ -23,6 +23,47 @@ fn with_budgets(mut c: Config, toml: &str) -> Config {
     c
 }
 
+/// The variable holding the key creditmeter polls phone-reveal results with.
+const SETTLE_KEY_ENV: &str = "CREDITMETER_TEST_BUDGETS_SETTLE_KEY";
+
+/// Turns settlement on: deferred charges (phone reveals) stay reserved until their job's
+/// result is learned, polled from `first_poll` after the call.
+fn settling(mut c: Config, first_poll: Duration) -> Config {
+    std::env::set_var(SETTLE_KEY_ENV, "budgets-settle-key");
+    c.settle.api_key_env = SETTLE_KEY_ENV.into();
+    c.settle.first_poll = creditmeter::config::HumanDuration(first_poll);
+    c
+}
+
+/// A simulator whose phone-reveal jobs end after `job_delay`.
+async fn sim_with_jobs(match_rate_pct: u8, job_delay: Duration) -> SimServer {
+    SimServer::start(
+        SimConfig {
+            match_rate_pct,
+            rate_limit_minute: 0,
+            job_delay,
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+}
+
+/// Waits (up to 20 s) until no deferred charge is pending in the ledger.
+async fn wait_settled(proxy: &Proxy) {
+    for _ in 0..400 {
+        let pending = ledger_count(
+            proxy,
+            "deferred IS NOT NULL AND request_id NOT IN (SELECT settles FROM calls WHERE settles IS NOT NULL)",
+        );
+        if pending == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("deferred charges still pending after 20 s");
+}
+
 /// A simulator that matches every identifier (so a call costs exactly its worst case), or
 /// `match_rate_pct` of them, with no rate limit.
 async fn sim(match_rate_pct: u8) -> SimServer {
@@ -43,7 +84,9 @@ fn people_match(
     email: &str,
     reveal: bool,
 ) -> http::Request<Full<Bytes>> {
-    let body = json!({"email": email, "reveal_phone_number": reveal}).to_string();
+    // A phone reveal is asynchronous: Apollo wants a webhook_url or poll_only.
+    let body =
+        json!({"email": email, "reveal_phone_number": reveal, "poll_only": reveal}).to_string();
     http::Request::post(proxy.url("/api/v1/people/match"))
         .header("x-api-key", "test-key")
         .header("x-meter-table", table)
@@ -56,7 +99,8 @@ fn bulk_match(proxy: &Proxy, table: &str, n: usize, tag: &str) -> http::Request<
     let details: Vec<Value> = (0..n)
         .map(|i| json!({"email": format!("{tag}-{i}@bulk{i}.example.com")}))
         .collect();
-    let body = json!({"details": details, "reveal_phone_number": true}).to_string();
+    let body =
+        json!({"details": details, "reveal_phone_number": true, "poll_only": true}).to_string();
     http::Request::post(proxy.url("/api/v1/people/bulk_match"))
         .header("x-api-key", "test-key")
         .header("x-meter-table", table)
@@ -295,7 +339,7 @@ window = "month"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_burst_with_misses_and_bulk_calls_never_crosses_a_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = sim(70).await;
+    let sim = sim_with_jobs(70, Duration::from_millis(200)).await;
     let budgets = r#"
 [[budget]]
 name = "everything"
@@ -310,7 +354,10 @@ limit = { direct_dial = 40 }
 window = "rolling 24h"
 "#;
     let proxy = Proxy::start(
-        with_budgets(config_for(&sim.url(false), None), budgets),
+        settling(
+            with_budgets(config_for(&sim.url(false), None), budgets),
+            Duration::from_millis(100),
+        ),
         dir.path(),
     )
     .await;
@@ -341,6 +388,9 @@ window = "rolling 24h"
         statuses.iter().any(|s| *s == 429),
         "the budgets should run out mid-burst"
     );
+    // Phone reveals bill when their job ends: once every one has settled, the ledger holds
+    // what Apollo billed.
+    wait_settled(&proxy).await;
     let total = ledger_milli(&proxy, "1");
     let dd: i64 = proxy
         .ledger()
@@ -487,7 +537,8 @@ warn_at = 50
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_window_resumes_the_spend_from_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = sim(100).await;
+    // Phone-reveal jobs that outlast the test: their worst case stays reserved throughout.
+    let sim = sim_with_jobs(100, Duration::from_secs(3600)).await;
     let budgets = r#"
 [[budget]]
 name = "weekly"
@@ -501,7 +552,10 @@ scope = "global"
 limit = { direct_dial = 16 }
 window = "month"
 "#;
-    let config = with_budgets(config_for(&sim.url(false), None), budgets);
+    let config = settling(
+        with_budgets(config_for(&sim.url(false), None), budgets),
+        Duration::from_secs(600),
+    );
     let mut proxy = Proxy::start(config.clone(), dir.path()).await;
     let c = client();
     for i in 0..6 {
@@ -521,7 +575,9 @@ window = "month"
     proxy.shutdown().await;
 
     let proxy = Proxy::start(config, dir.path()).await;
-    assert_eq!(usage(&proxy, "weekly").await, (6.0, 0.0, 0));
+    // The pending phone reveal is back in flight (reserved in monthly-mobile, not weekly).
+    assert_eq!(usage(&proxy, "weekly").await, (6.0, 0.0, 1));
+    assert_eq!(usage(&proxy, "monthly-mobile").await.1, 8.0);
     let mut statuses = Vec::new();
     for i in 6..12 {
         statuses.push(
@@ -533,7 +589,8 @@ window = "month"
     }
     assert_eq!(statuses, vec![200, 200, 200, 200, 429, 429]);
     assert_eq!(ledger_milli(&proxy, "table_name = 'T'"), 10_000);
-    // One more phone reveal fits the 16 direct dials (8 spent before the restart); a second not.
+    // One more phone reveal fits the 16 direct dials (8 still pending from before the restart,
+    // reserved again at start-up); a second not.
     assert_eq!(
         send(&c, people_match(&proxy, "U", "dd2@x.com", true))
             .await
@@ -676,7 +733,7 @@ async fn holds_stop_calls_at_once_and_persist_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_releases_what_a_cheaper_call_did_not_spend() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = sim(50).await;
+    let sim = sim_with_jobs(50, Duration::from_secs(3600)).await;
     let budgets = r#"
 [[budget]]
 name = "b"
@@ -685,7 +742,10 @@ limit = 90
 window = "rolling 24h"
 "#;
     let proxy = Proxy::start(
-        with_budgets(config_for(&sim.url(false), None), budgets),
+        settling(
+            with_budgets(config_for(&sim.url(false), None), budgets),
+            Duration::from_secs(600),
+        ),
         dir.path(),
     )
     .await;
@@ -698,7 +758,13 @@ window = "rolling 24h"
         billed < 90_000,
         "the sim matched only some details: {billed}"
     );
-    assert_eq!(usage(&proxy, "b").await, (billed as f64 / 1000.0, 0.0, 0));
+    // The matched people's phone reveals are still pending: 8 each stays reserved; the rest
+    // of the 90 (the unmatched details) was released.
+    let matched = billed / 1000;
+    assert_eq!(
+        usage(&proxy, "b").await,
+        (billed as f64 / 1000.0, 8.0 * matched as f64, 1)
+    );
     assert_eq!(ledger_milli(&proxy, "1"), billed);
     // The unspent part was released: a 9-credit call fits again, another 90 does not.
     assert_eq!(

@@ -308,14 +308,21 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
     let sim = SimServer::start(
         SimConfig {
             rate_limit_minute: 0,
+            job_delay: Duration::from_millis(300),
             ..Default::default()
         },
         Some(&pki),
     )
     .await;
-    let mut proxy = Proxy::start(config_for(&sim.url(true), Some(&pki.ca_pem)), dir.path()).await;
+    // Phone reveals bill when Apollo's job ends: settlement on, so the ledger learns it.
+    std::env::set_var("CREDITMETER_TEST_PROXY_SETTLE_KEY", "settle-key");
+    let mut config = config_for(&sim.url(true), Some(&pki.ca_pem));
+    config.settle.api_key_env = "CREDITMETER_TEST_PROXY_SETTLE_KEY".into();
+    config.settle.first_poll = creditmeter::config::HumanDuration(Duration::from_millis(100));
+    let mut proxy = Proxy::start(config, dir.path()).await;
 
-    // What the simulator billed, per table, from the responses the callers received.
+    // What the simulator billed, per table, from the responses the callers received (and,
+    // below, from the jobs their request ids started).
     let calls = creditmeter::demo::workload(400);
     let c = client();
     let mut billed_by_table: BTreeMap<String, i64> = BTreeMap::new();
@@ -346,30 +353,67 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
                         call.body.clone().unwrap_or_default(),
                     )))
                     .unwrap();
-                let (status, h, _) = send(&c, req).await;
+                let (status, h, body) = send(&c, req).await;
                 let billed: i64 = h
                     .get("x-sim-billed-milli")
                     .map(|v| v.to_str().unwrap().parse().unwrap())
                     .unwrap_or(0);
+                let job = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["request_id"].as_i64());
                 out.push((
                     call.table.unwrap_or("_unattributed").to_owned(),
                     status,
                     billed,
+                    job,
                 ));
             }
             out
         });
     }
+    let mut jobs_of: Vec<(String, i64)> = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        for (table, status, billed) in r.unwrap() {
+        for (table, status, billed, job) in r.unwrap() {
             assert!(status.is_success(), "{table}: {status}");
-            *billed_by_table.entry(table).or_default() += billed;
+            *billed_by_table.entry(table.clone()).or_default() += billed;
+            jobs_of.extend(job.map(|j| (table, j)));
             sent += 1;
         }
     }
     assert_eq!(sent, 400);
 
     let conn = proxy.ledger();
+    // Wait for every deferred charge (the demo's phone reveals) to settle, then add what the
+    // jobs billed to their tables.
+    for _ in 0..400 {
+        let pending: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM calls c WHERE deferred IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job_billed: std::collections::HashMap<i64, i64> = sim
+        .sim
+        .jobs()
+        .into_iter()
+        .map(|j| {
+            (
+                j.request_id,
+                j.lead_milli + j.direct_dial_milli + j.export_milli,
+            )
+        })
+        .collect();
+    assert!(job_billed.values().any(|m| *m > 0), "some job billed later");
+    for (table, job) in jobs_of {
+        *billed_by_table.entry(table).or_default() += job_billed.get(&job).copied().unwrap_or(0);
+    }
     let ledger = ledger_by_table(&conn);
     for (table, billed) in &billed_by_table {
         assert_eq!(
@@ -388,8 +432,13 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
         billed_by_table[creditmeter::demo::HEAVY_TABLE] > billed_by_table["Inbound leads"],
         "the heavy spender spends most"
     );
+    // One row per call, plus settlements and creditmeter's own (free) result polls.
     let rows: i64 = conn
-        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM calls WHERE outcome <> 'settlement' AND table_name IS NOT '_creditmeter'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(rows, 400);
 
@@ -406,7 +455,18 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
             "metric for {table}: {got}"
         );
     }
-    assert_eq!(metric_sum(&m, "creditmeter_requests_total", &[]), 400.0);
+    let requests = metric_sum(&m, "creditmeter_requests_total", &[])
+        - metric_sum(
+            &m,
+            "creditmeter_requests_total",
+            &[("outcome", "settlement")],
+        )
+        - metric_sum(
+            &m,
+            "creditmeter_requests_total",
+            &[("table", "_creditmeter")],
+        );
+    assert_eq!(requests, 400.0);
     let unattributed = creditmeter::demo::workload(400)
         .iter()
         .filter(|c| c.table.is_none())
@@ -442,7 +502,11 @@ async fn mixed_workload_ledger_and_metrics_match_what_upstream_billed() {
     assert!(
         (metric_sum(&m2, "creditmeter_credits_total", &[]) - total as f64 / 1000.0).abs() < 1e-6
     );
-    assert_eq!(metric_sum(&m2, "creditmeter_requests_total", &[]), 400.0);
+    // (Settlements and creditmeter's own polls included, as before the restart.)
+    assert_eq!(
+        metric_sum(&m2, "creditmeter_requests_total", &[]),
+        metric_sum(&m, "creditmeter_requests_total", &[])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

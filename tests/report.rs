@@ -59,6 +59,9 @@ fn row(i: u64, started_at: i64) -> CallRecord {
         response_bytes: 100,
         error: None,
         id_kinds: Some("email".into()),
+        settles: None,
+        deferred: None,
+        deferred_milli: 0,
     }
 }
 
@@ -880,14 +883,17 @@ fn the_migration_backfills_rollups_from_existing_rows() {
         until_ms: T0 + 10 * DAY,
     };
     let want = sql_groups(&db, "COALESCE(table_name, '_unattributed')", "", all);
-    // Turn the file back into the ledger before the rollup migration (the last one), with rows
-    // and no rollups, then reopen it.
+    // Turn the file back into the ledger before the rollup migration (v4), with rows and no
+    // rollups (nor the later deferred-charge columns of v5), then reopen it.
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch(&format!(
+    conn.execute_batch(
         "DROP TRIGGER calls_rollup_insert; DROP TRIGGER calls_rollup_update;
-         DROP TABLE rollup_hourly; PRAGMA user_version = {};",
-        creditmeter::ledger::schema::SCHEMA_VERSION - 1
-    ))
+         DROP TABLE rollup_hourly;
+         DROP INDEX calls_settles; DROP INDEX calls_deferred;
+         ALTER TABLE calls DROP COLUMN settles; ALTER TABLE calls DROP COLUMN deferred;
+         ALTER TABLE calls DROP COLUMN deferred_milli;
+         PRAGMA user_version = 3;",
+    )
     .unwrap();
     drop(conn);
     drop(creditmeter::ledger::open_for_write(&db, Synchronous::Normal).unwrap());

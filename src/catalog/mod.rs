@@ -9,6 +9,7 @@
 //! from, and record counts. Nothing here knows about sockets or HTTP libraries.
 
 mod decode;
+mod deferred;
 mod params;
 mod pattern;
 mod pricing;
@@ -24,6 +25,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use decode::{decode_body, DecodeError};
+pub use deferred::{Deferred, DeferredSpec, ResultPricing, SettlementSource, TypedMilli, Units};
 pub use params::{percent_decode_bytes, RequestBody, RequestParams};
 pub use pattern::canonical_path;
 pub use pricing::{CreditSource, Credits, Pricing, ResponseView};
@@ -149,6 +151,39 @@ impl Catalog {
     pub fn price(&self, ep: &Endpoint, req: &RequestParams, resp: &ResponseView<'_>) -> Pricing {
         pricing::price(ep, req, resp)
     }
+
+    /// What a finished call to `ep` left for Apollo to bill later (its `[endpoint.deferred]`),
+    /// given the record counts its pricing found. `None` when nothing is deferred: no
+    /// parameter that starts a job, a non-2xx answer, or an answer that matched nobody.
+    pub fn deferred(
+        &self,
+        ep: &Endpoint,
+        req: &RequestParams,
+        resp: &ResponseView<'_>,
+        units: Units,
+    ) -> Option<Deferred> {
+        ep.deferred.as_ref()?.deferred(req, resp, units)
+    }
+
+    /// Prices the result of a job started by a call to the endpoint named `endpoint` with
+    /// `params` (from its [`Deferred`]); `body` is the decoded result answer. `None` when this
+    /// catalog has no `[endpoint.deferred]` for that endpoint; `Err` when the body is not a
+    /// result it can read.
+    pub fn price_result(
+        &self,
+        endpoint: &str,
+        params: &[String],
+        units: Units,
+        body: &[u8],
+    ) -> Option<Result<ResultPricing, String>> {
+        let spec = self.endpoints.iter().find(|e| e.name == endpoint)?;
+        Some(spec.deferred.as_ref()?.price_result(params, units, body))
+    }
+
+    /// The job id a result answer (`webhook_result`'s 2xx body) names in its `request_id`.
+    pub fn result_job_id(body: &[u8]) -> Option<String> {
+        deferred::result_job_id(body)
+    }
 }
 
 /// Names an endpoint of one [`Catalog`]; `other` when no entry matched.
@@ -172,6 +207,10 @@ pub struct Endpoint {
     projection: Projection,
     /// False only for `other`.
     catalogued: bool,
+    /// `[endpoint.deferred]`: what Apollo bills later, when the call's job ends.
+    deferred: Option<DeferredSpec>,
+    /// `deferred_results = true`: its 2xx answers are job results (`webhook_result`).
+    deferred_results: bool,
 }
 
 impl Endpoint {
@@ -187,6 +226,28 @@ impl Endpoint {
             inspects_body: false,
             projection: Projection::default(),
             catalogued: false,
+            deferred: None,
+            deferred_results: false,
+        }
+    }
+
+    /// Its `[endpoint.deferred]`, if Apollo bills part of its calls later.
+    pub fn deferred(&self) -> Option<&DeferredSpec> {
+        self.deferred.as_ref()
+    }
+
+    /// True when its 2xx answers are results of deferred jobs (`webhook_result`), to be handed
+    /// to the settler.
+    pub fn deferred_results(&self) -> bool {
+        self.deferred_results
+    }
+
+    /// The deferred worst case of a request (zero when it starts no job); `None` when it starts
+    /// one whose record count is unknown.
+    fn deferred_worst(&self, req: &RequestParams, records: Option<i64>) -> Option<Credits> {
+        match &self.deferred {
+            Some(d) if d.applies(req) => d.worst(req, records),
+            _ => Some(Credits::default()),
         }
     }
 
@@ -208,7 +269,7 @@ impl Endpoint {
     /// True when a charge depends on a request parameter (`if_param`), so a request whose
     /// body cannot be read must be priced at its worst case.
     pub fn reads_params(&self) -> bool {
-        self.charges.iter().any(|c| c.if_param.is_some())
+        self.charges.iter().any(|c| c.if_param.is_some()) || self.deferred.is_some()
     }
 
     /// True when pricing or record counting reads the response body; the proxy copies the
@@ -219,7 +280,8 @@ impl Endpoint {
 
     /// The most this request can cost, in milli-credits, by the catalog's rules (a figure the
     /// response reports itself may differ), for budget reservations and for pricing a call
-    /// whose answer could not be read. An `each` charge is bounded by the endpoint's
+    /// whose answer could not be read, including what its asynchronous job may bill later
+    /// (`[endpoint.deferred]`). An `each` charge is bounded by the endpoint's
     /// `records_requested` (its count, capped by its `max`; `max` when the count is unknown).
     /// A request whose body could not be read is assumed to have set every `if_param`. `None`
     /// when there is no bound: the `other` endpoint, or an `each` charge whose record count
@@ -229,10 +291,11 @@ impl Endpoint {
             return None;
         }
         let records = self.records_requested.as_ref().and_then(|r| r.bound(req));
+        let later = self.deferred_worst(req, records)?.total_milli();
         self.charges
             .iter()
             .filter(|charge| charge.applies(req))
-            .try_fold(0_i64, |sum, charge| {
+            .try_fold(later, |sum, charge| {
                 Some(sum.saturating_add(charge.max_milli(records)?))
             })
     }
@@ -240,11 +303,27 @@ impl Endpoint {
     /// [`worst_case_milli`](Self::worst_case_milli) by credit type, for budgets that limit one
     /// type. `None` under the same conditions.
     pub fn worst_case(&self, req: &RequestParams) -> Option<Credits> {
+        self.worst_of(req, true)
+    }
+
+    /// The worst case of what the answer itself bills, without what a job bills later: what a
+    /// 2xx whose answer could not be read is priced at on its own row (its deferred part, if
+    /// any, is recorded as a settlement of its own, so it is not counted twice).
+    pub fn synchronous_worst_case(&self, req: &RequestParams) -> Option<Credits> {
+        self.worst_of(req, false)
+    }
+
+    fn worst_of(&self, req: &RequestParams, with_deferred: bool) -> Option<Credits> {
         if !self.catalogued {
             return None;
         }
         let records = self.records_requested.as_ref().and_then(|r| r.bound(req));
-        let mut credits = Credits::default();
+        // What the job bills later counts too: budgets keep it reserved until it settles.
+        let mut credits = if with_deferred {
+            self.deferred_worst(req, records)?
+        } else {
+            Credits::default()
+        };
         for charge in self.charges.iter().filter(|charge| charge.applies(req)) {
             let milli = charge.max_milli(records)?;
             let slot = match charge.credit_type {
@@ -279,6 +358,9 @@ impl fmt::Display for Endpoint {
         }
         if let Some(field) = &self.reported {
             write!(f, " (or the reported `{field}`)")?;
+        }
+        if let Some(d) = &self.deferred {
+            write!(f, "; {d}")?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@
 //! [`Pricing::note`]):
 //! - a 2xx body a charge needs that cannot be read (cut off after the head, past the upstream
 //!   deadline or the shutdown's hard stop, over the inspection cap, corrupt, not JSON, the wrong
-//!   shape) is priced at the endpoint's [`worst_case`](super::Endpoint::worst_case) for the
+//!   shape) is priced at the endpoint's [`synchronous_worst_case`](super::Endpoint::synchronous_worst_case) for the
 //!   request;
 //! - a request whose body parameters cannot be read is priced as if it had set every
 //!   `if_param` a charge depends on.
@@ -174,7 +174,7 @@ pub(super) fn price_with(
         // Apollo billed this 2xx whatever creditmeter could read of it: record the most it can
         // have cost. (An endpoint with nothing to charge never gets here: it is correctly
         // priced at 0 whatever its body says.)
-        match ep.worst_case(req) {
+        match ep.synchronous_worst_case(req) {
             Some(worst) => {
                 pricing.credits = worst;
                 pricing.source = CreditSource::Estimated;

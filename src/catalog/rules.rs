@@ -61,7 +61,7 @@ impl FieldPath {
         self.text.split('.')
     }
 
-    fn lookup<'a>(&self, body: &'a Map<String, Value>) -> Option<&'a Value> {
+    pub(super) fn lookup<'a>(&self, body: &'a Map<String, Value>) -> Option<&'a Value> {
         let mut keys = self.text.split('.');
         let first = body.get(keys.next()?)?;
         keys.try_fold(first, |value, key| value.as_object()?.get(key))

@@ -20,6 +20,20 @@
 //! field = "person"                       # `fields = [...]` for nonempty; none for success
 //! if_param = "reveal_phone_number"       # optional: only when the request asks for it
 //! # unique_by = "id"                     # optional, `each` only: duplicates count once
+//!
+//! [endpoint.deferred]                    # optional: what Apollo bills later (deferred.rs)
+//! job_id = "request_id"
+//! result_reported = "credits_consumed"
+//! result_people = "people"
+//! [[endpoint.deferred.charge]]
+//! param = "reveal_phone_number"
+//! credit_type = "direct_dial"
+//! per = "matched"                        # matched | requested
+//! worst = 8                              # per unit; budgets reserve it until settled
+//! estimate = 4                           # per unit, when the result cannot be learned
+//! result = "mobile"                      # optional: price a result by its mobile numbers
+//!
+//! # deferred_results = true              # on an endpoint whose 2xx answers are job results
 //! ```
 //!
 //! Unknown keys are rejected. Every error names the file and line, and the endpoint or rule.
@@ -60,6 +74,11 @@ struct EndpointSpec {
     reported: Option<Spanned<String>>,
     #[serde(default, rename = "charge")]
     charges: Vec<Spanned<ChargeSpec>>,
+    /// `[endpoint.deferred]`: charges Apollo bills later (see `deferred.rs`).
+    deferred: Option<Spanned<super::deferred::DeferredToml>>,
+    /// `deferred_results = true`: its 2xx answers are results of deferred jobs.
+    #[serde(default)]
+    deferred_results: bool,
 }
 
 /// `records_requested = { param_len = "details" }`, `{ param_len = ["details", "domains"],
@@ -234,8 +253,15 @@ fn compile_endpoint(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let inspects_body =
-        records_matched.is_some() || reported.is_some() || charges.iter().any(Charge::needs_body);
+    let deferred = (spec.deferred.as_ref())
+        .map(|d| at(d, super::deferred::compile(d.get_ref())))
+        .transpose()
+        .map_err(fail)?;
+    let inspects_body = records_matched.is_some()
+        || reported.is_some()
+        || charges.iter().any(Charge::needs_body)
+        || deferred.is_some()
+        || spec.deferred_results;
     let mut projection = Projection::default();
     charges.iter().for_each(|c| c.project(&mut projection));
     if let Some(r) = &records_matched {
@@ -260,6 +286,8 @@ fn compile_endpoint(
         inspects_body,
         projection,
         catalogued: true,
+        deferred,
+        deferred_results: spec.deferred_results,
     };
     Ok((endpoint, patterns))
 }

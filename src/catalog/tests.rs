@@ -50,6 +50,33 @@ fn call(
     price_raw(method, path, &req, view(status, None, response.as_bytes()))
 }
 
+/// What a call leaves for later, by the built-in catalog (arguments as for [`call`]).
+fn deferred_of(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    request: Value,
+    status: u16,
+    response: Value,
+) -> Option<Deferred> {
+    let body = if request.is_null() {
+        String::new()
+    } else {
+        request.to_string()
+    };
+    let req = RequestParams::parse(query, body.as_bytes());
+    let response = response.to_string();
+    let catalog = Catalog::builtin();
+    let ep = catalog.classify(method, path);
+    let resp = view(status, None, response.as_bytes());
+    let p = catalog.price(ep, &req, &resp);
+    let units = Units {
+        requested: p.records_requested,
+        matched: p.records_matched,
+    };
+    catalog.deferred(ep, &req, &resp, units)
+}
+
 fn price_raw(method: &str, path: &str, req: &RequestParams, resp: ResponseView<'_>) -> Pricing {
     let catalog = Catalog::builtin();
     let ep = catalog.classify(method, path);
@@ -96,6 +123,7 @@ fn builtin_catalog_parses() -> TestResult {
             "mixed_people_api_search",
             "news_articles_search",
             "job_postings",
+            "webhook_result",
             "usage_stats",
             "api_usage_stats",
             "users_api_profile",
@@ -267,9 +295,11 @@ fn endpoints_print_their_rules() {
     let bulk = catalog.classify("POST", "/v1/people/bulk_match");
     assert_eq!(
         bulk.to_string(),
-        "people_bulk_match  POST people/bulk_match: 1 lead per non-null `matches` entry (unique by `id`); \
-         8 direct_dial per non-null `matches` entry (unique by `id`) when `reveal_phone_number` is requested \
-         (or the reported `credits_consumed`)"
+        "people_bulk_match  POST people/bulk_match: 1 lead per non-null `matches` entry (unique by `id`) \
+         (or the reported `credits_consumed`); later, when the job ends: up to 8 direct_dial per matched \
+         record when `reveal_phone_number` is requested (estimate 4); up to 5 lead per requested record \
+         when `run_waterfall_email` is requested (estimate 1); up to 10 direct_dial per requested record \
+         when `run_waterfall_phone` is requested (estimate 4) (or the result's `webhook_result.credits_consumed`)"
     );
     let search = catalog.classify("POST", "/v1/mixed_companies/search");
     assert_eq!(
@@ -316,18 +346,46 @@ fn people_match_with_a_person_costs_one_lead() {
 }
 
 #[test]
-fn people_match_phone_reveal_adds_eight_direct_dial() {
-    let matched = json!({"person": person("p1")});
-    let p = call(
-        "GET",
-        "/v1/people/match",
-        Some("email=tim%40apollo.io&reveal_phone_number=true"),
+fn people_match_phone_reveal_bills_later_not_in_the_answer() {
+    let matched = json!({"person": person("p1"), "request_id": -4211});
+    let args = || {
+        (
+            "GET",
+            "/v1/people/match",
+            Some("email=tim%40apollo.io&reveal_phone_number=true"),
+        )
+    };
+    let (m, path, q) = args();
+    let p = call(m, path, q, Value::Null, 200, matched.clone());
+    // Apollo bills the +8 only when the job finds a mobile: nothing of it in the answer.
+    assert_eq!(p.credits, milli(1000, 0, 0));
+    let d = deferred_of(m, path, q, Value::Null, 200, matched.clone()).unwrap();
+    assert_eq!(d.job_id.as_deref(), Some("-4211"));
+    assert_eq!(Credits::from(d.worst), milli(0, 8000, 0));
+    assert_eq!(Credits::from(d.estimate), milli(0, 4000, 0));
+    assert_eq!(d.params, vec!["reveal_phone_number".to_owned()]);
+    assert_eq!(
+        d.to_json(),
+        r#"{"job_id":"-4211","worst":{"lead":0,"direct_dial":8000,"export":0},"estimate":{"lead":0,"direct_dial":4000,"export":0},"params":["reveal_phone_number"]}"#
+    );
+    // Admission reserves both parts.
+    let catalog = Catalog::builtin();
+    let req = RequestParams::parse(q, b"");
+    let ep = catalog.classify(m, path);
+    assert_eq!(ep.worst_case(&req), Some(milli(1000, 8000, 0)));
+    assert_eq!(ep.worst_case_milli(&req), Some(9000));
+    // No person: no job, nothing deferred.
+    assert!(deferred_of(
+        m,
+        path,
+        q,
         Value::Null,
         200,
-        matched.clone(),
-    );
-    assert_eq!(p.credits, milli(1000, 8000, 0));
-    assert_eq!(p.credits.total_milli(), 9000);
+        json!({"person": null, "request_id": 5})
+    )
+    .is_none());
+    // A non-2xx starts nothing.
+    assert!(deferred_of(m, path, q, Value::Null, 422, matched.clone()).is_none());
 
     let p = call(
         "POST",
@@ -353,15 +411,16 @@ fn people_match_phone_reveal_adds_eight_direct_dial() {
 
 #[test]
 fn query_parameters_count_on_a_post_with_a_json_body() {
-    let p = call(
+    let d = deferred_of(
         "POST",
         "/v1/people/match",
         Some("reveal_phone_number=1"),
         json!({"email": "tim@apollo.io"}),
         200,
-        json!({"person": person("p1")}),
-    );
-    assert_eq!(p.credits, milli(1000, 8000, 0));
+        json!({"person": person("p1"), "request_id": 7}),
+    )
+    .unwrap();
+    assert_eq!(Credits::from(d.worst), milli(0, 8000, 0));
 }
 
 // --- people/bulk_match ------------------------------------------------------------------------
@@ -382,20 +441,31 @@ fn bulk_match_charges_each_non_null_match() {
 }
 
 #[test]
-fn bulk_match_phone_reveal_adds_eight_per_match() {
+fn bulk_match_phone_reveal_defers_eight_per_match() {
     let mut request = three_details();
     if let Some(map) = request.as_object_mut() {
         map.insert("reveal_phone_number".to_owned(), json!(true));
     }
-    let p = call(
-        "POST",
-        "/api/v1/people/bulk_match",
-        None,
-        request,
-        200,
-        bulk_response(json!([person("p1"), null, person("p2")]), None),
-    );
-    assert_eq!(p.credits, milli(2000, 16_000, 0));
+    let mut answer = bulk_response(json!([person("p1"), null, person("p2")]), None);
+    answer["request_id"] = json!(-99);
+    let args = ("POST", "/api/v1/people/bulk_match");
+    let p = call(args.0, args.1, None, request.clone(), 200, answer.clone());
+    assert_eq!(p.credits, milli(2000, 0, 0));
+    let d = deferred_of(args.0, args.1, None, request.clone(), 200, answer).unwrap();
+    assert_eq!(Credits::from(d.worst), milli(0, 16_000, 0));
+    assert_eq!(Credits::from(d.estimate), milli(0, 8000, 0));
+    // Admission: every requested record may match and have a mobile.
+    let catalog = Catalog::builtin();
+    let req = RequestParams::parse(None, request.to_string().as_bytes());
+    let ep = catalog.classify(args.0, args.1);
+    assert_eq!(ep.worst_case(&req), Some(milli(3000, 24_000, 0)));
+    // A waterfall bills per requested record, matched or not.
+    let mut waterfall = three_details();
+    waterfall["run_waterfall_email"] = json!(true);
+    let answer = json!({"matches": [person("p1"), null, null], "request_id": 3});
+    let d = deferred_of(args.0, args.1, None, waterfall, 200, answer).unwrap();
+    assert_eq!(Credits::from(d.worst), milli(15_000, 0, 0));
+    assert_eq!(Credits::from(d.estimate), milli(3000, 0, 0));
 }
 
 #[test]
@@ -442,43 +512,25 @@ fn bulk_match_prefers_the_reported_figure() {
 
 #[test]
 fn a_reported_figure_is_split_by_the_catalog_count() {
+    // With a phone reveal the synchronous answer reports only its demographic part (the
+    // phones bill later, as a settlement): the figure is all lead, whatever it is.
     let request =
         json!({"details": [{"email": "a@x.com"}, {"id": "p2"}], "reveal_phone_number": "true"});
     let matches = json!([person("p1"), person("p2")]);
-
-    // Agrees with the catalog (2 lead + 16 direct dial): the catalog's split.
-    let p = call(
-        "POST",
-        "/v1/people/bulk_match",
-        None,
-        request.clone(),
-        200,
-        bulk_response(matches.clone(), Some(json!(18))),
-    );
-    assert_eq!(
-        (p.credits, p.source),
-        (milli(2000, 16_000, 0), CreditSource::Reported)
-    );
-
-    // Disagrees: direct dial up to the catalog's 16, the rest lead.
-    let p = call(
-        "POST",
-        "/v1/people/bulk_match",
-        None,
-        request.clone(),
-        200,
-        bulk_response(matches.clone(), Some(json!(17.5))),
-    );
-    assert_eq!(p.credits, milli(1500, 16_000, 0));
-    let p = call(
-        "POST",
-        "/v1/people/bulk_match",
-        None,
-        request,
-        200,
-        bulk_response(matches, Some(json!(1.01))),
-    );
-    assert_eq!(p.credits, milli(0, 1010, 0));
+    for (figure, want) in [(json!(2), 2000), (json!(1.01), 1010), (json!(18), 18_000)] {
+        let p = call(
+            "POST",
+            "/v1/people/bulk_match",
+            None,
+            request.clone(),
+            200,
+            bulk_response(matches.clone(), Some(figure)),
+        );
+        assert_eq!(
+            (p.credits, p.source),
+            (milli(want, 0, 0), CreditSource::Reported)
+        );
+    }
 }
 
 #[test]
@@ -535,7 +587,8 @@ fn bulk_match_details_from_rails_query_keys() {
         Some("details[][email]=a%40x.com&details[][first_name]=A&details[][email]=b%40y.com&reveal_phone_number=yes"),
         Value::Null, 200, bulk_response(json!([person("p1"), null]), None));
     assert_eq!(p.records_requested, Some(2));
-    assert_eq!(p.credits, milli(1000, 8000, 0));
+    // The phone reveal is deferred (settled later), so the answer bills the match only.
+    assert_eq!(p.credits, milli(1000, 0, 0));
 }
 
 // --- organizations ----------------------------------------------------------------------------
@@ -1344,13 +1397,16 @@ fn wrong_shapes_are_noted() {
     );
     let catalog = Catalog::builtin();
     let reveal = RequestParams::parse(None, br#"{"reveal_phone_number": true}"#);
-    let worst = catalog
-        .classify("POST", "/v1/people/match")
-        .worst_case(&reveal);
+    let ep = catalog.classify("POST", "/v1/people/match");
+    // The row holds the answer's own worst case; the phone reveal's worst case is recorded by
+    // the deferred charge (a settlement at its worst), so it is not counted twice.
+    let worst = ep.synchronous_worst_case(&reveal);
     assert_eq!(
         (Some(p.credits), p.source, p.records_matched),
         (worst, CreditSource::Estimated, None)
     );
+    assert_eq!(worst.map(|c| c.direct_dial_milli), Some(0));
+    assert_eq!(ep.worst_case(&reveal).map(|c| c.direct_dial_milli), Some(8000));
     assert_eq!(
         p.note.as_deref(),
         Some("response field `person` is a number, expected an object; priced at the catalog's worst case for the request")

@@ -15,6 +15,12 @@
 //! (`credits_consumed`) that exceeds the catalog's bound: that overrun is counted, logged, and
 //! blocks later calls, but cannot be taken back.
 //!
+//! A call whose asynchronous job Apollo bills later (a phone reveal, a waterfall) settles in
+//! two steps: [`Admission::settle_deferred`] counts its synchronous part and keeps the job's
+//! worst case reserved as a [`PendingCharge`], which the settler (`settle`) releases with the
+//! amount the job billed. The bound above holds throughout; at start-up
+//! [`Guard::reserve_pending`] reserves the charges the ledger still shows pending.
+//!
 //! Spend is attributed to the window its call *started* in, as the ledger's `started_at` says,
 //! so [`Guard::start`] rebuilds each current window from the ledger exactly. Holds are rows of
 //! the ledger's `holds` table. [`Guard::reload`] swaps in new budgets and keeps the spend of
@@ -22,6 +28,8 @@
 
 pub mod client;
 pub mod config;
+#[cfg(test)]
+mod pending_tests;
 pub mod scope;
 pub mod state;
 #[cfg(test)]
@@ -114,6 +122,73 @@ impl Drop for Admission {
         if !self.settled {
             self.guard.settle(self.id, Amount::default());
         }
+    }
+}
+
+impl Admission {
+    /// Settles the synchronous part of a call whose asynchronous job Apollo bills later:
+    /// counts `actual`, and keeps `pending` (the job's worst case, within what was reserved)
+    /// reserved in the same budgets until the returned charge settles.
+    pub fn settle_deferred(mut self, actual: Amount, pending: Amount) -> PendingCharge {
+        self.settled = true;
+        self.guard.keep_reserved(self.id, actual, pending);
+        PendingCharge {
+            guard: self.guard.clone(),
+            id: self.id,
+            settled: false,
+        }
+    }
+}
+
+/// A deferred charge's reservation (see [`Admission::settle_deferred`] and
+/// [`Guard::reserve_pending`]): its worst case stays reserved until it settles. Dropping it
+/// unsettled (shutdown) releases the reservation and counts nothing; the charge is still
+/// pending in the ledger, and is reserved again at the next start.
+pub struct PendingCharge {
+    guard: Arc<Guard>,
+    id: u64,
+    settled: bool,
+}
+
+impl PendingCharge {
+    /// Releases the reservation and counts `actual` (the settlement row's credits, whose
+    /// `request_id` is `settlement_id`) in the window of the original call.
+    pub fn settle(mut self, actual: Amount, settlement_id: &str) {
+        self.settled = true;
+        {
+            let mut st = lock(&self.guard.state);
+            st.pending.remove(&self.id);
+            if let Some(call) = st.inflight.get_mut(&self.id) {
+                settlement_id.clone_into(&mut call.request_id);
+            }
+        }
+        self.guard.settle(self.id, actual);
+    }
+}
+
+impl Drop for PendingCharge {
+    fn drop(&mut self) {
+        if !self.settled {
+            lock(&self.guard.state).pending.remove(&self.id);
+            self.guard.settle(self.id, Amount::default());
+        }
+    }
+}
+
+/// What deferred charges hold reserved in budget `name`, dimension `dim` (milli).
+fn pending_reserved(st: &State, name: &Arc<str>, dim: usize) -> i64 {
+    st.pending
+        .iter()
+        .filter_map(|id| st.inflight.get(id))
+        .filter(|call| call.charged.iter().any(|(n, _)| n == name))
+        .fold(0_i64, |sum, call| sum.saturating_add(call.reserved.0[dim]))
+}
+
+impl std::fmt::Debug for PendingCharge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCharge")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -313,6 +388,9 @@ struct State {
     inflight: HashMap<u64, InFlight>,
     next_id: u64,
     recent: VecDeque<Settled>,
+    /// Ids in `inflight` that are deferred charges waiting for Apollo's job (see
+    /// [`PendingCharge`]): they settle in seconds to hours, so no call waits for them.
+    pending: HashSet<u64>,
 }
 
 /// Budgets and holds, shared by every call. See the module docs.
@@ -426,6 +504,7 @@ impl Guard {
                 inflight: HashMap::new(),
                 next_id: 1,
                 recent: VecDeque::new(),
+                pending: HashSet::new(),
             }),
             metrics,
             ledger_path,
@@ -568,9 +647,10 @@ impl Guard {
             }
         }
         if !blocked.is_empty() {
-            let in_flight_only = blocked
-                .iter()
-                .all(|(_, c)| c.spent.saturating_add(c.requested) <= c.limit);
+            let in_flight_only = blocked.iter().all(|(i, c)| {
+                let pending = pending_reserved(&st, &st.budgets[*i].def.name, c.dim);
+                c.spent.saturating_add(pending).saturating_add(c.requested) <= c.limit
+            });
             let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
             if in_flight_only && !last {
                 return Err(Blocked::Wait(refusal));
@@ -729,6 +809,93 @@ impl Guard {
         }
         drop(st);
         self.settled.notify_waiters();
+    }
+
+    /// Settles the synchronous part (`actual`) of call `id` and keeps `keep` reserved for it in
+    /// the budgets whose window it still falls in (see [`Admission::settle_deferred`]).
+    fn keep_reserved(&self, id: u64, actual: Amount, keep: Amount) {
+        let mut st = lock(&self.state);
+        let Some(call) = st.inflight.get(&id) else {
+            return;
+        };
+        let (reserved, started_at) = (call.reserved, call.started_at);
+        let request_id = call.request_id.clone();
+        let facts = call.facts.clone();
+        let charged = call.charged.clone();
+        let mut still = Vec::with_capacity(charged.len());
+        for (name, key) in charged {
+            let Some(b) = st.budgets.iter_mut().find(|b| b.def.name == name) else {
+                continue; // removed by a reload
+            };
+            let same_window = b.window().is_none() || b.window_key() == key;
+            b.settle(key, started_at, &reserved, &actual);
+            if same_window {
+                b.reserve(&keep);
+                still.push((name, key));
+            }
+            self.publish_budget(b);
+        }
+        if let Some(call) = st.inflight.get_mut(&id) {
+            call.reserved = keep;
+            call.charged = still;
+            st.pending.insert(id);
+        }
+        if !actual.is_zero() {
+            st.recent.push_back(Settled {
+                at: now_ms(),
+                request_id,
+                facts,
+                started_at,
+                actual,
+            });
+        }
+        drop(st);
+        self.settled.notify_waiters();
+    }
+
+    /// Reserves a deferred charge still pending in the ledger at start-up (`amount`, its worst
+    /// case) in every budget covering it whose current window holds its call's start, without
+    /// a fit check: it was admitted before the restart.
+    pub fn reserve_pending(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: CallFacts,
+        started_at: i64,
+        amount: Amount,
+        now: i64,
+    ) -> PendingCharge {
+        let mut st = lock(&self.state);
+        let mut charged = Vec::new();
+        for b in st.budgets.iter_mut() {
+            if !b.def.scope.matches(&facts) {
+                continue;
+            }
+            b.roll(now);
+            if started_at < b.counts_since(now) {
+                continue;
+            }
+            b.reserve(&amount);
+            charged.push((b.def.name.clone(), b.window_key()));
+            self.publish_budget(b);
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.inflight.insert(
+            id,
+            InFlight {
+                request_id: request_id.to_owned(),
+                facts,
+                started_at,
+                reserved: amount,
+                charged,
+            },
+        );
+        st.pending.insert(id);
+        PendingCharge {
+            guard: self.clone(),
+            id,
+            settled: false,
+        }
     }
 
     /// Swaps in new `[guard]` settings and budgets (a SIGHUP reload). A budget whose name,

@@ -78,6 +78,9 @@ pub enum Outcome {
     RejectedBudget,
     /// A hold (emergency stop) covers the call. Nothing went upstream.
     RejectedHold,
+    /// Not a call: the credits Apollo billed later for an earlier call's asynchronous job
+    /// (phone reveal, waterfall). `settles` names that call's `request_id`.
+    Settlement,
 }
 
 impl Outcome {
@@ -91,6 +94,7 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::RejectedBudget => "rejected_budget",
             Outcome::RejectedHold => "rejected_hold",
+            Outcome::Settlement => "settlement",
         }
     }
 }
@@ -122,6 +126,16 @@ pub struct CallRecord {
     pub response_bytes: i64,
     pub error: Option<String>,
     pub id_kinds: Option<String>,
+    /// Settlement rows only: the `request_id` of the call whose deferred charge this is.
+    #[serde(default)]
+    pub settles: Option<String>,
+    /// What Apollo bills later for this call, as JSON (see `catalog::Deferred`); `None` when
+    /// nothing is deferred.
+    #[serde(default)]
+    pub deferred: Option<String>,
+    /// The worst case of `deferred`, milli-credits (0 when nothing is deferred).
+    #[serde(default)]
+    pub deferred_milli: i64,
 }
 
 impl CallRecord {

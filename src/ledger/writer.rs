@@ -78,7 +78,12 @@ pub struct WriterConfig {
 impl WriterConfig {
     /// The spool file: `<ledger>.spool`.
     pub fn spool_path(&self) -> PathBuf {
-        sibling(&self.path, "spool")
+        Self::spool_path_of(&self.path)
+    }
+
+    /// The spool file of the ledger at `ledger`.
+    pub fn spool_path_of(ledger: &Path) -> PathBuf {
+        sibling(ledger, "spool")
     }
 
     fn reserve_path(&self) -> PathBuf {
@@ -697,20 +702,25 @@ fn insert_rows<'a>(
                 r.response_bytes,
                 r.error,
                 r.id_kinds,
+                r.settles,
+                r.deferred,
+                r.deferred_milli,
             ])?;
         }
     }
     tx.commit()
 }
 
-// `INSERT OR IGNORE`: a replayed row (same request_id) is never doubled.
+// `INSERT OR IGNORE`: a replayed row (same request_id) is never doubled, and a second
+// settlement of one call (same `settles`) is never stored.
 const INSERT_SQL: &str = "INSERT OR IGNORE INTO calls (
     request_id, started_at, finished_at, method, path, endpoint, status, outcome,
     table_name, workflow, tags, key_fp, credits_milli, lead_milli, direct_dial_milli,
     export_milli, credit_source, records_requested, records_matched, catalog_version,
-    upstream_ms, request_bytes, response_bytes, error, id_kinds
+    upstream_ms, request_bytes, response_bytes, error, id_kinds, settles, deferred,
+    deferred_milli
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-          ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
+          ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
 
 /// The append-only spool: one JSON `CallRecord` per line.
 struct Spool {

@@ -1,0 +1,152 @@
+//! What the settler reads back from the ledger at start-up: the charges still pending.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::Original;
+use crate::catalog::Deferred;
+use crate::ledger::CallRecord;
+
+/// A row whose deferred charge has no settlement row yet.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    pub original: Original,
+    pub deferred: Deferred,
+}
+
+/// Every call with a `deferred` charge and no row that `settles` it, oldest first. A row whose
+/// `deferred` JSON cannot be read is logged and skipped (it cannot be settled or priced).
+pub fn pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT c.request_id, c.started_at, c.method, c.path, c.endpoint, c.table_name,
+                c.workflow, c.tags, c.key_fp, c.records_requested, c.records_matched, c.deferred
+           FROM calls c
+          WHERE c.deferred IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)
+          ORDER BY c.started_at",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            Original {
+                request_id: r.get(0)?,
+                started_at: r.get(1)?,
+                method: r.get(2)?,
+                path: r.get(3)?,
+                endpoint: r.get(4)?,
+                table_name: r.get(5)?,
+                workflow: r.get(6)?,
+                tags: r.get(7)?,
+                key_fp: r.get(8)?,
+                records_requested: r.get(9)?,
+                records_matched: r.get(10)?,
+            },
+            r.get::<_, String>(11)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (original, text) = row?;
+        match Deferred::from_json(&text) {
+            Ok(deferred) => out.push(PendingRow { original, deferred }),
+            Err(e) => tracing::error!(
+                request_id = %original.request_id,
+                error = %e,
+                "settle: the ledger's `deferred` of this call cannot be read; it stays pending in reports"
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// [`pending`], with the rows still waiting in the ledger's spool (`<ledger>.spool`, replayed
+/// by the writer after start-up) taken into account: a call whose settlement is spooled is not
+/// pending, and a spooled call with a deferred charge and no settlement is.
+pub fn pending_with_spool(conn: &Connection, spool: &Path) -> rusqlite::Result<Vec<PendingRow>> {
+    let mut rows = pending(conn)?;
+    let Ok(file) = std::fs::File::open(spool) else {
+        return Ok(rows); // no spool: nothing waits
+    };
+    let spooled: Vec<CallRecord> = std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str(&line).ok())
+        .collect();
+    let settled: HashSet<&str> = spooled
+        .iter()
+        .filter_map(|r| r.settles.as_deref())
+        .collect();
+    rows.retain(|r| !settled.contains(r.original.request_id.as_str()));
+    let known: HashSet<String> = rows.iter().map(|r| r.original.request_id.clone()).collect();
+    for r in &spooled {
+        let Some(text) = &r.deferred else { continue };
+        if settled.contains(r.request_id.as_str()) || known.contains(&r.request_id) {
+            continue;
+        }
+        // Committed before it was spooled again (a replay cut short)? Then `pending` decided.
+        let committed: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM calls WHERE request_id = ?1)",
+                [&r.request_id],
+                |row| row.get(0),
+            )
+            .unwrap_or(false);
+        if committed {
+            continue;
+        }
+        if let Ok(deferred) = Deferred::from_json(text) {
+            rows.push(PendingRow {
+                original: Original::of(r),
+                deferred,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+
+    #[test]
+    fn spooled_rows_count_for_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ledger.db");
+        let conn = crate::ledger::open_for_write(&db, Synchronous::Normal).unwrap();
+        let deferred = r#"{"job_id":"-1","worst":{"lead":0,"direct_dial":8000,"export":0},"estimate":{"lead":0,"direct_dial":4000,"export":0},"params":["reveal_phone_number"]}"#;
+        for id in ["committed-a", "committed-b"] {
+            conn.execute(
+                "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint,
+                     outcome, credit_source, catalog_version, deferred, deferred_milli)
+                 VALUES (?1, 1, 2, 'POST', '/api/v1/people/match', 'people_match', 'ok',
+                     'catalog', 't', ?2, 8000)",
+                rusqlite::params![id, deferred],
+            )
+            .unwrap();
+        }
+        assert_eq!(pending(&conn).unwrap().len(), 2);
+        // The spool holds a settlement of committed-a and a new call with a deferred charge.
+        let mut settlement = crate::scale::bench_row(1);
+        settlement.request_id = "s-1".into();
+        settlement.settles = Some("committed-a".into());
+        let mut call = crate::scale::bench_row(2);
+        call.request_id = "spooled-c".into();
+        call.deferred = Some(deferred.into());
+        let spool = dir.path().join("ledger.db.spool");
+        let text = [settlement, call]
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect::<String>();
+        std::fs::write(&spool, text).unwrap();
+        let mut ids: Vec<String> = pending_with_spool(&conn, &spool)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.original.request_id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["committed-b".to_owned(), "spooled-c".to_owned()]);
+    }
+}
