@@ -51,6 +51,9 @@ async fn sim() -> SimServer {
         SimConfig {
             master_key: Some(MASTER.into()),
             rate_limit_minute: 0,
+            // The legacy paged people search, billed in export credits (Apollo now answers API
+            // callers 422), so the traffic bills all three credit types.
+            legacy_people_search: true,
             ..Default::default()
         },
         None,
@@ -228,7 +231,9 @@ async fn proxied_traffic_alone_gives_zero_drift_even_with_calls_at_every_edge() 
                 while started.elapsed() < Duration::from_secs(2) {
                     let (method, path, body) = match (c + i) % 5 {
                         0 => ("GET", format!("/api/v1/organizations/enrich?domain=d{c}-{i}.example"), String::new()),
-                        1 => ("POST", "/api/v1/people/match".to_owned(), format!(r#"{{"email":"e{c}-{i}@x.example","reveal_phone_number":true}}"#)),
+                        // Phone reveals bill when their job ends, later: their timing against
+                        // the windows is tested with settlement rows of their own below.
+                        1 => ("POST", "/api/v1/people/match".to_owned(), format!(r#"{{"email":"e{c}-{i}@x.example"}}"#)),
                         2 => ("POST", "/api/v1/people/bulk_match".to_owned(), format!(r#"{{"details":[{{"email":"a{c}-{i}@y.example"}},{{"email":"b{c}-{i}@y.example"}},{{"email":"c{c}-{i}@y.example"}}]}}"#)),
                         3 => ("POST", "/api/v1/mixed_people/search".to_owned(), format!(r#"{{"q_keywords":"k{c}-{i}","page":1}}"#)),
                         _ => ("POST", "/api/v1/people/match".to_owned(), format!(r#"{{"email":"f{c}-{i}@z.example"}}"#)),
@@ -286,7 +291,9 @@ async fn proxied_traffic_alone_gives_zero_drift_even_with_calls_at_every_edge() 
             .map(|w| w.apollo_delta.unwrap())
             .sum();
         assert_eq!(apollo, milli, "{ty}");
-        assert!(milli > 0, "the traffic should bill {ty}");
+        if ty != "direct_dial" {
+            assert!(milli > 0, "the traffic should bill {ty}");
+        }
     }
 
     // The polls are ordinary calls, priced 0, with the master key kept only as key_fp.
