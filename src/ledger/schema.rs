@@ -210,6 +210,17 @@ const MIGRATIONS: &[&str] = &[
     END;
 
     "#,
+    // Deferred charges (billing truth): Apollo bills phone reveals and waterfalls when their
+    // asynchronous job ends. The call's row keeps what the synchronous answer billed and, in
+    // `deferred`, what is still to come; the rest arrives as a settlement row whose `settles`
+    // names the original `request_id` (at most one per original).
+    r#"
+    ALTER TABLE calls ADD COLUMN settles TEXT;             -- settlement rows: the original row's request_id
+    ALTER TABLE calls ADD COLUMN deferred TEXT;            -- JSON: Apollo's job id, worst case and estimate still to be billed
+    ALTER TABLE calls ADD COLUMN deferred_milli INTEGER NOT NULL DEFAULT 0;  -- the deferred worst case, credits x 1000
+    CREATE UNIQUE INDEX calls_settles ON calls(settles) WHERE settles IS NOT NULL;
+    CREATE INDEX calls_deferred ON calls(started_at) WHERE deferred_milli > 0;
+    "#,
 ];
 
 /// The schema version this build writes.
