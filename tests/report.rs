@@ -891,7 +891,11 @@ fn the_migration_backfills_rollups_from_existing_rows() {
     // Turn the file back into the ledger before the rollup migration (v4), with rows and no
     // rollups, undoing the migrations after it too (v5: deferred charges), then reopen it.
     let conn = rusqlite::Connection::open(&db).unwrap();
-    assert_eq!(creditmeter::ledger::schema::SCHEMA_VERSION, 5, "undo the newer migrations here");
+    assert_eq!(
+        creditmeter::ledger::schema::SCHEMA_VERSION,
+        5,
+        "undo the newer migrations here"
+    );
     conn.execute_batch(
         "DROP INDEX calls_settles; DROP INDEX calls_deferred;
          ALTER TABLE calls DROP COLUMN settles; ALTER TABLE calls DROP COLUMN deferred;
@@ -1284,13 +1288,22 @@ fn defer_and_settle(
 fn deferred_charges_show_as_pending_then_settle_at_the_call_time() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("l.db");
-    let mut rows = vec![row(1, T0 + 600_000), row(2, T0 + 1_200_000), row(3, T0 + 1_800_000)];
+    let mut rows = vec![
+        row(1, T0 + 600_000),
+        row(2, T0 + 1_200_000),
+        row(3, T0 + 1_800_000),
+    ];
     rows[0].table_name = Some("phones".into());
     rows[1].table_name = Some("phones".into());
     rows[2].table_name = Some("plain".into());
     write_rows(&db, rows);
     // Call 1's phone reveal found a mobile, learned three hours later; call 2's is pending.
-    defer_and_settle(&db, "r0000000001", 8000, Some((8000, "reported", T0 + 3 * HOUR_MS)));
+    defer_and_settle(
+        &db,
+        "r0000000001",
+        8000,
+        Some((8000, "reported", T0 + 3 * HOUR_MS)),
+    );
     defer_and_settle(&db, "r0000000002", 8000, None);
 
     let w = Window {
@@ -1301,12 +1314,24 @@ fn deferred_charges_show_as_pending_then_settle_at_the_call_time() {
     for source in [Source::Auto, Source::Raw] {
         let r = spend(&db, &GroupBy::Table, w, source);
         let phones = r.rows.iter().find(|r| r.key == "phones").unwrap();
-        assert_eq!(phones.calls, 2, "a settlement row is not a call ({source:?})");
-        assert_eq!(phones.credits_milli, 10_000, "1 + 1 lead + 8 settled ({source:?})");
+        assert_eq!(
+            phones.calls, 2,
+            "a settlement row is not a call ({source:?})"
+        );
+        assert_eq!(
+            phones.credits_milli, 10_000,
+            "1 + 1 lead + 8 settled ({source:?})"
+        );
         assert_eq!(phones.direct_dial_milli, 8000);
-        assert_eq!(phones.pending_milli, 8000, "call 2 still pending ({source:?})");
+        assert_eq!(
+            phones.pending_milli, 8000,
+            "call 2 still pending ({source:?})"
+        );
         let plain = r.rows.iter().find(|r| r.key == "plain").unwrap();
-        assert_eq!((plain.calls, plain.credits_milli, plain.pending_milli), (1, 1000, 0));
+        assert_eq!(
+            (plain.calls, plain.credits_milli, plain.pending_milli),
+            (1, 1000, 0)
+        );
         assert_eq!((r.total.calls, r.total.pending_milli), (3, 8000));
     }
 
@@ -1337,7 +1362,10 @@ fn deferred_charges_show_as_pending_then_settle_at_the_call_time() {
     let table = report::run(&base).unwrap();
     let header = table.lines().nth(2).unwrap();
     assert!(header.trim_end().ends_with("pending"), "{table}");
-    assert!(table.contains("note: pending: up to 8 more credits"), "{table}");
+    assert!(
+        table.contains("note: pending: up to 8 more credits"),
+        "{table}"
+    );
 
     // The timeline books the settlement at the call's hour, not at the hour it was learned.
     let t: serde_json::Value = serde_json::from_str(
@@ -1374,11 +1402,37 @@ fn deferred_charges_show_as_pending_then_settle_at_the_call_time() {
     assert!(!s.contains_key("estimated"));
 
     // Call 2's charge is never learned: after settle.max_wait the estimate settles it.
-    defer_and_settle(&db, "r0000000002", 8000, Some((4000, "estimated", T0 + 5 * HOUR_MS)));
+    defer_and_settle(
+        &db,
+        "r0000000002",
+        8000,
+        Some((4000, "estimated", T0 + 5 * HOUR_MS)),
+    );
     let r = spend(&db, &GroupBy::Table, w, Source::Auto);
     assert_eq!(r.total.pending_milli, 0);
     assert_eq!(r.total.credits_milli, 3000 + 8000 + 4000);
     assert_eq!(by_source(&db)["estimated"], (0, 4000));
+    // `/api/calls` shows which call a settlement settles, and what was deferred.
+    let conn = creditmeter::ledger::open_for_read(&db).unwrap();
+    let (page, _) = queries::calls_page(
+        &conn,
+        &queries::CallsQuery {
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let settlement = page
+        .iter()
+        .find(|r| r.settles.as_deref() == Some("r0000000002"))
+        .unwrap();
+    assert_eq!(
+        (settlement.outcome.as_str(), settlement.started_at),
+        ("settlement", T0 + 1_200_000)
+    );
+    let call = page.iter().find(|r| r.request_id == "r0000000002").unwrap();
+    assert_eq!(call.deferred_milli, 8000);
+    assert_eq!(call.deferred.as_ref().unwrap()["job_id"], "-42");
     // `--by credit_source` parses under its name.
     assert_eq!(GroupBy::parse("credit_source"), Ok(GroupBy::CreditSource));
 }

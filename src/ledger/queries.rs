@@ -723,6 +723,12 @@ pub struct CallRow {
     pub response_bytes: i64,
     pub error: Option<String>,
     pub id_kinds: Option<String>,
+    /// Settlement rows: the `request_id` of the call they settle.
+    pub settles: Option<String>,
+    /// The deferred worst case still to be billed (0 when nothing is deferred).
+    pub deferred_milli: i64,
+    /// The deferred charge's details (parsed from the `deferred` JSON column).
+    pub deferred: Option<serde_json::Value>,
 }
 
 /// One page of raw rows in `(started_at, id)` order (newest first unless `ascending`), and the
@@ -737,7 +743,8 @@ pub fn calls_page(
         "SELECT id, request_id, started_at, finished_at, method, path, endpoint, status, outcome,
                 table_name, workflow, tags, key_fp, credits_milli, lead_milli, direct_dial_milli,
                 export_milli, credit_source, records_requested, records_matched, catalog_version,
-                upstream_ms, request_bytes, response_bytes, error, id_kinds
+                upstream_ms, request_bytes, response_bytes, error, id_kinds, settles,
+                deferred_milli, deferred
            FROM calls WHERE 1{filter_sql}"
     );
     let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = Vec::new();
@@ -812,6 +819,11 @@ pub fn calls_page(
                 response_bytes: r.get(23)?,
                 error: r.get(24)?,
                 id_kinds: r.get(25)?,
+                settles: r.get(26)?,
+                deferred_milli: r.get(27)?,
+                deferred: r
+                    .get::<_, Option<String>>(28)?
+                    .and_then(|d| serde_json::from_str(&d).ok()),
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
