@@ -468,7 +468,7 @@ fn query_pending(
     let sql = format!(
         "SELECT {bucket} AS b, {key} AS k, sum(c.deferred_milli)
            FROM calls c
-          WHERE c.deferred_milli > 0 AND c.started_at >= :since AND c.started_at < :until{extra}{filter_sql}
+          WHERE c.deferred IS NOT NULL AND c.deferred_milli > 0 AND c.started_at >= :since AND c.started_at < :until{extra}{filter_sql}
             AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)
           GROUP BY b, k"
     );

@@ -210,16 +210,19 @@ const MIGRATIONS: &[&str] = &[
     END;
 
     "#,
-    // Deferred charges (billing truth): Apollo bills phone reveals and waterfalls when their
-    // asynchronous job ends. The call's row keeps what the synchronous answer billed and, in
-    // `deferred`, what is still to come; the rest arrives as a settlement row whose `settles`
-    // names the original `request_id` (at most one per original).
+    // Deferred charges (issue 13): Apollo bills phone reveals and waterfalls when an
+    // asynchronous job ends. The call's row says what is still to come (`deferred`, and its
+    // worst case in `deferred_milli`); the bill arrives later as a settlement row
+    // (`outcome = 'settlement'`, `settles` = the call's `request_id`). The partial unique index
+    // stores a settlement at most once, whichever path (creditmeter's poll, a caller's poll,
+    // a spool replay) writes it; the writer's `INSERT OR IGNORE` drops the second.
+    // Pending charges: rows with `deferred` set and no row that `settles` them.
     r#"
-    ALTER TABLE calls ADD COLUMN settles TEXT;             -- settlement rows: the original row's request_id
-    ALTER TABLE calls ADD COLUMN deferred TEXT;            -- JSON: Apollo's job id, worst case and estimate still to be billed
-    ALTER TABLE calls ADD COLUMN deferred_milli INTEGER NOT NULL DEFAULT 0;  -- the deferred worst case, credits x 1000
+    ALTER TABLE calls ADD COLUMN settles TEXT;                               -- settlement rows: the settled call's request_id
+    ALTER TABLE calls ADD COLUMN deferred TEXT;                              -- JSON: what Apollo bills later (job_id, worst, estimate, params)
+    ALTER TABLE calls ADD COLUMN deferred_milli INTEGER NOT NULL DEFAULT 0;  -- worst case of `deferred`, credits x 1000
     CREATE UNIQUE INDEX calls_settles ON calls(settles) WHERE settles IS NOT NULL;
-    CREATE INDEX calls_deferred ON calls(started_at) WHERE deferred_milli > 0;
+    CREATE INDEX calls_deferred ON calls(started_at) WHERE deferred IS NOT NULL;
     "#,
 ];
 
