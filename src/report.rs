@@ -104,7 +104,7 @@ pub struct ReportArgs {
     /// End of the window (exclusive). Default: now.
     #[arg(long)]
     pub until: Option<String>,
-    /// table, workflow, endpoint, key, status, outcome, tag:<name> or id_kind.
+    /// table, workflow, endpoint, key, status, outcome, credit_source, tag:<name> or id_kind.
     #[arg(long)]
     pub by: Option<String>,
     /// Identifier analytics: match rate and credits per match per identifier kind (= --by id_kind).
@@ -608,6 +608,7 @@ pub(crate) fn row_json(r: &SpendRow) -> serde_json::Value {
         "export_credits": r.export_milli as f64 / 1000.0,
         "records_requested": r.records_requested, "records_matched": r.records_matched,
         "match_rate": r.match_rate(), "credits_per_match": r.credits_per_match(),
+        "pending_credits": r.pending_milli as f64 / 1000.0, "pending_milli": r.pending_milli,
     })
 }
 
@@ -684,11 +685,11 @@ fn render(req: &ReportRequest, report: &SpendReport) -> String {
             format!("{doc:#}\n")
         }
         Format::Csv => {
-            let mut out = format!("{},calls,credits,lead,direct_dial,export,records_requested,records_matched,match_rate,credits_per_match\n", req.by.label());
+            let mut out = format!("{},calls,credits,lead,direct_dial,export,records_requested,records_matched,match_rate,credits_per_match,pending\n", req.by.label());
             for r in rows.iter().chain(std::iter::once(total)) {
                 let _ = writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{}",
                     csv_field(&r.key),
                     r.calls,
                     credits(r.credits_milli),
@@ -703,6 +704,7 @@ fn render(req: &ReportRequest, report: &SpendReport) -> String {
                     r.credits_per_match()
                         .map(|c| format!("{c:.3}"))
                         .unwrap_or_default(),
+                    credits(r.pending_milli),
                 );
             }
             out
@@ -719,6 +721,7 @@ fn render(req: &ReportRequest, report: &SpendReport) -> String {
                 "matched",
                 "match",
                 "cr/match",
+                "pending",
             ]
             .map(str::to_owned)
             .to_vec();
@@ -738,6 +741,7 @@ fn render(req: &ReportRequest, report: &SpendReport) -> String {
                     r.credits_per_match()
                         .map(|c| format!("{c:.2}"))
                         .unwrap_or_else(|| "-".into()),
+                    credits(r.pending_milli),
                 ]
             };
             let mut table = vec![header];
@@ -763,6 +767,13 @@ fn render(req: &ReportRequest, report: &SpendReport) -> String {
                     out.push_str(&rule);
                     out.push('\n');
                 }
+            }
+            if total.pending_milli > 0 {
+                let _ = writeln!(
+                    out,
+                    "note: pending: up to {} more credits that Apollo bills when phone reveals and waterfalls finish; each settles into its call's row group (and time) within settle.max_wait",
+                    credits(total.pending_milli)
+                );
             }
             for note in &report.notes {
                 let _ = writeln!(out, "note: {note}");

@@ -157,6 +157,13 @@ fn varied_rows(n: u64, start: i64) -> Vec<CallRecord> {
             };
             r.records_requested = Some(1 + (i as i64 % 10));
             r.records_matched = r.records_matched.map(|_| i as i64 % 3);
+            r.credit_source = match (r.credits_milli(), i % 4) {
+                (0, _) => "none",
+                (_, 0) => "reported",
+                (_, 1) => "estimated",
+                _ => "catalog",
+            }
+            .into();
             r
         })
         .collect()
@@ -253,6 +260,7 @@ fn every_grouping_equals_plain_sql_to_the_milli_credit() {
             "id_kinds",
             "AND id_kinds IS NOT NULL AND status BETWEEN 200 AND 299",
         ),
+        ("credit_source", "credit_source", ""),
     ];
     let windows = [
         // All time, whole hours, ragged edges on both sides, and a window inside one hour.
@@ -884,15 +892,19 @@ fn the_migration_backfills_rollups_from_existing_rows() {
     };
     let want = sql_groups(&db, "COALESCE(table_name, '_unattributed')", "", all);
     // Turn the file back into the ledger before the rollup migration (v4), with rows and no
-    // rollups (nor the later deferred-charge columns of v5), then reopen it.
+    // rollups, undoing the migrations after it too (v5: deferred charges), then reopen it.
     let conn = rusqlite::Connection::open(&db).unwrap();
+    assert_eq!(
+        creditmeter::ledger::schema::SCHEMA_VERSION,
+        5,
+        "undo the newer migrations here"
+    );
     conn.execute_batch(
-        "DROP TRIGGER calls_rollup_insert; DROP TRIGGER calls_rollup_update;
-         DROP TABLE rollup_hourly;
-         DROP INDEX calls_settles; DROP INDEX calls_deferred;
+        "DROP INDEX calls_settles; DROP INDEX calls_deferred;
          ALTER TABLE calls DROP COLUMN settles; ALTER TABLE calls DROP COLUMN deferred;
          ALTER TABLE calls DROP COLUMN deferred_milli;
-         PRAGMA user_version = 3;",
+         DROP TRIGGER calls_rollup_insert; DROP TRIGGER calls_rollup_update;
+         DROP TABLE rollup_hourly; PRAGMA user_version = 3;",
     )
     .unwrap();
     drop(conn);
@@ -1242,4 +1254,188 @@ async fn the_proxy_runs_retention_off_the_hot_path() {
         "{counted} vs {}",
         old_credits as f64 / 1000.0 + live_credits
     );
+}
+
+/// Marks `request_id`'s row as carrying a deferred charge (what the settler writes with the
+/// call), and optionally adds its settlement row, booked at the call's own start.
+fn defer_and_settle(
+    db: &Path,
+    request_id: &str,
+    deferred_milli: i64,
+    settlement: Option<(i64, &str, i64)>,
+) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute(
+        "UPDATE calls SET deferred_milli = ?2,
+                deferred = json_object('job_id', '-42', 'worst', json_object('lead', 0, 'direct_dial', ?2, 'export', 0))
+          WHERE request_id = ?1",
+        rusqlite::params![request_id, deferred_milli],
+    )
+    .unwrap();
+    if let Some((direct_dial_milli, source, finished_at)) = settlement {
+        conn.execute(
+            "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint, status,
+                                outcome, table_name, workflow, tags, key_fp, credits_milli, lead_milli,
+                                direct_dial_milli, export_milli, credit_source, records_requested,
+                                records_matched, catalog_version, settles)
+             SELECT request_id || '.s', started_at, ?2, method, path, endpoint, 200, 'settlement',
+                    table_name, workflow, tags, key_fp, ?3, 0, ?3, 0, ?4, 0, 0, catalog_version, request_id
+               FROM calls WHERE request_id = ?1",
+            rusqlite::params![request_id, finished_at, direct_dial_milli, source],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn deferred_charges_show_as_pending_then_settle_at_the_call_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("l.db");
+    let mut rows = vec![
+        row(1, T0 + 600_000),
+        row(2, T0 + 1_200_000),
+        row(3, T0 + 1_800_000),
+    ];
+    rows[0].table_name = Some("phones".into());
+    rows[1].table_name = Some("phones".into());
+    rows[2].table_name = Some("plain".into());
+    write_rows(&db, rows);
+    // Call 1's phone reveal found a mobile, learned three hours later; call 2's is pending.
+    defer_and_settle(
+        &db,
+        "r0000000001",
+        8000,
+        Some((8000, "reported", T0 + 3 * HOUR_MS)),
+    );
+    defer_and_settle(&db, "r0000000002", 8000, None);
+
+    let w = Window {
+        since_ms: T0,
+        until_ms: T0 + 4 * HOUR_MS,
+    };
+    // Whole hours come from the rollups, the rest from detail rows: both must agree.
+    for source in [Source::Auto, Source::Raw] {
+        let r = spend(&db, &GroupBy::Table, w, source);
+        let phones = r.rows.iter().find(|r| r.key == "phones").unwrap();
+        assert_eq!(
+            phones.calls, 2,
+            "a settlement row is not a call ({source:?})"
+        );
+        assert_eq!(
+            phones.credits_milli, 10_000,
+            "1 + 1 lead + 8 settled ({source:?})"
+        );
+        assert_eq!(phones.direct_dial_milli, 8000);
+        assert_eq!(
+            phones.pending_milli, 8000,
+            "call 2 still pending ({source:?})"
+        );
+        let plain = r.rows.iter().find(|r| r.key == "plain").unwrap();
+        assert_eq!(
+            (plain.calls, plain.credits_milli, plain.pending_milli),
+            (1, 1000, 0)
+        );
+        assert_eq!((r.total.calls, r.total.pending_milli), (3, 8000));
+    }
+
+    // Every format shows the pending column.
+    let base = ReportRequest {
+        db: db.clone(),
+        since_ms: w.since_ms,
+        until_ms: w.until_ms,
+        ..ReportRequest::default()
+    };
+    let json: serde_json::Value = serde_json::from_str(
+        &report::run(&ReportRequest {
+            format: Format::Json,
+            ..base.clone()
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["total"]["pending_credits"], 8.0);
+    assert_eq!(json["total"]["pending_milli"], 8000);
+    let csv = report::run(&ReportRequest {
+        format: Format::Csv,
+        ..base.clone()
+    })
+    .unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",pending"), "{csv}");
+    assert!(csv.lines().last().unwrap().ends_with(",8"), "{csv}");
+    let table = report::run(&base).unwrap();
+    let header = table.lines().nth(2).unwrap();
+    assert!(header.trim_end().ends_with("pending"), "{table}");
+    assert!(
+        table.contains("note: pending: up to 8 more credits"),
+        "{table}"
+    );
+
+    // The timeline books the settlement at the call's hour, not at the hour it was learned.
+    let t: serde_json::Value = serde_json::from_str(
+        &report::run(&ReportRequest {
+            format: Format::Json,
+            view: View::Timeline,
+            bucket_ms: HOUR_MS,
+            ..base.clone()
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let buckets = t["buckets"].as_array().unwrap();
+    assert_eq!(buckets[0]["start_ms"], T0);
+    assert_eq!(buckets[0]["credits_milli"], 11_000, "{t:#}");
+    assert_eq!(buckets[0]["calls"], 3);
+    assert_eq!(buckets[0]["pending_credits"], 8.0);
+    assert!(
+        buckets[1..].iter().all(|b| b["credits_milli"] == 0),
+        "nothing at the hour the settlement was learned: {t:#}"
+    );
+
+    // Where the figures came from.
+    let by_source = |db: &Path| -> BTreeMap<String, (u64, i64)> {
+        spend(db, &GroupBy::CreditSource, w, Source::Auto)
+            .rows
+            .iter()
+            .map(|r| (r.key.clone(), (r.calls, r.credits_milli)))
+            .collect()
+    };
+    let s = by_source(&db);
+    assert_eq!(s["catalog"], (3, 3000));
+    assert_eq!(s["reported"], (0, 8000));
+    assert!(!s.contains_key("estimated"));
+
+    // Call 2's charge is never learned: after settle.max_wait the estimate settles it.
+    defer_and_settle(
+        &db,
+        "r0000000002",
+        8000,
+        Some((4000, "estimated", T0 + 5 * HOUR_MS)),
+    );
+    let r = spend(&db, &GroupBy::Table, w, Source::Auto);
+    assert_eq!(r.total.pending_milli, 0);
+    assert_eq!(r.total.credits_milli, 3000 + 8000 + 4000);
+    assert_eq!(by_source(&db)["estimated"], (0, 4000));
+    // `/api/calls` shows which call a settlement settles, and what was deferred.
+    let conn = creditmeter::ledger::open_for_read(&db).unwrap();
+    let (page, _) = queries::calls_page(
+        &conn,
+        &queries::CallsQuery {
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let settlement = page
+        .iter()
+        .find(|r| r.settles.as_deref() == Some("r0000000002"))
+        .unwrap();
+    assert_eq!(
+        (settlement.outcome.as_str(), settlement.started_at),
+        ("settlement", T0 + 1_200_000)
+    );
+    let call = page.iter().find(|r| r.request_id == "r0000000002").unwrap();
+    assert_eq!(call.deferred_milli, 8000);
+    assert_eq!(call.deferred.as_ref().unwrap()["job_id"], "-42");
+    // `--by credit_source` parses under its name.
+    assert_eq!(GroupBy::parse("credit_source"), Ok(GroupBy::CreditSource));
 }

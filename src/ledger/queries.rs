@@ -127,6 +127,11 @@ pub enum GroupBy {
     /// `id_kind`: the identifier kinds a people enrichment carried (`email`, `linkedin_url`,
     /// `email,linkedin_url`, ...). Only calls that carried identifiers and got a 2xx answer.
     IdKind,
+    /// `credit_source`: where each credit figure came from: `reported` (Apollo's own
+    /// `credits_consumed`), `catalog` (the catalog's rules), `estimated` (the worst case or an
+    /// estimate, when the answer could not be read or a deferred charge was never learned),
+    /// `none` (free calls).
+    CreditSource,
 }
 
 impl GroupBy {
@@ -141,11 +146,12 @@ impl GroupBy {
             "status" => GroupBy::Status,
             "outcome" => GroupBy::Outcome,
             "id_kind" | "id_kinds" | "identifier" => GroupBy::IdKind,
+            "credit_source" | "source" => GroupBy::CreditSource,
             _ => match s.strip_prefix("tag:") {
                 Some(name) if !name.is_empty() => GroupBy::Tag(name.to_ascii_lowercase()),
                 _ => {
                     return Err(format!(
-                        "unknown grouping {s:?}: use table, workflow, endpoint, key, status, outcome, tag:<name> or id_kind"
+                        "unknown grouping {s:?}: use table, workflow, endpoint, key, status, outcome, credit_source, tag:<name> or id_kind"
                     ))
                 }
             },
@@ -163,6 +169,7 @@ impl GroupBy {
             GroupBy::Outcome => "outcome".into(),
             GroupBy::Tag(n) => format!("tag:{n}"),
             GroupBy::IdKind => "id_kind".into(),
+            GroupBy::CreditSource => "credit_source".into(),
         }
     }
 
@@ -177,6 +184,7 @@ impl GroupBy {
             GroupBy::Outcome => "outcome",
             GroupBy::Tag(_) => "COALESCE(json_extract(tags, :tag), '_none')",
             GroupBy::IdKind => "id_kinds",
+            GroupBy::CreditSource => "credit_source",
         }
     }
 
@@ -188,7 +196,7 @@ impl GroupBy {
             GroupBy::Endpoint => Some("endpoint"),
             GroupBy::Status => Some("CASE status WHEN 0 THEN 'none' ELSE CAST(status AS TEXT) END"),
             GroupBy::Outcome => Some("outcome"),
-            GroupBy::Key | GroupBy::Tag(_) | GroupBy::IdKind => None,
+            GroupBy::Key | GroupBy::Tag(_) | GroupBy::IdKind | GroupBy::CreditSource => None,
         }
     }
 
@@ -225,6 +233,9 @@ pub struct SpendRow {
     pub export_milli: i64,
     pub records_requested: u64,
     pub records_matched: u64,
+    /// Deferred credits still to be settled (phone reveals, waterfalls): the worst case of the
+    /// group's calls whose settlement row has not arrived. Not part of `credits_milli`.
+    pub pending_milli: i64,
 }
 
 impl SpendRow {
@@ -249,6 +260,7 @@ impl SpendRow {
         self.export_milli += o.export_milli;
         self.records_requested += o.records_requested;
         self.records_matched += o.records_matched;
+        self.pending_milli += o.pending_milli;
     }
 }
 
@@ -411,6 +423,7 @@ pub fn aggregate(
     for w in out.raw.clone() {
         query_cells(conn, by, w, bucket_ms, filter, false, &mut cells)?;
     }
+    query_pending(conn, by, window, bucket_ms, filter, &mut cells)?;
     out.cells = cells
         .into_iter()
         .map(|((bucket_ms, key), mut row)| {
@@ -419,6 +432,57 @@ pub fn aggregate(
         })
         .collect();
     Ok(out)
+}
+
+/// Adds the deferred credits still pending to each cell: the `deferred_milli` of calls started
+/// in `w` whose settlement row has not arrived yet, booked (like their settlement will be) at
+/// the call's start. Pending calls are recent and few (a partial index holds them), so this
+/// reads detail rows whatever the grouping.
+fn query_pending(
+    conn: &Connection,
+    by: Option<&GroupBy>,
+    w: Window,
+    bucket_ms: Option<i64>,
+    filter: &Filter,
+    cells: &mut BTreeMap<(i64, String), SpendRow>,
+) -> rusqlite::Result<()> {
+    let bucket = match bucket_ms {
+        Some(b) => format!("(c.started_at / {b}) * {b}"),
+        None => "0".to_owned(),
+    };
+    let key = by.map_or("''", GroupBy::raw_sql);
+    let extra = by.map_or("", GroupBy::raw_where);
+    let (filter_sql, filter_params) = filter.sql(false);
+    let tag_path = by.and_then(GroupBy::tag_path);
+    let mut params: Vec<(&str, &dyn rusqlite::ToSql)> =
+        vec![(":since", &w.since_ms), (":until", &w.until_ms)];
+    if let Some(p) = &tag_path {
+        params.push((":tag", p));
+    }
+    for (name, v) in &filter_params {
+        params.push((name, v));
+    }
+    // The grouping and filter expressions name bare columns: they resolve to `c` here, the
+    // only table in the outer query.
+    let sql = format!(
+        "SELECT {bucket} AS b, {key} AS k, sum(c.deferred_milli)
+           FROM calls c
+          WHERE c.deferred IS NOT NULL AND c.deferred_milli > 0 AND c.started_at >= :since AND c.started_at < :until{extra}{filter_sql}
+            AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)
+          GROUP BY b, k"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query(params.as_slice())?;
+    while let Some(r) = rows.next()? {
+        let b: i64 = r.get(0)?;
+        let k: Option<String> = r.get(1)?;
+        let pending: Option<i64> = r.get(2)?;
+        cells
+            .entry((b, k.unwrap_or_default()))
+            .or_default()
+            .pending_milli += pending.unwrap_or(0);
+    }
+    Ok(())
 }
 
 fn query_cells(
@@ -434,7 +498,8 @@ fn query_cells(
         (
             "hour",
             "rollup_hourly",
-            "sum(calls)",
+            // Settlement rows carry a deferred charge, not a call of their own.
+            "sum(CASE WHEN outcome = 'settlement' THEN 0 ELSE calls END)",
             "sum(records_requested)",
             "sum(records_matched)",
         )
@@ -497,6 +562,7 @@ fn query_cells(
                 export_milli: r.get::<_, Option<i64>>(6)?.unwrap_or(0),
                 records_requested: r.get::<_, Option<i64>>(7)?.unwrap_or(0).max(0) as u64,
                 records_matched: r.get::<_, Option<i64>>(8)?.unwrap_or(0).max(0) as u64,
+                pending_milli: 0,
             });
         }
         return Ok(());
@@ -505,7 +571,8 @@ fn query_cells(
     // them all for GROUP BY; a hash map over the streamed rows is several times faster.
     let sql = format!(
         "SELECT {bucket}, {key}, credits_milli, lead_milli, direct_dial_milli, export_milli,
-                coalesce(records_requested, 0), coalesce(records_matched, 0)
+                coalesce(records_requested, 0), coalesce(records_matched, 0),
+                outcome <> 'settlement'
            FROM calls
           WHERE started_at >= :since AND started_at < :until{extra}{filter_sql}"
     );
@@ -530,7 +597,8 @@ fn query_cells(
             }
         };
         let cell = groups[g].entry(b).or_default();
-        cell.calls += 1;
+        // Settlement rows carry a deferred charge, not a call of their own.
+        cell.calls += r.get::<_, i64>(8)?.clamp(0, 1) as u64;
         cell.credits_milli += r.get::<_, i64>(2)?;
         cell.lead_milli += r.get::<_, i64>(3)?;
         cell.direct_dial_milli += r.get::<_, i64>(4)?;
@@ -654,6 +722,12 @@ pub struct CallRow {
     pub response_bytes: i64,
     pub error: Option<String>,
     pub id_kinds: Option<String>,
+    /// Settlement rows: the `request_id` of the call they settle.
+    pub settles: Option<String>,
+    /// The deferred worst case still to be billed (0 when nothing is deferred).
+    pub deferred_milli: i64,
+    /// The deferred charge's details (parsed from the `deferred` JSON column).
+    pub deferred: Option<serde_json::Value>,
 }
 
 /// One page of raw rows in `(started_at, id)` order (newest first unless `ascending`), and the
@@ -668,7 +742,8 @@ pub fn calls_page(
         "SELECT id, request_id, started_at, finished_at, method, path, endpoint, status, outcome,
                 table_name, workflow, tags, key_fp, credits_milli, lead_milli, direct_dial_milli,
                 export_milli, credit_source, records_requested, records_matched, catalog_version,
-                upstream_ms, request_bytes, response_bytes, error, id_kinds
+                upstream_ms, request_bytes, response_bytes, error, id_kinds, settles,
+                deferred_milli, deferred
            FROM calls WHERE 1{filter_sql}"
     );
     let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = Vec::new();
@@ -743,6 +818,11 @@ pub fn calls_page(
                 response_bytes: r.get(23)?,
                 error: r.get(24)?,
                 id_kinds: r.get(25)?,
+                settles: r.get(26)?,
+                deferred_milli: r.get(27)?,
+                deferred: r
+                    .get::<_, Option<String>>(28)?
+                    .and_then(|d| serde_json::from_str(&d).ok()),
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;

@@ -433,6 +433,7 @@ pub fn render_timeline(req: &ReportRequest, t: &Timeline) -> String {
                         "calls": t.totals[i].calls,
                         "credits": t.totals[i].credits_milli as f64 / 1000.0,
                         "credits_milli": t.totals[i].credits_milli,
+                        "pending_credits": t.totals[i].pending_milli as f64 / 1000.0,
                         "baseline_credits": opt_credits(t.total.baseline[i]),
                         "ratio": ratio(t.total.credits[i], t.total.baseline[i]),
                         "spike": t.any_spike(i),
