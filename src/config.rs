@@ -489,6 +489,21 @@ pub struct SettleConfig {
     pub first_poll: HumanDuration,
     /// `settle.max_wait`, default 2h: after it, the estimate is recorded as the settlement.
     pub max_wait: HumanDuration,
+    /// A key handed over by a program that embeds creditmeter (`creditmeter demo`), used
+    /// instead of the environment variable. Never read from a config file (a key does not
+    /// belong in one) and never printed.
+    #[serde(skip)]
+    pub embedded_key: Option<EmbeddedKey>,
+}
+
+/// An Apollo key given in code rather than through the environment; `Debug` hides it.
+#[derive(Clone)]
+pub struct EmbeddedKey(pub String);
+
+impl std::fmt::Debug for EmbeddedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EmbeddedKey(<hidden>)")
+    }
 }
 
 impl Default for SettleConfig {
@@ -498,13 +513,18 @@ impl Default for SettleConfig {
             api_key_env: DEFAULT_RECONCILE_API_KEY_ENV.to_owned(),
             first_poll: HumanDuration(DEFAULT_SETTLE_FIRST_POLL),
             max_wait: HumanDuration(DEFAULT_SETTLE_MAX_WAIT),
+            embedded_key: None,
         }
     }
 }
 
 impl SettleConfig {
-    /// The polling key from the environment, if set and non-empty.
+    /// The polling key: the embedded one if a program set it, else the environment
+    /// variable's, if set and non-empty.
     pub fn api_key(&self) -> Option<String> {
+        if let Some(k) = self.embedded_key.as_ref().filter(|k| !k.0.trim().is_empty()) {
+            return Some(k.0.trim().to_owned());
+        }
         std::env::var(self.api_key_env.trim())
             .ok()
             .map(|k| k.trim().to_owned())

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{Config, EmbeddedKey, HumanDuration};
 use crate::ledger::queries::GroupBy;
 use crate::report::{self, Format, ReportRequest};
 use crate::sim::{Sim, SimConfig};
@@ -207,6 +207,25 @@ pub struct DemoOptions {
     pub hold: bool,
 }
 
+/// How long the simulator's phone-reveal jobs run in the demo.
+const DEMO_JOB_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The key settlement polls the simulator with (the simulator accepts any key).
+const DEMO_SETTLE_KEY: &str = "demo-master-key";
+/// How long the demo waits for the pending charges to settle before it reports anyway.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Deferred credits not yet settled, from the ledger.
+fn pending_milli(db: &std::path::Path) -> anyhow::Result<i64> {
+    let conn = crate::ledger::open_for_read(db)?;
+    Ok(conn.query_row(
+        "SELECT COALESCE(sum(deferred_milli), 0) FROM calls c
+          WHERE deferred IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
 /// Runs the demo and returns what to print.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     let dir = opts.dir.clone().unwrap_or_else(|| {
@@ -215,8 +234,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("ledger.db");
 
+    // Phone-reveal jobs end a second after their call, as Apollo's do (later), so the demo shows
+    // their credits pending first, then settled.
     let sim = Sim::new(SimConfig {
         rate_limit_minute: 0,
+        job_delay: DEMO_JOB_DELAY,
         ..SimConfig::default()
     });
     let sim_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -235,6 +257,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     let mut config = Config::default();
     config.upstream.base_url = format!("http://{sim_addr}");
     config.ledger.path = db.clone();
+    // Settlement polls the simulator's webhook_result with a key of its own (any key works
+    // there), starting soon after each call instead of the default 20s.
+    config.settle.embedded_key = Some(EmbeddedKey(DEMO_SETTLE_KEY.to_owned()));
+    config.settle.first_poll = HumanDuration(DEMO_JOB_DELAY / 2);
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin_listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_addr = proxy_listener.local_addr()?;
@@ -259,13 +285,29 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
         "creditmeter demo: {} calls through the proxy in {:.1}s ({} failed), simulated Apollo at http://{sim_addr}\n\n",
         stats.completed, elapsed.as_secs_f64(), stats.failed
     ));
-    let report = report::run(&ReportRequest {
+    let by_table = ReportRequest {
         db: db.clone(),
         by: GroupBy::Table,
         format: Format::Table,
         ..ReportRequest::default()
-    })?;
-    out.push_str(&report);
+    };
+    let pending = pending_milli(&db)?;
+    if pending > 0 {
+        out.push_str(&format!(
+            "Right after the calls: Apollo bills phone reveals when their job ends, so up to {} credits are pending.\n\n",
+            report::credits(pending)
+        ));
+        out.push_str(&report::run(&by_table)?);
+        let waited = std::time::Instant::now();
+        while pending_milli(&db)? > 0 && waited.elapsed() < SETTLE_WAIT {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        out.push_str(&format!(
+            "\n{:.1}s later, creditmeter has polled the jobs' results (webhook_result) and settled them at the calls' own times:\n\n",
+            waited.elapsed().as_secs_f64()
+        ));
+    }
+    out.push_str(&report::run(&by_table)?);
     let billed = sim.billed();
     let billed_total = billed.lead_milli + billed.direct_dial_milli + billed.export_milli;
     out.push_str(&format!(

@@ -211,10 +211,22 @@ fn demo_names_the_heavy_spender_first() {
     assert!(first_row.starts_with("Q4 outbound blitz"), "{text}");
     assert!(text.contains("sqlite3 "), "{text}");
     assert!(text.contains(&dir.path().join("ledger.db").display().to_string()));
-    // The report's total equals what the simulator says it billed.
+    // Phone reveals bill later: the first report shows the heavy spender's credits pending
+    // (the last column), the second has them settled, with nothing left pending.
+    let heavy: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("Q4 outbound blitz"))
+        .collect();
+    assert_eq!(heavy.len(), 2, "a report before and after settlement: {text}");
+    let pending = |l: &str| l.split_whitespace().last().unwrap().parse::<f64>().unwrap();
+    assert!(pending(heavy[0]) > 0.0, "{text}");
+    assert_eq!(pending(heavy[1]), 0.0, "{text}");
+    assert!(text.contains("settled them at the calls' own times"), "{text}");
+    // The final report's total equals what the simulator says it billed, deferred jobs included.
     let total = text
         .lines()
-        .find(|l| l.starts_with("TOTAL"))
+        .filter(|l| l.starts_with("TOTAL"))
+        .last()
         .unwrap()
         .split_whitespace()
         .nth(2)

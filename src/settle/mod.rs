@@ -343,7 +343,9 @@ impl Book {
             deferred: None,
             deferred_milli: 0,
         };
-        tracing::info!(
+        // One line per settlement: debug, or a busy proxy's log is mostly these. Estimates
+        // (what a person should look at) are logged at warn by the settler.
+        tracing::debug!(
             settles = %o.request_id,
             job_id = p.deferred.job_id.as_deref().unwrap_or(""),
             source = source.as_str(),
