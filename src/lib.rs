@@ -302,7 +302,7 @@ pub async fn run_with_reload(
     tracing::info!(
         proxy = %proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        upstream = %base,
+        upstream = %config::redact_url(&base.to_string()),
         tls = tls.is_some(),
         admin_token = admin_token.is_some(),
         ledger = %config.ledger.path.display(),

@@ -399,7 +399,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             );
             println!("  admin.listen            {}", config.admin.listen);
-            println!("  upstream.base_url       {}", config.upstream.base_url);
+            println!(
+                "  upstream.base_url       {}",
+                creditmeter::config::redact_url(&config.upstream.base_url)
+            );
             println!(
                 "  upstream.ca_file        {}",
                 config
