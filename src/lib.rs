@@ -199,6 +199,7 @@ pub async fn run_with_reload(
             spool_reserve: config.ledger.spool_reserve.0,
             secret: secret.clone(),
             group_wait: crate::ledger::writer::GROUP_WAIT,
+            commit_timeout: config.ledger.commit_timeout.0,
         },
         metrics.ledger(),
     )?;
