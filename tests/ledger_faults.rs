@@ -368,3 +368,66 @@ async fn rows_left_in_the_spool_by_a_crash_are_replayed_at_start_once() {
     let ids: BTreeSet<String> = [id, "from-the-spool".to_owned()].into_iter().collect();
     assert_exactly(&second.db, "spooled", &ids);
 }
+
+/// Takes the ledger's write lock on a thread of its own (a long `BEGIN IMMEDIATE` in sqlite3)
+/// until the returned sender is used or dropped.
+fn hold_write_lock(db: &Path) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let db = db.to_owned();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    (release, holder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_commit_goes_to_the_spool_after_commit_timeout_and_the_body_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.spool_reserve = ByteSize(0);
+    // The writer's commit waits a minute for the lock: a stall, as a hung fsync would be.
+    cfg.ledger.busy_timeout = creditmeter::config::HumanDuration(Duration::from_secs(60));
+    cfg.ledger.commit_timeout = creditmeter::config::HumanDuration(Duration::from_millis(300));
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let mut ids = BTreeSet::new();
+    for i in 0..3 {
+        ids.insert(call(&proxy, "stalled", i).await.1);
+    }
+    let (release, holder) = hold_write_lock(&proxy.db);
+    let mut slowest = Duration::ZERO;
+    for i in 3..8 {
+        let t = Instant::now();
+        // Without the deadline each of these would hang until the lock goes (a minute).
+        let (status, id) = tokio::time::timeout(Duration::from_secs(20), call(&proxy, "stalled", i))
+            .await
+            .expect("the response completes while the writer is stalled");
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(status, 200);
+        ids.insert(id);
+    }
+    println!("slowest call while the writer stalled: {slowest:?} (commit_timeout 300ms)");
+    let (_, j) = readyz(&proxy).await;
+    assert!(
+        j["spooled_rows"].as_u64().unwrap() >= 5,
+        "the stalled rows are in the spool: {j}"
+    );
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    wait_recovered(&proxy).await;
+    // Each row was both queued and spooled; the ledger holds it once.
+    assert_exactly(&proxy.db, "stalled", &ids);
+}
