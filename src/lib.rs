@@ -187,6 +187,8 @@ pub async fn run_with_reload(
         metrics.budgets(),
         meter::now_ms(),
     )?);
+    // Rows an outage left in the spool are not in `calls` until the writer replays them.
+    guard.count_spooled(&conn, meter::now_ms())?;
     let guard_for_reload = guard.clone();
     let (writer, ledger_handle) = LedgerWriter::spawn(
         conn,

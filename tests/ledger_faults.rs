@@ -412,9 +412,10 @@ async fn a_stalled_commit_goes_to_the_spool_after_commit_timeout_and_the_body_co
     for i in 3..8 {
         let t = Instant::now();
         // Without the deadline each of these would hang until the lock goes (a minute).
-        let (status, id) = tokio::time::timeout(Duration::from_secs(20), call(&proxy, "stalled", i))
-            .await
-            .expect("the response completes while the writer is stalled");
+        let (status, id) =
+            tokio::time::timeout(Duration::from_secs(20), call(&proxy, "stalled", i))
+                .await
+                .expect("the response completes while the writer is stalled");
         slowest = slowest.max(t.elapsed());
         assert_eq!(status, 200);
         ids.insert(id);
@@ -430,4 +431,100 @@ async fn a_stalled_commit_goes_to_the_spool_after_commit_timeout_and_the_body_co
     wait_recovered(&proxy).await;
     // Each row was both queued and spooled; the ledger holds it once.
     assert_exactly(&proxy.db, "stalled", &ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_after_a_restart_count_the_spend_still_in_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            match_rate_pct: 100,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let budget = |mut c: creditmeter::config::Config| {
+        let b = creditmeter::config::Config::from_toml(
+            "[[budget]]\nname = \"burst\"\nscope = { table = \"burst\" }\nlimit = 6\nwindow = \"day\"\n",
+        )
+        .unwrap();
+        c.budget = b.budget;
+        c
+    };
+    // A first run creates the ledger and spends one credit.
+    let mut first = Proxy::start(budget(config_for(&sim.url(false), None)), dir.path()).await;
+    let (status, id) = call(&first, "burst", 0).await;
+    assert_eq!(status, 200);
+    first.shutdown().await;
+    // It then went through an outage: four more calls (one already committed, spooled again
+    // by its caller), in the spool when the process stopped.
+    let now = creditmeter::meter::now_ms();
+    let row = |rid: &str| {
+        serde_json::json!({
+            "request_id": rid, "started_at": now - 1000, "finished_at": now - 900, "method": "POST",
+            "path": "/api/v1/people/match", "endpoint": "people_match", "status": 200,
+            "outcome": "ok", "table_name": "burst", "workflow": null, "tags": null,
+            "key_fp": null, "lead_milli": 1000, "direct_dial_milli": 0, "export_milli": 0,
+            "credit_source": "catalog", "records_requested": 1, "records_matched": 1,
+            "catalog_version": "t", "upstream_ms": 3, "request_bytes": 2, "response_bytes": 10,
+            "error": null, "id_kinds": "email"
+        })
+        .to_string()
+    };
+    let spooled: Vec<String> = (0..4).map(|i| format!("outage-{i}")).collect();
+    let mut text = format!("{}\n", row(&id));
+    for rid in spooled.iter().chain(&spooled[..1]) {
+        text.push_str(&row(rid));
+        text.push('\n');
+    }
+    std::fs::write(sibling(&first.db, "spool"), text).unwrap();
+
+    // Restart, and a burst of ten calls at once against 6 - 1 - 4 = 1 credit left.
+    let second = Proxy::start(budget(config_for(&sim.url(false), None)), dir.path()).await;
+    let billed_before = sim.sim.billed().calls;
+    let url = second.url("/api/v1/people/match");
+    let burst: Vec<_> = (1..11)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let req = http::Request::post(url)
+                    .header("x-api-key", "fault-key")
+                    .header("x-meter-table", "burst")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"email":"b{i}@example.com"}}"#
+                    ))))
+                    .unwrap();
+                send(&client(), req).await.0.as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for h in burst {
+        statuses.push(h.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    println!("after the restart: {admitted} admitted, {refused} refused (1 credit left)");
+    assert_eq!(admitted, 1, "{statuses:?}");
+    assert_eq!(refused, 9, "{statuses:?}");
+    assert_eq!(
+        sim.sim.billed().calls - billed_before,
+        1,
+        "one call reached Apollo"
+    );
+    wait_recovered(&second).await;
+    let spent: i64 = rusqlite::Connection::open(&second.db)
+        .unwrap()
+        .query_row(
+            "SELECT sum(credits_milli) FROM calls WHERE table_name = 'burst'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        spent, 6000,
+        "the ledger holds exactly the limit, each spooled row once"
+    );
 }

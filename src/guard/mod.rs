@@ -464,6 +464,72 @@ impl Guard {
         Ok(g)
     }
 
+    /// Counts, in the budgets' current windows, the spend of rows an outage left in
+    /// `<ledger>.spool` that `conn` (the ledger) does not hold yet. Start-up calls it after
+    /// [`Guard::start`] and before serving: the writer replays the spool only later, and
+    /// without this the spend of the outage would be forgotten by every budget. Returns the
+    /// rows counted.
+    pub fn count_spooled(&self, conn: &rusqlite::Connection, now: i64) -> Result<u64, GuardError> {
+        let since = lock(&self.state)
+            .budgets
+            .iter()
+            .map(|b| b.counts_since(now))
+            .min();
+        let Some(since) = since else {
+            return Ok(0);
+        };
+        let mut found: Vec<(String, Spend)> = Vec::new();
+        crate::ledger::writer::for_each_spooled(&self.ledger_path, |r| {
+            let actual = Amount::of(r.lead_milli, r.direct_dial_milli, r.export_milli);
+            if r.started_at >= since && !actual.is_zero() {
+                let facts = CallFacts {
+                    tags: r
+                        .tags
+                        .as_deref()
+                        .and_then(|t| serde_json::from_str(t).ok())
+                        .unwrap_or_default(),
+                    table: r.table_name,
+                    workflow: r.workflow,
+                    key_fp: r.key_fp,
+                };
+                let spend = Spend {
+                    facts,
+                    started_at: r.started_at,
+                    actual,
+                };
+                found.push((r.request_id, spend));
+            }
+        })
+        .map_err(|source| LedgerError::Spool {
+            path: self.ledger_path.clone(),
+            source,
+        })?;
+        // A row may be spooled twice (queued, and spooled by its caller past commit_timeout),
+        // or already committed (a replay cut short): count each call once, and only if the
+        // ledger does not count it already.
+        let mut stmt = conn.prepare("SELECT 1 FROM calls WHERE request_id = ?1")?;
+        let mut seen = HashSet::new();
+        let mut rows = Vec::new();
+        for (id, spend) in found {
+            if seen.insert(id.clone()) && !stmt.exists([&id])? {
+                rows.push(spend);
+            }
+        }
+        let mut st = lock(&self.state);
+        for b in &mut st.budgets {
+            count_rows(b, &rows);
+            b.roll(now);
+            self.publish_budget(b);
+        }
+        if !rows.is_empty() {
+            tracing::warn!(
+                rows = rows.len(),
+                "budgets count the spend of rows still in the spool (a ledger outage); the writer replays them now"
+            );
+        }
+        Ok(rows.len() as u64)
+    }
+
     /// Admits a call to the budgets, or says why not: [`Guard::admit_waiting`] with what the
     /// call context and the catalog say.
     pub async fn admit_call(
