@@ -637,6 +637,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 hold["scope_text"].as_str().unwrap_or("?"),
                 hold["id"],
             );
+            if let Some(m) = v["message"].as_str() {
+                println!("note: {m}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Release { id, admin, scope } => {
@@ -690,6 +693,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 "hold {id} released: {}",
                 v["released"]["scope_text"].as_str().unwrap_or("?")
             );
+            if let Some(m) = v["message"].as_str() {
+                println!("note: {m}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck { url } => {

@@ -528,3 +528,172 @@ async fn budgets_after_a_restart_count_the_spend_still_in_the_spool() {
         "the ledger holds exactly the limit, each spooled row once"
     );
 }
+
+/// `POST /api/holds` (or `DELETE /api/holds/{id}` with `release`); (status, answer).
+async fn admin_hold(
+    proxy: &Proxy,
+    body: Option<serde_json::Value>,
+    release: Option<i64>,
+) -> (u16, serde_json::Value) {
+    let req = match (body, release) {
+        (Some(b), _) => http::Request::post(format!("http://{}/api/holds", proxy.admin))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(b.to_string())))
+            .unwrap(),
+        (None, Some(id)) => http::Request::delete(format!("http://{}/api/holds/{id}", proxy.admin))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        (None, None) => unreachable!(),
+    };
+    let (s, _, b) = send(&client(), req).await;
+    (s.as_u16(), serde_json::from_slice(&b).unwrap())
+}
+
+/// Holds in force in the ledger's `holds` table for `table`.
+fn holds_in_ledger(db: &Path, table: &str) -> i64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM holds WHERE released_at IS NULL AND scope LIKE ?1",
+            [format!("%\"{table}\"%")],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_while_the_ledger_is_locked_is_in_force_at_once_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.spool_reserve = ByteSize(0);
+    let mut proxy = Proxy::start(cfg.clone(), dir.path()).await;
+    assert_eq!(call(&proxy, "runaway", 0).await.0, 200);
+
+    let (release, holder) = hold_write_lock(&proxy.db);
+    let (status, j) = admin_hold(
+        &proxy,
+        Some(serde_json::json!({"scope": {"table": "runaway"}, "reason": "incident"})),
+        None,
+    )
+    .await;
+    println!("hold placed with the ledger locked: {status} {j}");
+    assert_eq!(status, 201, "{j}");
+    assert_eq!(j["persisted"], false, "{j}");
+    assert_eq!(j["persisted_to"], "spool", "{j}");
+    assert!(
+        j["message"].as_str().unwrap().contains("holds spool"),
+        "{j}"
+    );
+    let id = j["hold"]["id"].as_i64().unwrap();
+    // In force at once: nothing reaches Apollo for that table; other tables flow.
+    let billed = sim.sim.billed().calls;
+    for i in 1..4 {
+        assert_eq!(call(&proxy, "runaway", i).await.0, 503, "held");
+    }
+    assert_eq!(
+        sim.sim.billed().calls,
+        billed,
+        "held calls never reach upstream"
+    );
+    assert_eq!(call(&proxy, "other", 0).await.0, 200);
+
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    wait_recovered(&proxy).await;
+    // The writer's recovery wrote the spooled hold into the ledger.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holds_in_ledger(&proxy.db, "runaway") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the spooled hold never reached the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!dir.path().join("ledger.db.holds-spool").exists());
+
+    // A restart keeps it, under the same id; lifting it works as usual.
+    proxy.shutdown().await;
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    assert_eq!(
+        call(&proxy, "runaway", 9).await.0,
+        503,
+        "still held after a restart"
+    );
+    let (status, j) = admin_hold(&proxy, None, Some(id)).await;
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["persisted"], true, "{j}");
+    assert_eq!(call(&proxy, "runaway", 10).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_on_a_full_disk_is_in_force_at_once_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(dir.path(), "4m");
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.path = fs.0.join("ledger.db");
+    cfg.ledger.spool_reserve = ByteSize(512 * 1024);
+    let mut proxy = Proxy::start(cfg.clone(), dir.path()).await;
+    assert_eq!(call(&proxy, "runaway", 0).await.0, 200);
+    let junk = fs.0.join("junk");
+    fill(&junk);
+    // Calls until SQLite refuses (the WAL had room for a few).
+    let mut i = 1;
+    loop {
+        assert_eq!(call(&proxy, "other", i).await.0, 200);
+        if readyz(&proxy).await.1["ledger"] == "failing" {
+            break;
+        }
+        i += 1;
+        assert!(i < 1000, "the full disk never made SQLite fail");
+    }
+    // The writer released its reserve for the spool: fill what that freed too.
+    assert!(!sibling(&proxy.db, "spool-reserve").exists());
+    fill(&fs.0.join("junk2"));
+    let (status, j) = admin_hold(
+        &proxy,
+        Some(serde_json::json!({"scope": {"table": "runaway"}, "reason": "disk full"})),
+        None,
+    )
+    .await;
+    println!("hold placed on a full disk: {status} {j}");
+    assert_eq!(status, 201, "{j}");
+    assert_eq!(j["persisted"], false, "{j}");
+    assert_eq!(j["persisted_to"], "spool", "{j}");
+    let billed = sim.sim.billed().calls;
+    assert_eq!(call(&proxy, "runaway", 1).await.0, 503, "held at once");
+    assert_eq!(sim.sim.billed().calls, billed);
+
+    std::fs::remove_file(&junk).unwrap();
+    std::fs::remove_file(fs.0.join("junk2")).unwrap();
+    proxy.shutdown().await;
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    assert_eq!(
+        call(&proxy, "runaway", 2).await.0,
+        503,
+        "still held after a restart"
+    );
+    assert_eq!(
+        holds_in_ledger(&proxy.db, "runaway"),
+        1,
+        "and now in the ledger"
+    );
+    drop(proxy);
+    drop(fs);
+}

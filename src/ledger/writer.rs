@@ -779,6 +779,12 @@ impl Worker {
         if self.replay_one() {
             self.set_healthy(true);
             self.ensure_reserve();
+            // Hold changes the ledger refused meanwhile (see `Guard::place_hold`).
+            if let Some(conn) = &self.conn {
+                if let Err(e) = super::guard::replay_hold_spool(conn, &self.config.path) {
+                    tracing::warn!(error = %e, "hold changes stay in the holds spool for now");
+                }
+            }
             tracing::info!(
                 spooled_rows = left,
                 "ledger recovered; new rows go to SQLite and the spool is replayed in chunks"
