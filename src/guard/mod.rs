@@ -126,9 +126,35 @@ impl std::fmt::Debug for Admission {
 /// The outcome of an admission attempt that did not admit.
 enum Blocked {
     Final(Refusal),
-    /// Only reservations of calls in flight stand in the way: worth waiting for them. The
-    /// refusal is what the caller gets if it stops waiting now (not yet counted).
-    Wait(Refusal),
+    /// Only reservations of calls in flight stand in the way: worth waiting for them, on the
+    /// wake of one budget that blocked the call (all must free up, so waking on any one of
+    /// them and trying again loses nothing), seen at that epoch.
+    Wait(Arc<BudgetWake>, u64),
+}
+
+/// Wakes the calls waiting on one budget: `epoch` counts its releases, so a call that reads
+/// it before registering can tell a release it would otherwise miss.
+struct BudgetWake {
+    epoch: std::sync::atomic::AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl BudgetWake {
+    fn wake(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A budget's gauge values, taken under the state lock and set after it is released.
+struct Gauges {
+    name: Arc<str>,
+    /// (credit type, limit, spent, reserved, warned) for each limited type.
+    values: Vec<(&'static str, f64, f64, f64, bool)>,
 }
 
 /// Why a call was refused.
@@ -324,6 +350,12 @@ pub struct Guard {
     writes: Mutex<()>,
     /// Woken whenever reservations are released, for calls waiting on them.
     settled: tokio::sync::Notify,
+    /// Per budget: woken when its reservations are released, for the calls it blocks. Only
+    /// those wake (a settlement elsewhere does not make a waiting call retry). Taken after
+    /// `state`, never before it.
+    wakes: Mutex<HashMap<Arc<str>, Arc<BudgetWake>>>,
+    /// Admission attempts so far (each takes the state lock): [`Guard::admission_attempts`].
+    attempts: std::sync::atomic::AtomicU64,
 }
 
 /// A hold placed or lifted, and where the change was kept.
@@ -478,6 +510,8 @@ impl Guard {
             ledger_path,
             writes: Mutex::new(()),
             settled: tokio::sync::Notify::new(),
+            wakes: Mutex::new(HashMap::new()),
+            attempts: std::sync::atomic::AtomicU64::new(0),
         };
         {
             let mut st = lock(&g.state);
@@ -609,17 +643,50 @@ impl Guard {
         let wait = lock(&self.state).admission_wait;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            // Registered before the attempt, so a settlement between the two is not missed.
-            let settled = self.settled.notified();
+            // Reloads wake everyone (budgets may have changed shape).
+            let reloaded = self.settled.notified();
+            tokio::pin!(reloaded);
+            reloaded.as_mut().enable();
             let last = tokio::time::Instant::now() >= deadline;
             match self.try_admit(request_id, &facts, started_at, worst_case, last) {
                 Ok(a) => return Ok(a),
                 Err(Blocked::Final(r)) => return Err(r),
-                Err(Blocked::Wait(_)) => {
-                    let _ = tokio::time::timeout_at(deadline, settled).await;
+                Err(Blocked::Wait(wake, seen)) => {
+                    let released = wake.notify.notified();
+                    tokio::pin!(released);
+                    released.as_mut().enable();
+                    // Released between the attempt and the registration: try again now.
+                    if wake.epoch() != seen {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = released => {}
+                        _ = reloaded => {}
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
                 }
             }
         }
+    }
+
+    /// How many admission attempts the guard has made (each under its one lock): a waiting
+    /// call makes one more each time a budget blocking it releases reservations. For
+    /// diagnostics and tests.
+    pub fn admission_attempts(&self) -> u64 {
+        self.attempts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The wake of budget `name`, made on first use.
+    fn wake_of(&self, name: &Arc<str>) -> Arc<BudgetWake> {
+        lock(&self.wakes)
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(BudgetWake {
+                    epoch: std::sync::atomic::AtomicU64::new(0),
+                    notify: tokio::sync::Notify::new(),
+                })
+            })
+            .clone()
     }
 
     /// Checks the holds, then reserves `worst_case` (or the ceiling, when `None`) against every
@@ -632,9 +699,13 @@ impl Guard {
         started_at: i64,
         worst_case: Option<Credits>,
     ) -> Result<Admission, Refusal> {
-        match self.try_admit(request_id, &facts, started_at, worst_case, true) {
-            Ok(a) => Ok(a),
-            Err(Blocked::Final(r) | Blocked::Wait(r)) => Err(r),
+        loop {
+            // With `last`, an attempt never answers `Wait`.
+            match self.try_admit(request_id, &facts, started_at, worst_case, true) {
+                Ok(a) => return Ok(a),
+                Err(Blocked::Final(r)) => return Err(r),
+                Err(Blocked::Wait(..)) => continue,
+            }
         }
     }
 
@@ -647,6 +718,27 @@ impl Guard {
         started_at: i64,
         worst_case: Option<Credits>,
         last: bool,
+    ) -> Result<Admission, Blocked> {
+        self.attempts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut gauges = Vec::new();
+        let result =
+            self.try_admit_locked(request_id, facts, started_at, worst_case, last, &mut gauges);
+        // Prometheus gauges are set after the lock is released.
+        for g in &gauges {
+            self.set_gauges(g);
+        }
+        result
+    }
+
+    fn try_admit_locked(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: &CallFacts,
+        started_at: i64,
+        worst_case: Option<Credits>,
+        last: bool,
+        gauges: &mut Vec<Gauges>,
     ) -> Result<Admission, Blocked> {
         let mut st = lock(&self.state);
         if let Some(hold) = st.holds.iter().find(|h| h.scope.matches(facts)) {
@@ -671,7 +763,7 @@ impl Guard {
         for &i in &covering {
             let b = &mut st.budgets[i];
             if b.roll(started_at) {
-                self.publish_budget(b);
+                gauges.push(gauges_of(b));
             }
             if let Some(c) = b.crossing(&r) {
                 match b.def.action {
@@ -684,10 +776,12 @@ impl Guard {
             let in_flight_only = blocked
                 .iter()
                 .all(|(_, c)| c.spent.saturating_add(c.requested) <= c.limit);
-            let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
             if in_flight_only && !last {
-                return Err(Blocked::Wait(refusal));
+                let wake = self.wake_of(&st.budgets[blocked[0].0].def.name);
+                let seen = wake.epoch();
+                return Err(Blocked::Wait(wake, seen));
             }
+            let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
             for (i, _) in &blocked {
                 let b = &mut st.budgets[*i];
                 b.rejections += 1;
@@ -722,7 +816,7 @@ impl Guard {
             let b = &mut st.budgets[i];
             b.reserve(&r);
             charged.push((b.def.name.clone(), b.window_key()));
-            self.publish_budget(b);
+            gauges.push(gauges_of(b));
         }
         let id = st.next_id;
         st.next_id += 1;
@@ -790,6 +884,7 @@ impl Guard {
         let Some(call) = st.inflight.remove(&id) else {
             return;
         };
+        let mut gauges = Vec::with_capacity(call.charged.len());
         for (name, key) in &call.charged {
             let Some(b) = st.budgets.iter_mut().find(|b| &b.def.name == name) else {
                 continue; // removed by a reload
@@ -821,7 +916,7 @@ impl Guard {
                     "budget crossed its warn_at threshold"
                 );
             }
-            self.publish_budget(b);
+            gauges.push(gauges_of(b));
         }
         if !actual.is_zero() {
             let now = now_ms();
@@ -841,7 +936,13 @@ impl Guard {
             }
         }
         drop(st);
-        self.settled.notify_waiters();
+        // Only the calls waiting on these budgets are woken; gauges are set outside the lock.
+        for g in &gauges {
+            self.set_gauges(g);
+            if let Some(w) = lock(&self.wakes).get(&g.name).cloned() {
+                w.wake();
+            }
+        }
     }
 
     /// Swaps in new `[guard]` settings and budgets (a SIGHUP reload). A budget whose name,
@@ -960,6 +1061,9 @@ impl Guard {
         }
         self.publish_locked(st, now);
         self.settled.notify_waiters();
+        for w in lock(&self.wakes).values() {
+            w.wake();
+        }
         tracing::info!(kept = ?summary.kept, rebuilt = ?summary.rebuilt, removed = ?summary.removed, "budgets reloaded");
         Ok(summary)
     }
@@ -1045,8 +1149,6 @@ impl Guard {
             id,
             released_at: now,
         });
-        // Settlements are not the only thing waiting calls wait for.
-        self.settled.notify_waiters();
         Ok(Some(HoldChange {
             hold,
             created: false,
@@ -1185,30 +1287,46 @@ impl Guard {
     }
 
     fn publish_budget(&self, b: &BudgetState) {
-        let spent = b.spent();
-        let reserved = b.reserved();
-        for (d, dim) in DIMS.iter().enumerate() {
-            let Some(limit) = b.def.limits[d] else {
-                continue;
-            };
-            let labels = [&*b.def.name, dim];
-            self.metrics
-                .limit
-                .with_label_values(&labels)
-                .set(credits(limit));
-            self.metrics
-                .spent
-                .with_label_values(&labels)
-                .set(credits(spent.0[d]));
+        self.set_gauges(&gauges_of(b));
+    }
+
+    fn set_gauges(&self, g: &Gauges) {
+        for (dim, limit, spent, reserved, warned) in &g.values {
+            let labels = [&*g.name, dim];
+            self.metrics.limit.with_label_values(&labels).set(*limit);
+            self.metrics.spent.with_label_values(&labels).set(*spent);
             self.metrics
                 .reserved
                 .with_label_values(&labels)
-                .set(credits(reserved.0[d]));
+                .set(*reserved);
             self.metrics
                 .warning
                 .with_label_values(&labels)
-                .set(i64::from(b.warned(d)));
+                .set(i64::from(*warned));
         }
+    }
+}
+
+/// A budget's gauge values now (see [`Gauges`]).
+fn gauges_of(b: &BudgetState) -> Gauges {
+    let spent = b.spent();
+    let reserved = b.reserved();
+    Gauges {
+        name: b.def.name.clone(),
+        values: DIMS
+            .iter()
+            .enumerate()
+            .filter_map(|(d, dim)| {
+                let limit = b.def.limits[d]?;
+                Some((
+                    *dim,
+                    credits(limit),
+                    credits(spent.0[d]),
+                    credits(reserved.0[d]),
+                    b.warned(d),
+                ))
+            })
+            .collect(),
     }
 }
 
