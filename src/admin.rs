@@ -262,14 +262,14 @@ impl Admin {
             Some(_) => return bad_request("reason must be a string of at most 1024 bytes"),
         };
         let guard = self.guard.clone();
-        match tokio::task::spawn_blocking(move || guard.add_hold(scope, reason, now_ms())).await {
-            Ok(Ok((hold, created))) => json_response(
-                if created {
+        match tokio::task::spawn_blocking(move || guard.place_hold(scope, reason, now_ms())).await {
+            Ok(Ok(change)) => json_response(
+                if change.created {
                     StatusCode::CREATED
                 } else {
                     StatusCode::OK
                 },
-                &json!({"hold": hold.to_json(), "created": created}),
+                &hold_change_json("hold", &change),
             ),
             Ok(Err(e)) => hold_failed(&e),
             Err(e) => hold_failed(&e),
@@ -284,9 +284,9 @@ impl Admin {
             ));
         };
         let guard = self.guard.clone();
-        match tokio::task::spawn_blocking(move || guard.release_hold(id, now_ms())).await {
-            Ok(Ok(Some(hold))) => {
-                json_response(StatusCode::OK, &json!({"released": hold.to_json()}))
+        match tokio::task::spawn_blocking(move || guard.lift_hold(id, now_ms())).await {
+            Ok(Ok(Some(change))) => {
+                json_response(StatusCode::OK, &hold_change_json("released", &change))
             }
             Ok(Ok(None)) => json_response(
                 StatusCode::NOT_FOUND,
@@ -459,6 +459,22 @@ fn bad_request(message: &str) -> AdminResponse {
         StatusCode::BAD_REQUEST,
         &json!({"error": "bad_request", "message": message}),
     )
+}
+
+/// A hold change's answer: the hold under `key`, `created`, and where it was kept:
+/// `persisted` (true only once it is in the ledger), `persisted_to` (`ledger`, `spool` or
+/// `memory`) and, when not in the ledger, a `message` saying what that means.
+fn hold_change_json(key: &str, change: &crate::guard::HoldChange) -> Value {
+    let mut v = json!({
+        key: change.hold.to_json(),
+        "created": change.created,
+        "persisted": change.persisted == crate::guard::Persisted::Ledger,
+        "persisted_to": change.persisted.as_str(),
+    });
+    if let Some(m) = change.persisted.message() {
+        v["message"] = Value::String(m);
+    }
+    v
 }
 
 fn hold_failed(e: &dyn std::error::Error) -> AdminResponse {

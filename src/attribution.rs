@@ -4,6 +4,13 @@
 //! number of `X-Meter-Tag-<name>` headers; callers that cannot set headers use the `meter_table`
 //! and `meter_workflow` query parameters. All of them are removed before the call goes upstream.
 //! The API key is reduced to an HMAC fingerprint; the key itself is never kept.
+//!
+//! Values are refused (a 400 naming the header or parameter) rather than cleaned up: a value
+//! that is not valid UTF-8, is empty or longer than [`MAX_VALUE_BYTES`], holds control
+//! characters or Unicode format characters (bidi overrides such as U+202E, zero-width
+//! characters: they make two different names print alike), or, for a table or workflow, is a
+//! name creditmeter uses for its own rows ([`RESERVED_NAMES`]). A header or parameter given
+//! twice is refused too: which copy to believe is a guess.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +20,12 @@ use http::HeaderMap;
 pub const MAX_VALUE_BYTES: usize = 128;
 /// Most `X-Meter-Tag-*` headers on one call.
 pub const MAX_TAGS: usize = 32;
+
+/// Table and workflow names creditmeter gives its own rows and metric series: calls without a
+/// table (`_unattributed`) or workflow (`_none`), label values past the cap (`_other`), and its
+/// own calls to Apollo (`_creditmeter`). A caller's table of that name would merge with them in
+/// rollups and metrics, so it is refused (compared without regard to ASCII case).
+pub const RESERVED_NAMES: [&str; 4] = ["_unattributed", "_other", "_creditmeter", "_none"];
 
 const TABLE_HEADER: &str = "x-meter-table";
 const WORKFLOW_HEADER: &str = "x-meter-workflow";
@@ -32,15 +45,17 @@ pub enum AttributionError {
     TooManyTags,
     #[error("X-Meter-Table is required (attribution.require_table = true): name the table or workflow spending these credits")]
     TableRequired,
+    #[error("{name}: {value:?} is reserved: creditmeter records its own rows under that name (calls without a table or workflow, metric values past the cap, its own calls to Apollo), so yours would merge with them; choose another name")]
+    Reserved { name: String, value: String },
 }
 
 impl AttributionError {
     /// The header or parameter at fault, for the JSON error body.
     pub fn field(&self) -> Option<&str> {
         match self {
-            AttributionError::Invalid { name, .. } | AttributionError::Duplicate { name } => {
-                Some(name)
-            }
+            AttributionError::Invalid { name, .. }
+            | AttributionError::Duplicate { name }
+            | AttributionError::Reserved { name, .. } => Some(name),
             AttributionError::TooManyTags => Some("X-Meter-Tag-*"),
             AttributionError::TableRequired => Some("X-Meter-Table"),
         }
@@ -106,8 +121,17 @@ pub fn extract(
             }
         };
         match name.as_str() {
-            TABLE_HEADER => attr.table = Some(value),
-            WORKFLOW_HEADER => attr.workflow = Some(value),
+            TABLE_HEADER | WORKFLOW_HEADER => {
+                if let Err(e) = not_reserved(&display, &value) {
+                    result = Err(e);
+                    continue;
+                }
+                if name.as_str() == TABLE_HEADER {
+                    attr.table = Some(value);
+                } else {
+                    attr.workflow = Some(value);
+                }
+            }
             n => {
                 if let Some(tag) = n.strip_prefix(TAG_PREFIX).filter(|t| !t.is_empty()) {
                     if attr.tags.len() >= MAX_TAGS {
@@ -126,22 +150,28 @@ pub fn extract(
         None => None,
         Some(q) => {
             let mut kept: Vec<&str> = Vec::new();
+            let mut seen = [false; 2];
             for pair in q.split('&') {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                let slot = match percent_decode(k).as_deref() {
-                    Some(TABLE_PARAM) => &mut attr.table,
-                    Some(WORKFLOW_PARAM) => &mut attr.workflow,
+                let (slot, index) = match percent_decode(k).as_deref() {
+                    Some(TABLE_PARAM) => (&mut attr.table, 0),
+                    Some(WORKFLOW_PARAM) => (&mut attr.workflow, 1),
                     _ => {
                         kept.push(pair);
                         continue;
                     }
                 };
                 let name = percent_decode(k).unwrap_or_default();
+                // A repeated parameter is as ambiguous as a repeated header.
+                if std::mem::replace(&mut seen[index], true) {
+                    return Err(AttributionError::Duplicate { name });
+                }
                 let decoded = percent_decode(v).ok_or_else(|| AttributionError::Invalid {
                     name: name.clone(),
                     reason: "is not valid percent-encoded UTF-8".into(),
                 })?;
                 let value = validate(&name, decoded.as_bytes())?;
+                not_reserved(&name, &value)?;
                 // A header, when present, wins over the query parameter.
                 if slot.is_none() {
                     *slot = Some(value);
@@ -178,7 +208,53 @@ fn validate(name: &str, raw: &[u8]) -> Result<String, AttributionError> {
     if s.chars().any(char::is_control) {
         return Err(invalid("contains control characters".into()));
     }
+    if let Some(c) = s.chars().find(|&c| is_format_char(c)) {
+        return Err(invalid(format!(
+            "contains the invisible Unicode format character U+{:04X} (a bidi override, zero-width character or similar), which makes different names look alike; remove it",
+            u32::from(c)
+        )));
+    }
     Ok(s.to_owned())
+}
+
+/// Refuses a table or workflow named like creditmeter's own rows ([`RESERVED_NAMES`]).
+fn not_reserved(name: &str, value: &str) -> Result<(), AttributionError> {
+    if RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(value)) {
+        return Err(AttributionError::Reserved {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Unicode format characters (general category Cf, as of Unicode 15) and the line and paragraph
+/// separators: invisible, or reordering the text around them.
+fn is_format_char(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x2028..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// `x-meter-tag-team` → `X-Meter-Tag-team`, as users wrote it in their docs.
@@ -339,6 +415,88 @@ mod tests {
             .0
             .table
             .is_none());
+    }
+
+    #[test]
+    fn reserved_names_are_refused_for_tables_and_workflows() {
+        for name in RESERVED_NAMES {
+            for (header, field) in [
+                ("x-meter-table", "X-Meter-Table"),
+                ("x-meter-workflow", "X-Meter-Workflow"),
+            ] {
+                let err =
+                    extract(&mut hdrs(&[(header, name.as_bytes())]), None, false).unwrap_err();
+                assert_eq!(err.field(), Some(field), "{err}");
+                assert!(err.to_string().contains("reserved"), "{err}");
+            }
+            let upper = name.to_ascii_uppercase();
+            let err = extract(
+                &mut HeaderMap::new(),
+                Some(&format!("meter_table={upper}")),
+                false,
+            )
+            .unwrap_err();
+            assert_eq!(err.field(), Some("meter_table"), "{err}");
+        }
+        // A tag may say anything; a name that merely starts with an underscore is fine.
+        let mut h = hdrs(&[
+            ("x-meter-tag-kind", b"_other"),
+            ("x-meter-table", b"_others"),
+        ]);
+        let (a, _) = extract(&mut h, None, false).unwrap();
+        assert_eq!(a.table.as_deref(), Some("_others"));
+    }
+
+    #[test]
+    fn repeated_query_parameters_are_refused_like_repeated_headers() {
+        for q in [
+            "meter_table=a&meter_table=b",
+            "meter_workflow=a&x=1&meter_workflow=a",
+        ] {
+            let err = extract(&mut HeaderMap::new(), Some(q), false).unwrap_err();
+            assert!(
+                matches!(err, AttributionError::Duplicate { .. }),
+                "{q}: {err}"
+            );
+        }
+        assert!(extract(
+            &mut HeaderMap::new(),
+            Some("meter_table=a&meter_workflow=a"),
+            false
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn format_characters_are_refused_naming_the_code_point() {
+        for (value, point) in [
+            ("Leads\u{202E}3Q", "U+202E"),
+            ("Le\u{200B}ads", "U+200B"),
+            ("\u{FEFF}Leads", "U+FEFF"),
+            ("Leads\u{2066}x", "U+2066"),
+        ] {
+            let err = extract(
+                &mut hdrs(&[("x-meter-table", value.as_bytes())]),
+                None,
+                false,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(point), "{err}");
+            let q = format!("meter_workflow={}", percent_encode(value));
+            let err = extract(&mut HeaderMap::new(), Some(&q), false).unwrap_err();
+            assert_eq!(err.field(), Some("meter_workflow"), "{err}");
+        }
+        // Letters from any script are fine.
+        assert!(extract(
+            &mut hdrs(&[("x-meter-table", "Příjmy לידים".as_bytes())]),
+            None,
+            false
+        )
+        .is_ok());
+    }
+
+    fn percent_encode(s: &str) -> String {
+        s.bytes().map(|b| format!("%{b:02X}")).collect()
     }
 
     #[test]

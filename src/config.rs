@@ -282,6 +282,8 @@ impl OnLedgerError {
 
 /// Default wait for a lock held by another writer before a batch is spooled instead.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default longest wait for a row's commit before the row is spooled and the response ends.
+pub const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default ballast kept beside the spool for a full disk.
 pub const DEFAULT_SPOOL_RESERVE: u64 = 16 * 1024 * 1024;
 
@@ -304,6 +306,11 @@ pub struct LedgerConfig {
     pub busy_timeout: HumanDuration,
     /// `ledger.spool_reserve`, default 16MiB of ballast beside the spool, released on a full disk.
     pub spool_reserve: ByteSize,
+    /// `ledger.commit_timeout`, default 2s: the longest a response's end waits for its row's
+    /// commit (`durability = "commit"`). Past it (a hung fsync, a stalled disk) the row is
+    /// written to the spool instead and the body completes; the row the writer still holds is
+    /// committed later, once (`INSERT OR IGNORE` on `request_id`).
+    pub commit_timeout: HumanDuration,
     /// `ledger.retention`, default unset (keep every detail row forever): detail rows in
     /// `calls` older than this (e.g. `"90d"`) are deleted in small batches by a background
     /// thread. The hourly rollups are kept, so totals by table, workflow, endpoint, status and
@@ -321,6 +328,7 @@ impl Default for LedgerConfig {
             on_error: OnLedgerError::Spool,
             busy_timeout: HumanDuration(DEFAULT_BUSY_TIMEOUT),
             spool_reserve: ByteSize(DEFAULT_SPOOL_RESERVE),
+            commit_timeout: HumanDuration(DEFAULT_COMMIT_TIMEOUT),
             retention: None,
         }
     }
@@ -676,6 +684,7 @@ impl Config {
             ("proxy.header_read_timeout", self.proxy.header_read_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.timeout", self.upstream.timeout),
+            ("ledger.commit_timeout", self.ledger.commit_timeout),
         ] {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be longer than zero, e.g. \"30s\""));
@@ -702,13 +711,15 @@ impl Config {
         Ok(())
     }
 
-    /// The upstream base URL, checked: http or https, a host, no query or fragment.
+    /// The upstream base URL, checked: http or https, a host, no `user:password@`, no query
+    /// or fragment. Error messages show the URL with any userinfo redacted.
     pub fn upstream_uri(&self) -> Result<http::Uri, ConfigError> {
         let raw = self.upstream.base_url.trim();
+        let shown = redact_url(raw);
         let uri: http::Uri = raw.parse().map_err(|e| {
             invalid(
                 "upstream.base_url",
-                format!("{raw:?} is not a URL ({e}); e.g. \"https://api.apollo.io\""),
+                format!("{shown:?} is not a URL ({e}); e.g. \"https://api.apollo.io\""),
             )
         })?;
         match uri.scheme_str() {
@@ -716,20 +727,44 @@ impl Config {
             _ => {
                 return Err(invalid(
                     "upstream.base_url",
-                    format!("{raw:?} must start with https:// or http://"),
+                    format!("{shown:?} must start with https:// or http://"),
                 ))
             }
         }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(invalid(
+                "upstream.base_url",
+                format!(
+                    "{shown:?} carries a user name or password before the host; creditmeter never sends credentials in the URL and would print them in its logs: remove them (Apollo authenticates with the caller's X-Api-Key)"
+                ),
+            ));
+        }
         if uri.host().is_none_or(str::is_empty) {
-            return Err(invalid("upstream.base_url", format!("{raw:?} has no host")));
+            return Err(invalid(
+                "upstream.base_url",
+                format!("{shown:?} has no host"),
+            ));
         }
         if uri.query().is_some() || raw.contains('#') {
             return Err(invalid(
                 "upstream.base_url",
-                format!("{raw:?} must not carry a query string or fragment"),
+                format!("{shown:?} must not carry a query string or fragment"),
             ));
         }
         Ok(uri)
+    }
+}
+
+/// `url` with any `user:password@` before the host replaced by `***@`, for logs and messages.
+/// Anything that does not look like `scheme://authority…` is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
     }
 }
 
@@ -949,6 +984,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("upstream.base_url"));
+        let c =
+            Config::from_toml("[upstream]\nbase_url = \"https://apollo:s3cret@x/api\"\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("upstream.base_url") && err.contains("user name or password"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("s3cret") && err.contains("***@x/api"),
+            "{err}"
+        );
+        assert_eq!(
+            redact_url("https://u:p@h:1/p?q=a@b"),
+            "https://***@h:1/p?q=a@b"
+        );
+        assert_eq!(redact_url("https://h/p?email=a@b"), "https://h/p?email=a@b");
+        assert_eq!(redact_url("not a url"), "not a url");
         let c = Config::from_toml("[upstream]\nbase_url = \"https://x/?a=1\"\n").unwrap();
         assert!(c.validate().is_err());
         let c = Config::from_toml(

@@ -195,6 +195,8 @@ pub async fn run_with_reload(
         metrics.budgets(),
         meter::now_ms(),
     )?);
+    // Rows an outage left in the spool are not in `calls` until the writer replays them.
+    guard.count_spooled(&conn, meter::now_ms())?;
     let guard_for_reload = guard.clone();
     // Deferred charges still pending: read before the writer takes the connection.
     let settle_key = config.settle.resolve()?;
@@ -212,6 +214,7 @@ pub async fn run_with_reload(
             spool_reserve: config.ledger.spool_reserve.0,
             secret: secret.clone(),
             group_wait: crate::ledger::writer::GROUP_WAIT,
+            commit_timeout: config.ledger.commit_timeout.0,
         },
         metrics.ledger(),
     )?;
@@ -338,7 +341,7 @@ pub async fn run_with_reload(
     tracing::info!(
         proxy = %proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        upstream = %base,
+        upstream = %config::redact_url(&base.to_string()),
         tls = tls.is_some(),
         admin_token = admin_token.is_some(),
         ledger = %config.ledger.path.display(),

@@ -416,7 +416,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             );
             println!("  admin.listen            {}", config.admin.listen);
-            println!("  upstream.base_url       {}", config.upstream.base_url);
+            println!(
+                "  upstream.base_url       {}",
+                creditmeter::config::redact_url(&config.upstream.base_url)
+            );
             println!(
                 "  upstream.ca_file        {}",
                 config
@@ -680,6 +683,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 hold["scope_text"].as_str().unwrap_or("?"),
                 hold["id"],
             );
+            if let Some(m) = v["message"].as_str() {
+                println!("note: {m}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Release { id, admin, scope } => {
@@ -733,6 +739,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 "hold {id} released: {}",
                 v["released"]["scope_text"].as_str().unwrap_or("?")
             );
+            if let Some(m) = v["message"].as_str() {
+                println!("note: {m}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck { url } => {

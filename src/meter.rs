@@ -257,7 +257,7 @@ impl CallMeter {
             None => call.record(None),
             Some(rt) => {
                 let (ack_tx, ack_rx) = if self.meter.durability == Durability::Commit {
-                    let (t, r) = tokio::sync::oneshot::channel();
+                    let (t, r) = self.meter.ledger.ack_channel();
                     (Some(t), Some(r))
                 } else {
                     (None, None)

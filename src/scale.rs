@@ -330,6 +330,7 @@ fn writer_bench(opts: &BenchOptions) -> Result<String, BenchError> {
             spool_reserve: 0,
             secret,
             group_wait: crate::ledger::writer::GROUP_WAIT,
+            commit_timeout: crate::config::DEFAULT_COMMIT_TIMEOUT,
         },
         metrics.clone(),
     )?;

@@ -368,3 +368,332 @@ async fn rows_left_in_the_spool_by_a_crash_are_replayed_at_start_once() {
     let ids: BTreeSet<String> = [id, "from-the-spool".to_owned()].into_iter().collect();
     assert_exactly(&second.db, "spooled", &ids);
 }
+
+/// Takes the ledger's write lock on a thread of its own (a long `BEGIN IMMEDIATE` in sqlite3)
+/// until the returned sender is used or dropped.
+fn hold_write_lock(db: &Path) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let db = db.to_owned();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    (release, holder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_commit_goes_to_the_spool_after_commit_timeout_and_the_body_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.spool_reserve = ByteSize(0);
+    // The writer's commit waits a minute for the lock: a stall, as a hung fsync would be.
+    cfg.ledger.busy_timeout = creditmeter::config::HumanDuration(Duration::from_secs(60));
+    cfg.ledger.commit_timeout = creditmeter::config::HumanDuration(Duration::from_millis(300));
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let mut ids = BTreeSet::new();
+    for i in 0..3 {
+        ids.insert(call(&proxy, "stalled", i).await.1);
+    }
+    let (release, holder) = hold_write_lock(&proxy.db);
+    let mut slowest = Duration::ZERO;
+    for i in 3..8 {
+        let t = Instant::now();
+        // Without the deadline each of these would hang until the lock goes (a minute).
+        let (status, id) =
+            tokio::time::timeout(Duration::from_secs(20), call(&proxy, "stalled", i))
+                .await
+                .expect("the response completes while the writer is stalled");
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(status, 200);
+        ids.insert(id);
+    }
+    println!("slowest call while the writer stalled: {slowest:?} (commit_timeout 300ms)");
+    let (_, j) = readyz(&proxy).await;
+    assert!(
+        j["spooled_rows"].as_u64().unwrap() >= 5,
+        "the stalled rows are in the spool: {j}"
+    );
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    wait_recovered(&proxy).await;
+    // Each row was both queued and spooled; the ledger holds it once.
+    assert_exactly(&proxy.db, "stalled", &ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_after_a_restart_count_the_spend_still_in_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            match_rate_pct: 100,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let budget = |mut c: creditmeter::config::Config| {
+        let b = creditmeter::config::Config::from_toml(
+            "[[budget]]\nname = \"burst\"\nscope = { table = \"burst\" }\nlimit = 6\nwindow = \"day\"\n",
+        )
+        .unwrap();
+        c.budget = b.budget;
+        c
+    };
+    // A first run creates the ledger and spends one credit.
+    let mut first = Proxy::start(budget(config_for(&sim.url(false), None)), dir.path()).await;
+    let (status, id) = call(&first, "burst", 0).await;
+    assert_eq!(status, 200);
+    first.shutdown().await;
+    // It then went through an outage: four more calls (one already committed, spooled again
+    // by its caller), in the spool when the process stopped.
+    let now = creditmeter::meter::now_ms();
+    let row = |rid: &str| {
+        serde_json::json!({
+            "request_id": rid, "started_at": now - 1000, "finished_at": now - 900, "method": "POST",
+            "path": "/api/v1/people/match", "endpoint": "people_match", "status": 200,
+            "outcome": "ok", "table_name": "burst", "workflow": null, "tags": null,
+            "key_fp": null, "lead_milli": 1000, "direct_dial_milli": 0, "export_milli": 0,
+            "credit_source": "catalog", "records_requested": 1, "records_matched": 1,
+            "catalog_version": "t", "upstream_ms": 3, "request_bytes": 2, "response_bytes": 10,
+            "error": null, "id_kinds": "email"
+        })
+        .to_string()
+    };
+    let spooled: Vec<String> = (0..4).map(|i| format!("outage-{i}")).collect();
+    let mut text = format!("{}\n", row(&id));
+    for rid in spooled.iter().chain(&spooled[..1]) {
+        text.push_str(&row(rid));
+        text.push('\n');
+    }
+    std::fs::write(sibling(&first.db, "spool"), text).unwrap();
+
+    // Restart, and a burst of ten calls at once against 6 - 1 - 4 = 1 credit left.
+    let second = Proxy::start(budget(config_for(&sim.url(false), None)), dir.path()).await;
+    let billed_before = sim.sim.billed().calls;
+    let url = second.url("/api/v1/people/match");
+    let burst: Vec<_> = (1..11)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let req = http::Request::post(url)
+                    .header("x-api-key", "fault-key")
+                    .header("x-meter-table", "burst")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"email":"b{i}@example.com"}}"#
+                    ))))
+                    .unwrap();
+                send(&client(), req).await.0.as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for h in burst {
+        statuses.push(h.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    println!("after the restart: {admitted} admitted, {refused} refused (1 credit left)");
+    assert_eq!(admitted, 1, "{statuses:?}");
+    assert_eq!(refused, 9, "{statuses:?}");
+    assert_eq!(
+        sim.sim.billed().calls - billed_before,
+        1,
+        "one call reached Apollo"
+    );
+    wait_recovered(&second).await;
+    let spent: i64 = rusqlite::Connection::open(&second.db)
+        .unwrap()
+        .query_row(
+            "SELECT sum(credits_milli) FROM calls WHERE table_name = 'burst'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        spent, 6000,
+        "the ledger holds exactly the limit, each spooled row once"
+    );
+}
+
+/// `POST /api/holds` (or `DELETE /api/holds/{id}` with `release`); (status, answer).
+async fn admin_hold(
+    proxy: &Proxy,
+    body: Option<serde_json::Value>,
+    release: Option<i64>,
+) -> (u16, serde_json::Value) {
+    let req = match (body, release) {
+        (Some(b), _) => http::Request::post(format!("http://{}/api/holds", proxy.admin))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(b.to_string())))
+            .unwrap(),
+        (None, Some(id)) => http::Request::delete(format!("http://{}/api/holds/{id}", proxy.admin))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        (None, None) => unreachable!(),
+    };
+    let (s, _, b) = send(&client(), req).await;
+    (s.as_u16(), serde_json::from_slice(&b).unwrap())
+}
+
+/// Holds in force in the ledger's `holds` table for `table`.
+fn holds_in_ledger(db: &Path, table: &str) -> i64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM holds WHERE released_at IS NULL AND scope LIKE ?1",
+            [format!("%\"{table}\"%")],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_while_the_ledger_is_locked_is_in_force_at_once_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.spool_reserve = ByteSize(0);
+    let mut proxy = Proxy::start(cfg.clone(), dir.path()).await;
+    assert_eq!(call(&proxy, "runaway", 0).await.0, 200);
+
+    let (release, holder) = hold_write_lock(&proxy.db);
+    let (status, j) = admin_hold(
+        &proxy,
+        Some(serde_json::json!({"scope": {"table": "runaway"}, "reason": "incident"})),
+        None,
+    )
+    .await;
+    println!("hold placed with the ledger locked: {status} {j}");
+    assert_eq!(status, 201, "{j}");
+    assert_eq!(j["persisted"], false, "{j}");
+    assert_eq!(j["persisted_to"], "spool", "{j}");
+    assert!(
+        j["message"].as_str().unwrap().contains("holds spool"),
+        "{j}"
+    );
+    let id = j["hold"]["id"].as_i64().unwrap();
+    // In force at once: nothing reaches Apollo for that table; other tables flow.
+    let billed = sim.sim.billed().calls;
+    for i in 1..4 {
+        assert_eq!(call(&proxy, "runaway", i).await.0, 503, "held");
+    }
+    assert_eq!(
+        sim.sim.billed().calls,
+        billed,
+        "held calls never reach upstream"
+    );
+    assert_eq!(call(&proxy, "other", 0).await.0, 200);
+
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    wait_recovered(&proxy).await;
+    // The writer's recovery wrote the spooled hold into the ledger.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holds_in_ledger(&proxy.db, "runaway") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the spooled hold never reached the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!dir.path().join("ledger.db.holds-spool").exists());
+
+    // A restart keeps it, under the same id; lifting it works as usual.
+    proxy.shutdown().await;
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    assert_eq!(
+        call(&proxy, "runaway", 9).await.0,
+        503,
+        "still held after a restart"
+    );
+    let (status, j) = admin_hold(&proxy, None, Some(id)).await;
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["persisted"], true, "{j}");
+    assert_eq!(call(&proxy, "runaway", 10).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_on_a_full_disk_is_in_force_at_once_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(dir.path(), "4m");
+    let sim = SimServer::start(
+        SimConfig {
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.ledger.path = fs.0.join("ledger.db");
+    cfg.ledger.spool_reserve = ByteSize(512 * 1024);
+    let mut proxy = Proxy::start(cfg.clone(), dir.path()).await;
+    assert_eq!(call(&proxy, "runaway", 0).await.0, 200);
+    let junk = fs.0.join("junk");
+    fill(&junk);
+    // Calls until SQLite refuses (the WAL had room for a few).
+    let mut i = 1;
+    loop {
+        assert_eq!(call(&proxy, "other", i).await.0, 200);
+        if readyz(&proxy).await.1["ledger"] == "failing" {
+            break;
+        }
+        i += 1;
+        assert!(i < 1000, "the full disk never made SQLite fail");
+    }
+    // The writer released its reserve for the spool: fill what that freed too.
+    assert!(!sibling(&proxy.db, "spool-reserve").exists());
+    fill(&fs.0.join("junk2"));
+    let (status, j) = admin_hold(
+        &proxy,
+        Some(serde_json::json!({"scope": {"table": "runaway"}, "reason": "disk full"})),
+        None,
+    )
+    .await;
+    println!("hold placed on a full disk: {status} {j}");
+    assert_eq!(status, 201, "{j}");
+    assert_eq!(j["persisted"], false, "{j}");
+    assert_eq!(j["persisted_to"], "spool", "{j}");
+    let billed = sim.sim.billed().calls;
+    assert_eq!(call(&proxy, "runaway", 1).await.0, 503, "held at once");
+    assert_eq!(sim.sim.billed().calls, billed);
+
+    std::fs::remove_file(&junk).unwrap();
+    std::fs::remove_file(fs.0.join("junk2")).unwrap();
+    proxy.shutdown().await;
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    assert_eq!(
+        call(&proxy, "runaway", 2).await.0,
+        503,
+        "still held after a restart"
+    );
+    assert_eq!(
+        holds_in_ledger(&proxy.db, "runaway"),
+        1,
+        "and now in the ledger"
+    );
+    drop(proxy);
+    drop(fs);
+}

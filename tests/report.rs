@@ -80,6 +80,7 @@ fn write_rows(db: &Path, rows: Vec<CallRecord>) {
             spool_reserve: 0,
             secret,
             group_wait: creditmeter::ledger::writer::GROUP_WAIT,
+            commit_timeout: creditmeter::config::DEFAULT_COMMIT_TIMEOUT,
         },
         metrics(),
     )

@@ -201,9 +201,35 @@ impl std::fmt::Debug for Admission {
 /// The outcome of an admission attempt that did not admit.
 enum Blocked {
     Final(Refusal),
-    /// Only reservations of calls in flight stand in the way: worth waiting for them. The
-    /// refusal is what the caller gets if it stops waiting now (not yet counted).
-    Wait(Refusal),
+    /// Only reservations of calls in flight stand in the way: worth waiting for them, on the
+    /// wake of one budget that blocked the call (all must free up, so waking on any one of
+    /// them and trying again loses nothing), seen at that epoch.
+    Wait(Arc<BudgetWake>, u64),
+}
+
+/// Wakes the calls waiting on one budget: `epoch` counts its releases, so a call that reads
+/// it before registering can tell a release it would otherwise miss.
+struct BudgetWake {
+    epoch: std::sync::atomic::AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl BudgetWake {
+    fn wake(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A budget's gauge values, taken under the state lock and set after it is released.
+struct Gauges {
+    name: Arc<str>,
+    /// (credit type, limit, spent, reserved, warned) for each limited type.
+    values: Vec<(&'static str, f64, f64, f64, bool)>,
 }
 
 /// Why a call was refused.
@@ -402,6 +428,57 @@ pub struct Guard {
     writes: Mutex<()>,
     /// Woken whenever reservations are released, for calls waiting on them.
     settled: tokio::sync::Notify,
+    /// Per budget: woken when its reservations are released, for the calls it blocks. Only
+    /// those wake (a settlement elsewhere does not make a waiting call retry). Taken after
+    /// `state`, never before it.
+    wakes: Mutex<HashMap<Arc<str>, Arc<BudgetWake>>>,
+    /// Admission attempts so far (each takes the state lock): [`Guard::admission_attempts`].
+    attempts: std::sync::atomic::AtomicU64,
+}
+
+/// A hold placed or lifted, and where the change was kept.
+#[derive(Debug, Clone)]
+pub struct HoldChange {
+    pub hold: Hold,
+    /// False when an identical hold was already in force (nothing changed).
+    pub created: bool,
+    pub persisted: Persisted,
+}
+
+/// Where a hold change was kept. It is in force in memory at once, whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Persisted {
+    /// In the ledger's `holds` table.
+    Ledger,
+    /// SQLite refused (the reason): kept in `<ledger>.holds-spool`, written to the ledger when
+    /// it recovers, and read back at start-up.
+    Spool(String),
+    /// Neither could be written (the reasons): in force until creditmeter restarts.
+    MemoryOnly(String),
+}
+
+impl Persisted {
+    /// `ledger`, `spool` or `memory`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Persisted::Ledger => "ledger",
+            Persisted::Spool(_) => "spool",
+            Persisted::MemoryOnly(_) => "memory",
+        }
+    }
+
+    /// What a person placing the hold should know, when it is not simply in the ledger.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            Persisted::Ledger => None,
+            Persisted::Spool(why) => Some(format!(
+                "in force now; the ledger refused the write ({why}), so the change is kept in the holds spool beside it and written to the ledger when it recovers (a restart before then reads it back)"
+            )),
+            Persisted::MemoryOnly(why) => Some(format!(
+                "in force now, but recorded nowhere ({why}): it lasts only until creditmeter restarts"
+            )),
+        }
+    }
 }
 
 /// What a reload did, by budget name.
@@ -494,6 +571,8 @@ impl Guard {
                 created_at: row.created_at,
             });
         }
+        apply_spooled_holds(&mut holds, conn, &ledger_path)?;
+        crate::ledger::guard::ensure_holds_reserve(&ledger_path);
         let g = Guard {
             state: Mutex::new(State {
                 ceiling_milli: guard.unknown_cost_ceiling.0,
@@ -510,6 +589,8 @@ impl Guard {
             ledger_path,
             writes: Mutex::new(()),
             settled: tokio::sync::Notify::new(),
+            wakes: Mutex::new(HashMap::new()),
+            attempts: std::sync::atomic::AtomicU64::new(0),
         };
         {
             let mut st = lock(&g.state);
@@ -541,6 +622,72 @@ impl Guard {
             g.publish_locked(&mut st, now);
         }
         Ok(g)
+    }
+
+    /// Counts, in the budgets' current windows, the spend of rows an outage left in
+    /// `<ledger>.spool` that `conn` (the ledger) does not hold yet. Start-up calls it after
+    /// [`Guard::start`] and before serving: the writer replays the spool only later, and
+    /// without this the spend of the outage would be forgotten by every budget. Returns the
+    /// rows counted.
+    pub fn count_spooled(&self, conn: &rusqlite::Connection, now: i64) -> Result<u64, GuardError> {
+        let since = lock(&self.state)
+            .budgets
+            .iter()
+            .map(|b| b.counts_since(now))
+            .min();
+        let Some(since) = since else {
+            return Ok(0);
+        };
+        let mut found: Vec<(String, Spend)> = Vec::new();
+        crate::ledger::writer::for_each_spooled(&self.ledger_path, |r| {
+            let actual = Amount::of(r.lead_milli, r.direct_dial_milli, r.export_milli);
+            if r.started_at >= since && !actual.is_zero() {
+                let facts = CallFacts {
+                    tags: r
+                        .tags
+                        .as_deref()
+                        .and_then(|t| serde_json::from_str(t).ok())
+                        .unwrap_or_default(),
+                    table: r.table_name,
+                    workflow: r.workflow,
+                    key_fp: r.key_fp,
+                };
+                let spend = Spend {
+                    facts,
+                    started_at: r.started_at,
+                    actual,
+                };
+                found.push((r.request_id, spend));
+            }
+        })
+        .map_err(|source| LedgerError::Spool {
+            path: self.ledger_path.clone(),
+            source,
+        })?;
+        // A row may be spooled twice (queued, and spooled by its caller past commit_timeout),
+        // or already committed (a replay cut short): count each call once, and only if the
+        // ledger does not count it already.
+        let mut stmt = conn.prepare("SELECT 1 FROM calls WHERE request_id = ?1")?;
+        let mut seen = HashSet::new();
+        let mut rows = Vec::new();
+        for (id, spend) in found {
+            if seen.insert(id.clone()) && !stmt.exists([&id])? {
+                rows.push(spend);
+            }
+        }
+        let mut st = lock(&self.state);
+        for b in &mut st.budgets {
+            count_rows(b, &rows);
+            b.roll(now);
+            self.publish_budget(b);
+        }
+        if !rows.is_empty() {
+            tracing::warn!(
+                rows = rows.len(),
+                "budgets count the spend of rows still in the spool (a ledger outage); the writer replays them now"
+            );
+        }
+        Ok(rows.len() as u64)
     }
 
     /// Admits a call to the budgets, or says why not: [`Guard::admit_waiting`] with what the
@@ -575,17 +722,50 @@ impl Guard {
         let wait = lock(&self.state).admission_wait;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            // Registered before the attempt, so a settlement between the two is not missed.
-            let settled = self.settled.notified();
+            // Reloads wake everyone (budgets may have changed shape).
+            let reloaded = self.settled.notified();
+            tokio::pin!(reloaded);
+            reloaded.as_mut().enable();
             let last = tokio::time::Instant::now() >= deadline;
             match self.try_admit(request_id, &facts, started_at, worst_case, last) {
                 Ok(a) => return Ok(a),
                 Err(Blocked::Final(r)) => return Err(r),
-                Err(Blocked::Wait(_)) => {
-                    let _ = tokio::time::timeout_at(deadline, settled).await;
+                Err(Blocked::Wait(wake, seen)) => {
+                    let released = wake.notify.notified();
+                    tokio::pin!(released);
+                    released.as_mut().enable();
+                    // Released between the attempt and the registration: try again now.
+                    if wake.epoch() != seen {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = released => {}
+                        _ = reloaded => {}
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
                 }
             }
         }
+    }
+
+    /// How many admission attempts the guard has made (each under its one lock): a waiting
+    /// call makes one more each time a budget blocking it releases reservations. For
+    /// diagnostics and tests.
+    pub fn admission_attempts(&self) -> u64 {
+        self.attempts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The wake of budget `name`, made on first use.
+    fn wake_of(&self, name: &Arc<str>) -> Arc<BudgetWake> {
+        lock(&self.wakes)
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(BudgetWake {
+                    epoch: std::sync::atomic::AtomicU64::new(0),
+                    notify: tokio::sync::Notify::new(),
+                })
+            })
+            .clone()
     }
 
     /// Checks the holds, then reserves `worst_case` (or the ceiling, when `None`) against every
@@ -598,9 +778,13 @@ impl Guard {
         started_at: i64,
         worst_case: Option<Credits>,
     ) -> Result<Admission, Refusal> {
-        match self.try_admit(request_id, &facts, started_at, worst_case, true) {
-            Ok(a) => Ok(a),
-            Err(Blocked::Final(r) | Blocked::Wait(r)) => Err(r),
+        loop {
+            // With `last`, an attempt never answers `Wait`.
+            match self.try_admit(request_id, &facts, started_at, worst_case, true) {
+                Ok(a) => return Ok(a),
+                Err(Blocked::Final(r)) => return Err(r),
+                Err(Blocked::Wait(..)) => continue,
+            }
         }
     }
 
@@ -613,6 +797,27 @@ impl Guard {
         started_at: i64,
         worst_case: Option<Credits>,
         last: bool,
+    ) -> Result<Admission, Blocked> {
+        self.attempts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut gauges = Vec::new();
+        let result =
+            self.try_admit_locked(request_id, facts, started_at, worst_case, last, &mut gauges);
+        // Prometheus gauges are set after the lock is released.
+        for g in &gauges {
+            self.set_gauges(g);
+        }
+        result
+    }
+
+    fn try_admit_locked(
+        self: &Arc<Self>,
+        request_id: &str,
+        facts: &CallFacts,
+        started_at: i64,
+        worst_case: Option<Credits>,
+        last: bool,
+        gauges: &mut Vec<Gauges>,
     ) -> Result<Admission, Blocked> {
         let mut st = lock(&self.state);
         if let Some(hold) = st.holds.iter().find(|h| h.scope.matches(facts)) {
@@ -637,7 +842,7 @@ impl Guard {
         for &i in &covering {
             let b = &mut st.budgets[i];
             if b.roll(started_at) {
-                self.publish_budget(b);
+                gauges.push(gauges_of(b));
             }
             if let Some(c) = b.crossing(&r) {
                 match b.def.action {
@@ -651,10 +856,12 @@ impl Guard {
                 let pending = pending_reserved(&st, &st.budgets[*i].def.name, c.dim);
                 c.spent.saturating_add(pending).saturating_add(c.requested) <= c.limit
             });
-            let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
             if in_flight_only && !last {
-                return Err(Blocked::Wait(refusal));
+                let wake = self.wake_of(&st.budgets[blocked[0].0].def.name);
+                let seen = wake.epoch();
+                return Err(Blocked::Wait(wake, seen));
             }
+            let refusal = Refusal::Budget(Box::new(self.refusal(&st, &blocked, started_at)));
             for (i, _) in &blocked {
                 let b = &mut st.budgets[*i];
                 b.rejections += 1;
@@ -689,7 +896,7 @@ impl Guard {
             let b = &mut st.budgets[i];
             b.reserve(&r);
             charged.push((b.def.name.clone(), b.window_key()));
-            self.publish_budget(b);
+            gauges.push(gauges_of(b));
         }
         let id = st.next_id;
         st.next_id += 1;
@@ -757,6 +964,7 @@ impl Guard {
         let Some(call) = st.inflight.remove(&id) else {
             return;
         };
+        let mut gauges = Vec::with_capacity(call.charged.len());
         for (name, key) in &call.charged {
             let Some(b) = st.budgets.iter_mut().find(|b| &b.def.name == name) else {
                 continue; // removed by a reload
@@ -788,7 +996,7 @@ impl Guard {
                     "budget crossed its warn_at threshold"
                 );
             }
-            self.publish_budget(b);
+            gauges.push(gauges_of(b));
         }
         if !actual.is_zero() {
             let now = now_ms();
@@ -808,7 +1016,13 @@ impl Guard {
             }
         }
         drop(st);
-        self.settled.notify_waiters();
+        // Only the calls waiting on these budgets are woken; gauges are set outside the lock.
+        for g in &gauges {
+            self.set_gauges(g);
+            if let Some(w) = lock(&self.wakes).get(&g.name).cloned() {
+                w.wake();
+            }
+        }
     }
 
     /// Settles the synchronous part (`actual`) of call `id` and keeps `keep` reserved for it in
@@ -823,6 +1037,7 @@ impl Guard {
         let facts = call.facts.clone();
         let charged = call.charged.clone();
         let mut still = Vec::with_capacity(charged.len());
+        let mut gauges = Vec::with_capacity(charged.len());
         for (name, key) in charged {
             let Some(b) = st.budgets.iter_mut().find(|b| b.def.name == name) else {
                 continue; // removed by a reload
@@ -833,7 +1048,7 @@ impl Guard {
                 b.reserve(&keep);
                 still.push((name, key));
             }
-            self.publish_budget(b);
+            gauges.push(gauges_of(b));
         }
         if let Some(call) = st.inflight.get_mut(&id) {
             call.reserved = keep;
@@ -850,7 +1065,14 @@ impl Guard {
             });
         }
         drop(st);
-        self.settled.notify_waiters();
+        // What the synchronous part did not spend is free again: wake only the calls these
+        // budgets block, and set their gauges outside the lock.
+        for g in &gauges {
+            self.set_gauges(g);
+            if let Some(w) = lock(&self.wakes).get(&g.name).cloned() {
+                w.wake();
+            }
+        }
     }
 
     /// Reserves a deferred charge still pending in the ledger at start-up (`amount`, its worst
@@ -1014,54 +1236,147 @@ impl Guard {
         }
         self.publish_locked(st, now);
         self.settled.notify_waiters();
+        for w in lock(&self.wakes).values() {
+            w.wake();
+        }
         tracing::info!(kept = ?summary.kept, rebuilt = ?summary.rebuilt, removed = ?summary.removed, "budgets reloaded");
         Ok(summary)
     }
 
-    /// Places a hold on `scope`, recorded in the ledger first. An identical hold already in force
-    /// is returned instead (`false`), so repeating the request is harmless.
+    /// Places a hold on `scope`: [`Guard::place_hold`] without saying where it was kept.
     pub fn add_hold(
         &self,
         scope: Scope,
         reason: Option<String>,
         now: i64,
     ) -> Result<(Hold, bool), GuardError> {
+        self.place_hold(scope, reason, now)
+            .map(|c| (c.hold, c.created))
+    }
+
+    /// Places a hold on `scope`. It is in force at once, before anything is written: holds
+    /// exist for incidents, and a locked ledger or a full disk is one. It is then recorded in
+    /// the ledger, or, if SQLite refuses, in `<ledger>.holds-spool` (written to the ledger
+    /// later, and read back at start-up), or, if even that fails, kept in memory only; the
+    /// answer says which ([`Persisted`]). An identical hold already in force is returned
+    /// instead (`created: false`), so repeating the request is harmless.
+    pub fn place_hold(
+        &self,
+        scope: Scope,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<HoldChange, GuardError> {
         let _w = lock(&self.writes);
         if let Some(h) = lock(&self.state).holds.iter().find(|h| h.scope == scope) {
-            return Ok((h.clone(), false));
+            return Ok(HoldChange {
+                hold: h.clone(),
+                created: false,
+                persisted: Persisted::Ledger,
+            });
         }
         let scope_json = serde_json::to_string(&scope).unwrap_or_else(|_| "\"global\"".into());
-        let conn = crate::ledger::guard::open_for_holds(&self.ledger_path)?;
-        let id = crate::ledger::guard::insert_hold(&conn, &scope_json, reason.as_deref(), now)?;
         let hold = Hold {
-            id,
+            id: self.next_hold_id(),
             scope,
             reason,
             created_at: now,
         };
-        tracing::warn!(hold = id, scope = %hold.scope, reason = hold.reason.as_deref().unwrap_or(""), "hold placed: matching calls are refused until it is released");
-        let mut st = lock(&self.state);
-        st.holds.push(hold.clone());
-        self.metrics.holds_active.set(st.holds.len() as i64);
-        Ok((hold, true))
+        {
+            let mut st = lock(&self.state);
+            st.holds.push(hold.clone());
+            self.metrics.holds_active.set(st.holds.len() as i64);
+        }
+        tracing::warn!(hold = hold.id, scope = %hold.scope, reason = hold.reason.as_deref().unwrap_or(""), "hold placed: matching calls are refused until it is released");
+        let persisted = self.persist_hold(crate::ledger::guard::HoldOp::Place {
+            id: hold.id,
+            scope: scope_json,
+            reason: hold.reason.clone(),
+            created_at: now,
+        });
+        Ok(HoldChange {
+            hold,
+            created: true,
+            persisted,
+        })
     }
 
-    /// Lifts hold `id` (recorded in the ledger first). `None` if no such hold is in force.
+    /// Lifts hold `id`: [`Guard::lift_hold`] without saying where the change was kept.
     pub fn release_hold(&self, id: i64, now: i64) -> Result<Option<Hold>, GuardError> {
+        self.lift_hold(id, now).map(|c| c.map(|c| c.hold))
+    }
+
+    /// Lifts hold `id` at once, then records that like [`Guard::place_hold`] records a hold.
+    /// `None` if no such hold is in force.
+    pub fn lift_hold(&self, id: i64, now: i64) -> Result<Option<HoldChange>, GuardError> {
         let _w = lock(&self.writes);
-        if !lock(&self.state).holds.iter().any(|h| h.id == id) {
+        let hold = {
+            let mut st = lock(&self.state);
+            let pos = st.holds.iter().position(|h| h.id == id);
+            let hold = pos.map(|p| st.holds.remove(p));
+            self.metrics.holds_active.set(st.holds.len() as i64);
+            hold
+        };
+        let Some(hold) = hold else {
             return Ok(None);
+        };
+        tracing::warn!(hold = id, scope = %hold.scope, "hold released");
+        let persisted = self.persist_hold(crate::ledger::guard::HoldOp::Release {
+            id,
+            released_at: now,
+        });
+        Ok(Some(HoldChange {
+            hold,
+            created: false,
+            persisted,
+        }))
+    }
+
+    /// The next hold id: above every id the ledger, the holds spool and memory know. (Holds
+    /// are only changed through this process, under `writes`.) Readers are not blocked by a
+    /// locked ledger, and a full disk still reads.
+    fn next_hold_id(&self) -> i64 {
+        let in_memory = lock(&self.state).holds.iter().map(|h| h.id).max();
+        let in_ledger = crate::ledger::open_for_read(&self.ledger_path)
+            .ok()
+            .and_then(|c| crate::ledger::guard::max_hold_id(&c).ok());
+        let spooled = crate::ledger::guard::read_hold_spool(&self.ledger_path)
+            .ok()
+            .and_then(|ops| ops.iter().map(|o| o.id()).max());
+        [in_memory, in_ledger, spooled]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0)
+            + 1
+    }
+
+    /// Records a hold change: in the ledger (after any changes spooled earlier), else in the
+    /// holds spool, else nowhere (logged).
+    fn persist_hold(&self, op: crate::ledger::guard::HoldOp) -> Persisted {
+        let in_ledger = (|| -> Result<(), GuardError> {
+            let conn = crate::ledger::guard::open_for_holds(&self.ledger_path)?;
+            crate::ledger::guard::replay_hold_spool(&conn, &self.ledger_path)?;
+            crate::ledger::guard::apply_hold_op(&conn, &op)?;
+            Ok(())
+        })();
+        let refused = match in_ledger {
+            Ok(()) => {
+                crate::ledger::guard::ensure_holds_reserve(&self.ledger_path);
+                return Persisted::Ledger;
+            }
+            Err(e) => e.to_string(),
+        };
+        match crate::ledger::guard::append_hold_spool(&self.ledger_path, &op) {
+            Ok(()) => {
+                tracing::warn!(hold = op.id(), error = %refused, "the ledger refused the hold change; it is in force and kept in the holds spool until the ledger recovers");
+                Persisted::Spool(refused)
+            }
+            Err(e) => {
+                let why = format!("{refused}; the holds spool: {e}");
+                tracing::error!(hold = op.id(), error = %why, ?op, "the hold change could not be recorded anywhere; it is in force in memory only, until creditmeter restarts");
+                Persisted::MemoryOnly(why)
+            }
         }
-        let conn = crate::ledger::guard::open_for_holds(&self.ledger_path)?;
-        crate::ledger::guard::release_hold(&conn, id, now)?;
-        let mut st = lock(&self.state);
-        let pos = st.holds.iter().position(|h| h.id == id);
-        let hold = pos.map(|p| st.holds.remove(p));
-        self.metrics.holds_active.set(st.holds.len() as i64);
-        if let Some(h) = &hold {
-            tracing::warn!(hold = id, scope = %h.scope, "hold released");
-        }
-        Ok(hold)
     }
 
     /// The holds in force.
@@ -1147,31 +1462,90 @@ impl Guard {
     }
 
     fn publish_budget(&self, b: &BudgetState) {
-        let spent = b.spent();
-        let reserved = b.reserved();
-        for (d, dim) in DIMS.iter().enumerate() {
-            let Some(limit) = b.def.limits[d] else {
-                continue;
-            };
-            let labels = [&*b.def.name, dim];
-            self.metrics
-                .limit
-                .with_label_values(&labels)
-                .set(credits(limit));
-            self.metrics
-                .spent
-                .with_label_values(&labels)
-                .set(credits(spent.0[d]));
+        self.set_gauges(&gauges_of(b));
+    }
+
+    fn set_gauges(&self, g: &Gauges) {
+        for (dim, limit, spent, reserved, warned) in &g.values {
+            let labels = [&*g.name, dim];
+            self.metrics.limit.with_label_values(&labels).set(*limit);
+            self.metrics.spent.with_label_values(&labels).set(*spent);
             self.metrics
                 .reserved
                 .with_label_values(&labels)
-                .set(credits(reserved.0[d]));
+                .set(*reserved);
             self.metrics
                 .warning
                 .with_label_values(&labels)
-                .set(i64::from(b.warned(d)));
+                .set(i64::from(*warned));
         }
     }
+}
+
+/// A budget's gauge values now (see [`Gauges`]).
+fn gauges_of(b: &BudgetState) -> Gauges {
+    let spent = b.spent();
+    let reserved = b.reserved();
+    Gauges {
+        name: b.def.name.clone(),
+        values: DIMS
+            .iter()
+            .enumerate()
+            .filter_map(|(d, dim)| {
+                let limit = b.def.limits[d]?;
+                Some((
+                    *dim,
+                    credits(limit),
+                    credits(spent.0[d]),
+                    credits(reserved.0[d]),
+                    b.warned(d),
+                ))
+            })
+            .collect(),
+    }
+}
+
+/// Applies hold changes an earlier run left in the holds spool (the ledger refused them), then
+/// tries to write them into the ledger.
+fn apply_spooled_holds(
+    holds: &mut Vec<Hold>,
+    conn: &rusqlite::Connection,
+    ledger_path: &std::path::Path,
+) -> Result<(), GuardError> {
+    let path = crate::ledger::guard::holds_spool_path(ledger_path);
+    let ops = crate::ledger::guard::read_hold_spool(ledger_path)
+        .map_err(|source| LedgerError::Spool { path, source })?;
+    for op in &ops {
+        match op {
+            crate::ledger::guard::HoldOp::Place {
+                id,
+                scope,
+                reason,
+                created_at,
+            } => {
+                if holds.iter().any(|h| h.id == *id) {
+                    continue;
+                }
+                let scope = serde_json::from_str::<Value>(scope)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| config::scope_from_json(&v))
+                    .map_err(|message| GuardError::HoldScope { id: *id, message })?;
+                holds.push(Hold {
+                    id: *id,
+                    scope,
+                    reason: reason.clone(),
+                    created_at: *created_at,
+                });
+            }
+            crate::ledger::guard::HoldOp::Release { id, .. } => holds.retain(|h| h.id != *id),
+        }
+    }
+    if !ops.is_empty() {
+        if let Err(e) = crate::ledger::guard::replay_hold_spool(conn, ledger_path) {
+            tracing::warn!(error = %e, "hold changes stay in the holds spool: the ledger still refuses them");
+        }
+    }
+    Ok(())
 }
 
 /// Counts the ledger rows that fall in `b`'s current window and scope.

@@ -116,7 +116,7 @@ fn a_call_blocked_by_pending_charges_is_refused_without_waiting() {
     // A call in flight (not yet answered) is worth waiting for: it may settle lower soon.
     assert!(matches!(
         g.try_admit("r3", &facts(), T0, reveal(), false),
-        Err(Blocked::Wait(_))
+        Err(Blocked::Wait(..))
     ));
     // Once it is a pending charge (Apollo's job may take minutes), waiting is pointless.
     let p2 = a2.settle_deferred(Amount::of(1000, 0, 0), Amount::of(0, 8000, 0));

@@ -2,10 +2,13 @@
 //! (to rebuild budget windows at start-up) and the `holds` table. Knows nothing of HTTP.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
 
 use super::LedgerError;
 
@@ -124,12 +127,194 @@ pub fn release_hold(conn: &Connection, id: i64, released_at: i64) -> rusqlite::R
 }
 
 /// A short-lived write connection for a hold change. The ledger is already open and migrated
-/// by the server; a hold write waits (up to 5 s) for the writer thread's transaction to end.
+/// by the server (a missing file is an error, never a new empty one: the writer recreates it);
+/// a hold write waits up to 2 s for another transaction to end, then goes to the holds spool.
 pub fn open_for_holds(path: &Path) -> Result<Connection, LedgerError> {
-    let conn = Connection::open(path).map_err(|source| LedgerError::Open {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| LedgerError::Open {
         path: path.to_owned(),
         source,
     })?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(Duration::from_secs(2))?;
     Ok(conn)
+}
+
+/// The highest hold id the ledger has given out (0 for none).
+pub fn max_hold_id(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT coalesce(max(id), 0) FROM holds", [], |r| r.get(0))
+}
+
+/// A hold change the ledger refused (locked, disk full), kept in `<ledger>.holds-spool` (one
+/// JSON object per line, fsynced) until it can be written: at the next hold change, when the
+/// ledger writer recovers, or at the next start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HoldOp {
+    Place {
+        id: i64,
+        /// The scope's JSON, as the `holds.scope` column keeps it.
+        scope: String,
+        reason: Option<String>,
+        created_at: i64,
+    },
+    Release {
+        id: i64,
+        released_at: i64,
+    },
+}
+
+impl HoldOp {
+    pub fn id(&self) -> i64 {
+        match self {
+            HoldOp::Place { id, .. } | HoldOp::Release { id, .. } => *id,
+        }
+    }
+}
+
+/// Serialises appends to, and replays of, holds spools in this process.
+static HOLD_SPOOL: Mutex<()> = Mutex::new(());
+
+fn hold_spool_lock() -> std::sync::MutexGuard<'static, ()> {
+    HOLD_SPOOL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `<ledger>.holds-spool`.
+pub fn holds_spool_path(ledger: &Path) -> PathBuf {
+    let mut name = ledger.as_os_str().to_os_string();
+    name.push(".holds-spool");
+    PathBuf::from(name)
+}
+
+/// Applies one hold change: a placed hold keeps the id it was given (and is not doubled).
+pub fn apply_hold_op(conn: &Connection, op: &HoldOp) -> rusqlite::Result<()> {
+    match op {
+        HoldOp::Place {
+            id,
+            scope,
+            reason,
+            created_at,
+        } => conn.execute(
+            "INSERT OR IGNORE INTO holds (id, scope, reason, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, scope, reason, created_at],
+        )?,
+        HoldOp::Release { id, released_at } => conn.execute(
+            "UPDATE holds SET released_at = ?2 WHERE id = ?1 AND released_at IS NULL",
+            params![id, released_at],
+        )?,
+    };
+    Ok(())
+}
+
+/// The hold changes waiting in the holds spool, oldest first (unreadable lines skipped).
+pub fn read_hold_spool(ledger: &Path) -> std::io::Result<Vec<HoldOp>> {
+    let _l = hold_spool_lock();
+    read_ops(&holds_spool_path(ledger))
+}
+
+fn read_ops(path: &Path) -> std::io::Result<Vec<HoldOp>> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut ops = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line?;
+        match serde_json::from_str::<HoldOp>(&line) {
+            Ok(op) => ops.push(op),
+            Err(e) if !line.trim().is_empty() => {
+                tracing::error!(error = %e, text = %line, "skipping an unreadable holds spool line")
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(ops)
+}
+
+/// Appends `op` to the holds spool and fsyncs it. On a full disk the spool's ballast
+/// (`<ledger>.spool-reserve`) is released to make room.
+pub fn append_hold_spool(ledger: &Path, op: &HoldOp) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(op).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let path = holds_spool_path(ledger);
+    let _l = hold_spool_lock();
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        // A torn line from an earlier failure must not swallow this one.
+        f.write_all(b"\n")?;
+        f.write_all(&line)?;
+        f.sync_data()
+    };
+    match write() {
+        Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+            let released = [".holds-reserve", ".spool-reserve"].iter().any(|ext| {
+                let mut reserve = ledger.as_os_str().to_os_string();
+                reserve.push(ext);
+                std::fs::remove_file(PathBuf::from(reserve)).is_ok()
+            });
+            if !released {
+                return Err(e);
+            }
+            tracing::warn!("disk full: released a reserve file to make room for the holds spool");
+            write()
+        }
+        other => other,
+    }
+}
+
+/// Bytes of ballast kept in `<ledger>.holds-reserve`, so that a hold placed on a full disk can
+/// still be written to the holds spool (the spool's own reserve goes to call rows).
+pub const HOLDS_RESERVE: usize = 64 * 1024;
+
+/// Creates `<ledger>.holds-reserve` if it is missing (best effort).
+pub fn ensure_holds_reserve(ledger: &Path) {
+    let mut name = ledger.as_os_str().to_os_string();
+    name.push(".holds-reserve");
+    let path = PathBuf::from(name);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= HOLDS_RESERVE as u64) {
+        return;
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&vec![0u8; HOLDS_RESERVE])?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&path);
+        tracing::debug!(error = %e, "cannot create the holds reserve");
+    }
+}
+
+/// Writes the hold changes waiting in the holds spool into the ledger, in order and in one
+/// transaction, then removes the spool. Returns how many there were.
+pub fn replay_hold_spool(conn: &Connection, ledger: &Path) -> Result<usize, LedgerError> {
+    let path = holds_spool_path(ledger);
+    let _l = hold_spool_lock();
+    let ops = read_ops(&path).map_err(|source| LedgerError::Spool {
+        path: path.clone(),
+        source,
+    })?;
+    if ops.is_empty() {
+        let _ = std::fs::remove_file(&path);
+        return Ok(0);
+    }
+    let tx = conn.unchecked_transaction()?;
+    for op in &ops {
+        apply_hold_op(&tx, op)?;
+    }
+    tx.commit()?;
+    std::fs::remove_file(&path).map_err(|source| LedgerError::Spool { path, source })?;
+    tracing::info!(
+        changes = ops.len(),
+        "hold changes from the holds spool written to the ledger"
+    );
+    Ok(ops.len())
 }

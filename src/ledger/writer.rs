@@ -11,18 +11,30 @@
 //! When SQLite cannot take a batch (disk full, a lock held elsewhere past `busy_timeout`, the
 //! file deleted, replaced or unwritable), the batch is appended to the spool, a JSON-lines file
 //! beside the ledger, and fsynced; that counts as durable and the rows are acknowledged. While
-//! rows sit in the spool, new rows follow them there, and about once a second the writer tries
-//! to recover: reopen the file if needed, replay the spool in one transaction
-//! (`INSERT OR IGNORE` on the unique `request_id`, so a replay interrupted by a crash is never
-//! doubled), then truncate it. A ballast file kept beside the spool is deleted to make room when
+//! SQLite refuses, new rows follow them there, and about once a second the writer tries to
+//! recover: reopen the file if needed and replay the first chunk. Once SQLite takes writes
+//! again, new rows go straight to it and the spool is replayed `batch_max` rows at a time
+//! between them (`INSERT OR IGNORE` on the unique `request_id`, so a replay interrupted by a
+//! crash is never doubled), with the replayed offset kept in `<ledger>.spool-offset`; so after
+//! hours of spooling no call waits for the whole replay, and memory holds one chunk. The spool
+//! is removed once replayed. A ballast file kept beside the spool is deleted to make room when
 //! the disk is full, so the spool can still be written.
+//!
+//! A call waits for its acknowledgement at most `commit_timeout` ([`Ack`]): past it (a hung
+//! fsync, a stalled disk) the call writes its own row to the spool, under the same lock the
+//! writer uses, and its response completes. The writer still holds the row too; whichever copy
+//! reaches SQLite second is ignored.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,11 +50,108 @@ use crate::config::{OnLedgerError, Synchronous};
 #[error("ledger commit failed: {0}")]
 pub struct CommitError(pub String);
 
-/// The acknowledgement a caller may wait for: `Ok` once the row is committed or spooled.
-pub type Ack = oneshot::Receiver<Result<(), CommitError>>;
+/// What an [`Ack`] resolves to: `Ok(Ok(()))` once the row is committed or spooled.
+pub type AckResult = Result<Result<(), CommitError>, oneshot::error::RecvError>;
 
-/// The sending half of an [`Ack`].
-pub type AckSender = oneshot::Sender<Result<(), CommitError>>;
+/// The acknowledgement a caller may wait for: resolves once the row is committed or spooled.
+///
+/// Awaited on a tokio runtime, it waits at most `commit_timeout`: then it appends the row to the
+/// spool itself (on the blocking pool) and resolves when that is fsynced. If even that takes
+/// another `commit_timeout` (the spool's disk hangs too), it gives up waiting, logs the row in
+/// full and resolves with an error; the writer still holds the row and commits it if it can.
+pub struct Ack {
+    rx: oneshot::Receiver<Result<(), CommitError>>,
+    rescue: Option<Rescue>,
+}
+
+/// What an [`Ack`] needs to spool its row after `commit_timeout`.
+struct Rescue {
+    handle: LedgerHandle,
+    row: Arc<Mutex<Option<Arc<CallRecord>>>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    job: Option<tokio::task::JoinHandle<Result<(), CommitError>>>,
+}
+
+/// The sending half of an [`Ack`]; the writer resolves it.
+pub struct AckSender {
+    tx: oneshot::Sender<Result<(), CommitError>>,
+    /// The row, for the [`Ack`] to spool after `commit_timeout`; set when it is submitted.
+    row: Arc<Mutex<Option<Arc<CallRecord>>>>,
+}
+
+impl AckSender {
+    fn send(self, outcome: Result<(), CommitError>) {
+        lock(&self.row).take();
+        // The caller may be gone; that is fine.
+        let _ = self.tx.send(outcome);
+    }
+}
+
+impl Ack {
+    /// Waits on this thread, without the `commit_timeout` rescue (benchmarks, tools).
+    pub fn blocking_recv(self) -> AckResult {
+        self.rx.blocking_recv()
+    }
+}
+
+impl Future for Ack {
+    type Output = AckResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AckResult> {
+        let this = &mut *self;
+        if let Poll::Ready(r) = Pin::new(&mut this.rx).poll(cx) {
+            return Poll::Ready(r);
+        }
+        let Some(rescue) = this.rescue.as_mut() else {
+            return Poll::Pending;
+        };
+        if let Some(job) = rescue.job.as_mut() {
+            if let Poll::Ready(done) = Pin::new(job).poll(cx) {
+                return Poll::Ready(Ok(done.unwrap_or_else(|e| Err(CommitError(e.to_string())))));
+            }
+        }
+        let timeout = rescue.handle.commit_timeout;
+        loop {
+            let deadline = rescue
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            if deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + timeout);
+            if rescue.job.is_some() {
+                let row = lock(&rescue.row).take();
+                let what = row
+                    .as_deref()
+                    .map(|r| r.request_id.clone())
+                    .unwrap_or_default();
+                tracing::error!(
+                    request_id = what,
+                    "the ledger did not commit this row, nor could it be spooled, within twice ledger.commit_timeout; the response completes and the writer keeps the row queued"
+                );
+                return Poll::Ready(Ok(Err(CommitError(
+                    "neither committed nor spooled within ledger.commit_timeout".into(),
+                ))));
+            }
+            // Not handed over yet (still being priced): wait one more period.
+            let Some(row) = lock(&rescue.row).clone() else {
+                continue;
+            };
+            let handle = rescue.handle.clone();
+            let mut job = tokio::task::spawn_blocking(move || handle.rescue(&row));
+            if let Poll::Ready(done) = Pin::new(&mut job).poll(cx) {
+                return Poll::Ready(Ok(done.unwrap_or_else(|e| Err(CommitError(e.to_string())))));
+            }
+            rescue.job = Some(job);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Metric handles the writer updates.
 #[derive(Clone)]
@@ -70,6 +179,8 @@ pub struct WriterConfig {
     pub spool_reserve: u64,
     /// The install secret, written back if the file has to be recreated.
     pub secret: Vec<u8>,
+    /// The longest an [`Ack`] waits before it spools its row itself (`ledger.commit_timeout`).
+    pub commit_timeout: Duration,
     /// Under load, how long after the last commit a batch waits for more rows ([`GROUP_WAIT`]
     /// in the proxy; zero never waits).
     pub group_wait: Duration,
@@ -102,19 +213,20 @@ fn sibling(path: &Path, ext: &str) -> PathBuf {
 }
 
 enum Msg {
-    Row(
-        Box<CallRecord>,
-        Option<oneshot::Sender<Result<(), CommitError>>>,
-    ),
+    Row(Arc<CallRecord>, Option<AckSender>),
     Close,
 }
 
 /// State the handles and the writer share.
 struct Shared {
     healthy: AtomicBool,
+    /// Rows in the spool not yet replayed (mirrors `spool.rows`, read without the lock).
     spooled: AtomicU64,
     /// Calls sent upstream whose rows are not handed over yet (see [`RowExpected`]).
     expected: AtomicUsize,
+    /// The spool. The writer appends and replays under this lock; an [`Ack`] past
+    /// `commit_timeout` appends its row under it too.
+    spool: Mutex<Spool>,
 }
 
 /// A call whose row will be submitted soon: counted while it lives, so the writer knows when
@@ -135,9 +247,51 @@ pub struct LedgerHandle {
     metrics: LedgerMetrics,
     shared: Arc<Shared>,
     on_error: OnLedgerError,
+    commit_timeout: Duration,
 }
 
 impl LedgerHandle {
+    /// An acknowledgement pair: give the sender to [`LedgerHandle::submit_acked`] with the row.
+    pub fn ack_channel(&self) -> (AckSender, Ack) {
+        let (tx, rx) = oneshot::channel();
+        let row = Arc::new(Mutex::new(None));
+        let rescue = tokio::runtime::Handle::try_current().ok().map(|_| Rescue {
+            handle: self.clone(),
+            row: row.clone(),
+            deadline: None,
+            job: None,
+        });
+        (AckSender { tx, row }, Ack { rx, rescue })
+    }
+
+    /// Appends `row` to the spool and fsyncs it: an [`Ack`] past `commit_timeout`.
+    fn rescue(&self, row: &CallRecord) -> Result<(), CommitError> {
+        let mut line = serde_json::to_vec(row).map_err(|e| CommitError(e.to_string()))?;
+        line.push(b'\n');
+        let mut spool = lock(&self.shared.spool);
+        let result = spool.append(&line, 1);
+        self.shared.spooled.store(spool.rows, Ordering::Relaxed);
+        self.metrics.spooled.set(spool.rows as i64);
+        let path = spool.path.display().to_string();
+        drop(spool);
+        match result {
+            Ok(()) => {
+                tracing::warn!(
+                    request_id = row.request_id,
+                    timeout = ?self.commit_timeout,
+                    spool = path,
+                    "the ledger did not commit this row within ledger.commit_timeout; it is in the spool now, and replayed once the ledger responds"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("cannot write the spool {path}: {e}");
+                log_lost_row(row, &msg);
+                Err(CommitError(msg))
+            }
+        }
+    }
+
     /// Hands a row to the writer. With `want_ack`, returns a receiver that resolves once the row
     /// is committed (or spooled). Never blocks.
     pub fn submit(&self, row: CallRecord, want_ack: bool) -> Option<Ack> {
@@ -145,7 +299,7 @@ impl LedgerHandle {
             self.submit_acked(row, None);
             return None;
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = self.ack_channel();
         self.submit_acked(row, Some(tx));
         Some(rx)
     }
@@ -155,7 +309,11 @@ impl LedgerHandle {
     /// receiver).
     pub fn submit_acked(&self, row: CallRecord, ack: Option<AckSender>) {
         self.metrics.pending.inc();
-        if let Err(mpsc::SendError(msg)) = self.tx.send(Msg::Row(Box::new(row), ack)) {
+        let row = Arc::new(row);
+        if let Some(a) = &ack {
+            *lock(&a.row) = Some(row.clone());
+        }
+        if let Err(mpsc::SendError(msg)) = self.tx.send(Msg::Row(row, ack)) {
             self.metrics.pending.dec();
             self.metrics.errors.inc();
             if let Msg::Row(row, _) = msg {
@@ -217,8 +375,11 @@ impl LedgerWriter {
             healthy: AtomicBool::new(spool.rows == 0),
             spooled: AtomicU64::new(spool.rows),
             expected: AtomicUsize::new(0),
+            spool: Mutex::new(spool),
         });
-        metrics.spooled.set(spool.rows as i64);
+        metrics
+            .spooled
+            .set(shared.spooled.load(Ordering::Relaxed) as i64);
         let identity = file_identity(&config.path);
         let worker = Worker {
             conn: Some(conn),
@@ -226,9 +387,9 @@ impl LedgerWriter {
             rx,
             metrics: metrics.clone(),
             shared: shared.clone(),
-            spool,
             next_recovery: Instant::now(),
             last_commit: Instant::now(),
+            last_live: Instant::now(),
             config: config.clone(),
         };
         worker.ensure_reserve();
@@ -242,6 +403,7 @@ impl LedgerWriter {
             metrics,
             shared,
             on_error: config.on_error,
+            commit_timeout: config.commit_timeout,
         };
         Ok((
             LedgerWriter {
@@ -367,10 +529,11 @@ struct Worker {
     rx: mpsc::Receiver<Msg>,
     metrics: LedgerMetrics,
     shared: Arc<Shared>,
-    spool: Spool,
     next_recovery: Instant,
     /// When the last batch was committed (or spooled).
     last_commit: Instant,
+    /// When live rows last came while the spool was replayed (see [`REPLAY_SHARE`]).
+    last_live: Instant,
     config: WriterConfig,
 }
 
@@ -384,17 +547,18 @@ struct Worker {
 /// committed less than this long ago, so a lightly loaded proxy still commits each row at once.
 pub const GROUP_WAIT: Duration = Duration::from_millis(1);
 
+/// While live rows come during a replay, spooled rows are replayed `batch_max / REPLAY_SHARE`
+/// at a time, so a live row waits behind a short chunk; idle, whole `batch_max` chunks.
+const REPLAY_SHARE: usize = 8;
+
 /// Calls on their way (sent upstream, row not yet handed over) that make [`GROUP_WAIT`] worth it.
 pub const GROUP_MIN_EXPECTED: usize = 8;
 
-type Batch = Vec<(
-    Box<CallRecord>,
-    Option<oneshot::Sender<Result<(), CommitError>>>,
-)>;
+type Batch = Vec<(Arc<CallRecord>, Option<AckSender>)>;
 
 /// Why a batch did not reach SQLite.
 enum WriteFailure {
-    /// Rows are already spooled; new ones follow them to keep the order simple.
+    /// SQLite is refusing writes: new rows follow the others into the spool until it recovers.
     Spooling,
     Sql(String),
 }
@@ -408,8 +572,15 @@ impl Worker {
         }
         loop {
             if !closing {
-                // While the ledger is failing, wake up to retry even without traffic.
-                let first = if self.needs_recovery() {
+                // While the ledger is failing, wake up to retry even without traffic; while
+                // the spool is replayed, take what has come and replay the next chunk.
+                let first = if self.replaying() {
+                    match self.rx.try_recv() {
+                        Ok(m) => Some(m),
+                        Err(mpsc::TryRecvError::Empty) => None,
+                        Err(mpsc::TryRecvError::Disconnected) => Some(Msg::Close),
+                    }
+                } else if self.needs_recovery() {
                     match self.rx.recv_timeout(RECOVERY_INTERVAL) {
                         Ok(m) => Some(m),
                         Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -434,8 +605,17 @@ impl Worker {
             if !closing && !batch.is_empty() {
                 closing = self.gather(&mut batch);
             }
-            if self.needs_recovery() && Instant::now() >= self.next_recovery {
-                self.try_recover();
+            if self.needs_recovery() {
+                if Instant::now() >= self.next_recovery {
+                    self.try_recover();
+                }
+            } else if self.replaying() {
+                if !batch.is_empty() {
+                    // Live rows first: they have a caller waiting.
+                    self.last_live = Instant::now();
+                    self.commit_batch(&mut batch);
+                }
+                self.replay_chunk();
             }
             if batch.is_empty() {
                 if closing {
@@ -445,12 +625,15 @@ impl Worker {
             }
             self.commit_batch(&mut batch);
         }
-        if self.spool.rows > 0 {
+        if self.spooled() > 0 {
             self.try_recover();
-            if self.spool.rows > 0 {
+            while self.replaying() {
+                self.replay_chunk();
+            }
+            if self.spooled() > 0 {
                 tracing::warn!(
-                    rows = self.spool.rows,
-                    spool = %self.spool.path.display(),
+                    rows = self.spooled(),
+                    spool = %self.config.spool_path().display(),
                     "stopping with rows still in the spool; they are replayed at the next start"
                 );
             }
@@ -483,15 +666,29 @@ impl Worker {
         closing
     }
 
-    /// Rows wait in the spool, or the last write failed.
+    /// The ledger is closed or the last write failed: retry about once a second.
     fn needs_recovery(&self) -> bool {
-        self.spool.rows > 0 || self.conn.is_none() || !self.shared.healthy.load(Ordering::Relaxed)
+        self.conn.is_none() || !self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// SQLite takes writes and rows wait in the spool: replay them between batches.
+    fn replaying(&self) -> bool {
+        !self.needs_recovery() && self.spooled() > 0
+    }
+
+    /// Rows in the spool not yet replayed.
+    fn spooled(&self) -> u64 {
+        self.shared.spooled.load(Ordering::Relaxed)
+    }
+
+    fn spool(&self) -> MutexGuard<'_, Spool> {
+        lock(&self.shared.spool)
     }
 
     fn commit_batch(&mut self, batch: &mut Batch) {
         let n = batch.len() as i64;
         let started = Instant::now();
-        let result = if self.spool.rows > 0 {
+        let result = if !self.shared.healthy.load(Ordering::Relaxed) {
             Err(WriteFailure::Spooling)
         } else {
             self.write(batch).map_err(WriteFailure::Sql)
@@ -509,7 +706,7 @@ impl Worker {
                     tracing::error!(
                         error = %e,
                         on_error = self.config.on_error.as_str(),
-                        spool = %self.spool.path.display(),
+                        spool = %self.config.spool_path().display(),
                         "ledger write failed; spooling rows until SQLite recovers"
                     );
                 }
@@ -520,8 +717,7 @@ impl Worker {
         self.last_commit = Instant::now();
         for (_, ack) in batch.drain(..) {
             if let Some(ack) = ack {
-                // The caller may be gone; that is fine.
-                let _ = ack.send(outcome.clone());
+                ack.send(outcome.clone());
             }
         }
     }
@@ -533,15 +729,20 @@ impl Worker {
                 lines.push(b'\n');
             }
         }
-        let mut result = self.spool.append(&lines, batch.len() as u64);
+        let mut spool = self.spool();
+        let mut result = spool.append(&lines, batch.len() as u64);
         if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::StorageFull)
             && self.release_reserve()
         {
-            result = self.spool.append(&lines, batch.len() as u64);
+            result = spool.append(&lines, batch.len() as u64);
         }
+        drop(spool);
         self.publish_spool();
         result.map_err(|e| {
-            let msg = format!("cannot write the spool {}: {e}", self.spool.path.display());
+            let msg = format!(
+                "cannot write the spool {}: {e}",
+                self.config.spool_path().display()
+            );
             for (row, _) in batch {
                 log_lost_row(row, &msg);
             }
@@ -566,7 +767,8 @@ impl Worker {
         insert_rows(conn, batch.iter().map(|(r, _)| r.as_ref())).map_err(|e| e.to_string())
     }
 
-    /// Reopens the ledger if needed, replays the spool, truncates it.
+    /// Reopens the ledger if needed and replays the spool's first chunk; once SQLite takes it,
+    /// the ledger is healthy again and the rest is replayed between batches.
     fn try_recover(&mut self) {
         self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
         if self.conn.is_none() || file_identity(&self.config.path) != self.identity {
@@ -578,31 +780,68 @@ impl Worker {
                 }
             }
         }
-        let rows = match self.spool.read_all() {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(error = %e, spool = %self.spool.path.display(), "cannot read the spool");
-                return;
-            }
-        };
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        match insert_rows(conn, rows.iter()) {
-            Ok(()) => {
-                let n = rows.len();
-                if let Err(e) = self.spool.clear() {
-                    // The rows are committed; a later replay of them is ignored (INSERT OR IGNORE).
-                    tracing::warn!(error = %e, "cannot truncate the spool after replaying it");
-                    return;
+        let left = self.spooled();
+        if self.replay_one() {
+            self.set_healthy(true);
+            self.ensure_reserve();
+            // Hold changes the ledger refused meanwhile (see `Guard::place_hold`).
+            if let Some(conn) = &self.conn {
+                if let Err(e) = super::guard::replay_hold_spool(conn, &self.config.path) {
+                    tracing::warn!(error = %e, "hold changes stay in the holds spool for now");
                 }
-                self.publish_spool();
-                self.set_healthy(true);
-                self.ensure_reserve();
-                tracing::info!(rows = n, "ledger recovered; spooled rows replayed");
             }
-            Err(e) => tracing::debug!(error = %e, "ledger still refusing writes"),
+            tracing::info!(
+                spooled_rows = left,
+                "ledger recovered; new rows go to SQLite and the spool is replayed in chunks"
+            );
         }
+    }
+
+    /// Replays the next chunk of the spool; a failure sends the writer back to recovery.
+    fn replay_chunk(&mut self) {
+        if !self.replay_one() {
+            self.set_healthy(false);
+            self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
+        }
+    }
+
+    /// Commits up to `batch_max` spooled rows in one transaction and moves the replayed offset
+    /// past them (removing the spool once all of it is replayed). False if SQLite refused.
+    fn replay_one(&mut self) -> bool {
+        // While calls are coming, smaller chunks: a live row waits for at most one of them.
+        let max = if self.last_live.elapsed() < Duration::from_secs(1) {
+            (self.config.batch_max / REPLAY_SHARE).max(1)
+        } else {
+            self.config.batch_max
+        };
+        let chunk = self.spool().read_chunk(max);
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, spool = %self.config.spool_path().display(), "cannot read the spool");
+                return false;
+            }
+        };
+        if !chunk.rows.is_empty() {
+            let Some(conn) = self.conn.as_mut() else {
+                return false;
+            };
+            let started = Instant::now();
+            if let Err(e) = insert_rows(conn, chunk.rows.iter()) {
+                tracing::debug!(error = %e, "ledger still refusing writes");
+                return false;
+            }
+            self.metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let advanced = self.spool().advance(&chunk);
+        if let Err(e) = advanced {
+            // The rows are committed; replaying them again is harmless (INSERT OR IGNORE).
+            tracing::warn!(error = %e, "cannot record the spool's replayed offset");
+        }
+        self.publish_spool();
+        true
     }
 
     fn reopen(&mut self) -> Result<(), LedgerError> {
@@ -625,10 +864,9 @@ impl Worker {
     }
 
     fn publish_spool(&self) {
-        self.shared
-            .spooled
-            .store(self.spool.rows, Ordering::Relaxed);
-        self.metrics.spooled.set(self.spool.rows as i64);
+        let rows = self.spool().rows;
+        self.shared.spooled.store(rows, Ordering::Relaxed);
+        self.metrics.spooled.set(rows as i64);
     }
 
     /// Keeps `spool_reserve` bytes of ballast beside the spool (best effort).
@@ -722,41 +960,94 @@ const INSERT_SQL: &str = "INSERT OR IGNORE INTO calls (
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
           ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
 
-/// The append-only spool: one JSON `CallRecord` per line.
+/// The append-only spool: one JSON `CallRecord` per line. Rows before `offset` are replayed;
+/// the offset is kept in `<spool>-offset` with the spool's identity, so a restart resumes the
+/// replay where it stopped (and a stale offset file never skips rows of a newer spool).
 struct Spool {
     path: PathBuf,
+    offset_path: PathBuf,
     file: Option<File>,
+    /// Rows after `offset`.
     rows: u64,
+    /// Bytes of the spool already replayed.
+    offset: u64,
+}
+
+/// One chunk read from the spool: its rows, the lines it covers and where it ends.
+struct Chunk {
+    rows: Vec<CallRecord>,
+    lines: u64,
+    end: u64,
 }
 
 impl Spool {
-    /// Opens (without creating) the spool and counts the rows an earlier run left in it.
+    /// Opens (without creating) the spool and counts the rows an earlier run left in it after
+    /// the replayed offset.
     fn open(path: PathBuf) -> std::io::Result<Spool> {
-        let rows = match File::open(&path) {
-            Ok(f) => BufReader::new(f)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| !l.trim().is_empty())
-                .count() as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        let mut name = path.as_os_str().to_os_string();
+        name.push("-offset");
+        let offset_path = PathBuf::from(name);
+        let mut spool = Spool {
+            path,
+            offset_path,
+            file: None,
+            rows: 0,
+            offset: 0,
+        };
+        let f = match File::open(&spool.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(spool),
             Err(e) => return Err(e),
         };
-        Ok(Spool {
-            path,
-            file: None,
-            rows,
-        })
+        spool.offset = spool.saved_offset(&f);
+        let mut reader = BufReader::new(f);
+        reader.seek(SeekFrom::Start(spool.offset))?;
+        spool.rows = reader
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.trim().is_empty())
+            .count() as u64;
+        Ok(spool)
+    }
+
+    /// The offset recorded for this very file (same device and inode), else 0.
+    fn saved_offset(&self, f: &File) -> u64 {
+        let Ok(text) = std::fs::read_to_string(&self.offset_path) else {
+            return 0;
+        };
+        let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().ok());
+        let (Some(Some(dev)), Some(Some(ino)), Some(Some(offset))) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return 0;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if open_identity(f) == Some((dev, ino)) && offset <= len {
+            offset
+        } else {
+            0
+        }
     }
 
     /// Appends and fsyncs. Only then are the rows acknowledged.
     fn append(&mut self, lines: &[u8], rows: u64) -> std::io::Result<()> {
         if self.file.is_none() {
-            self.file = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(&self.path)?;
+            // A torn last line (a failed append, a crash) must not swallow the next row.
+            let len = f.metadata()?.len();
+            if len > 0 {
+                let mut last = [0u8; 1];
+                f.seek(SeekFrom::Start(len - 1))?;
+                f.read_exact(&mut last)?;
+                if last[0] != b'\n' {
+                    f.write_all(b"\n")?;
+                }
+            }
+            self.file = Some(f);
         }
         let Some(f) = self.file.as_mut() else {
             return Err(std::io::Error::other("spool not open"));
@@ -764,7 +1055,7 @@ impl Spool {
         let result = f.write_all(lines).and_then(|()| f.sync_data());
         if result.is_err() {
             // A partial line may have been written; drop the handle so the next append starts
-            // clean, and let replay skip the torn line.
+            // on a new line, and let replay skip the torn one.
             self.file = None;
         } else {
             self.rows += rows;
@@ -772,31 +1063,95 @@ impl Spool {
         result
     }
 
-    /// Every parseable row; a torn or corrupt line is logged and skipped.
-    fn read_all(&self) -> std::io::Result<Vec<CallRecord>> {
+    /// Up to `max` rows after the offset; a torn or corrupt line is logged and skipped.
+    fn read_chunk(&self, max: usize) -> std::io::Result<Chunk> {
+        let mut chunk = Chunk {
+            rows: Vec::new(),
+            lines: 0,
+            end: self.offset,
+        };
         let f = match File::open(&self.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(chunk),
             Err(e) => return Err(e),
         };
-        let mut rows = Vec::new();
-        for (i, line) in BufReader::new(f).lines().enumerate() {
-            let line = line?;
-            if line.trim().is_empty() {
+        let mut reader = BufReader::new(f);
+        reader.seek(SeekFrom::Start(self.offset))?;
+        let mut line = Vec::new();
+        while chunk.rows.len() < max {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            chunk.end += n as u64;
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<CallRecord>(&line) {
-                Ok(r) => rows.push(r),
+            chunk.lines += 1;
+            match serde_json::from_str::<CallRecord>(&text) {
+                Ok(r) => chunk.rows.push(r),
                 Err(e) => {
-                    tracing::error!(line = i + 1, error = %e, text = %line, "skipping an unreadable spool line")
+                    tracing::error!(offset = chunk.end - n as u64, error = %e, text = %text, "skipping an unreadable spool line")
                 }
             }
         }
-        Ok(rows)
+        Ok(chunk)
+    }
+
+    /// Moves the replayed offset past `chunk`: removes the spool when nothing follows it,
+    /// else records the offset.
+    fn advance(&mut self, chunk: &Chunk) -> std::io::Result<()> {
+        self.offset = chunk.end;
+        self.rows = self.rows.saturating_sub(chunk.lines);
+        let len = match std::fs::metadata(&self.path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        if self.offset >= len {
+            return self.clear();
+        }
+        let f = File::open(&self.path)?;
+        let Some((dev, ino)) = open_identity(&f) else {
+            return Ok(());
+        };
+        let mut tmp = self.offset_path.as_os_str().to_os_string();
+        tmp.push(".tmp");
+        // No fsync: a lost offset only replays rows again, which INSERT OR IGNORE absorbs.
+        std::fs::write(&tmp, format!("{dev} {ino} {}\n", self.offset))?;
+        std::fs::rename(&tmp, &self.offset_path)
+    }
+
+    /// Every row after the offset, one at a time (for budgets at start-up).
+    fn for_each(&self, mut each: impl FnMut(CallRecord)) -> std::io::Result<()> {
+        let mut at = Spool {
+            path: self.path.clone(),
+            offset_path: self.offset_path.clone(),
+            file: None,
+            rows: 0,
+            offset: self.offset,
+        };
+        loop {
+            let chunk = at.read_chunk(1024)?;
+            if chunk.end == at.offset {
+                return Ok(());
+            }
+            at.offset = chunk.end;
+            chunk.rows.into_iter().for_each(&mut each);
+        }
     }
 
     fn clear(&mut self) -> std::io::Result<()> {
         self.file = None;
+        // The offset first: a spool without one is replayed from its start, which is safe; an
+        // offset left behind must never apply to a newer spool (it names this file's inode).
+        match std::fs::remove_file(&self.offset_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let f = OpenOptions::new()
             .write(true)
             .truncate(true)
@@ -806,8 +1161,26 @@ impl Spool {
         drop(f);
         let _ = std::fs::remove_file(&self.path);
         self.rows = 0;
+        self.offset = 0;
         Ok(())
     }
+}
+
+/// Calls `each` with every row in `<ledger>.spool` not yet replayed (start-up reads it to
+/// count spooled spend in budgets before the writer replays it).
+pub fn for_each_spooled(ledger: &Path, each: impl FnMut(CallRecord)) -> std::io::Result<()> {
+    Spool::open(sibling(ledger, "spool"))?.for_each(each)
+}
+
+#[cfg(unix)]
+fn open_identity(f: &File) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn open_identity(f: &File) -> Option<FileId> {
+    f.metadata().ok().map(|_| (0, 0))
 }
 
 /// A row that could not be stored anywhere is written to the log in full, so it can be
@@ -840,6 +1213,7 @@ mod tests {
             spool_reserve: 0,
             secret,
             group_wait: WAIT,
+            commit_timeout: Duration::from_secs(30),
         };
         let (writer, handle) = LedgerWriter::spawn(conn, config, metrics.clone()).unwrap();
         (writer, handle, metrics)
@@ -897,5 +1271,67 @@ mod tests {
             .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 16, "every row committed");
+    }
+
+    fn spool_with(dir: &Path, rows: std::ops::Range<usize>) -> PathBuf {
+        let path = dir.join("ledger.db.spool");
+        let mut text = String::new();
+        for i in rows {
+            text.push_str(&serde_json::to_string(&bench_row(i)).unwrap());
+            text.push('\n');
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_replayed_offset_survives_a_restart_and_never_applies_to_a_newer_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spool_with(dir.path(), 0..2500);
+        let mut spool = Spool::open(path.clone()).unwrap();
+        assert_eq!(spool.rows, 2500);
+        let chunk = spool.read_chunk(1000).unwrap();
+        assert_eq!(chunk.rows.len(), 1000);
+        spool.advance(&chunk).unwrap();
+        // A crash here: the next start resumes after the first thousand rows.
+        let mut again = Spool::open(path.clone()).unwrap();
+        assert_eq!(again.rows, 1500);
+        let next = again.read_chunk(1000).unwrap();
+        assert!(next.rows[0].request_id.contains(&format!("-{:08x}-", 1000)));
+        again.advance(&next).unwrap();
+        let last = again.read_chunk(1000).unwrap();
+        assert_eq!(last.rows.len(), 500);
+        again.advance(&last).unwrap();
+        assert_eq!(again.rows, 0);
+        assert!(!path.exists() && !again.offset_path.exists(), "cleared");
+
+        // An offset file left beside a different (newer) spool is ignored: nothing skipped.
+        let path = spool_with(dir.path(), 0..10);
+        std::fs::write(&again.offset_path, "1 2 300\n").unwrap();
+        assert_eq!(Spool::open(path).unwrap().rows, 10);
+    }
+
+    #[test]
+    fn a_torn_last_line_does_not_swallow_the_next_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spool_with(dir.path(), 0..2);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"request_id\": \"torn").unwrap();
+        drop(f);
+        let mut spool = Spool::open(path).unwrap();
+        let mut line = serde_json::to_vec(&bench_row(7)).unwrap();
+        line.push(b'\n');
+        spool.append(&line, 1).unwrap();
+        let chunk = spool.read_chunk(100).unwrap();
+        let seq: Vec<_> = chunk
+            .rows
+            .iter()
+            .map(|r| r.request_id.split('-').nth(2).unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            seq,
+            ["00000000", "00000001", "00000007"],
+            "the torn line is skipped, the row after it kept"
+        );
     }
 }

@@ -373,7 +373,13 @@ impl Proxy {
                 format!("cannot forward this path: {e}"),
             )
         })?;
+        let trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        if trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         parts.headers.remove(header::HOST);
         parts.headers.remove(header::CONTENT_LENGTH);
         let mut up = Request::new(Full::new(body));
@@ -607,17 +613,34 @@ fn local_body(bytes: Bytes) -> ProxyBody {
     Either::Right(Either::Left(Full::new(bytes)))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). `Trailer` is not
+/// one: it is end-to-end (RFC 9110 §6.6.2), and hyper sends a chunked body's trailer fields
+/// only when the response declares them in it, so removing it dropped upstream's trailers.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
+
+/// True when the caller's `TE` accepts trailers. `TE` is hop-by-hop, but its `trailers` value
+/// is passed on: upstreams (hyper among them) send a chunked body's trailers only to a client
+/// that says it accepts them, and the tap forwards them.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
 
 /// Removes hop-by-hop headers, including any named in `Connection`, and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -653,9 +676,10 @@ mod tests {
         );
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         h.insert("x-api-key", HeaderValue::from_static("k"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
         strip_hop_by_hop(&mut h);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
-        assert_eq!(left, vec!["content-encoding", "x-api-key"]);
+        assert_eq!(left, vec!["content-encoding", "trailer", "x-api-key"]);
     }
 }

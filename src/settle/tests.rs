@@ -33,6 +33,7 @@ impl Fixture {
                 spool_reserve: 0,
                 secret,
                 group_wait: Duration::ZERO,
+                commit_timeout: crate::config::DEFAULT_COMMIT_TIMEOUT,
             },
             metrics.ledger(),
         )

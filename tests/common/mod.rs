@@ -289,6 +289,8 @@ pub struct Seen {
 /// - `script=array`: a 200 whose body is a JSON array of people/match answers;
 /// - `script=huge&mb=N`: a valid people/match 200 padded to N MiB, generated as it streams;
 /// - `script=bomb&mb=N`: gzip whose body decodes to N MiB of valid JSON (see [`gzip_bomb`]);
+/// - `script=trailers`: a chunked people/match 200 declaring `Trailer: x-checksum, x-rows` and
+///   ending with those trailers (see [`TRAILER_CHECKSUM`]);
 /// - anything else: `{"person": {...}}`; every request is recorded in `seen`.
 pub struct Scripted {
     pub addr: SocketAddr,
@@ -517,6 +519,32 @@ async fn scripted_response(query: &str) -> http::Response<ScriptBody> {
                 .body(BodyExt::boxed(paced(frames, Duration::ZERO)))
                 .unwrap();
         }
+        "trailers" => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<http_body::Frame<Bytes>>(4);
+            tokio::spawn(async move {
+                for part in [
+                    &br#"{"person": {"id": "p-trailer", "#[..],
+                    &br#""name": "T"}}"#[..],
+                ] {
+                    let _ = tx
+                        .send(http_body::Frame::data(Bytes::from_static(part)))
+                        .await;
+                    tokio::task::yield_now().await;
+                }
+                let mut t = http::HeaderMap::new();
+                t.insert(
+                    "x-checksum",
+                    http::HeaderValue::from_static(TRAILER_CHECKSUM),
+                );
+                t.insert("x-rows", http::HeaderValue::from_static("1"));
+                let _ = tx.send(http_body::Frame::trailers(t)).await;
+            });
+            return http::Response::builder()
+                .header("content-type", "application/json")
+                .header("trailer", "x-checksum, x-rows")
+                .body(BodyExt::boxed(FrameBody(rx)))
+                .unwrap();
+        }
         _ => {}
     }
     if script == "stall" {
@@ -583,6 +611,23 @@ impl http_body::Body for ChannelBody {
         self.0
             .poll_recv(cx)
             .map(|m| m.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// The `x-checksum` trailer the `trailers` script ends with.
+pub const TRAILER_CHECKSUM: &str = "sha256=5e1f00d";
+
+/// A body fed by a channel of whole frames (data or trailers).
+pub struct FrameBody(pub tokio::sync::mpsc::Receiver<http_body::Frame<Bytes>>);
+
+impl http_body::Body for FrameBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|m| m.map(Ok))
     }
 }
 
