@@ -530,7 +530,11 @@ impl SettleConfig {
     /// The polling key: the embedded one if a program set it, else the environment
     /// variable's, if set and non-empty.
     pub fn api_key(&self) -> Option<String> {
-        if let Some(k) = self.embedded_key.as_ref().filter(|k| !k.0.trim().is_empty()) {
+        if let Some(k) = self
+            .embedded_key
+            .as_ref()
+            .filter(|k| !k.0.trim().is_empty())
+        {
             return Some(k.0.trim().to_owned());
         }
         std::env::var(self.api_key_env.trim())

@@ -217,16 +217,22 @@ fn demo_names_the_heavy_spender_first() {
         .lines()
         .filter(|l| l.starts_with("Q4 outbound blitz"))
         .collect();
-    assert_eq!(heavy.len(), 2, "a report before and after settlement: {text}");
+    assert_eq!(
+        heavy.len(),
+        2,
+        "a report before and after settlement: {text}"
+    );
     let pending = |l: &str| l.split_whitespace().last().unwrap().parse::<f64>().unwrap();
     assert!(pending(heavy[0]) > 0.0, "{text}");
     assert_eq!(pending(heavy[1]), 0.0, "{text}");
-    assert!(text.contains("settled them at the calls' own times"), "{text}");
+    assert!(
+        text.contains("settled them at the calls' own times"),
+        "{text}"
+    );
     // The final report's total equals what the simulator says it billed, deferred jobs included.
     let total = text
         .lines()
-        .filter(|l| l.starts_with("TOTAL"))
-        .last()
+        .rfind(|l| l.starts_with("TOTAL"))
         .unwrap()
         .split_whitespace()
         .nth(2)

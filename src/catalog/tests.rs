@@ -1406,7 +1406,10 @@ fn wrong_shapes_are_noted() {
         (worst, CreditSource::Estimated, None)
     );
     assert_eq!(worst.map(|c| c.direct_dial_milli), Some(0));
-    assert_eq!(ep.worst_case(&reveal).map(|c| c.direct_dial_milli), Some(8000));
+    assert_eq!(
+        ep.worst_case(&reveal).map(|c| c.direct_dial_milli),
+        Some(8000)
+    );
     assert_eq!(
         p.note.as_deref(),
         Some("response field `person` is a number, expected an object; priced at the catalog's worst case for the request")
