@@ -1125,8 +1125,15 @@ async fn the_issue_workload_equals_the_bill_per_table() {
         e.write_all(text.as_bytes()).unwrap();
         e.finish().unwrap()
     };
-    // (table, path, content-type, content-encoding, body)
-    let mut work: Vec<(&str, String, &str, Option<&str>, Vec<u8>)> = Vec::new();
+    /// (table, path, content-type, content-encoding, body)
+    type Call = (
+        &'static str,
+        String,
+        &'static str,
+        Option<&'static str>,
+        Vec<u8>,
+    );
+    let mut work: Vec<Call> = Vec::new();
     for i in 0..6 {
         work.push((
             "form reveals",
