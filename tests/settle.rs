@@ -917,16 +917,17 @@ fn sim_total(sim: &common::SimServer) -> i64 {
     b.lead_milli + b.direct_dial_milli + b.export_milli
 }
 
-/// The simulator (which follows Apollo's documented async billing, written apart from the
-/// catalog): phone reveals, waterfalls and misses through the proxy; once the jobs end, the
-/// ledger and `creditmeter_credits_total` per table equal what the sim billed, to the milli.
-async fn against_the_sim() {
-    use creditmeter::sim::SimConfig;
-    let dir = tempfile::tempdir().unwrap();
+/// The simulator with jobs that end after `job_delay`, and a proxy in front of it that starts
+/// polling results `first_poll` after each call.
+async fn sim_and_proxy(
+    dir: &std::path::Path,
+    job_delay: Duration,
+    first_poll: Duration,
+) -> (common::SimServer, Proxy) {
     let sim = common::SimServer::start(
-        SimConfig {
-            job_delay: Duration::from_millis(300),
-            ..SimConfig::default()
+        creditmeter::sim::SimConfig {
+            job_delay,
+            ..creditmeter::sim::SimConfig::default()
         },
         None,
     )
@@ -934,8 +935,52 @@ async fn against_the_sim() {
     set_key();
     let mut cfg = config_for(&sim.url(false), None);
     cfg.settle.api_key_env = KEY_ENV.into();
-    cfg.settle.first_poll = HumanDuration(Duration::from_millis(100));
-    let mut proxy = Proxy::start(cfg, dir.path()).await;
+    cfg.settle.first_poll = HumanDuration(first_poll);
+    let proxy = Proxy::start(cfg, dir).await;
+    (sim, proxy)
+}
+
+/// The credits of each job the simulator ran, by its `request_id`.
+fn sim_jobs(sim: &common::SimServer) -> HashMap<i64, i64> {
+    sim.sim
+        .jobs()
+        .into_iter()
+        .map(|j| {
+            (
+                j.request_id,
+                j.lead_milli + j.direct_dial_milli + j.export_milli,
+            )
+        })
+        .collect()
+}
+
+/// What the simulator billed per table: each table's synchronous answers
+/// (`x-sim-billed-milli`) plus the jobs their answers named (by `request_id`).
+fn sim_billed_per_table(
+    sim: &common::SimServer,
+    calls: &BTreeMap<String, (i64, Vec<i64>)>,
+) -> BTreeMap<String, i64> {
+    let jobs = sim_jobs(sim);
+    calls
+        .iter()
+        .map(|(t, (sync, ids))| {
+            let later: i64 = ids.iter().filter_map(|id| jobs.get(id)).sum();
+            (t.clone(), sync + later)
+        })
+        .collect()
+}
+
+/// The simulator (which follows Apollo's documented async billing, written apart from the
+/// catalog): phone reveals, waterfalls and misses through the proxy; once the jobs end, the
+/// ledger and `creditmeter_credits_total` per table equal what the sim billed, to the milli.
+async fn against_the_sim() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, mut proxy) = sim_and_proxy(
+        dir.path(),
+        Duration::from_millis(300),
+        Duration::from_millis(100),
+    )
+    .await;
     let c = client();
     // table -> (sync milli from x-sim-billed-milli, job request ids)
     let mut calls: BTreeMap<String, (i64, Vec<i64>)> = BTreeMap::new();
@@ -996,24 +1041,8 @@ async fn against_the_sim() {
         e.1.extend(id);
     }
     wait_settled(&proxy, Duration::from_secs(30)).await;
-    let jobs: HashMap<i64, i64> = sim
-        .sim
-        .jobs()
-        .into_iter()
-        .map(|j| {
-            (
-                j.request_id,
-                j.lead_milli + j.direct_dial_milli + j.export_milli,
-            )
-        })
-        .collect();
-    let billed: BTreeMap<String, i64> = calls
-        .iter()
-        .map(|(t, (sync, ids))| {
-            let later: i64 = ids.iter().filter_map(|id| jobs.get(id)).sum();
-            (t.clone(), sync + later)
-        })
-        .collect();
+    let jobs = sim_jobs(&sim);
+    let billed = sim_billed_per_table(&sim, &calls);
     let (ledger, metrics) = ledger_and_metrics(&proxy).await;
     assert_eq!(ledger, billed);
     assert_eq!(metrics, ledger);
@@ -1103,22 +1132,14 @@ async fn against_the_simulator_a_result_without_a_figure_prices_its_mobiles() {
 /// `creditmeter_credits_total` equal what the simulator billed, to the milli-credit.
 #[tokio::test]
 async fn the_issue_workload_equals_the_bill_per_table() {
-    use creditmeter::sim::SimConfig;
     use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
-    let sim = common::SimServer::start(
-        SimConfig {
-            job_delay: Duration::from_millis(300),
-            ..SimConfig::default()
-        },
-        None,
+    let (sim, mut proxy) = sim_and_proxy(
+        dir.path(),
+        Duration::from_millis(300),
+        Duration::from_millis(700),
     )
     .await;
-    set_key();
-    let mut cfg = config_for(&sim.url(false), None);
-    cfg.settle.api_key_env = KEY_ENV.into();
-    cfg.settle.first_poll = HumanDuration(Duration::from_millis(700));
-    let mut proxy = Proxy::start(cfg, dir.path()).await;
     let c = client();
     let gzip = |text: &str| {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -1175,8 +1196,8 @@ async fn the_issue_workload_equals_the_bill_per_table() {
             Vec::new(),
         ));
     }
-    let mut sync: BTreeMap<String, i64> = BTreeMap::new();
-    let mut jobs_of: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    // table -> (sync milli from x-sim-billed-milli, job request ids)
+    let mut calls: BTreeMap<String, (i64, Vec<i64>)> = BTreeMap::new();
     for (table, path, ctype, encoding, body) in work {
         let method = if path.contains("organizations/enrich") {
             "GET"
@@ -1195,18 +1216,17 @@ async fn the_issue_workload_equals_the_bill_per_table() {
         let (status, headers, body) =
             send(&c, req.body(Full::new(Bytes::from(body))).unwrap()).await;
         assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
-        *sync.entry(table.into()).or_default() += headers
+        let e = calls.entry(table.into()).or_default();
+        e.0 += headers
             .get("x-sim-billed-milli")
             .map_or(0, |v| v.to_str().unwrap().parse::<i64>().unwrap());
         let v: Value = serde_json::from_slice(&body).unwrap();
-        if let Some(id) = v["request_id"].as_i64() {
-            jobs_of.entry(table.into()).or_default().push(id);
-        }
+        e.1.extend(v["request_id"].as_i64());
     }
     // Callers poll half the waterfall jobs themselves, through the proxy, before creditmeter's
     // own first poll: those settle from the caller's answer, and only once.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    for id in jobs_of["waterfalls"].iter().step_by(2) {
+    for id in calls["waterfalls"].1.iter().step_by(2) {
         let req = http::Request::get(proxy.url(&format!("/api/v1/webhook_result/{id}")))
             .header("x-api-key", "caller-key")
             .header("x-meter-table", "waterfalls")
@@ -1217,26 +1237,7 @@ async fn the_issue_workload_equals_the_bill_per_table() {
     }
     wait_settled(&proxy, Duration::from_secs(30)).await;
 
-    let jobs: HashMap<i64, i64> = sim
-        .sim
-        .jobs()
-        .into_iter()
-        .map(|j| {
-            (
-                j.request_id,
-                j.lead_milli + j.direct_dial_milli + j.export_milli,
-            )
-        })
-        .collect();
-    let billed: BTreeMap<String, i64> = sync
-        .iter()
-        .map(|(t, s)| {
-            let later: i64 = jobs_of
-                .get(t)
-                .map_or(0, |ids| ids.iter().filter_map(|id| jobs.get(id)).sum());
-            (t.clone(), s + later)
-        })
-        .collect();
+    let billed = sim_billed_per_table(&sim, &calls);
     let (ledger, metrics) = ledger_and_metrics(&proxy).await;
     assert_eq!(
         ledger, billed,
