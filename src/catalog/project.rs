@@ -12,6 +12,10 @@
 //! - an array read `each … unique_by = "k"` keeps each object entry's `k` when it is a string
 //!   or a number;
 //! - a field read whole (a `reported` figure) is kept whole;
+//! - under the catalog's `unmatched` rule, an object a rule asks "is this a match?" (`present`,
+//!   and each object entry of an `each` or `nonnull_items` array) keeps the rule's key whole
+//!   and, when its other fields hold data, a marker saying so. (With a key repeated inside such
+//!   an object, the data test sees every copy where a full parse keeps the last one.)
 //! - everything else is skipped without being built.
 //!
 //! The JSON is still checked in full (syntax, trailing bytes), so a broken body is reported
@@ -36,6 +40,9 @@ struct Need {
     shape: bool,
     /// Keys kept from object entries of an array (`unique_by`).
     entry_keys: Vec<String>,
+    /// A rule asks whether it (or each of its entries) is a match, so the `unmatched` rule
+    /// applies to it. Fields read only by `nonempty` and `items` skip that work.
+    matchable: bool,
     /// Fields under it (dotted paths).
     children: BTreeMap<String, Need>,
 }
@@ -64,6 +71,14 @@ impl Projection {
     /// The rules read this field's shape.
     pub(super) fn shape<'a>(&mut self, path: impl IntoIterator<Item = &'a str>) {
         self.at(path).shape = true;
+    }
+
+    /// The rules read this field's shape and ask whether it, or each entry of it, is a match
+    /// (`present`, `each`, `nonnull_items`), which the `unmatched` rule can deny.
+    pub(super) fn matched<'a>(&mut self, path: impl IntoIterator<Item = &'a str>) {
+        let need = self.at(path);
+        need.shape = true;
+        need.matchable = true;
     }
 
     /// The rules read this key of each object entry of this array field.
@@ -164,7 +179,7 @@ impl<'de> Visitor<'de> for Projected<'_> {
         if self.need.shape {
             let entry = Entry {
                 keys: &self.need.entry_keys,
-                mark: self.mark,
+                mark: self.mark.filter(|_| self.need.matchable),
             };
             while let Some(item) = seq.next_element_seed(entry)? {
                 items.push(item);
@@ -181,7 +196,7 @@ impl<'de> Visitor<'de> for Projected<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(Value, bool), A::Error> {
         // An object read for its shape may be an `unmatched` one: keep the rule's key whole
         // and learn whether its other fields hold data.
-        let probe = self.mark.filter(|_| self.need.shape);
+        let probe = self.mark.filter(|_| self.need.shape && self.need.matchable);
         let mut kept = Map::new();
         let mut any = false;
         let mut data = false;
@@ -535,6 +550,39 @@ mod tests {
         assert_eq!(
             projected(&p, &body),
             json!({"o": {}, "e": [], "s": "", "n": 3, "b": false, "z": null, "arr": [true, true]})
+        );
+    }
+
+    #[test]
+    fn the_unmatched_key_is_kept_only_where_a_rule_asks_for_a_match() {
+        let mut p = Projection::default();
+        p.unmatched("match_confidence");
+        p.matched(["person"]);
+        p.matched(["matches"]);
+        p.entry_key(["matches"], "id");
+        p.shape(["organizations"]);
+        let body = json!({
+            "person": {"match_confidence": "low", "name": "", "emails": [], "x": null},
+            "matches": [
+                {"id": "p1", "match_confidence": "none", "name": "Ada"},
+                {"match_confidence": "low", "title": "CTO"},
+                {"match_confidence": "low", "title": ""},
+                null,
+            ],
+            "organizations": [{"match_confidence": "none", "name": "Acme"}],
+        });
+        assert_eq!(
+            projected(&p, &body),
+            json!({
+                "person": {"match_confidence": "low"},
+                "matches": [
+                    {"id": "p1", "match_confidence": "none", NONEMPTY_MARK: true},
+                    {"match_confidence": "low", NONEMPTY_MARK: true},
+                    {"match_confidence": "low"},
+                    null,
+                ],
+                "organizations": [true],
+            })
         );
     }
 

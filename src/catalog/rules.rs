@@ -232,11 +232,13 @@ impl Charge {
     pub(super) fn project(&self, p: &mut Projection) {
         match &self.basis {
             Basis::Success => {}
-            Basis::Present(field) => p.shape(field.keys()),
-            Basis::Each { field, unique_by } => match unique_by {
-                Some(key) => p.entry_key(field.keys(), key),
-                None => p.shape(field.keys()),
-            },
+            Basis::Present(field) => p.matched(field.keys()),
+            Basis::Each { field, unique_by } => {
+                p.matched(field.keys());
+                if let Some(key) = unique_by {
+                    p.entry_key(field.keys(), key);
+                }
+            }
             Basis::Nonempty(fields) => fields.iter().for_each(|f| p.shape(f.keys())),
         }
     }
@@ -388,7 +390,7 @@ impl RecordsMatched {
     pub(super) fn project(&self, p: &mut Projection) {
         match self {
             RecordsMatched::Present(field) | RecordsMatched::NonnullItems(field) => {
-                p.shape(field.keys())
+                p.matched(field.keys())
             }
             RecordsMatched::Items(fields) => fields.iter().for_each(|f| p.shape(f.keys())),
         }
