@@ -184,4 +184,4 @@ total=$(wc -l <"$WORK/answers.txt")
 rows=$(ledger_rows)
 echo "soak done: exit $code; $total calls answered ($answered x 200, $held x 503 held); ledger rows for them: $rows"
 [ "$rows" = "$total" ] && echo "every answer is in the ledger, once" || echo "MISMATCH: $total answers, $rows rows"
-echo "reloads and holds: $(grep -c 'configuration reloaded' "$WORK/serve.log" || true) reloads applied, $(grep -c '^hold' "$WORK/chores.log" || true) holds placed, $(grep -c 'released' "$WORK/chores.log" || true) lifted; reconcile polls: $polls"
+echo "reloads and holds: $(grep -c 'configuration reloaded' "$WORK/serve.log" || true) reloads applied, $(grep -c '^hold .* placed' "$WORK/chores.log" || true) holds placed, $(grep -c 'released' "$WORK/chores.log" || true) lifted; reconcile polls: $polls"

@@ -297,6 +297,7 @@ pub async fn run_with_reload(
             config.reconcile.balance_lag.0,
             config.upstream.timeout.0,
             config.reconcile.pool,
+            config.settle.max_wait.0,
         ),
         status: reconcile_status.clone(),
     });

@@ -1097,6 +1097,196 @@ async fn against_the_simulator_a_result_without_a_figure_prices_its_mobiles() {
     proxy.shutdown().await;
 }
 
+/// The billing-truth issue's own check, against the simulator: phone reveals, waterfalls,
+/// doubled-slash paths (a base URL with a trailing slash), form-encoded and gzipped bodies, and
+/// callers polling some results themselves. Once the jobs end, per table, the ledger and
+/// `creditmeter_credits_total` equal what the simulator billed, to the milli-credit.
+#[tokio::test]
+async fn the_issue_workload_equals_the_bill_per_table() {
+    use creditmeter::sim::SimConfig;
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::SimServer::start(
+        SimConfig {
+            job_delay: Duration::from_millis(300),
+            ..SimConfig::default()
+        },
+        None,
+    )
+    .await;
+    set_key();
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.settle.api_key_env = KEY_ENV.into();
+    cfg.settle.first_poll = HumanDuration(Duration::from_millis(700));
+    let mut proxy = Proxy::start(cfg, dir.path()).await;
+    let c = client();
+    let gzip = |text: &str| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(text.as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    /// (table, path, content-type, content-encoding, body)
+    type Call = (
+        &'static str,
+        String,
+        &'static str,
+        Option<&'static str>,
+        Vec<u8>,
+    );
+    let mut work: Vec<Call> = Vec::new();
+    for i in 0..6 {
+        work.push((
+            "form reveals",
+            "//api/v1/people/match".into(),
+            "application/x-www-form-urlencoded",
+            None,
+            format!("email=form{i}%40acme{i}.com&reveal_phone_number=true&poll_only=true")
+                .into_bytes(),
+        ));
+        work.push((
+            "form reveals",
+            "/api/v1//people/bulk_match".into(),
+            "application/x-www-form-urlencoded",
+            None,
+            format!(
+                "details[][email]=a{i}%40corp.com&details[][email]=b{i}%40corp.com&details[][email]=c{i}%40corp.com&reveal_phone_number=true&poll_only=true"
+            )
+            .into_bytes(),
+        ));
+        let details: Vec<Value> = (0..5)
+            .map(|k| json!({"email": format!("wf{i}-{k}@corp{k}.com")}))
+            .collect();
+        work.push((
+            "waterfalls",
+            "/v1/people/bulk_match".into(),
+            "application/json",
+            Some("gzip"),
+            gzip(
+                &json!({"details": details, "run_waterfall_email": true,
+                        "run_waterfall_phone": i % 2 == 1, "poll_only": true})
+                .to_string(),
+            ),
+        ));
+        work.push((
+            "slashes",
+            "//api/v1/organizations/enrich?domain=acme.com".into(),
+            "application/json",
+            None,
+            Vec::new(),
+        ));
+    }
+    let mut sync: BTreeMap<String, i64> = BTreeMap::new();
+    let mut jobs_of: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (table, path, ctype, encoding, body) in work {
+        let method = if path.contains("organizations/enrich") {
+            "GET"
+        } else {
+            "POST"
+        };
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(proxy.url(&path))
+            .header("content-type", ctype)
+            .header("x-meter-table", table)
+            .header("x-api-key", "caller-key");
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", e);
+        }
+        let (status, headers, body) =
+            send(&c, req.body(Full::new(Bytes::from(body))).unwrap()).await;
+        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        *sync.entry(table.into()).or_default() += headers
+            .get("x-sim-billed-milli")
+            .map_or(0, |v| v.to_str().unwrap().parse::<i64>().unwrap());
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        if let Some(id) = v["request_id"].as_i64() {
+            jobs_of.entry(table.into()).or_default().push(id);
+        }
+    }
+    // Callers poll half the waterfall jobs themselves, through the proxy, before creditmeter's
+    // own first poll: those settle from the caller's answer, and only once.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for id in jobs_of["waterfalls"].iter().step_by(2) {
+        let req = http::Request::get(proxy.url(&format!("/api/v1/webhook_result/{id}")))
+            .header("x-api-key", "caller-key")
+            .header("x-meter-table", "waterfalls")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, body) = send(&c, req).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    wait_settled(&proxy, Duration::from_secs(30)).await;
+
+    let jobs: HashMap<i64, i64> = sim
+        .sim
+        .jobs()
+        .into_iter()
+        .map(|j| {
+            (
+                j.request_id,
+                j.lead_milli + j.direct_dial_milli + j.export_milli,
+            )
+        })
+        .collect();
+    let billed: BTreeMap<String, i64> = sync
+        .iter()
+        .map(|(t, s)| {
+            let later: i64 = jobs_of
+                .get(t)
+                .map_or(0, |ids| ids.iter().filter_map(|id| jobs.get(id)).sum());
+            (t.clone(), s + later)
+        })
+        .collect();
+    let (ledger, metrics) = ledger_and_metrics(&proxy).await;
+    assert_eq!(
+        ledger, billed,
+        "ledger per table against the simulator's bill"
+    );
+    assert_eq!(
+        metrics, ledger,
+        "creditmeter_credits_total per table against the ledger"
+    );
+    assert_eq!(billed.values().sum::<i64>(), sim_total(&sim));
+    // Every kind of spend is there: phones found, vendor lookups, the doubled-slash enrich.
+    assert!(billed["form reveals"] > 0 && billed["waterfalls"] > 0 && billed["slashes"] > 0);
+    let conn = proxy.ledger();
+    let (settled, by_caller_table): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), (SELECT count(*) FROM calls WHERE endpoint = 'webhook_result'
+                                 AND table_name = 'waterfalls' AND status = 200)
+               FROM calls WHERE outcome = 'settlement'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    // (An answer that matched nobody carries a request_id too, but starts nothing billable.)
+    let deferred: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM calls WHERE deferred IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(deferred >= 12, "{deferred} calls left a deferred charge");
+    assert_eq!(
+        settled, deferred,
+        "one settlement per deferred charge, none twice"
+    );
+    assert_eq!(
+        by_caller_table, 3,
+        "the callers' own polls are recorded, free"
+    );
+    let paths: Vec<String> = conn
+        .prepare("SELECT DISTINCT path FROM calls WHERE table_name = 'slashes'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(paths, vec!["/api/v1/organizations/enrich".to_owned()]);
+    proxy.shutdown().await;
+}
+
 /// Waterfall answers mark a person Apollo could not match `match_confidence: "none"` (an
 /// object, not `null`) and bill it nothing: through the proxy, the ledger per table equals what
 /// the simulator billed, its jobs included, and the unmatched details are not counted matched.

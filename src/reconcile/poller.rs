@@ -81,18 +81,27 @@ pub struct Poller {
     pub status: Arc<PollerStatus>,
 }
 
-/// How far back a settlement row's original call may lie: `settle.max_wait`'s default (2h)
-/// plus an hour. (Wire `settle.max_wait` in here once `[settle]` lands.)
+/// How far back a settlement row's original call may lie, at least: `settle.max_wait`'s
+/// default (2h) plus an hour.
 pub const SETTLEMENT_LOOKBACK: Duration = Duration::from_secs(3 * 3600);
 
-/// The settling rules that follow from the configuration.
-pub fn settings(balance_lag: Duration, upstream_timeout: Duration, pool: Pool) -> Settings {
+/// The settling rules that follow from the configuration. A settlement is learned at most
+/// `settle.max_wait` after its call (then the estimate is recorded), so the lookback for its
+/// original call is that plus an hour, and never less than [`SETTLEMENT_LOOKBACK`].
+pub fn settings(
+    balance_lag: Duration,
+    upstream_timeout: Duration,
+    pool: Pool,
+    settle_max_wait: Duration,
+) -> Settings {
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4);
+    let settlement_lookback =
+        SETTLEMENT_LOOKBACK.max(settle_max_wait.saturating_add(Duration::from_secs(3600)));
     Settings {
         balance_lag_ms: ms(balance_lag),
         settle_ms: ms(upstream_timeout + SETTLE_MARGIN),
         lookback_ms: ms(upstream_timeout * 2 + Duration::from_secs(600)),
-        settlement_lookback_ms: ms(SETTLEMENT_LOOKBACK),
+        settlement_lookback_ms: ms(settlement_lookback),
         pool,
     }
 }
