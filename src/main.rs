@@ -499,6 +499,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             for ep in catalog.endpoints() {
                 println!("  {}", ep.name());
             }
+            if let Some(rule) = catalog.unmatched_rule() {
+                println!("  unmatched: {rule}");
+            }
             println!(
                 "guard: time_zone {}, unknown_cost_ceiling {} credits, hold_status {}, admission_wait {}",
                 config.guard.time_zone,

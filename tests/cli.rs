@@ -73,6 +73,7 @@ fn check_config_prints_what_is_in_force() {
         "proxy.metering          on",
         "https://api.apollo.io",
         "people_bulk_match",
+        "unmatched: an object whose `match_confidence` is \"none\"",
         "ok",
     ] {
         assert!(text.contains(want), "{want} missing in:\n{text}");

@@ -1287,3 +1287,156 @@ async fn the_issue_workload_equals_the_bill_per_table() {
     assert_eq!(paths, vec!["/api/v1/organizations/enrich".to_owned()]);
     proxy.shutdown().await;
 }
+
+/// Waterfall answers mark a person Apollo could not match `match_confidence: "none"` (an
+/// object, not `null`) and bill it nothing: through the proxy, the ledger per table equals what
+/// the simulator billed, its jobs included, and the unmatched details are not counted matched.
+#[tokio::test]
+async fn against_the_simulator_waterfall_details_marked_none_are_not_billed() {
+    use creditmeter::sim::SimConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::SimServer::start(
+        SimConfig {
+            job_delay: Duration::from_millis(200),
+            match_rate_pct: 100,
+            ..SimConfig::default()
+        },
+        None,
+    )
+    .await;
+    set_key();
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.settle.api_key_env = KEY_ENV.into();
+    cfg.settle.first_poll = HumanDuration(Duration::from_millis(100));
+    let mut proxy = Proxy::start(cfg, dir.path()).await;
+    let c = client();
+    // (table, details: `true` = a person the sim matches, `false` = one it never does)
+    let calls: [(&str, &[bool], Value); 4] = [
+        (
+            "mixed",
+            &[true, false, true, false],
+            json!({"run_waterfall_email": true}),
+        ),
+        (
+            "mixed",
+            &[false, true, false],
+            json!({"run_waterfall_phone": true, "reveal_phone_number": true}),
+        ),
+        (
+            "nobody",
+            &[false, false, false],
+            json!({"run_waterfall_email": true, "run_waterfall_phone": true}),
+        ),
+        ("plain", &[true, false], json!({})),
+    ];
+    let mut sync: BTreeMap<String, i64> = BTreeMap::new();
+    let mut ids: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut unmatched_seen = 0;
+    for (n, (table, who, flags)) in calls.iter().enumerate() {
+        let details: Vec<Value> = who
+            .iter()
+            .enumerate()
+            .map(|(k, hit)| {
+                if *hit {
+                    json!({"email": format!("hit{n}-{k}@corp{k}.com")})
+                } else {
+                    json!({"id": format!("missing-{n}-{k}")})
+                }
+            })
+            .collect();
+        let mut body = json!({"details": details, "poll_only": true});
+        body.as_object_mut()
+            .unwrap()
+            .extend(flags.as_object().unwrap().clone());
+        let req = http::Request::post(proxy.url("/api/v1/people/bulk_match"))
+            .header("content-type", "application/json")
+            .header("x-meter-table", *table)
+            .header("x-api-key", "caller-key")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let (status, headers, answer) = send(&c, req).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        let billed: i64 = headers
+            .get("x-sim-billed-milli")
+            .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+        let v: Value = serde_json::from_slice(&answer).unwrap();
+        let matches = v["matches"].as_array().unwrap();
+        let waterfall = flags.get("run_waterfall_email").is_some()
+            || flags.get("run_waterfall_phone").is_some();
+        for (m, hit) in matches.iter().zip(who.iter()) {
+            match (hit, waterfall) {
+                (true, _) => assert!(m["id"].is_string(), "{m}"),
+                (false, true) => {
+                    assert_eq!(m["match_confidence"], "none", "{m}");
+                    unmatched_seen += 1;
+                }
+                (false, false) => assert!(m.is_null(), "{m}"),
+            }
+        }
+        *sync.entry((*table).to_owned()).or_default() += billed;
+        ids.entry((*table).to_owned())
+            .or_default()
+            .extend(v["request_id"].as_i64());
+    }
+    assert_eq!(
+        unmatched_seen, 7,
+        "the sim did not mark the misses: the test proves nothing"
+    );
+    wait_settled(&proxy, Duration::from_secs(20)).await;
+
+    let jobs: HashMap<i64, i64> = sim
+        .sim
+        .jobs()
+        .into_iter()
+        .map(|j| {
+            (
+                j.request_id,
+                j.lead_milli + j.direct_dial_milli + j.export_milli,
+            )
+        })
+        .collect();
+    let billed: BTreeMap<String, i64> = sync
+        .iter()
+        .map(|(t, s)| {
+            let later: i64 = ids[t].iter().filter_map(|id| jobs.get(id)).sum();
+            (t.clone(), s + later)
+        })
+        .collect();
+    let (ledger, metrics) = ledger_and_metrics(&proxy).await;
+    assert_eq!(ledger, billed);
+    assert_eq!(metrics, ledger);
+    assert_eq!(
+        sync["mixed"], 3_000,
+        "one lead per matched detail, none for the misses"
+    );
+    assert_eq!(ledger["nobody"], 0);
+    assert!(ids["mixed"]
+        .iter()
+        .any(|id| jobs.get(id).is_some_and(|m| *m > 0)));
+    let total: i64 = billed.values().sum();
+    assert_eq!(total, sim_total(&sim));
+
+    // The call rows count only the matched details; the all-miss call defers nothing.
+    let rows: Vec<(String, i64, i64, bool)> = proxy
+        .ledger()
+        .prepare(
+            "SELECT table_name, records_requested, records_matched, deferred IS NOT NULL
+               FROM calls WHERE outcome <> 'settlement' AND table_name <> '_creditmeter'
+              ORDER BY started_at",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("mixed".to_owned(), 4, 2, true),
+            ("mixed".to_owned(), 3, 1, true),
+            ("nobody".to_owned(), 3, 0, false),
+            ("plain".to_owned(), 2, 1, false),
+        ]
+    );
+    proxy.shutdown().await;
+}

@@ -32,7 +32,7 @@ pub use pricing::{CreditSource, Credits, Pricing, ResponseView};
 
 use pattern::Pattern;
 use project::Projection;
-use rules::{Charge, FieldPath, RecordsMatched, RecordsRequested};
+use rules::{Charge, FieldPath, RecordsMatched, RecordsRequested, Unmatched};
 
 /// The built-in Apollo catalog.
 const BUILTIN_TOML: &str = include_str!("../../config/apollo-catalog.toml");
@@ -56,6 +56,8 @@ pub struct Catalog {
     /// Every endpoint path under every prefix, most specific first.
     routes: Vec<Route>,
     other: Endpoint,
+    /// The `unmatched` rule every endpoint applies, if any.
+    unmatched: Option<Unmatched>,
 }
 
 /// One path pattern, under one prefix, leading to an endpoint.
@@ -76,6 +78,7 @@ impl Catalog {
             endpoints: Vec::new(),
             routes: Vec::new(),
             other: Endpoint::other(),
+            unmatched: None,
         })
     }
 
@@ -103,6 +106,11 @@ impl Catalog {
     /// The catalog's `version`, recorded with every ledger row (`catalog_version`).
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// For `check-config`: the catalog's `unmatched` rule in words, if it has one.
+    pub fn unmatched_rule(&self) -> Option<String> {
+        self.unmatched.as_ref().map(ToString::to_string)
     }
 
     /// The catalogued endpoints in file order (without the implicit `other`).
@@ -211,6 +219,8 @@ pub struct Endpoint {
     deferred: Option<DeferredSpec>,
     /// `deferred_results = true`: its 2xx answers are job results (`webhook_result`).
     deferred_results: bool,
+    /// The catalog's `unmatched` rule: objects that are no match for its rules.
+    unmatched: Option<Unmatched>,
 }
 
 impl Endpoint {
@@ -228,6 +238,7 @@ impl Endpoint {
             catalogued: false,
             deferred: None,
             deferred_results: false,
+            unmatched: None,
         }
     }
 

@@ -162,7 +162,7 @@ pub(super) fn price_with(
 
     let mut failed = false;
     for charge in ep.charges.iter().filter(|c| c.applies(req)) {
-        match charge.milli_for(&body) {
+        match charge.milli_for(&body, ep.unmatched.as_ref()) {
             Ok(milli) => pricing.credits.add(charge.credit_type, milli),
             Err(note) => {
                 notes.push(note);
@@ -190,7 +190,7 @@ pub(super) fn price_with(
 
     if let Ok(body) = &body {
         if let Some(rule) = &ep.records_matched {
-            match rule.count(body) {
+            match rule.count(body, ep.unmatched.as_ref()) {
                 Ok(count) => pricing.records_matched = Some(count),
                 Err(note) => notes.push(note),
             }

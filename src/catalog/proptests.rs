@@ -494,20 +494,48 @@ fn form_encoding_matches_the_parser() {
 /// empty and non-empty objects and arrays, entries with duplicate or odd `id`s, and scalars of
 /// the wrong kind, beside fields no rule reads.
 fn response_body() -> impl Strategy<Value = Value> {
+    // Waterfall answers mark people `match_confidence` (the catalog's `unmatched` rule): with
+    // and without data beside it, and of odd kinds.
+    let confidence = prop_oneof![
+        Just(json!("none")),
+        Just(json!("low")),
+        Just(json!("high")),
+        Just(json!("")),
+        Just(json!(0)),
+        Just(json!(null)),
+        Just(json!(["none"])),
+    ];
+    let beside = prop_oneof![
+        Just(json!({})),
+        Just(json!({"id": null, "name": "", "emails": [], "organization": {}})),
+        Just(json!({"id": "p1"})),
+        Just(json!({"id": "", "x": {"y": null}})),
+        Just(json!({"name": "Ada"})),
+        Just(json!({"id": 3, "phone_numbers": [null]})),
+        Just(json!({"x": false})),
+    ];
+    let marked = (confidence, beside).prop_map(|(c, mut rest)| {
+        if let Value::Object(map) = &mut rest {
+            map.insert("match_confidence".to_owned(), c);
+        }
+        rest
+    });
     let entry = prop_oneof![
-        Just(Value::Null),
-        (0..4u8).prop_map(|n| json!({"id": format!("p{n}"), "name": "x"})),
-        (0..4i64).prop_map(|n| json!({"id": n})),
-        Just(json!({"id": [1], "x": {}})),
-        Just(json!({"name": "no id"})),
-        json_value(),
+        6 => marked.clone(),
+        1 => Just(Value::Null),
+        1 => (0..4u8).prop_map(|n| json!({"id": format!("p{n}"), "name": "x"})),
+        1 => (0..4i64).prop_map(|n| json!({"id": n})),
+        1 => Just(json!({"id": [1], "x": {}})),
+        1 => Just(json!({"name": "no id"})),
+        1 => json_value(),
     ];
     let field = prop_oneof![
-        json_value(),
-        prop::collection::vec(entry, 0..6).prop_map(Value::Array),
-        Just(json!({})),
-        Just(json!({"first_name": "Ada", "emails": []})),
-        (0.0..20.0f64).prop_map(|c| json!(c)),
+        3 => marked,
+        1 => json_value(),
+        4 => prop::collection::vec(entry, 0..6).prop_map(Value::Array),
+        1 => Just(json!({})),
+        1 => Just(json!({"first_name": "Ada", "emails": []})),
+        1 => (0.0..20.0f64).prop_map(|c| json!(c)),
     ];
     let key = prop_oneof![
         Just("person"),

@@ -68,11 +68,18 @@ impl FieldPath {
     }
 
     /// Whether the field holds a record: a non-empty object or array. Absent, `null`, `{}` and
-    /// `[]` are "no record" (Apollo's no-match for `organizations/enrich` is `{}`).
-    fn present(&self, body: &Map<String, Value>) -> Result<bool, String> {
+    /// `[]` are "no record" (Apollo's no-match for `organizations/enrich` is `{}`), and so is
+    /// an object the catalog's `unmatched` rule calls a no-match.
+    fn present(
+        &self,
+        body: &Map<String, Value>,
+        unmatched: Option<&Unmatched>,
+    ) -> Result<bool, String> {
         match self.lookup(body) {
             None | Some(Value::Null) => Ok(false),
-            Some(Value::Object(map)) => Ok(!map.is_empty()),
+            Some(Value::Object(map)) => {
+                Ok(!map.is_empty() && !unmatched.is_some_and(|u| u.object_is_unmatched(map)))
+            }
             Some(Value::Array(items)) => Ok(!items.is_empty()),
             Some(other) => Err(self.wrong_shape(other, "an object")),
         }
@@ -99,6 +106,75 @@ impl FieldPath {
 impl fmt::Display for FieldPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+/// The catalog's `unmatched` rule: an object (a `person`, an entry of `matches`) whose
+/// `field` holds one of the `equals` strings is not a match, whatever else it carries; one
+/// whose `field` holds an `unless_data` string is a match only if it carries data (see
+/// [`has_data`]). Apollo's waterfall answers mark an unmatched person `match_confidence:
+/// "none"` instead of `null`, and bill it nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Unmatched {
+    /// A key of the object itself (not a dotted path).
+    pub(super) field: String,
+    pub(super) equals: Vec<String>,
+    pub(super) unless_data: Vec<String>,
+}
+
+impl Unmatched {
+    /// Whether `value` is an object this rule calls a no-match.
+    pub(super) fn is_unmatched(&self, value: &Value) -> bool {
+        value
+            .as_object()
+            .is_some_and(|map| self.object_is_unmatched(map))
+    }
+
+    fn object_is_unmatched(&self, map: &Map<String, Value>) -> bool {
+        let Some(Value::String(mark)) = map.get(&self.field) else {
+            return false;
+        };
+        if self.equals.iter().any(|e| e == mark) {
+            return true;
+        }
+        self.unless_data.iter().any(|e| e == mark)
+            && !map.iter().any(|(k, v)| *k != self.field && has_data(v))
+    }
+}
+
+impl fmt::Display for Unmatched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |items: &[String]| {
+            items
+                .iter()
+                .map(|i| format!("\"{i}\""))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        let mut cases = Vec::new();
+        if !self.equals.is_empty() {
+            cases.push(list(&self.equals));
+        }
+        if !self.unless_data.is_empty() {
+            cases.push(format!("{} with no other data", list(&self.unless_data)));
+        }
+        write!(
+            f,
+            "an object whose `{}` is {} is no match (free, not counted)",
+            self.field,
+            cases.join(", or ")
+        )
+    }
+}
+
+/// Whether a value is data: anything but `null`, `""`, `[]` and `{}`.
+pub(super) fn has_data(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Array(items) => !items.is_empty(),
+        Value::Object(map) => !map.is_empty(),
+        Value::Bool(_) | Value::Number(_) => true,
     }
 }
 
@@ -156,23 +232,32 @@ impl Charge {
     pub(super) fn project(&self, p: &mut Projection) {
         match &self.basis {
             Basis::Success => {}
-            Basis::Present(field) => p.shape(field.keys()),
-            Basis::Each { field, unique_by } => match unique_by {
-                Some(key) => p.entry_key(field.keys(), key),
-                None => p.shape(field.keys()),
-            },
+            Basis::Present(field) => p.matched(field.keys()),
+            Basis::Each { field, unique_by } => {
+                p.matched(field.keys());
+                if let Some(key) = unique_by {
+                    p.entry_key(field.keys(), key);
+                }
+            }
             Basis::Nonempty(fields) => fields.iter().for_each(|f| p.shape(f.keys())),
         }
     }
 
-    /// Credits (milli) this charge adds for a 2xx response.
-    pub(super) fn milli_for(&self, body: &Body) -> Result<i64, String> {
+    /// Credits (milli) this charge adds for a 2xx response; `unmatched` is the catalog's rule
+    /// for objects that are no match.
+    pub(super) fn milli_for(
+        &self,
+        body: &Body,
+        unmatched: Option<&Unmatched>,
+    ) -> Result<i64, String> {
         let units = match &self.basis {
             Basis::Success => 1,
-            Basis::Present(field) => i64::from(field.present(body.as_ref()?)?),
-            Basis::Each { field, unique_by } => {
-                count_entries(field.items(body.as_ref()?)?, unique_by.as_deref())
-            }
+            Basis::Present(field) => i64::from(field.present(body.as_ref()?, unmatched)?),
+            Basis::Each { field, unique_by } => count_entries(
+                field.items(body.as_ref()?)?,
+                unique_by.as_deref(),
+                unmatched,
+            ),
             Basis::Nonempty(fields) => {
                 let body = body.as_ref()?;
                 let mut any = false;
@@ -223,13 +308,13 @@ impl fmt::Display for Charge {
     }
 }
 
-/// Counts non-null entries, once per distinct `unique_by` value when that key holds a string
-/// or a number; entries without such a key always count.
-fn count_entries(items: &[Value], unique_by: Option<&str>) -> i64 {
+/// Counts non-null entries that are a match, once per distinct `unique_by` value when that
+/// key holds a string or a number; entries without such a key always count.
+fn count_entries(items: &[Value], unique_by: Option<&str>, unmatched: Option<&Unmatched>) -> i64 {
     let mut seen = HashSet::new();
     let count = items
         .iter()
-        .filter(|item| !item.is_null())
+        .filter(|item| is_match(item, unmatched))
         .filter(|item| {
             let key = unique_by.and_then(|key| item.get(key));
             match key {
@@ -240,6 +325,11 @@ fn count_entries(items: &[Value], unique_by: Option<&str>) -> i64 {
         })
         .count();
     i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// An entry that is a match: not `null`, and not an object the `unmatched` rule rejects.
+fn is_match(item: &Value, unmatched: Option<&Unmatched>) -> bool {
+    !item.is_null() && !unmatched.is_some_and(|u| u.is_unmatched(item))
 }
 
 /// How many records a request asked for.
@@ -289,7 +379,7 @@ impl RecordsRequested {
 pub(super) enum RecordsMatched {
     /// 1 if the field holds a record, else 0.
     Present(FieldPath),
-    /// The non-null entries of an array field (duplicates included).
+    /// The non-null entries of an array field that are a match (duplicates included).
     NonnullItems(FieldPath),
     /// The total length of the array fields.
     Items(Vec<FieldPath>),
@@ -300,20 +390,26 @@ impl RecordsMatched {
     pub(super) fn project(&self, p: &mut Projection) {
         match self {
             RecordsMatched::Present(field) | RecordsMatched::NonnullItems(field) => {
-                p.shape(field.keys())
+                p.matched(field.keys())
             }
             RecordsMatched::Items(fields) => fields.iter().for_each(|f| p.shape(f.keys())),
         }
     }
 
-    pub(super) fn count(&self, body: &Map<String, Value>) -> Result<i64, String> {
+    /// The count for a 2xx body; `unmatched` is the catalog's rule for objects that are no
+    /// match (it does not apply to `items`, which counts every entry).
+    pub(super) fn count(
+        &self,
+        body: &Map<String, Value>,
+        unmatched: Option<&Unmatched>,
+    ) -> Result<i64, String> {
         let len = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         match self {
-            RecordsMatched::Present(field) => field.present(body).map(i64::from),
+            RecordsMatched::Present(field) => field.present(body, unmatched).map(i64::from),
             RecordsMatched::NonnullItems(field) => Ok(len(field
                 .items(body)?
                 .iter()
-                .filter(|v| !v.is_null())
+                .filter(|v| is_match(v, unmatched))
                 .count())),
             RecordsMatched::Items(fields) => fields.iter().try_fold(0_i64, |sum, field| {
                 Ok(sum.saturating_add(len(field.items(body)?.len())))
@@ -379,6 +475,69 @@ mod tests {
         }
     }
 
+    impl Charge {
+        fn milli_for_test(&self, body: &Body) -> Result<i64, String> {
+            self.milli_for(body, None)
+        }
+    }
+
+    fn waterfall_unmatched() -> Unmatched {
+        Unmatched {
+            field: "match_confidence".to_owned(),
+            equals: vec!["none".to_owned()],
+            unless_data: vec!["low".to_owned()],
+        }
+    }
+
+    #[test]
+    fn unmatched_objects_are_no_match_for_present_each_and_counts() -> Result<(), String> {
+        let u = waterfall_unmatched();
+        let present = charge(Basis::Present(field("person")));
+        let each = charge(Basis::Each {
+            field: field("matches"),
+            unique_by: Some("id".to_owned()),
+        });
+        let none = json!({"id": "p1", "name": "Ada", "match_confidence": "none"});
+        let low_empty = json!({"id": null, "name": "", "emails": [], "match_confidence": "low"});
+        let low_data = json!({"id": "p2", "match_confidence": "low"});
+        let high = json!({"id": "p3", "match_confidence": "high"});
+        let plain = json!({"id": "p4"});
+        for (person, billed) in [
+            (&none, 0),
+            (&low_empty, 0),
+            (&low_data, 1000),
+            (&high, 1000),
+            (&plain, 1000),
+        ] {
+            let b = body(json!({ "person": person }));
+            assert_eq!(present.milli_for(&b, Some(&u)), Ok(billed), "{person}");
+            assert_eq!(
+                RecordsMatched::Present(field("person")).count(b.as_ref()?, Some(&u)),
+                Ok(billed / 1000)
+            );
+            // Without the rule every non-empty object is a match, as before.
+            assert_eq!(present.milli_for(&b, None), Ok(1000));
+        }
+        let b = body(
+            json!({"matches": [none, null, low_empty, low_data, high, plain, {"match_confidence": 0}]}),
+        );
+        assert_eq!(each.milli_for(&b, Some(&u)), Ok(4000));
+        assert_eq!(each.milli_for(&b, None), Ok(6000));
+        assert_eq!(
+            RecordsMatched::NonnullItems(field("matches")).count(b.as_ref()?, Some(&u)),
+            Ok(4)
+        );
+        assert_eq!(
+            RecordsMatched::Items(vec![field("matches")]).count(b.as_ref()?, Some(&u)),
+            Ok(7)
+        );
+        assert_eq!(
+            u.to_string(),
+            "an object whose `match_confidence` is \"none\", or \"low\" with no other data is no match (free, not counted)"
+        );
+        Ok(())
+    }
+
     fn charge(basis: Basis) -> Charge {
         Charge {
             credit_type: CreditType::Lead,
@@ -392,18 +551,18 @@ mod tests {
     fn present_distinguishes_records_from_empties_and_wrong_shapes() {
         let present = charge(Basis::Present(field("person")));
         assert_eq!(
-            present.milli_for(&body(json!({"person": {"id": "p"}}))),
+            present.milli_for_test(&body(json!({"person": {"id": "p"}}))),
             Ok(1000)
         );
         for empty in [json!({"person": null}), json!({"person": {}}), json!({})] {
-            assert_eq!(present.milli_for(&body(empty)), Ok(0));
+            assert_eq!(present.milli_for_test(&body(empty)), Ok(0));
         }
         assert_eq!(
-            present.milli_for(&body(json!({"person": 5}))),
+            present.milli_for_test(&body(json!({"person": 5}))),
             Err("response field `person` is a number, expected an object".to_owned())
         );
         assert_eq!(
-            present.milli_for(&Err("no body".to_owned())),
+            present.milli_for_test(&Err("no body".to_owned())),
             Err("no body".to_owned())
         );
     }
@@ -418,9 +577,9 @@ mod tests {
             })
         };
         let matches = json!({"matches": [{"id": "a"}, null, {"id": "a"}, {"id": 7}, {"id": 7}, {"x": 1}, {"x": 1}]});
-        assert_eq!(each.milli_for(&body(matches)), Ok(4 * 8000));
+        assert_eq!(each.milli_for_test(&body(matches)), Ok(4 * 8000));
         assert_eq!(
-            each.milli_for(&body(json!({"matches": "x"}))),
+            each.milli_for_test(&body(json!({"matches": "x"}))),
             Err("response field `matches` is a string, expected an array".to_owned())
         );
     }
@@ -432,22 +591,22 @@ mod tests {
             field("accounts"),
         ]));
         assert_eq!(
-            nonempty.milli_for(&body(json!({"organizations": [], "accounts": []}))),
+            nonempty.milli_for_test(&body(json!({"organizations": [], "accounts": []}))),
             Ok(0)
         );
         assert_eq!(
-            nonempty.milli_for(&body(json!({"accounts": [{}]}))),
+            nonempty.milli_for_test(&body(json!({"accounts": [{}]}))),
             Ok(1000)
         );
         assert!(nonempty
-            .milli_for(&body(json!({"organizations": {}})))
+            .milli_for_test(&body(json!({"organizations": {}})))
             .is_err());
     }
 
     #[test]
     fn success_ignores_the_body() {
         let success = charge(Basis::Success);
-        assert_eq!(success.milli_for(&Err("garbage".to_owned())), Ok(1000));
+        assert_eq!(success.milli_for_test(&Err("garbage".to_owned())), Ok(1000));
         assert!(!success.needs_body());
     }
 
@@ -467,14 +626,17 @@ mod tests {
     fn records_matched_counts() -> Result<(), String> {
         let b = body(json!({"matches": [{}, null, {}], "organizations": [1, 2], "accounts": [3]}))?;
         assert_eq!(
-            RecordsMatched::NonnullItems(field("matches")).count(&b),
+            RecordsMatched::NonnullItems(field("matches")).count(&b, None),
             Ok(2)
         );
         assert_eq!(
-            RecordsMatched::Items(vec![field("organizations"), field("accounts")]).count(&b),
+            RecordsMatched::Items(vec![field("organizations"), field("accounts")]).count(&b, None),
             Ok(3)
         );
-        assert_eq!(RecordsMatched::Present(field("person")).count(&b), Ok(0));
+        assert_eq!(
+            RecordsMatched::Present(field("person")).count(&b, None),
+            Ok(0)
+        );
         Ok(())
     }
 

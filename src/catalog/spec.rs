@@ -3,6 +3,8 @@
 //! ```toml
 //! version = "apollo-2026-12"
 //! prefixes = ["/api/v1", "/v1", ""]      # patterns are matched under each; "" = host root
+//! # optional: objects that are no match for `present`, `each` and record counts
+//! unmatched = { field = "match_confidence", equals = ["none"], unless_data = ["low"] }
 //!
 //! [[endpoint]]
 //! name = "people_match"
@@ -46,7 +48,7 @@ use toml::Spanned;
 use super::pattern::Pattern;
 use super::project::Projection;
 use super::rules::{
-    to_milli, Basis, Charge, CreditType, FieldPath, RecordsMatched, RecordsRequested,
+    to_milli, Basis, Charge, CreditType, FieldPath, RecordsMatched, RecordsRequested, Unmatched,
 };
 use super::{Catalog, CatalogError, Endpoint, Route, OTHER};
 
@@ -59,6 +61,7 @@ const MAX_CREDITS: f64 = 1_000_000.0;
 struct CatalogSpec {
     version: Spanned<String>,
     prefixes: Spanned<Vec<Spanned<String>>>,
+    unmatched: Option<Spanned<UnmatchedSpec>>,
     #[serde(default, rename = "endpoint")]
     endpoints: Vec<EndpointSpec>,
 }
@@ -79,6 +82,17 @@ struct EndpointSpec {
     /// `deferred_results = true`: its 2xx answers are results of deferred jobs.
     #[serde(default)]
     deferred_results: bool,
+}
+
+/// `unmatched = { field = "match_confidence", equals = ["none"], unless_data = ["low"] }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnmatchedSpec {
+    field: String,
+    #[serde(default)]
+    equals: Vec<String>,
+    #[serde(default)]
+    unless_data: Vec<String>,
 }
 
 /// `records_requested = { param_len = "details" }`, `{ param_len = ["details", "domains"],
@@ -152,6 +166,11 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
     )
     .map_err(fail)?;
 
+    let unmatched = (spec.unmatched.as_ref())
+        .map(|u| at(u, unmatched(u.get_ref())))
+        .transpose()
+        .map_err(fail)?;
+
     let mut endpoints: Vec<Endpoint> = Vec::with_capacity(spec.endpoints.len());
     let mut routes = Vec::new();
     for endpoint_spec in &spec.endpoints {
@@ -163,7 +182,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
                 "the name is already used by an earlier endpoint; names must be unique",
             ));
         }
-        let (endpoint, patterns) = compile_endpoint(&cx, endpoint_spec)?;
+        let (endpoint, patterns) = compile_endpoint(&cx, endpoint_spec, unmatched.as_ref())?;
         for pattern in &patterns {
             for prefix in &prefixes {
                 routes.push(Route {
@@ -182,6 +201,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
         endpoints,
         routes,
         other: Endpoint::other(),
+        unmatched,
     })
 }
 
@@ -212,6 +232,7 @@ fn compile_list<T>(
 fn compile_endpoint(
     cx: &Context<'_>,
     spec: &EndpointSpec,
+    unmatched: Option<&Unmatched>,
 ) -> Result<(Endpoint, Vec<Pattern>), CatalogError> {
     let subject = format!("endpoint `{}`", spec.name.get_ref());
     let fail = |(span, problem)| cx.invalid(span, &subject, problem);
@@ -270,6 +291,9 @@ fn compile_endpoint(
     if let Some(field) = &reported {
         projection.full(field.keys());
     }
+    if let Some(u) = unmatched {
+        projection.unmatched(&u.field);
+    }
     let endpoint = Endpoint {
         name,
         methods,
@@ -288,6 +312,7 @@ fn compile_endpoint(
         catalogued: true,
         deferred,
         deferred_results: spec.deferred_results,
+        unmatched: unmatched.cloned(),
     };
     Ok((endpoint, patterns))
 }
@@ -339,6 +364,31 @@ fn records_requested(spec: &RecordsRequestedSpec) -> Result<RecordsRequested, St
             Err("`records_requested` needs `param_len = \"details\"` or `fixed = 1`".to_owned())
         }
     }
+}
+
+fn unmatched(spec: &UnmatchedSpec) -> Result<Unmatched, String> {
+    if spec.field.is_empty() || spec.field.contains('.') {
+        return Err(format!(
+            "`unmatched.field = \"{}\"` must be one key of the object, like \"match_confidence\"",
+            spec.field
+        ));
+    }
+    if spec.equals.is_empty() && spec.unless_data.is_empty() {
+        return Err(
+            "`unmatched` needs `equals = [...]` (values that are no match) or `unless_data = [...]` (no match unless the object carries data)"
+                .to_owned(),
+        );
+    }
+    if let Some(both) = spec.equals.iter().find(|v| spec.unless_data.contains(v)) {
+        return Err(format!(
+            "`unmatched`: \"{both}\" is in both `equals` and `unless_data`; give it once"
+        ));
+    }
+    Ok(Unmatched {
+        field: spec.field.clone(),
+        equals: spec.equals.clone(),
+        unless_data: spec.unless_data.clone(),
+    })
 }
 
 fn records_matched(spec: &RecordsMatchedSpec) -> Result<RecordsMatched, String> {

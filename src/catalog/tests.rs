@@ -468,6 +468,137 @@ fn bulk_match_phone_reveal_defers_eight_per_match() {
     assert_eq!(Credits::from(d.estimate), milli(3000, 0, 0));
 }
 
+/// An unmatched person as a waterfall answer returns it: an object, not `null`.
+fn no_match(confidence: &str) -> Value {
+    json!({"id": null, "first_name": null, "email": null, "organization": null,
+           "match_confidence": confidence})
+}
+
+fn with_confidence(mut person: Value, confidence: &str) -> Value {
+    person["match_confidence"] = json!(confidence);
+    person
+}
+
+#[test]
+fn people_match_marked_match_confidence_none_is_free_and_starts_no_job() {
+    let args = (
+        "POST",
+        "/api/v1/people/match",
+        Some("run_waterfall_email=true"),
+    );
+    let request = json!({"email": "nobody@x.com"});
+    for unmatched in [no_match("none"), with_confidence(person("p1"), "none")] {
+        let answer = json!({"person": unmatched, "request_id": 12,
+            "waterfall": {"status": "accepted"}});
+        let p = call(args.0, args.1, args.2, request.clone(), 200, answer.clone());
+        assert_eq!(p.credits, Credits::default(), "{answer}");
+        assert_eq!(p.source, CreditSource::Catalog);
+        assert_eq!((p.records_requested, p.records_matched), (Some(1), Some(0)));
+        assert!(deferred_of(args.0, args.1, args.2, request.clone(), 200, answer).is_none());
+    }
+}
+
+#[test]
+fn people_match_low_confidence_bills_only_with_data() {
+    let args = (
+        "POST",
+        "/api/v1/people/match",
+        Some("run_waterfall_email=true"),
+    );
+    let request = json!({"email": "tim@apollo.io"});
+    for (person, billed) in [
+        (no_match("low"), 0),
+        (with_confidence(person("p1"), "low"), 1000),
+        (with_confidence(person("p1"), "high"), 1000),
+        (person("p1"), 1000),
+        (Value::Null, 0),
+    ] {
+        let answer = json!({"person": person, "request_id": 12});
+        let p = call(args.0, args.1, args.2, request.clone(), 200, answer.clone());
+        assert_eq!(p.credits, milli(billed, 0, 0), "{answer}");
+        assert_eq!(p.records_matched, Some(billed / 1000));
+        let d = deferred_of(args.0, args.1, args.2, request.clone(), 200, answer);
+        assert_eq!(d.is_some(), billed > 0);
+    }
+}
+
+#[test]
+fn bulk_match_waterfall_does_not_bill_details_marked_none() {
+    let args = ("POST", "/api/v1/people/bulk_match");
+    let mut request = three_details();
+    request["run_waterfall_email"] = json!(true);
+    request["reveal_phone_number"] = json!(true);
+    // A waterfall answer has no `credits_consumed`: the catalog prices the matches.
+    let answer = json!({"status": "success", "total_requested_enrichments": 3,
+        "matches": [with_confidence(person("p1"), "high"), no_match("none"), null],
+        "waterfall": {"status": "accepted"}, "request_id": 7});
+    let p = call(args.0, args.1, None, request.clone(), 200, answer.clone());
+    assert_eq!(p.credits, milli(1000, 0, 0));
+    assert_eq!(p.source, CreditSource::Catalog);
+    assert_eq!((p.records_requested, p.records_matched), (Some(3), Some(1)));
+    // The phone reveal is deferred for the one match only; the waterfall per record asked.
+    let d = deferred_of(args.0, args.1, None, request.clone(), 200, answer).unwrap();
+    assert_eq!(Credits::from(d.worst), milli(15_000, 8000, 0));
+
+    // Normal matches without the marker still count, each distinct person once.
+    let answer = json!({"matches": [person("p1"), person("p2"), person("p1")], "request_id": 8});
+    let p = call(args.0, args.1, None, request.clone(), 200, answer);
+    assert_eq!((p.credits, p.records_matched), (milli(2000, 0, 0), Some(3)));
+
+    // Nobody matched: nothing now, and no job to bill later.
+    let answer = json!({"matches": [no_match("none"), null, no_match("low")], "request_id": 9});
+    let p = call(args.0, args.1, None, request.clone(), 200, answer.clone());
+    assert_eq!(
+        (p.credits, p.records_matched),
+        (Credits::default(), Some(0))
+    );
+    assert!(deferred_of(args.0, args.1, None, request, 200, answer).is_none());
+}
+
+#[test]
+fn the_unmatched_rule_is_validated_and_optional() -> TestResult {
+    let catalog = |unmatched: &str| {
+        format!(
+            "version = \"t\"\nprefixes = [\"\"]\n{unmatched}\n[[endpoint]]\nname = \"m\"\nmethods = [\"POST\"]\npaths = [\"m\"]\nrecords_matched = {{ nonnull_items = \"matches\" }}\n[[endpoint.charge]]\ncredit_type = \"lead\"\ncredits = 1\nper = \"each\"\nfield = \"matches\"\n"
+        )
+    };
+    assert_eq!(
+        load_error(&catalog("unmatched = { field = \"a.b\", equals = [\"x\"] }")),
+        "my.toml:3: catalog: `unmatched.field = \"a.b\"` must be one key of the object, like \"match_confidence\""
+    );
+    assert!(load_error(&catalog("unmatched = { field = \"c\" }"))
+        .starts_with("my.toml:3: catalog: `unmatched` needs `equals = [...]`"));
+    assert!(load_error(&catalog(
+        "unmatched = { field = \"c\", equals = [\"n\"], unless_data = [\"n\"] }"
+    ))
+    .contains("\"n\" is in both `equals` and `unless_data`"));
+    assert!(
+        load_error(&catalog("unmatched = { field = \"c\", equal = [\"n\"] }"))
+            .contains("unknown field `equal`")
+    );
+
+    let body = json!({"matches": [{"c": "nope", "id": 1}, {"c": "yes"}]}).to_string();
+    let req = RequestParams::parse(None, b"");
+    let with = Catalog::from_toml(
+        &catalog("unmatched = { field = \"c\", equals = [\"nope\"] }"),
+        "t",
+    )?;
+    let without = Catalog::from_toml(&catalog(""), "t")?;
+    assert!(with.unmatched_rule().is_some() && without.unmatched_rule().is_none());
+    for (cat, lead) in [(with, 1000), (without, 2000)] {
+        let p = cat.price(
+            cat.classify("POST", "/m"),
+            &req,
+            &view(200, None, body.as_bytes()),
+        );
+        assert_eq!(
+            (p.credits, p.records_matched),
+            (milli(lead, 0, 0), Some(lead / 1000))
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn bulk_match_bills_duplicate_people_once() {
     let p = call(

@@ -4,8 +4,8 @@
 //! (docs.apollo.io/docs/api-pricing and each endpoint's reference), written independently of
 //! the proxy's catalog so that one can check the other: a matched person or organization costs
 //! 1 lead credit, a non-empty page of companies, news or job postings 1 lead credit, a
-//! non-empty legacy people page 1 export credit; no match, an empty page and `api_search` are
-//! free. Phone reveals and waterfalls bill later, when their job ends (`jobs.rs`): the
+//! non-empty legacy people page 1 export credit; no match (`null`, or with a waterfall flag an
+//! object marked `match_confidence: "none"`), an empty page and `api_search` are free. Phone reveals and waterfalls bill later, when their job ends (`jobs.rs`): the
 //! synchronous answer bills only the demographic part.
 
 use std::borrow::Cow;
@@ -341,9 +341,10 @@ fn people_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
         }
         None => ctx.request_id(),
     };
+    let waterfall = ask.is_some_and(|ask| ask.waterfall());
     let (person, charge) = match found {
         Some((_, person)) => (person, Charge::credits(1, 0)),
-        None => (Value::Null, Charge::NONE),
+        None => (no_match(waterfall), Charge::NONE),
     };
     let mut body = json!({"person": person});
     if let Some(ask) = ask.filter(|ask| ask.waterfall()) {
@@ -381,6 +382,7 @@ fn people_bulk_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
     };
     let mut people = HashSet::new();
     let mut order = Vec::new();
+    let marked = ask.is_some_and(|ask| ask.waterfall());
     let matches: Vec<Value> = details
         .iter()
         .map(|detail| {
@@ -394,7 +396,7 @@ fn people_bulk_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
                     }
                     person
                 }
-                None => Value::Null,
+                None => no_match(marked),
             }
         })
         .collect();
@@ -431,6 +433,19 @@ fn people_bulk_match(ctx: &Ctx<'_>, params: &Params) -> Answer {
     }
     body["request_id"] = json!(request_id);
     Answer::ok(body, charge)
+}
+
+/// How an answer shows a person Apollo could not match, billed nothing: `null` in a standard
+/// answer; with a waterfall flag, an object marked `match_confidence: "none"`
+/// (https://docs.apollo.io/reference/bulk-people-enrichment: "With waterfall enrichment, this
+/// is indicated by `match_confidence: none`; for standard requests, unmatched people are
+/// returned as `null`").
+fn no_match(waterfall: bool) -> Value {
+    if waterfall {
+        json!({"id": null, "match_confidence": "none"})
+    } else {
+        Value::Null
+    }
 }
 
 /// `organizations/enrich?domain=…`: the organization is 1 lead credit; no match is `{}`.

@@ -920,6 +920,67 @@ mod jobs {
     }
 
     #[test]
+    fn a_waterfall_marks_unmatched_details_none_and_bills_them_nothing() {
+        let sim = async_sim(|_| {});
+        let t0 = Instant::now();
+        // Ids that start with `missing` never match.
+        let details = json!([{"email": "lead0@example.com"}, {"id": "missing-1"}, {"email": "lead1@example.com"}]);
+        let reply = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/bulk_match",
+            json!({"details": details, "run_waterfall_email": true, "poll_only": true}),
+            t0,
+        );
+        assert_eq!(reply.status, StatusCode::OK);
+        let matches = reply.body()["matches"].as_array().unwrap().clone();
+        assert_eq!(matches[1], json!({"id": null, "match_confidence": "none"}));
+        assert!(matches[0]["id"].is_string() && matches[2]["id"].is_string());
+        assert_eq!(billed_milli(&reply), 2_000, "the unmatched detail is free");
+        let done = poll(&sim, &reply.body()["request_id"], t0 + DELAY);
+        let people = done.body()["webhook_result"]["people"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let ids: Vec<&Value> = people.iter().map(|p| &p["id"]).collect();
+        assert_eq!(
+            ids,
+            vec![&matches[0]["id"], &matches[2]["id"]],
+            "the job runs over matches only"
+        );
+
+        // Without a waterfall the same miss is `null`, as in a standard answer; people/match too.
+        let plain = call_at(
+            &sim,
+            "POST",
+            "/api/v1/people/bulk_match",
+            json!({"details": details}),
+            t0,
+        );
+        assert_eq!(plain.body()["matches"][1], Value::Null);
+        assert_eq!(plain.body()["missing_records"], 1);
+        for (flags, person) in [
+            (
+                json!({"run_waterfall_phone": true, "poll_only": true}),
+                json!({"id": null, "match_confidence": "none"}),
+            ),
+            (
+                json!({"reveal_phone_number": true, "poll_only": true}),
+                Value::Null,
+            ),
+            (json!({}), Value::Null),
+        ] {
+            let mut body = json!({"id": "missing-2"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(flags.as_object().unwrap().clone());
+            let single = call_at(&sim, "POST", "/api/v1/people/match", body, t0);
+            assert_eq!(single.body()["person"], person, "{flags}");
+            assert_eq!(billed_milli(&single), 0);
+        }
+    }
+
+    #[test]
     fn a_call_that_matched_no_one_bills_nothing_later() {
         let sim = async_sim(|cfg| cfg.match_rate_pct = 0);
         let t0 = Instant::now();
