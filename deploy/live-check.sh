@@ -186,7 +186,12 @@ listen = "127.0.0.1:$ADMIN_PORT"
 base_url = "$SIM"
 [ledger]
 path = "$tmp/ledger.db"
+[settle]
+# Phone reveals bill when their job ends; creditmeter polls the results with this key.
+api_key_env = "CREDITMETER_LIVE_SETTLE_KEY"
+first_poll = "1s"
 EOF
+export CREDITMETER_LIVE_SETTLE_KEY=live-settle-key
 "$BIN" serve --config "$tmp/creditmeter.toml" >"$tmp/creditmeter.log" 2>&1 &
 pids+=("$!")
 cm_pid=$!

@@ -165,8 +165,12 @@ class Traffic:
         self.running.set()
         self.stop = threading.Event()
         self.threads = []
+        # (table, Apollo request_id) of calls whose answer starts a job Apollo bills later
+        # (phone reveals): what the callers were billed includes those jobs once they end.
+        self.jobs = []
 
-    def call(self, method, path, *, key, table=None, workflow=None, body=None, query=None, expect=(200,)):
+    def call(self, method, path, *, key, table=None, workflow=None, body=None, query=None, expect=(200,),
+             job=False):
         headers = {"x-api-key": key}
         if table is not None:
             headers["x-meter-table"] = table
@@ -178,11 +182,14 @@ class Traffic:
         with self.lock:
             self.inflight += 1
         try:
-            status, hdrs, _ = http(method, url, body=body, headers=headers)
+            status, hdrs, answer = http(method, url, body=body, headers=headers)
             billed = int(hdrs.get("x-sim-billed-milli") or 0)
+            job_id = None
+            if job and status == 200:
+                job_id = json.loads(answer).get("request_id")
             err = None if status in expect else f"{method} {path} -> HTTP {status}"
         except OSError as exc:
-            status, billed, err = None, 0, f"{method} {path}: {exc}"
+            status, billed, err, job_id = None, 0, f"{method} {path}: {exc}", None
         with self.lock:
             self.inflight -= 1
             self.calls += 1
@@ -190,6 +197,8 @@ class Traffic:
             self.billed_milli += billed
             label = table if table is not None else (query or {}).get("meter_table", "_unattributed")
             self.billed_by_table[label] = self.billed_by_table.get(label, 0) + billed
+            if job_id is not None:
+                self.jobs.append((label, job_id))
             if err:
                 self.errors.append(err)
             self.idle.notify_all()
@@ -272,16 +281,19 @@ class Traffic:
             self.call("POST", "/api/v1/people/bulk_match", key="key-leads", table="Leads", workflow="enrich-batch",
                       body={"details": [{"email": f"batch{n}-{j}@example.com"} for j in range(5)]})
         else:
-            # The legacy people search: export credits.
+            # The legacy people search: Apollo now answers API callers 422 (deprecated), free;
+            # still proxied and recorded.
             self.call("POST", "/api/v1/mixed_people/search", key="key-prospects", table="Prospects",
-                      workflow="list-build", body={"person_titles": ["vp sales"], "page": n % 5 + 1})
+                      workflow="list-build", body={"person_titles": ["vp sales"], "page": n % 5 + 1},
+                      expect=(200, 422))
 
     def burst_step(self, i):
         """The expensive mistake: bulk match with phone reveal, 10 people a call
         (up to 90 credits each)."""
         self.call("POST", "/api/v1/people/bulk_match", key="key-leads-bulk", table="Leads", workflow="phone-backfill",
-                  body={"reveal_phone_number": True,
-                        "details": [{"email": f"backfill{i}-{j}@example.com"} for j in range(10)]})
+                  body={"reveal_phone_number": True, "poll_only": True,
+                        "details": [{"email": f"backfill{i}-{j}@example.com"} for j in range(10)]},
+                  job=True)
 
     def hammer(self, limit):
         """Push one (key, endpoint) past the sim's per-minute limit on a free
@@ -316,16 +328,29 @@ class Run:
     def ledger_totals(self):
         db = sqlite3.connect(f"file:{self.args.ledger}?mode=ro", uri=True, timeout=10)
         try:
-            total, lead, dd, export, rows = db.execute(
+            total, lead, dd, export, rows, settlements, own = db.execute(
                 "SELECT coalesce(sum(credits_milli),0), coalesce(sum(lead_milli),0),"
-                " coalesce(sum(direct_dial_milli),0), coalesce(sum(export_milli),0), count(*) FROM calls"
+                " coalesce(sum(direct_dial_milli),0), coalesce(sum(export_milli),0), count(*),"
+                " count(*) FILTER (WHERE outcome = 'settlement'),"
+                " count(*) FILTER (WHERE table_name = '_creditmeter' AND outcome <> 'settlement') FROM calls"
             ).fetchone()
             by_table = dict(db.execute(
                 "SELECT coalesce(table_name, '_unattributed'), sum(credits_milli) FROM calls GROUP BY 1"
             ).fetchall())
         finally:
             db.close()
-        return {"total": total, "lead": lead, "direct_dial": dd, "export": export, "rows": rows, "by_table": by_table}
+        return {"total": total, "lead": lead, "direct_dial": dd, "export": export, "rows": rows,
+                "settlements": settlements, "own": own, "by_table": by_table}
+
+    def pending(self):
+        """Deferred charges (phone reveals) not settled yet."""
+        db = sqlite3.connect(f"file:{self.args.ledger}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute(
+                "SELECT count(*) FROM calls c WHERE deferred IS NOT NULL AND NOT EXISTS"
+                " (SELECT 1 FROM calls s WHERE s.settles = c.request_id)").fetchone()[0]
+        finally:
+            db.close()
 
     def metrics_text(self):
         status, _, body = http("GET", f"{self.admin}/metrics")
@@ -344,6 +369,12 @@ class Run:
         """Pause every caller, let Prometheus scrape, and compare all totals."""
         log(f"checkpoint ({label}): pausing traffic, waiting for a scrape")
         with self.traffic.paused():
+            # Phone reveals are billed when their job ends: wait until creditmeter has settled
+            # every one (its own webhook_result polls), then compare.
+            settled = wait_until("every deferred charge settled",
+                                 lambda: True if self.pending() == 0 else None, timeout=60)
+            self.c.check(settled is not None, f"[{label}] every deferred charge settled within 60s",
+                         f"{self.pending()} pending")
             quiet_since = time.time()
             scrape_ts = self.wait_fresh_scrape(quiet_since)
             if scrape_ts is None:
@@ -365,6 +396,15 @@ class Run:
                 client_milli = self.traffic.billed_milli
                 client_by_table = dict(self.traffic.billed_by_table)
                 client_calls = self.traffic.calls
+                jobs = list(self.traffic.jobs)
+            # What the callers' jobs billed when they ended (the sim's own record of each job).
+            _, _, body = http("GET", f"{self.sim}/__sim/jobs")
+            job_milli = {int(j["request_id"]): j["lead_milli"] + j["direct_dial_milli"] + j["export_milli"]
+                         for j in json.loads(body)["jobs"]}
+            for table, job_id in jobs:
+                later = job_milli.get(int(job_id), 0)
+                client_milli += later
+                client_by_table[table] = client_by_table.get(table, 0) + later
 
         ledger_credits = ledger["total"] / 1000
         sim_milli = sim["lead_milli"] + sim["direct_dial_milli"] + sim["export_milli"]
@@ -393,8 +433,14 @@ class Run:
                              and (ledger["by_table"].get(t) or 0) == client_by_table.get(t, 0))]
         self.c.check(not table_bad, f"[{label}] credits by table agree (Prometheus, ledger, callers)",
                      f"tables {sorted(tables)}" + (f"; differ: {table_bad}" if table_bad else ""))
-        self.c.check(prom_requests is not None and int(prom_requests) == ledger["rows"] == sim["calls"] == client_calls,
-                     f"[{label}] call counts agree (requests_total, ledger rows, sim calls, callers)")
+        # Settlement rows are deferred charges, not calls; creditmeter's own result polls are
+        # calls (the sim counts them) that no caller made.
+        calls_rows = ledger["rows"] - ledger["settlements"]
+        self.c.check(prom_requests is not None and int(prom_requests) == ledger["rows"]
+                     and calls_rows == sim["calls"] and calls_rows - ledger["own"] == client_calls,
+                     f"[{label}] call counts agree (requests_total, ledger rows, sim calls, callers)",
+                     f"requests_total={prom_requests} rows={ledger['rows']} settlements={ledger['settlements']} "
+                     f"own polls={ledger['own']} sim={sim['calls']} callers={client_calls}")
         return prom_total
 
     # ---- the rule under test
