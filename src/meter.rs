@@ -270,6 +270,25 @@ impl CallMeter {
     }
 }
 
+/// Finishes a call creditmeter makes itself (the balance and settlement pollers' polls) and
+/// waits for its row's commit, whatever the durability asks of proxied calls.
+pub async fn record_and_wait(
+    call: &mut CallMeter,
+    outcome: Outcome,
+    error: Option<String>,
+    body: Captured,
+    response_bytes: u64,
+) {
+    if let Some(ack) = call.finish(Finish {
+        outcome,
+        body,
+        response_bytes,
+        error,
+    }) {
+        let _ = ack.await;
+    }
+}
+
 /// Responses at least this large (encoded bytes × [`ENCODED_WEIGHT`] when compressed) are
 /// priced off the async workers. Measured (BENCHMARKS.md): at 32 KiB, handing every 64 KB
 /// search to the pool cost more in thread wake-ups than its ~60 µs scan; a gzipped 250 KB

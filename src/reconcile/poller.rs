@@ -31,7 +31,9 @@ use super::{
 use crate::attribution::{Attribution, KeyFingerprinter};
 use crate::catalog::RequestParams;
 use crate::ledger::Outcome;
-use crate::meter::{now_ms, CallContext, CallMeter, Captured, Finish, Meter, RequestIds};
+use crate::meter::{
+    now_ms, record_and_wait as record, CallContext, CallMeter, Captured, Meter, RequestIds,
+};
 use crate::metrics::Metrics;
 use crate::proxy::tap::error_chain;
 use crate::proxy::upstream::Upstream;
@@ -796,24 +798,6 @@ impl Poller {
             received_at,
             body: bytes,
         })
-    }
-}
-
-/// Finishes the poll's ledger row and waits for its commit.
-async fn record(
-    call: &mut CallMeter,
-    outcome: Outcome,
-    error: Option<String>,
-    body: Captured,
-    response_bytes: u64,
-) {
-    if let Some(ack) = call.finish(Finish {
-        outcome,
-        body,
-        response_bytes,
-        error,
-    }) {
-        let _ = ack.await;
     }
 }
 
