@@ -9,6 +9,8 @@
 //! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
 //! compared in constant time.
 
+pub mod lock;
+
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +46,10 @@ pub struct Admin {
     pub catalog_version: String,
     /// SHA-256 of the admin token, when one is configured.
     pub token_digest: Option<ring::digest::Digest>,
+    /// `admin.protect_metrics` as resolved ([`crate::config::AdminConfig::metrics_protected`]).
     pub protect_metrics: bool,
+    /// Which `Host` values are answered (DNS rebinding guard, see [`lock`]).
+    pub host_check: lock::HostCheck,
     /// What the reconciliation poller last did (`GET /api/reconcile`).
     pub reconcile: Arc<crate::reconcile::PollerStatus>,
     /// `proxy.metering`: false when calls are forwarded unrecorded; `/readyz` says so.
@@ -66,6 +71,9 @@ impl Admin {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<AdminResponse, Infallible> {
+        if let Some(refused) = self.host_check.refusal(&req) {
+            return Ok(refused);
+        }
         let path = req.uri().path().to_owned();
         let read_only = req.method() == Method::GET || req.method() == Method::HEAD;
         Ok(match path.as_str() {
@@ -87,10 +95,12 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readyz(),
             p if p == "/api" || p.starts_with("/api/") => {
-                if self.authorized(&req) {
-                    self.api(req).await
-                } else {
+                if !self.authorized(&req) {
                     unauthorized()
+                } else if let Some(refused) = lock::mutation_refusal(&req) {
+                    refused
+                } else {
+                    self.api(req).await
                 }
             }
             _ => text(

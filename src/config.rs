@@ -20,8 +20,21 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_UPSTREAM: &str = "https://api.apollo.io";
 /// Default ledger file, relative to the working directory.
 pub const DEFAULT_LEDGER_PATH: &str = "creditmeter.db";
-/// Largest request body accepted from a caller. Apollo requests are small JSON documents.
-pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
+/// Largest request body accepted from a caller. Apollo requests are small JSON documents (a
+/// bulk match of ten people is a few KiB).
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1024 * 1024;
+/// Time a caller has, once its headers are in, to send the whole request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections served at once on the proxy listener; past it, new ones wait to be accepted.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Requests handled at once on the proxy listener; past it, a `503 too_many_requests_in_flight`.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// Concurrent h2 streams per connection.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 32;
+/// How often the TLS certificate and key files are checked for a change.
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+/// After SIGTERM, how long `/readyz` answers 503 while the proxy still accepts.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Time a caller has to send its request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time to establish a TCP (and TLS) connection to the upstream.
@@ -114,10 +127,30 @@ pub struct ProxyConfig {
     pub tls_cert: Option<PathBuf>,
     /// `proxy.tls_key`: PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// `proxy.max_request_body`, default 10MiB; larger bodies get a 413 and nothing goes upstream.
+    /// `proxy.max_request_body`, default 1MiB; larger bodies get a 413 and nothing goes upstream.
     pub max_request_body: ByteSize,
-    /// `proxy.header_read_timeout`, default 30s.
+    /// `proxy.header_read_timeout`, default 30s: HTTP/1 request headers (and a connection's
+    /// first bytes, TLS handshake included) must arrive within it.
     pub header_read_timeout: HumanDuration,
+    /// `proxy.body_read_timeout`, default 15s: the whole request body must arrive within it
+    /// once the headers are in; a slower body gets a 408 and nothing goes upstream.
+    pub body_read_timeout: HumanDuration,
+    /// `proxy.max_connections`, default 1024: connections served at once. Past it the listener
+    /// stops accepting until one closes; new connections wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// `proxy.max_in_flight`, default 256: requests handled at once, all connections together.
+    /// Past it a request gets a `503 too_many_requests_in_flight` at once (nothing upstream,
+    /// no ledger row).
+    pub max_in_flight: usize,
+    /// `proxy.h2_max_concurrent_streams`, default 32: concurrent streams one h2 connection may open.
+    pub h2_max_concurrent_streams: u32,
+    /// `proxy.trusted_proxies`, default none: addresses or CIDR ranges (`"10.0.0.0/8"`) of
+    /// reverse proxies whose `X-Forwarded-For` names the real caller (logs and refusal
+    /// accounting). From any other peer the header is ignored.
+    pub trusted_proxies: Vec<String>,
+    /// `proxy.tls_reload_interval`, default 30s: how often `tls_cert` and `tls_key` are checked
+    /// for a change (they are also reloaded on SIGHUP).
+    pub tls_reload_interval: HumanDuration,
     /// `proxy.cancelled_drain_max`, default 64MiB: upstream bytes read after a caller leaves.
     pub cancelled_drain_max: ByteSize,
     /// `proxy.require_token`, default false: callers must send `X-Meter-Token: <token>`, the
@@ -163,6 +196,12 @@ impl Default for ProxyConfig {
             tls_key: None,
             max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
             header_read_timeout: HumanDuration(DEFAULT_HEADER_READ_TIMEOUT),
+            body_read_timeout: HumanDuration(DEFAULT_BODY_READ_TIMEOUT),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            trusted_proxies: Vec::new(),
+            tls_reload_interval: HumanDuration(DEFAULT_TLS_RELOAD_INTERVAL),
             cancelled_drain_max: ByteSize(DEFAULT_CANCELLED_DRAIN_MAX),
             require_token: false,
             token_env: DEFAULT_PROXY_TOKEN_ENV.to_owned(),
@@ -184,8 +223,14 @@ pub struct AdminConfig {
     /// bearer token. When it is set and non-empty, `/api/*` requires `Authorization: Bearer <token>`.
     /// The token is read from the environment so it never sits in a config file.
     pub token_env: String,
-    /// `admin.protect_metrics`, default false: also require the token on `/metrics`.
-    pub protect_metrics: bool,
+    /// `admin.protect_metrics`: also require the token on `/metrics`. Default: on when
+    /// `admin.listen` is not a loopback address (the token is required there anyway), off on
+    /// loopback. See [`AdminConfig::metrics_protected`].
+    pub protect_metrics: Option<bool>,
+    /// `admin.hosts`, default none: host names (besides loopback addresses and `localhost`) the
+    /// admin listener answers to in the `Host` header, e.g. the Service name in Kubernetes.
+    /// Any other name gets a 421 (DNS rebinding guard).
+    pub hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -193,12 +238,35 @@ impl Default for AdminConfig {
         Self {
             listen: parse_default_addr(DEFAULT_ADMIN_LISTEN),
             token_env: DEFAULT_ADMIN_TOKEN_ENV.to_owned(),
-            protect_metrics: false,
+            protect_metrics: None,
+            hosts: Vec::new(),
         }
     }
 }
 
 impl AdminConfig {
+    /// Whether `/metrics` requires the token: `protect_metrics` if set, else true exactly when
+    /// the listener is not on loopback.
+    pub fn metrics_protected(&self) -> bool {
+        self.protect_metrics
+            .unwrap_or(!self.listen.ip().is_loopback())
+    }
+
+    /// Refuses an admin listener at `listen` that is off loopback without a token; the message
+    /// names the variable to set.
+    pub fn check_exposure(&self, listen: SocketAddr) -> Result<(), ConfigError> {
+        if listen.ip().is_loopback() || self.token().is_some() {
+            return Ok(());
+        }
+        Err(invalid(
+            "admin.token_env",
+            format!(
+                "admin.listen is {listen}, which is not a loopback address, and the environment variable {env} (named by admin.token_env) is empty or unset: anyone who reaches that address could place holds and read the ledger. Set {env} to a long random token (e.g. `openssl rand -hex 32`), or set admin.listen = \"127.0.0.1:9464\"",
+                env = self.token_env
+            ),
+        ))
+    }
+
     /// The admin token from the environment, if one is set.
     pub fn token(&self) -> Option<String> {
         std::env::var(&self.token_env)
@@ -386,12 +454,17 @@ impl Default for MetricsConfig {
 pub struct ShutdownConfig {
     /// `shutdown.grace`, default 30s for in-flight calls to finish.
     pub grace: HumanDuration,
+    /// `shutdown.drain_delay`, default 5s: after SIGTERM, `/readyz` answers 503 at once but the
+    /// proxy keeps accepting and serving for this long, so a load balancer that polls it stops
+    /// sending new calls before the listener closes. Then the `grace` drain starts.
+    pub drain_delay: HumanDuration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             grace: HumanDuration(DEFAULT_SHUTDOWN_GRACE),
+            drain_delay: HumanDuration(DEFAULT_DRAIN_DELAY),
         }
     }
 }
@@ -686,6 +759,8 @@ impl Config {
         }
         for (key, d) in [
             ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+            ("proxy.body_read_timeout", self.proxy.body_read_timeout),
+            ("proxy.tls_reload_interval", self.proxy.tls_reload_interval),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.timeout", self.upstream.timeout),
             ("ledger.commit_timeout", self.ledger.commit_timeout),
@@ -697,9 +772,11 @@ impl Config {
         if self.proxy.max_request_body.0 == 0 {
             return Err(invalid(
                 "proxy.max_request_body",
-                "must be above zero, e.g. \"10MiB\"",
+                "must be above zero, e.g. \"1MiB\"",
             ));
         }
+        crate::proxy::limits::validate(&self.proxy)?;
+        crate::admin::lock::validate_hosts(&self.admin.hosts)?;
         if !self.proxy.metering && !self.budget.is_empty() {
             return Err(invalid(
                 "proxy.metering",
@@ -712,6 +789,15 @@ impl Config {
         self.reconcile.validate()?;
         self.settle.validate()?;
         crate::guard::config::validate(&self.guard, &self.budget)?;
+        Ok(())
+    }
+
+    /// The rules that read the environment, checked by `serve` (before binding anything) and
+    /// `check-config`, not by every command that merely reads the ledger settings: an admin
+    /// listener off loopback needs its token, and `proxy.require_token` needs the proxy's.
+    pub fn validate_for_serve(&self) -> Result<(), ConfigError> {
+        self.admin.check_exposure(self.admin.listen)?;
+        self.proxy.token()?;
         Ok(())
     }
 
@@ -772,7 +858,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
@@ -913,7 +999,10 @@ mod tests {
         assert_eq!(c.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
         assert_eq!(c.upstream.base_url, "https://api.apollo.io");
         assert_eq!(c.ledger.durability, Durability::Commit);
-        assert_eq!(c.proxy.max_request_body.0, 10 << 20);
+        assert_eq!(c.proxy.max_request_body.0, 1 << 20);
+        assert_eq!(c.proxy.h2_max_concurrent_streams, 32);
+        assert_eq!(c.shutdown.drain_delay.0, Duration::from_secs(5));
+        assert!(!c.admin.metrics_protected(), "loopback admin: /metrics open");
         assert!(c.proxy.metering, "metering is on unless switched off");
     }
 

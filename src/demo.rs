@@ -257,6 +257,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     let mut config = Config::default();
     config.upstream.base_url = format!("http://{sim_addr}");
     config.ledger.path = db.clone();
+    // No load balancer watches the demo's /readyz: stop at once.
+    config.shutdown.drain_delay = HumanDuration(std::time::Duration::ZERO);
     // Settlement polls the simulator's webhook_result with a key of its own (any key works
     // there), starting soon after each call instead of the default 20s.
     config.settle.embedded_key = Some(EmbeddedKey(DEMO_SETTLE_KEY.to_owned()));

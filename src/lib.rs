@@ -169,11 +169,11 @@ pub async fn run_with_reload(
     mut reload: tokio::sync::mpsc::Receiver<()>,
 ) -> Result<(), RunError> {
     let base = config.upstream_uri()?;
+    // The listener actually bound decides: off loopback, the admin token is required.
+    config
+        .admin
+        .check_exposure(admin_listener.local_addr().unwrap_or(config.admin.listen))?;
     let catalog = Arc::new(load_catalog(&config)?);
-    let tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
-        (Some(c), Some(k)) => Some(proxy::listener::tls_acceptor(c, k)?),
-        _ => None,
-    };
     let upstream = proxy::upstream::Upstream::new(&config.upstream, &base)?;
     let proxy_token = config.proxy.token()?;
 
@@ -186,6 +186,22 @@ pub async fn run_with_reload(
     )?);
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
     seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::from)?;
+    let edge_metrics = proxy::limits::EdgeMetrics::register(metrics.registry())
+        .map_err(metrics::MetricsError::from)?;
+    let refusals = Arc::new(proxy::limits::Refusals::new(edge_metrics.clone()));
+    // The certificate resolver reloads its pair on SIGHUP and when the files change.
+    let tls_cert = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
+        (Some(c), Some(k)) => Some(proxy::tls_reload::ReloadingCert::load(
+            c,
+            k,
+            Some(edge_metrics.clone()),
+        )?),
+        _ => None,
+    };
+    let tls = match &tls_cert {
+        Some(c) => Some(proxy::tls_reload::acceptor_with(c.clone())?),
+        None => None,
+    };
     // Budgets resume the current windows' spend, and holds stay in force, across restarts.
     let guard: Arc<guard::Guard> = Arc::new(guard::Guard::start(
         &config.guard,
@@ -312,6 +328,8 @@ pub async fn run_with_reload(
             .as_deref()
             .map(|t| ring::digest::digest(&ring::digest::SHA256, t.as_bytes())),
         max_request_body: config.proxy.max_request_body.0,
+        body_read_timeout: config.proxy.body_read_timeout.0,
+        refusals: refusals.clone(),
         upstream_timeout: config.upstream.timeout.0,
         drain: DrainSettings {
             tracker: tracker.clone(),
@@ -330,7 +348,11 @@ pub async fn run_with_reload(
         durability,
         catalog_version: catalog.version().to_owned(),
         token_digest: admin::Admin::digest_token(admin_token.as_deref()),
-        protect_metrics: config.admin.protect_metrics,
+        protect_metrics: config.admin.metrics_protected(),
+        host_check: admin::lock::HostCheck::new(
+            &config.admin.hosts,
+            admin_listener.local_addr().unwrap_or(config.admin.listen),
+        ),
         reconcile: reconcile_status,
         metering: config.proxy.metering,
     });
@@ -338,7 +360,14 @@ pub async fn run_with_reload(
 
     let builder = Arc::new(proxy::listener::http_builder(
         config.proxy.header_read_timeout.0,
+        config.proxy.h2_max_concurrent_streams,
     ));
+    let edge_guard = Arc::new(proxy::limits::EdgeGuard {
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_in_flight)),
+        max_in_flight: config.proxy.max_in_flight,
+        refusals: refusals.clone(),
+        trusted: proxy::forwarded::TrustedProxies::parse(&config.proxy.trusted_proxies)?,
+    });
     tracing::info!(
         proxy = %proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -372,16 +401,23 @@ pub async fn run_with_reload(
             proxy_listener,
             tls,
             builder.clone(),
-            move || {
-                let proxy = proxy.clone();
-                hyper::service::service_fn(move |req| proxy.clone().handle(req))
-            },
+            move |peer| proxy::limits::InFlightLimit::new(proxy.clone(), edge_guard.clone(), peer),
             stop.clone(),
             hard_stop.clone(),
             tracker.clone(),
             config.proxy.header_read_timeout.0,
+            Some(proxy::listener::ConnLimits {
+                max_connections: config.proxy.max_connections,
+                refusals: refusals.clone(),
+            }),
         ))
     };
+    if let Some(cert) = &tls_cert {
+        tracker.spawn(
+            cert.clone()
+                .watch(config.proxy.tls_reload_interval.0, stop.clone()),
+        );
+    }
     // The balance poller: its own task, stopped with the proxy; it can fail without touching
     // a single proxied call.
     if let Some(poller) = poller {
@@ -398,7 +434,7 @@ pub async fn run_with_reload(
         admin_listener,
         None,
         builder,
-        move || {
+        move |_peer| {
             let admin = admin.clone();
             hyper::service::service_fn(move |req| admin.clone().handle(req))
         },
@@ -406,6 +442,7 @@ pub async fn run_with_reload(
         admin_hard.clone(),
         admin_tracker.clone(),
         config.proxy.header_read_timeout.0,
+        None,
     ));
 
     tokio::pin!(shutdown);
@@ -413,6 +450,12 @@ pub async fn run_with_reload(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(()) = reload.recv() => {
+                if let Some(cert) = &tls_cert {
+                    let c = cert.clone();
+                    if let Ok(result) = tokio::task::spawn_blocking(move || c.reload()).await {
+                        cert.log("SIGHUP", &result);
+                    }
+                }
                 let loaded = reload_settings(config_path.as_deref(), &config);
                 let applied = match loaded {
                     Ok((settings, new)) => {
@@ -446,9 +489,17 @@ pub async fn run_with_reload(
             }
         }
     }
+    // Draining behind a load balancer: /readyz turns 503 now, and the proxy keeps accepting
+    // and serving for shutdown.drain_delay, so the balancer stops sending new calls before
+    // the listener closes.
+    draining.store(true, Ordering::Relaxed);
+    let drain_delay = config.shutdown.drain_delay.0;
+    if !drain_delay.is_zero() {
+        tracing::info!(drain_delay = ?drain_delay, "shutting down: /readyz answers 503; still accepting calls until the drain delay ends");
+        tokio::time::sleep(drain_delay).await;
+    }
     let deadline = Instant::now() + config.shutdown.grace.0;
     tracing::info!(grace = ?config.shutdown.grace.0, "shutting down: no new connections, draining in-flight calls");
-    draining.store(true, Ordering::Relaxed);
     stop.cancel();
     if let Ok(graceful) = proxy_task.await {
         if !proxy::listener::until(deadline, graceful.shutdown()).await {

@@ -341,6 +341,11 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
+            // Refused before any port is bound: an exposed admin listener without its token.
+            if let Err(e) = config.validate_for_serve() {
+                eprintln!("creditmeter: {e}");
+                return Ok(ExitCode::from(EX_USAGE));
+            }
             let rt = runtime()?;
             rt.block_on(async {
                 let proxy = tokio::net::TcpListener::bind(config.proxy.listen)
@@ -387,6 +392,11 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EX_USAGE));
                 }
             };
+            // What `serve` would refuse: an exposed admin listener without its token, ...
+            if let Err(e) = config.validate_for_serve() {
+                eprintln!("creditmeter: {e}");
+                return Ok(ExitCode::from(EX_USAGE));
+            }
             if let (Some(c), Some(k)) = (&config.proxy.tls_cert, &config.proxy.tls_key) {
                 if let Err(e) = creditmeter::proxy::listener::tls_acceptor(c, k) {
                     eprintln!("creditmeter: {e}");

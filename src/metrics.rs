@@ -298,6 +298,11 @@ impl Metrics {
         })
     }
 
+    /// The registry, for metrics registered by other parts (the proxy listener's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Counts a configuration reload.
     pub fn config_reloaded(&self, ok: bool) {
         self.reloads

@@ -70,15 +70,16 @@ impl AdminClient {
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().method(method).uri(&url);
+        let mut req = Request::builder().method(method.clone()).uri(&url);
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
+        // Every mutation says it is JSON, body or not: the admin listener refuses others (415).
+        if body.is_some() || !matches!(method, Method::GET | Method::HEAD) {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
         let payload = match body {
-            Some(b) => {
-                req = req.header(http::header::CONTENT_TYPE, "application/json");
-                Bytes::from(b.to_string())
-            }
+            Some(b) => Bytes::from(b.to_string()),
             None => Bytes::new(),
         };
         let req = req

@@ -6,6 +6,7 @@
 //! keep-alive connections close). Connections still open at `hard_stop` are dropped.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +16,13 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::limits::Refusals;
 use super::tap::BoxError;
 
 mod first_bytes;
@@ -48,23 +49,10 @@ pub enum TlsSetupError {
     Pair(#[source] rustls::Error),
 }
 
-/// Loads the certificate chain and key and builds an acceptor offering h2 and HTTP/1.1.
+/// Loads the certificate chain and key and builds an acceptor offering h2 and HTTP/1.1 with
+/// that one pair (the simulator; the proxy uses a [`super::tls_reload::ReloadingCert`]).
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsSetupError::Cert {
-            path: cert.display().to_string(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsSetupError::NoCert {
-            path: cert.display().to_string(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsSetupError::Key {
-        path: key.display().to_string(),
-        source,
-    })?;
+    let (certs, key) = super::tls_reload::read_pair(cert, key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -77,8 +65,12 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Server-side HTTP settings.
-pub fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// Server-side HTTP settings: `header_read_timeout` for HTTP/1 request heads, at most
+/// `h2_max_streams` concurrent streams per h2 connection.
+pub fn http_builder(
+    header_read_timeout: Duration,
+    h2_max_streams: u32,
+) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -86,13 +78,23 @@ pub fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecuto
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(h2_max_streams)
         .max_pending_accept_reset_streams(50)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }
 
+/// The proxy listener's connection limit and accounting (the admin listener has none).
+pub struct ConnLimits {
+    /// `proxy.max_connections`.
+    pub max_connections: usize,
+    pub refusals: Arc<Refusals>,
+}
+
 /// Accepts until `stop` is cancelled, then returns the handle that drains the open connections.
+/// `make_service` builds each connection's service from the peer's address. With `limits`, at
+/// most `max_connections` connections are open at once: at the limit the loop stops accepting
+/// until one closes (new connections wait in the kernel's backlog).
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S, B, F>(
     listener: TcpListener,
@@ -103,9 +105,10 @@ pub async fn serve<S, B, F>(
     hard_stop: CancellationToken,
     tracker: TaskTracker,
     handshake_timeout: Duration,
+    limits: Option<ConnLimits>,
 ) -> GracefulShutdown
 where
-    F: Fn() -> S,
+    F: Fn(SocketAddr) -> S,
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -113,7 +116,27 @@ where
     B::Error: Into<BoxError>,
 {
     let graceful = GracefulShutdown::new();
+    let slots = limits
+        .as_ref()
+        .map(|l| Arc::new(Semaphore::new(l.max_connections)));
     loop {
+        // A slot first: at the limit, wait for a connection to close before accepting more.
+        let slot = match &slots {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    if let Some(l) = &limits {
+                        l.refusals.metrics().connections_limited.inc();
+                        tracing::debug!("proxy.max_connections reached; accepting again when a connection closes");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        p = slots.clone().acquire_owned() => p.ok(),
+                    }
+                }
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -127,20 +150,30 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service();
+        let service = make_service(peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let hard_stop = hard_stop.clone();
+        let accounting = limits.as_ref().map(|l| l.refusals.clone());
         tracker.spawn(async move {
+            let _open = accounting.as_ref().map(|r| OpenConnection::new(r, slot));
             let run = async {
                 match tls {
                     // The first bytes must arrive within the same limit (see `first_bytes`).
                     None => serve_one(&builder, TokioIo::new(FirstBytes::new(stream, handshake_timeout)), service, watcher).await,
                     Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => serve_one(&builder, TokioIo::new(FirstBytes::new(tls_stream, handshake_timeout)), service, watcher).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            if let Some(r) = &accounting {
+                                r.refuse("tls_handshake", Some(peer.ip()), &format!("TLS handshake failed: {e}"));
+                            }
+                        }
+                        Err(_) => {
+                            if let Some(r) = &accounting {
+                                r.refuse("tls_handshake", Some(peer.ip()), "TLS handshake not done within proxy.header_read_timeout");
+                            }
+                        }
                     },
                 }
             };
@@ -151,6 +184,27 @@ where
         });
     }
     graceful
+}
+
+/// One open proxy connection: counted in `creditmeter_connections_open`, holding its
+/// `max_connections` slot until it closes.
+struct OpenConnection {
+    gauge: prometheus::IntGauge,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl OpenConnection {
+    fn new(refusals: &Refusals, slot: Option<OwnedSemaphorePermit>) -> Self {
+        let gauge = refusals.metrics().connections_open.clone();
+        gauge.inc();
+        Self { gauge, _slot: slot }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 async fn serve_one<I, S, B>(

@@ -11,8 +11,11 @@
 //! header hygiene, then goes straight upstream and back: no ledger row, no pricing, no
 //! admission, no tap, no spawned task, no request id.
 
+pub mod forwarded;
+pub mod limits;
 pub mod listener;
 pub mod tap;
+pub mod tls_reload;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -90,6 +93,10 @@ pub struct Proxy {
     /// SHA-256 of `proxy.require_token`'s token: callers must send it in `X-Meter-Token`.
     pub token_digest: Option<ring::digest::Digest>,
     pub max_request_body: u64,
+    /// `proxy.body_read_timeout`: the whole request body must arrive within it.
+    pub body_read_timeout: Duration,
+    /// Refusals before authentication: counted and logged rate-limited, no ledger row.
+    pub refusals: Arc<limits::Refusals>,
     pub upstream_timeout: Duration,
     pub drain: DrainSettings,
     /// `proxy.metering`: when false, calls are forwarded unrecorded (see `handle_unmetered`).
@@ -140,7 +147,7 @@ impl Proxy {
 
         let (attribution, query) = match self.screen(&mut parts, settings.require_table) {
             Ok(v) => v,
-            Err(r) => return Ok(self.refuse(refused(Attribution::default()), r).await),
+            Err(r) => return Ok(self.refuse_unrecorded(&parts.extensions, r)),
         };
 
         // ledger.on_error = "fail_closed": no credit may be spent while the ledger cannot record it.
@@ -156,7 +163,7 @@ impl Proxy {
         // The request body: small JSON, read whole (capped) because pricing needs its parameters.
         let body_bytes = match self.read_body(&parts.headers, body).await {
             Ok(b) => b,
-            Err(r) => return Ok(self.refuse(refused(attribution), r).await),
+            Err(r) => return Ok(self.refuse_unrecorded(&parts.extensions, r)),
         };
 
         // Our copy of the parameters, read as Apollo reads them (JSON or form, decoded); the
@@ -227,10 +234,11 @@ impl Proxy {
     /// is recorded, priced or admitted, and no task is spawned: the call lives on its
     /// connection, and there is no request id to name.
     async fn handle_unmetered(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let client = limits::ClientAddr::of(req.extensions());
         let up = match self.unmetered_request(req).await {
             Ok(up) => up,
             Err(r) => {
-                tracing::info!(status = r.status.as_u16(), code = r.code, message = %r.message, "call refused (metering off)");
+                self.refusals.refuse(r.code, client, &r.message);
                 return r.response(None);
             }
         };
@@ -320,7 +328,8 @@ impl Proxy {
         })
     }
 
-    /// The request body, read whole up to `proxy.max_request_body` (413 past it).
+    /// The request body, read whole up to `proxy.max_request_body` (413 past it) within
+    /// `proxy.body_read_timeout` (408 past it).
     async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Rejection> {
         let too_large = || {
             Rejection::new(
@@ -339,10 +348,18 @@ impl Proxy {
         if declared.is_some_and(|n| n > self.max_request_body) {
             return Err(too_large());
         }
-        match Limited::new(body, self.max_request_body as usize)
-            .collect()
-            .await
-        {
+        let read = Limited::new(body, self.max_request_body as usize).collect();
+        let Ok(read) = tokio::time::timeout(self.body_read_timeout, read).await else {
+            return Err(Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_body_timeout",
+                format!(
+                    "the request body did not arrive within proxy.body_read_timeout ({:?}); nothing was sent upstream",
+                    self.body_read_timeout
+                ),
+            ));
+        };
+        match read {
             Ok(c) => Ok(c.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
             Err(e) => Err(Rejection::new(
@@ -475,6 +492,16 @@ impl Proxy {
         }
         let tap = TapBody::new(body, call, deadline, self.drain.clone());
         Response::from_parts(parts, Either::Left(tap))
+    }
+
+    /// A request refused before authentication (not an open proxy, no proxy token, bad
+    /// attribution, a body too large, too slow or unreadable): nothing went upstream and no
+    /// credit could have been spent, so there is no ledger row and no request id; the refusal
+    /// is counted in `creditmeter_refused_total{reason}` and logged rate-limited.
+    fn refuse_unrecorded(&self, extensions: &http::Extensions, r: Rejection) -> Response<ProxyBody> {
+        self.refusals
+            .refuse(r.code, limits::ClientAddr::of(extensions), &r.message);
+        r.response(None)
     }
 
     /// A call refused before anything went upstream: recorded as `rejected`, answered with JSON.
