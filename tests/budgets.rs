@@ -116,11 +116,16 @@ async fn api(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (http::StatusCode, Value) {
+    // Every mutation is JSON (the admin listener answers others with a 415).
+    let json = method != http::Method::GET;
     let mut b = http::Request::builder()
         .method(method)
         .uri(format!("http://{}{path}", proxy.admin));
     if let Some(t) = token {
         b = b.header("authorization", format!("Bearer {t}"));
+    }
+    if json {
+        b = b.header("content-type", "application/json");
     }
     let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
     let (status, _, bytes) = send(&client(), b.body(Full::new(body)).unwrap()).await;

@@ -210,7 +210,7 @@ async fn enormous_bodies_get_413_declared_or_streamed() {
     assert!(text.contains("max_request_body"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(3));
 
-    // Chunked, no length given: read up to the cap (10 MiB), then refused. Raw, reading while
+    // Chunked, no length given: read up to the cap (1 MiB), then refused. Raw, reading while
     // writing: the proxy answers and closes before the 64 MiB are sent, and a client library
     // reports that as a broken pipe on its write rather than the 413 it was sent.
     let (mut rd, mut wr) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
@@ -255,13 +255,18 @@ async fn enormous_bodies_get_413_declared_or_streamed() {
     }
 
     assert_eq!(up.hits.load(Ordering::SeqCst), 0, "nothing went upstream");
-    let rows = rows(&proxy.ledger(), "outcome = 'rejected'");
-    assert_eq!(rows.len(), 2, "{rows:?}");
-    assert!(rows.iter().all(|r| r
-        .error
-        .as_deref()
-        .unwrap_or("")
-        .contains("max_request_body")));
+    // Refused before anything could be billed: counted, not a ledger commit each.
+    let rows = rows(&proxy.ledger(), "1 = 1");
+    assert!(rows.is_empty(), "{rows:?}");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_refused_total",
+            &[("reason", "request_body_too_large")]
+        ),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,14 +339,20 @@ async fn bad_bytes_in_tags_get_400_naming_the_header() {
         assert!(text.starts_with("HTTP/1.1 400"), "{header:?}: {text}");
     }
     assert_eq!(up.hits.load(Ordering::SeqCst), 0, "nothing went upstream");
-    let refused = rows(
-        &proxy.ledger(),
-        "outcome = 'rejected' AND table_name IS NULL",
+    let refused = rows(&proxy.ledger(), "1 = 1");
+    assert!(
+        refused.is_empty(),
+        "junk refused before authentication is no ledger row: {refused:?}"
     );
+    let m = proxy.metrics().await;
     assert_eq!(
-        refused.len(),
-        7,
-        "creditmeter's own refusals are rows: {refused:?}"
+        metric_sum(
+            &m,
+            "creditmeter_refused_total",
+            &[("reason", "invalid_attribution")]
+        ),
+        7.0,
+        "but each is counted"
     );
 
     // Printable non-ASCII is fine and kept as written.
@@ -499,7 +510,14 @@ async fn other_hosts_are_refused_or_never_reached() {
         );
     }
     assert_eq!(up.hits.load(Ordering::SeqCst), 0);
-    assert_eq!(rows(&proxy.ledger(), "outcome = 'rejected'").len(), 7);
+    assert_eq!(rows(&proxy.ledger(), "outcome = 'rejected'").len(), 0);
+    let m = proxy.metrics().await;
+    let refused = |reason| metric_sum(&m, "creditmeter_refused_total", &[("reason", reason)]);
+    assert_eq!(
+        (refused("absolute_uri_refused"), refused("connect_refused")),
+        (4.0, 3.0),
+        "counted, not recorded"
+    );
 
     // A hostile Host header or a path that looks like a network path goes nowhere but the
     // configured upstream, with the upstream's own Host.

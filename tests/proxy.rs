@@ -552,7 +552,10 @@ async fn invalid_attribution_gets_400_and_nothing_reaches_upstream() {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["field"], field, "{json}");
         assert!(json["message"].as_str().unwrap().contains(field), "{json}");
-        assert!(h.get("x-meter-request-id").is_some());
+        assert!(
+            h.get("x-meter-request-id").is_none() && json.get("request_id").is_none(),
+            "a refusal before authentication names no ledger row: {json}"
+        );
     }
     assert_eq!(
         up.hits.load(std::sync::atomic::Ordering::SeqCst),
@@ -561,9 +564,19 @@ async fn invalid_attribution_gets_400_and_nothing_reaches_upstream() {
     );
     let rejected: i64 = proxy
         .ledger()
-        .query_row("SELECT count(*) FROM calls WHERE outcome = 'rejected' AND credits_milli = 0 AND status IS NULL", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(rejected, 5, "refused calls are recorded too");
+    assert_eq!(rejected, 0, "bad attribution costs no ledger commit");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_refused_total",
+            &[("reason", "invalid_attribution")]
+        ),
+        5.0,
+        "each refusal is counted"
+    );
     // A valid table passes.
     let req = http::Request::post(proxy.url("/api/v1/people/match?meter_table=Valid"))
         .header("x-api-key", "k")

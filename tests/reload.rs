@@ -262,5 +262,15 @@ async fn the_proxy_token_keeps_strangers_out() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(rows, 3, "refused attempts are recorded");
+    assert_eq!(rows, 0, "attempts without the token cost no ledger commit");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "creditmeter_refused_total",
+            &[("reason", "proxy_token_required")]
+        ),
+        3.0,
+        "they are counted"
+    );
 }

@@ -48,6 +48,13 @@ impl Served {
             .entry("ledger")
             .or_default()
             .push("path = \"ledger.db\"".to_owned());
+        // No load balancer polls these: stop at once on SIGTERM unless a test says otherwise.
+        if !settings.iter().any(|(k, _)| *k == "shutdown.drain_delay") {
+            sections
+                .entry("shutdown")
+                .or_default()
+                .push("drain_delay = \"0s\"".to_owned());
+        }
         for (key, value) in settings {
             let (section, name) = key.split_once('.').expect("section.key");
             sections

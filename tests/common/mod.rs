@@ -220,6 +220,8 @@ pub fn config_for(upstream: &str, ca: Option<&Path>) -> Config {
     c.upstream.base_url = upstream.to_owned();
     c.upstream.ca_file = ca.map(Path::to_path_buf);
     c.shutdown.grace = creditmeter::config::HumanDuration(Duration::from_secs(10));
+    // No load balancer polls a test's /readyz: close at once on shutdown.
+    c.shutdown.drain_delay = creditmeter::config::HumanDuration(Duration::ZERO);
     c
 }
 
