@@ -49,8 +49,17 @@ if ! have python3; then
 fi
 
 # ---------------------------------------------------------------- Prometheus
+# prometheus.yml reads the admin token from /run/secrets/creditmeter_admin_token (compose
+# mounts it); promtool wants that file to exist, so check a copy that points at a stand-in.
+prometheus_config() {
+    mkdir -p "$tmp/prometheus"
+    : >"$tmp/admin-token"
+    sed "s#/run/secrets/creditmeter_admin_token#$tmp/admin-token#" "$D/prometheus/prometheus.yml" >"$tmp/prometheus/prometheus.yml"
+    cp "$D/prometheus/creditmeter-rules.yml" "$tmp/prometheus/"
+    promtool check config "$tmp/prometheus/prometheus.yml"
+}
 if have promtool; then
-    run "promtool check config prometheus.yml" promtool check config "$D/prometheus/prometheus.yml"
+    run "promtool check config prometheus.yml" prometheus_config
     run "promtool check rules creditmeter-rules.yml" promtool check rules "$D/prometheus/creditmeter-rules.yml"
     run "promtool test rules creditmeter-rules.test.yml" promtool test rules "$D/prometheus/creditmeter-rules.test.yml"
 else
@@ -207,7 +216,7 @@ config_files() {
     python3 - "$D/container/creditmeter.toml" "$D/k8s/configmap.yaml" <<'EOF'
 import re, sys, tomllib
 # Keys fixed by DESIGN.md; creditmeter rejects unknown keys.
-known = {"proxy.listen", "admin.listen", "upstream.base_url", "upstream.ca_file", "ledger.path", "catalog.path"}
+known = {"proxy.listen", "admin.listen", "admin.hosts", "upstream.base_url", "upstream.ca_file", "ledger.path", "catalog.path"}
 def keys(doc, prefix=""):
     for k, v in doc.items():
         if isinstance(v, dict):
@@ -243,6 +252,7 @@ if python3 -c 'import yaml' 2>/dev/null; then
         python3 - "$D"/compose.yaml "$D"/grafana/provisioning/*/*.yaml "$D"/k8s/*.yaml <<'EOF'
 import sys, yaml
 bad = 0
+kinds_seen = set()
 for path in sys.argv[1:]:
     try:
         docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d is not None]
@@ -266,11 +276,26 @@ for path in sys.argv[1:]:
                 (spec.get("strategy", {}).get("type") == "Recreate", "strategy must be Recreate"),
                 (c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz", "liveness probe must GET /healthz"),
                 (c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz", "readiness probe must GET /readyz"),
-                (pod.get("terminationGracePeriodSeconds", 30) > 30, "terminationGracePeriodSeconds must exceed the 30s drain"),
+                # shutdown.drain_delay (5s) + shutdown.grace (30s), the ConfigMap's defaults;
+                # a preStop hook would add its own time.
+                (pod.get("terminationGracePeriodSeconds", 30) > 35 and "preStop" not in c.get("lifecycle", {}),
+                 "terminationGracePeriodSeconds must exceed drain_delay + grace (35s), with no preStop hook adding more"),
+                (any(e.get("name") == "CREDITMETER_ADMIN_TOKEN" and "secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", [])),
+                 "the admin listens on 0.0.0.0: CREDITMETER_ADMIN_TOKEN must come from a Secret"),
             ):
                 if not cond:
                     print(f"{path}: {msg}")
                     bad = 1
+        if doc.get("kind") == "ServiceMonitor":
+            for ep in doc["spec"]["endpoints"]:
+                if "authorization" not in ep:
+                    print(f"{path}: the ServiceMonitor must send the admin token (/metrics is protected off loopback)")
+                    bad = 1
+        if doc.get("kind") == "NetworkPolicy":
+            kinds_seen.add("NetworkPolicy")
+if "NetworkPolicy" not in kinds_seen:
+    print("k8s: no NetworkPolicy guards the admin port")
+    bad = 1
 print(f"{len(sys.argv) - 1} YAML files parse")
 sys.exit(bad)
 EOF

@@ -247,8 +247,12 @@ impl AdminConfig {
     /// Whether `/metrics` requires the token: `protect_metrics` if set, else true exactly when
     /// the listener is not on loopback.
     pub fn metrics_protected(&self) -> bool {
-        self.protect_metrics
-            .unwrap_or(!self.listen.ip().is_loopback())
+        self.metrics_protected_on(self.listen)
+    }
+
+    /// [`AdminConfig::metrics_protected`] for a listener bound at `listen`.
+    pub fn metrics_protected_on(&self, listen: SocketAddr) -> bool {
+        self.protect_metrics.unwrap_or(!listen.ip().is_loopback())
     }
 
     /// Refuses an admin listener at `listen` that is off loopback without a token; the message
@@ -857,7 +861,10 @@ mod tests {
         assert_eq!(c.proxy.max_request_body.0, 1 << 20);
         assert_eq!(c.proxy.h2_max_concurrent_streams, 32);
         assert_eq!(c.shutdown.drain_delay.0, Duration::from_secs(5));
-        assert!(!c.admin.metrics_protected(), "loopback admin: /metrics open");
+        assert!(
+            !c.admin.metrics_protected(),
+            "loopback admin: /metrics open"
+        );
         assert!(c.proxy.metering, "metering is on unless switched off");
     }
 

@@ -347,7 +347,9 @@ pub async fn run_with_reload(
         durability,
         catalog_version: catalog.version().to_owned(),
         token_digest: admin::Admin::digest_token(admin_token.as_deref()),
-        protect_metrics: config.admin.metrics_protected(),
+        protect_metrics: config
+            .admin
+            .metrics_protected_on(admin_listener.local_addr().unwrap_or(config.admin.listen)),
         host_check: admin::lock::HostCheck::new(
             &config.admin.hosts,
             admin_listener.local_addr().unwrap_or(config.admin.listen),

@@ -26,8 +26,7 @@ pub fn validate_hosts(hosts: &[String]) -> Result<(), ConfigError> {
     for h in hosts {
         let ok = !h.is_empty()
             && h.len() <= 253
-            && h
-                .chars()
+            && h.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
         if !ok {
             return Err(invalid(
@@ -187,7 +186,10 @@ mod tests {
     #[test]
     fn off_loopback_ip_literals_pass_but_names_still_must_be_listed() {
         let c = HostCheck::new(&[], "0.0.0.0:9464".parse().unwrap());
-        assert!(c.allows("10.1.2.3:9464"), "a kubelet probe names the pod IP");
+        assert!(
+            c.allows("10.1.2.3:9464"),
+            "a kubelet probe names the pod IP"
+        );
         assert!(c.allows("[fd00::1]:9464"));
         assert!(!c.allows("rebound.example:9464"));
     }
@@ -201,7 +203,9 @@ mod tests {
             .unwrap();
         let r = c.refusal(&req).unwrap();
         assert_eq!(r.status(), StatusCode::MISDIRECTED_REQUEST);
-        let req = Request::get("http://localhost:9464/metrics").body(()).unwrap();
+        let req = Request::get("http://localhost:9464/metrics")
+            .body(())
+            .unwrap();
         assert!(c.refusal(&req).is_none(), "h2 :authority");
         let req = Request::get("/metrics").body(()).unwrap();
         assert!(c.refusal(&req).is_none(), "no host at all: not a browser");

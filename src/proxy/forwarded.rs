@@ -166,10 +166,7 @@ mod tests {
             "nothing trusted by default"
         );
         // Mapped IPv4 peers (dual-stack sockets) match IPv4 entries.
-        assert_eq!(
-            t.client_ip(ip("::ffff:127.0.0.1"), &h),
-            ip("203.0.113.7")
-        );
+        assert_eq!(t.client_ip(ip("::ffff:127.0.0.1"), &h), ip("203.0.113.7"));
     }
 
     #[test]
@@ -191,7 +188,9 @@ mod tests {
     #[test]
     fn ranges_parse_and_match() {
         for bad in ["", "10.0.0.0/33", "fd00::/129", "example.com", "10.0.0/8"] {
-            let e = TrustedProxies::parse(&[bad.into()]).unwrap_err().to_string();
+            let e = TrustedProxies::parse(&[bad.into()])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("proxy.trusted_proxies"), "{e}");
         }
         let t = TrustedProxies::parse(&["fd00::/8".into(), "0.0.0.0/0".into()]).unwrap();

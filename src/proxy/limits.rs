@@ -47,7 +47,10 @@ pub fn validate(p: &ProxyConfig) -> Result<(), ConfigError> {
         ));
     }
     if p.max_in_flight == 0 {
-        return Err(invalid("proxy.max_in_flight", "must be at least 1, e.g. 256"));
+        return Err(invalid(
+            "proxy.max_in_flight",
+            "must be at least 1, e.g. 256",
+        ));
     }
     if p.h2_max_concurrent_streams == 0 {
         return Err(invalid(
@@ -370,7 +373,11 @@ mod tests {
         for i in 1..=41 {
             assert_eq!(r.due("junk", t0 + Duration::from_millis(i * 200)), None);
         }
-        assert_eq!(r.due("other", t0 + Duration::from_secs(1)), Some(1), "per reason");
+        assert_eq!(
+            r.due("other", t0 + Duration::from_secs(1)),
+            Some(1),
+            "per reason"
+        );
         assert_eq!(
             r.due("junk", t0 + Duration::from_secs(10)),
             Some(42),

@@ -498,7 +498,11 @@ impl Proxy {
     /// attribution, a body too large, too slow or unreadable): nothing went upstream and no
     /// credit could have been spent, so there is no ledger row and no request id; the refusal
     /// is counted in `creditmeter_refused_total{reason}` and logged rate-limited.
-    fn refuse_unrecorded(&self, extensions: &http::Extensions, r: Rejection) -> Response<ProxyBody> {
+    fn refuse_unrecorded(
+        &self,
+        extensions: &http::Extensions,
+        r: Rejection,
+    ) -> Response<ProxyBody> {
         self.refusals
             .refuse(r.code, limits::ClientAddr::of(extensions), &r.message);
         r.response(None)

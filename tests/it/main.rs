@@ -10,6 +10,7 @@ mod budgets;
 mod cli;
 mod config_props;
 mod crash;
+mod edge;
 mod edges;
 mod herd;
 mod hostile;
