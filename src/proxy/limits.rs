@@ -9,7 +9,8 @@
 //!   gets a `503 too_many_requests_in_flight` at once (nothing upstream, no ledger row), and an
 //!   admitted one keeps its permit until its response body is done.
 //! - [`Refusals`]: a refusal before authentication (a limit, junk, a bad attribution header, a
-//!   body too large or too slow, a failed TLS handshake) is a count in
+//!   body too large or too slow, a failed TLS handshake, headers too slow, bytes that are not
+//!   HTTP) is a count in
 //!   `creditmeter_refused_total{reason}` and, at most once per reason per
 //!   [`REFUSAL_LOG_EVERY`], a log line with how many there were: strangers knocking on a public
 //!   port cost neither a ledger commit nor a log line each.
@@ -77,9 +78,11 @@ pub struct EdgeMetrics {
 }
 
 /// Refusal reasons present from the first scrape (others appear when first counted).
-const KNOWN_REASONS: [&str; 9] = [
+const KNOWN_REASONS: [&str; 11] = [
     "max_in_flight",
     "tls_handshake",
+    "header_timeout",
+    "malformed_request",
     "connect_refused",
     "absolute_uri_refused",
     "proxy_token_required",

@@ -161,9 +161,9 @@ where
             let run = async {
                 match tls {
                     // The first bytes must arrive within the same limit (see `first_bytes`).
-                    None => serve_one(&builder, TokioIo::new(FirstBytes::new(stream, handshake_timeout)), service, watcher).await,
+                    None => serve_one(&builder, TokioIo::new(FirstBytes::new(stream, handshake_timeout)), service, watcher, accounting.as_deref(), peer).await,
                     Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve_one(&builder, TokioIo::new(FirstBytes::new(tls_stream, handshake_timeout)), service, watcher).await,
+                        Ok(Ok(tls_stream)) => serve_one(&builder, TokioIo::new(FirstBytes::new(tls_stream, handshake_timeout)), service, watcher, accounting.as_deref(), peer).await,
                         Ok(Err(e)) => {
                             if let Some(r) = &accounting {
                                 r.refuse("tls_handshake", Some(peer.ip()), &format!("TLS handshake failed: {e}"));
@@ -212,6 +212,8 @@ async fn serve_one<I, S, B>(
     io: TokioIo<I>,
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
+    accounting: Option<&Refusals>,
+    peer: SocketAddr,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
@@ -222,8 +224,36 @@ async fn serve_one<I, S, B>(
 {
     let conn = builder.serve_connection(io, service);
     if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "connection ended with an error");
+        match (accounting, refusal_reason(e.as_ref())) {
+            (Some(r), Some(reason)) => r.refuse(reason, Some(peer.ip()), &e.to_string()),
+            _ => tracing::debug!(error = %e, "connection ended with an error"),
+        }
     }
+}
+
+/// Why hyper gave up on a connection before a request reached the service, when that is a
+/// refusal to count: headers (or a connection's first bytes) too slow, or bytes that are not
+/// HTTP. Other endings (a caller hanging up, a reset) are not refusals.
+fn refusal_reason(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return Some("header_timeout");
+            }
+            if h.is_parse() {
+                return Some("malformed_request");
+            }
+        }
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return Some("header_timeout");
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Waits for `fut` until `deadline`; says whether it finished.

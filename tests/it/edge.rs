@@ -167,6 +167,13 @@ fn a_flood_of_junk_and_slow_bodies_leaves_real_callers_served() {
         let latencies = Arc::new(Mutex::new(Vec::new()));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let url = format!("http://{addr}/api/v1/people/match");
+        // bench/flood.sh runs it longer.
+        let flood_secs = Duration::from_secs(
+            std::env::var("CREDITMETER_FLOOD_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(8),
+        );
         let callers: Vec<_> = (0..6)
             .map(|c| {
                 let (latencies, failures, url) = (latencies.clone(), failures.clone(), url.clone());
@@ -174,7 +181,7 @@ fn a_flood_of_junk_and_slow_bodies_leaves_real_callers_served() {
                     let pooled = client();
                     let started = Instant::now();
                     let mut n = 0;
-                    while started.elapsed() < Duration::from_secs(8) {
+                    while started.elapsed() < flood_secs {
                         // Every other call on a connection of its own: new connections must
                         // still be accepted during the flood.
                         let fresh = client();
@@ -217,10 +224,11 @@ fn a_flood_of_junk_and_slow_bodies_leaves_real_callers_served() {
         lat.sort_by(f64::total_cmp);
         let refused = |reason| metric_sum(&m, "creditmeter_refused_total", &[("reason", reason)]);
         report(&format!(
-            "flood: {} real calls answered 200 in 8 s by 6 callers (half on new connections), {} failed; latency ms p50 {:.1} p99 {:.1} max {:.1}; \
-             junk requests sent {}; refused: invalid_attribution {} absolute_uri {} connect {} body_too_large {} body_timeout {}; \
+            "flood: {} real calls answered 200 in {} s by 6 callers (half on new connections), {} failed; latency ms p50 {:.1} p99 {:.1} max {:.1}; \
+             junk requests sent {}; refused: invalid_attribution {} absolute_uri {} connect {} body_too_large {} body_timeout {} header_timeout {} malformed {}; \
              connections open at the end {}; proxy RSS {} KiB before the flood, peak {} KiB",
             lat.len(),
+            flood_secs.as_secs(),
             failures.len(),
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
@@ -231,6 +239,8 @@ fn a_flood_of_junk_and_slow_bodies_leaves_real_callers_served() {
             refused("connect_refused"),
             refused("request_body_too_large"),
             refused("request_body_timeout"),
+            refused("header_timeout"),
+            refused("malformed_request"),
             metric_sum(&m, "creditmeter_connections_open", &[]),
             rss_before,
             rss_peak,
@@ -238,6 +248,8 @@ fn a_flood_of_junk_and_slow_bodies_leaves_real_callers_served() {
         assert!(failures.is_empty(), "real calls failed during the flood: {failures:?}");
         assert!(lat.len() >= 12, "real callers made progress: {}", lat.len());
         assert!(refused("request_body_timeout") > 0.0, "slow bodies were cut off");
+        assert!(refused("header_timeout") > 0.0, "slow heads were cut off");
+        assert!(refused("malformed_request") > 0.0, "garbage was counted");
         assert!(refused("invalid_attribution") > 0.0 && refused("connect_refused") > 0.0);
         // Only the real calls reached Apollo, and only they cost a ledger commit.
         assert_eq!(sim.sim.billed().calls as usize, lat.len(), "junk reached the simulator");
