@@ -59,7 +59,47 @@ impl CheckConfig {
                 "OFF: calls are forwarded but nothing is recorded or priced"
             }
         );
-        println!("  admin.listen            {}", config.admin.listen);
+        let p = &config.proxy;
+        println!(
+            "  proxy limits            {} connections, {} in flight, {} h2 streams; headers {}, body {} within {}",
+            p.max_connections,
+            p.max_in_flight,
+            p.h2_max_concurrent_streams,
+            p.header_read_timeout,
+            p.max_request_body,
+            p.body_read_timeout
+        );
+        println!(
+            "  proxy.trusted_proxies   {}",
+            if p.trusted_proxies.is_empty() {
+                "(none: X-Forwarded-For is ignored)".to_owned()
+            } else {
+                p.trusted_proxies.join(", ")
+            }
+        );
+        println!(
+            "  admin.listen            {} (token {}, /metrics {}{})",
+            config.admin.listen,
+            if config.admin.token().is_some() {
+                "set"
+            } else {
+                "not set"
+            },
+            if config.admin.metrics_protected() {
+                "needs the token"
+            } else {
+                "open"
+            },
+            if config.admin.hosts.is_empty() {
+                String::new()
+            } else {
+                format!(", also answers to {}", config.admin.hosts.join(", "))
+            }
+        );
+        println!(
+            "  shutdown                /readyz 503 for {} while still serving, then {} to drain",
+            config.shutdown.drain_delay, config.shutdown.grace
+        );
         println!(
             "  upstream.base_url       {}",
             creditmeter::config::redact_url(&config.upstream.base_url)

@@ -7,7 +7,8 @@
 //!   the times the limit was reached, `creditmeter_connections_open` shows the count).
 //! - `proxy.max_in_flight`: [`InFlightLimit`] wraps the proxy's service; a request past the limit
 //!   gets a `503 too_many_requests_in_flight` at once (nothing upstream, no ledger row), and an
-//!   admitted one keeps its permit until its response body is done.
+//!   admitted one keeps its permit until its response body is done and its upstream exchange
+//!   has its answer (a caller who resets an h2 stream does not free the slot early).
 //! - [`Refusals`]: a refusal before authentication (a limit, junk, a bad attribution header, a
 //!   body too large or too slow, a failed TLS handshake, headers too slow, bytes that are not
 //!   HTTP) is a count in
@@ -235,6 +236,12 @@ impl ClientAddr {
     }
 }
 
+/// One request's `proxy.max_in_flight` permit, in the request's extensions so that the
+/// upstream exchange (which outlives a caller who hangs up) holds it too: the request counts
+/// until both its response body and its upstream exchange are done.
+#[derive(Clone)]
+pub struct InFlightPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
 /// The shared state of the in-flight limit.
 pub struct EdgeGuard {
     pub in_flight: Arc<Semaphore>,
@@ -275,7 +282,7 @@ impl hyper::service::Service<Request<Incoming>> for InFlightLimit {
             client,
         });
         let permit = match self.guard.in_flight.clone().try_acquire_owned() {
-            Ok(p) => p,
+            Ok(p) => InFlightPermit(Arc::new(p)),
             Err(_) => {
                 self.guard.refusals.refuse(
                     "max_in_flight",
@@ -286,6 +293,7 @@ impl hyper::service::Service<Request<Incoming>> for InFlightLimit {
                 return Box::pin(async move { Ok(resp) });
             }
         };
+        req.extensions_mut().insert(permit.clone());
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let resp = match proxy.handle(req).await {
@@ -319,16 +327,16 @@ fn too_many_in_flight(limit: usize) -> Response<LimitedBody> {
 }
 
 pin_project_lite::pin_project! {
-    /// A body passed through frame by frame, holding a permit until it is dropped.
+    /// A body passed through frame by frame, holding a permit until it ends or is dropped.
     pub struct PermitBody<B> {
         #[pin]
         inner: B,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<InFlightPermit>,
     }
 }
 
 impl<B> PermitBody<B> {
-    pub fn new(inner: B, permit: Option<OwnedSemaphorePermit>) -> Self {
+    pub fn new(inner: B, permit: Option<InFlightPermit>) -> Self {
         Self { inner, permit }
     }
 }

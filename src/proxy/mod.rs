@@ -125,6 +125,8 @@ impl Proxy {
         let request_id = self.ids.next();
         let started_at = now_ms();
         let (mut parts, body) = req.into_parts();
+        // Held by the upstream exchange too, which outlives a caller who leaves.
+        let in_flight = parts.extensions.get::<limits::InFlightPermit>().cloned();
         let method = parts.method.clone();
         // Classified, recorded and forwarded in one form: what Apollo's router makes of it.
         let path = canonical_path(parts.uri.path()).into_owned();
@@ -215,6 +217,7 @@ impl Proxy {
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
         self.drain.tracker.spawn(async move {
+            let _in_flight = in_flight;
             let response = this.exchange(up, call, method == Method::HEAD).await;
             // If the caller is gone, the response (and its tap) is dropped here, which meters it.
             let _ = tx.send(response);

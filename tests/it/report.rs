@@ -1049,9 +1049,10 @@ async fn the_usage_api_answers_like_the_cli_behind_the_token() {
         let e: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert!(e["message"].as_str().unwrap().contains(names), "{e}");
     }
-    // Writes are not part of this API.
+    // Writes are not part of this API (and a write that is not JSON is refused before routing).
     let req = http::Request::post(format!("{base}/api/usage"))
         .header("authorization", "Bearer usage-token")
+        .header("content-type", "application/json")
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(send(&client(), req).await.0, 404);

@@ -356,7 +356,10 @@ async fn api_keys_appear_in_nothing_creditmeter_writes() {
         )
         .unwrap();
     assert!(
-        rows >= 13 && keyed >= 6,
+        // A's calls that reached the simulator; its 6 refusals before authentication are
+        // counted, not recorded (their keys were still in the requests and are searched for in
+        // the logs and metrics like every other).
+        rows >= 9 && keyed >= 6,
         "{rows} rows, {keyed} with a key_fp"
     );
     let fps: i64 = conn
@@ -367,7 +370,10 @@ async fn api_keys_appear_in_nothing_creditmeter_writes() {
     drop(conn);
     let log_a = std::fs::read_to_string(dir_a.join("stderr.log")).unwrap();
     assert!(log_a.contains("DEBUG"), "RUST_LOG=debug took effect");
-    assert!(log_a.contains("call refused"), "the refusals were logged");
+    assert!(
+        log_a.contains("refused before authentication"),
+        "the refusals were logged"
+    );
     assert!(sim.sim.billed().calls >= 4);
 
     for dir in [
