@@ -274,7 +274,7 @@ fi
 ledger_sums() {
     python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*), coalesce(sum(credits_milli), 0) from calls").fetchone())' "$tmp/ledger.db" 2>&1
 }
-# stop_cm: SIGTERM creditmeter, wait up to 45s (its drain is 30s); sets rc.
+# stop_cm: SIGTERM creditmeter, wait up to 45s (5s drain delay + up to 30s drain); sets rc.
 stop_cm() {
     kill -TERM "$cm_pid" 2>/dev/null
     rc=timeout

@@ -153,7 +153,8 @@ pub fn start_creditmeter(
     };
     let ledger = dir.join(format!("{name}.db"));
     let mut config = format!(
-        "[proxy]\nlisten = \"{addr}\"\n\n[admin]\nlisten = \"{admin}\"\n\n[upstream]\nbase_url = \"http://{upstream}\"\n\n[ledger]\npath = \"{}\"\n",
+        // No load balancer: stop at once on SIGTERM (shutdown.drain_delay would hold it 5s).
+        "[proxy]\nlisten = \"{addr}\"\n\n[admin]\nlisten = \"{admin}\"\n\n[upstream]\nbase_url = \"http://{upstream}\"\n\n[ledger]\npath = \"{}\"\n\n[shutdown]\ndrain_delay = \"0s\"\n",
         ledger.display()
     );
     if metering == Metering::Off {
