@@ -102,6 +102,8 @@ pub struct Config {
     pub guard: crate::guard::GuardConfig,
     /// `[[budget]]`: spend limits, none by default.
     pub budget: Vec<crate::guard::BudgetConfig>,
+    /// `[keys]`: virtual keys (off by default).
+    pub keys: crate::keys::KeysConfig,
 }
 
 /// `[proxy]`: the listener callers point their Apollo base URL at.
@@ -711,6 +713,7 @@ impl Config {
         }
         self.reconcile.validate()?;
         self.settle.validate()?;
+        self.keys.validate()?;
         crate::guard::config::validate(&self.guard, &self.budget)?;
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod guard;
 pub mod inflight;
+pub mod keys;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;
@@ -102,6 +103,28 @@ fn reload_settings(
     ))
 }
 
+/// Records a configuration reload (or its refusal) in the audit log, actor `sighup`.
+async fn audit_reload(ledger: PathBuf, config_path: Option<PathBuf>, error: Option<String>) {
+    let entry = ledger::audit::Entry::new(
+        meter::now_ms(),
+        "sighup",
+        if error.is_none() {
+            ledger::audit::action::CONFIG_RELOADED
+        } else {
+            ledger::audit::action::CONFIG_RELOAD_REFUSED
+        },
+    )
+    .with_detail(serde_json::json!({
+        "config": config_path.map(|p| p.display().to_string()),
+        "error": error,
+    }));
+    let written =
+        tokio::task::spawn_blocking(move || ledger::audit::append_at(&ledger, &entry)).await;
+    if !matches!(written, Ok(Ok(_))) {
+        tracing::warn!("the configuration reload could not be written to the audit log");
+    }
+}
+
 /// Loads the configured catalog, or the built-in one.
 pub fn load_catalog(config: &Config) -> Result<Catalog, catalog::CatalogError> {
     match &config.catalog.path {
@@ -176,6 +199,7 @@ pub async fn run_with_reload(
     };
     let upstream = proxy::upstream::Upstream::new(&config.upstream, &base)?;
     let proxy_token = config.proxy.token()?;
+    let upstream_keys = config.keys.resolve()?;
 
     let conn = ledger::open_for_write(&config.ledger.path, config.ledger.synchronous)?;
     let secret = ledger::install_secret(&conn)?;
@@ -187,9 +211,11 @@ pub async fn run_with_reload(
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
     seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::from)?;
     // Budgets resume the current windows' spend, and holds stay in force, across restarts.
+    // A budget may name a virtual key by name; it covers the key's id (its calls' key_fp).
+    let budgets = keys::resolve_budget_keys(&conn, &config.budget)?;
     let guard: Arc<guard::Guard> = Arc::new(guard::Guard::start(
         &config.guard,
-        &config.budget,
+        &budgets,
         &conn,
         config.ledger.path.clone(),
         metrics.budgets(),
@@ -301,6 +327,11 @@ pub async fn run_with_reload(
         ),
         status: reconcile_status.clone(),
     });
+    let keys = Arc::new(keys::Keys::new(
+        config.keys.mode,
+        upstream_keys,
+        config.ledger.path.clone(),
+    ));
     let proxy = Arc::new(Proxy {
         upstream,
         meter,
@@ -319,6 +350,8 @@ pub async fn run_with_reload(
             max_bytes: config.proxy.cancelled_drain_max.0,
         },
         metering: config.proxy.metering,
+        keys: keys.clone(),
+        refused: metrics.refused(),
     });
     let admin_token = config.admin.token();
     let admin = Arc::new(admin::Admin {
@@ -418,8 +451,12 @@ pub async fn run_with_reload(
                     Ok((settings, new)) => {
                         // Budgets first: if they are refused, nothing changes.
                         let guard = guard_for_reload.clone();
+                        let ledger_path = config.ledger.path.clone();
                         let budgets = tokio::task::spawn_blocking(move || {
-                            guard.reload(&new.guard, &new.budget, meter::now_ms())
+                            let budgets = keys::resolve_budget_keys_at(&ledger_path, &new.budget)?;
+                            guard
+                                .reload(&new.guard, &budgets, meter::now_ms())
+                                .map_err(|e| e.to_string())
                         })
                         .await;
                         match budgets {
@@ -443,6 +480,7 @@ pub async fn run_with_reload(
                     tracing::error!(error = %e, "configuration reload refused; the previous settings stay in force");
                 }
                 metrics.config_reloaded(applied.is_ok());
+                audit_reload(config.ledger.path.clone(), config_path.clone(), applied.as_ref().err().cloned()).await;
             }
         }
     }

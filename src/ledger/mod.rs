@@ -10,7 +10,9 @@
 //! in small batches on its own thread and never touches the rollups ([`maintenance`]).
 //! [`synth`] writes realistic synthetic ledgers for benchmarks.
 
+pub mod audit;
 pub mod guard;
+pub mod keys;
 pub mod maintenance;
 pub mod queries;
 pub mod schema;
