@@ -86,6 +86,7 @@ fn reload_settings(
             "ledger",
             format!("{:?}", new.ledger) != format!("{:?}", running.ledger),
         ),
+        ("keys", new.keys != running.keys),
     ] {
         if changed {
             tracing::warn!(
@@ -366,6 +367,14 @@ pub async fn run_with_reload(
         protect_metrics: config.admin.protect_metrics,
         reconcile: reconcile_status,
         metering: config.proxy.metering,
+        keys: keys::api::KeysApi {
+            ledger: config.ledger.path.clone(),
+            config: config.keys.clone(),
+            actor: match admin_token {
+                Some(_) => format!("token:{}", config.admin.token_env.trim()),
+                None => "admin".to_owned(),
+            },
+        },
     });
     drop(ledger_handle);
 

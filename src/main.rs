@@ -15,6 +15,13 @@ use tracing_subscriber::EnvFilter;
 
 const EX_USAGE: u8 = 64;
 
+/// One file per subcommand (the rest are still in this file).
+mod cli {
+    pub mod audit;
+    pub mod keys;
+    pub(crate) use super::{ledger_path, load_config, EX_USAGE};
+}
+
 #[derive(Parser)]
 #[command(
     name = "creditmeter",
@@ -165,6 +172,13 @@ enum Command {
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// Virtual keys (`cmk_…`) bound to a table: create, list, revoke, rotate.
+    Keys {
+        #[command(subcommand)]
+        command: cli::keys::KeysCommand,
+    },
+    /// The audit log: keys created, revoked and rotated, holds placed and lifted, reloads.
+    Audit(cli::audit::AuditArgs),
     /// Exit 0 if URL answers 2xx (for container health checks).
     Healthcheck {
         #[arg(default_value = "http://127.0.0.1:9464/healthz")]
@@ -195,7 +209,8 @@ struct ScopeArgs {
     /// Workflow name or glob.
     #[arg(long)]
     workflow: Option<String>,
-    /// API key fingerprint (`key_fp`, as `creditmeter report --by key` shows), or a glob.
+    /// API key fingerprint (`key_fp`, as `creditmeter report --by key` shows), or a glob;
+    /// or a virtual key's id or name (`creditmeter keys list`).
     #[arg(long)]
     key: Option<String>,
     /// NAME=VALUE of an X-Meter-Tag-NAME header (VALUE may be a glob); repeatable.
@@ -393,6 +408,18 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EX_USAGE));
                 }
             }
+            // A mode that needs the real Apollo key, without the key, cannot serve.
+            if let Err(e) = config.keys.resolve() {
+                eprintln!("creditmeter: {e}");
+                return Ok(ExitCode::from(EX_USAGE));
+            }
+            // Budgets naming a virtual key by name need that key in the ledger.
+            if let Err(e) =
+                creditmeter::keys::resolve_budget_keys_at(&config.ledger.path, &config.budget)
+            {
+                eprintln!("creditmeter: [[budget]]: {e}");
+                return Ok(ExitCode::from(EX_USAGE));
+            }
             println!(
                 "config: {}",
                 path.map(|p| p.display().to_string())
@@ -532,6 +559,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                         .unwrap_or_default()
                 );
             }
+            println!("  {}", config.keys.describe());
             println!("ok");
             Ok(ExitCode::SUCCESS)
         }
@@ -747,6 +775,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys { command } => Ok(cli::keys::run(command)),
+        Command::Audit(args) => Ok(cli::audit::run(args)),
         Command::Healthcheck { url } => {
             let rt = runtime()?;
             rt.block_on(async {

@@ -14,6 +14,7 @@
 //! or by the admin API is in force for the very next request on every connection, and
 //! revocation survives a restart because it is in the ledger.
 
+pub mod api;
 pub mod config;
 pub mod ops;
 pub mod subst;
