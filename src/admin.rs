@@ -300,13 +300,13 @@ impl Admin {
                     .await;
                 }
                 json_response(
-                if change.created {
-                    StatusCode::CREATED
-                } else {
-                    StatusCode::OK
-                },
-                &hold_change_json("hold", &change),
-            )
+                    if change.created {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    },
+                    &hold_change_json("hold", &change),
+                )
             }
             Ok(Err(e)) => hold_failed(&e),
             Err(e) => hold_failed(&e),

@@ -31,7 +31,11 @@ pub fn run(args: AuditArgs) -> ExitCode {
         Err(code) => return code,
     };
     let now = creditmeter::meter::now_ms();
-    let since = match args.since.as_deref().map(|s| creditmeter::report::parse_time(s, now)) {
+    let since = match args
+        .since
+        .as_deref()
+        .map(|s| creditmeter::report::parse_time(s, now))
+    {
         None => i64::MIN,
         Some(Ok(t)) => t,
         Some(Err(e)) => {

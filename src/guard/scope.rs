@@ -347,10 +347,15 @@ mod tests {
         assert!(raw_key.validate().unwrap_err().contains("fingerprint"));
         // A creditmeter key is never a scope; a name is (resolved to the key's id before use,
         // and refused then if no virtual key has it: see keys::resolve_scope_key).
-        let own: Scope =
-            serde_json::from_str(r#"{"key":"cmk_0123456789abcdef0123456789abcdef0123456789abcdef"}"#).unwrap();
+        let own: Scope = serde_json::from_str(
+            r#"{"key":"cmk_0123456789abcdef0123456789abcdef0123456789abcdef"}"#,
+        )
+        .unwrap();
         let e = own.validate().unwrap_err();
-        assert!(e.contains("creditmeter key") && !e.contains("0123456789abcdef0123"), "{e}");
+        assert!(
+            e.contains("creditmeter key") && !e.contains("0123456789abcdef0123"),
+            "{e}"
+        );
         let named: Scope = serde_json::from_str(r#"{"key":"clay-leads"}"#).unwrap();
         assert!(named.validate().is_ok());
     }

@@ -31,7 +31,10 @@ pub struct KeysApi {
 pub type Answer = (StatusCode, Value);
 
 fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Answer {
-    (status, json!({"error": code, "message": message.to_string()}))
+    (
+        status,
+        json!({"error": code, "message": message.to_string()}),
+    )
 }
 
 fn op_error(e: KeyOpError) -> Answer {
@@ -94,11 +97,26 @@ impl KeysApi {
     pub async fn create(&self, body: &[u8]) -> Answer {
         let v: Value = match serde_json::from_slice(body) {
             Ok(v @ Value::Object(_)) => v,
-            Ok(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "the body must be a JSON object"),
-            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("the body must be JSON: {e}")),
+            Ok(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "the body must be a JSON object",
+                )
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("the body must be JSON: {e}"),
+                )
+            }
         };
         let known = ["table", "workflow", "tags", "name", "expires", "upstream"];
-        if let Some(k) = v.as_object().and_then(|m| m.keys().find(|k| !known.contains(&k.as_str()))) {
+        if let Some(k) = v
+            .as_object()
+            .and_then(|m| m.keys().find(|k| !known.contains(&k.as_str())))
+        {
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -119,12 +137,22 @@ impl KeysApi {
                 Some(Value::Object(m)) => {
                     for (k, t) in m {
                         let Value::String(t) = t else {
-                            return Err(error(StatusCode::BAD_REQUEST, "bad_request", format!("tag {k:?} must be a string")));
+                            return Err(error(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                format!("tag {k:?} must be a string"),
+                            ));
                         };
                         tags.insert(k.to_ascii_lowercase(), t.clone());
                     }
                 }
-                Some(_) => return Err(error(StatusCode::BAD_REQUEST, "bad_request", "tags must be an object of strings")),
+                Some(_) => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "tags must be an object of strings",
+                    ))
+                }
             }
             Ok(CreateRequest {
                 table,
@@ -139,11 +167,16 @@ impl KeysApi {
             Ok(r) => r,
             Err(a) => return a,
         };
-        let (ledger, config, actor) = (self.ledger.clone(), self.config.clone(), self.actor.clone());
+        let (ledger, config, actor) =
+            (self.ledger.clone(), self.config.clone(), self.actor.clone());
         let now = crate::meter::now_ms();
         match blocking(move || ops::create(&ledger, &req, Some(&config), &actor, now)).await {
             Ok(issued) => {
-                tracing::info!(key = issued.row.id, table = issued.row.table, "virtual key created (admin API)");
+                tracing::info!(
+                    key = issued.row.id,
+                    table = issued.row.table,
+                    "virtual key created (admin API)"
+                );
                 (StatusCode::CREATED, ops::issued_json(&issued, now))
             }
             Err(a) => a,
@@ -190,11 +223,23 @@ impl KeysApi {
             match k.as_str() {
                 "since" => match crate::report::parse_time(v, now) {
                     Ok(t) => since = t,
-                    Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_time", format!("since: {e}")),
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_time",
+                            format!("since: {e}"),
+                        )
+                    }
                 },
                 "limit" => match v.parse::<usize>() {
                     Ok(n) if (1..=10_000).contains(&n) => limit = n,
-                    _ => return error(StatusCode::BAD_REQUEST, "bad_request", format!("limit={v:?}: use 1 to 10000")),
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            format!("limit={v:?}: use 1 to 10000"),
+                        )
+                    }
                 },
                 other => {
                     return error(

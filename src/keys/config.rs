@@ -128,7 +128,10 @@ fn valid_env_name(name: &str) -> bool {
 /// a letter or digit.
 pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
@@ -147,7 +150,9 @@ impl KeysConfig {
             if !valid_name(name) {
                 return Err(invalid(
                     "keys.upstreams",
-                    format!("{name:?}: an upstream name is 1 to 64 letters, digits, '.', '_' or '-'"),
+                    format!(
+                        "{name:?}: an upstream name is 1 to 64 letters, digits, '.', '_' or '-'"
+                    ),
                 ));
             }
             if !valid_env_name(&u.key_env) {
@@ -245,16 +250,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("keys.upstreams"), "{e}");
-        let e = parse("[keys]\nupstream_key_env = \"\"\n").unwrap_err().to_string();
+        let e = parse("[keys]\nupstream_key_env = \"\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("keys.upstream_key_env"), "{e}");
     }
 
     #[test]
     fn an_enabled_mode_needs_its_variables() {
-        let c = parse(
-            "[keys]\nmode = \"required\"\nupstream_key_env = \"CM_TEST_UNSET_KEY_VAR_1\"\n",
-        )
-        .unwrap();
+        let c =
+            parse("[keys]\nmode = \"required\"\nupstream_key_env = \"CM_TEST_UNSET_KEY_VAR_1\"\n")
+                .unwrap();
         let e = c.keys.resolve().unwrap_err().to_string();
         assert!(e.contains("CM_TEST_UNSET_KEY_VAR_1"), "{e}");
         let c = parse(

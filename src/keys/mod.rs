@@ -300,11 +300,12 @@ fn attribution_of(
         key: Some(row.clone()),
     };
     // The header wins over the parameter in `caller`; a parameter that disagrees with the key
-    // is a conflict too, so both are checked.
+    // is a conflict too, so both are checked, the parameter first (when it agrees, a
+    // disagreeing `caller` value came from the header).
     let (param_table, param_workflow) = meter_params(original_query);
     for (field, given) in [
-        ("X-Meter-Table", caller.table.as_deref()),
         ("meter_table", param_table.as_deref()),
+        ("X-Meter-Table", caller.table.as_deref()),
     ] {
         if let Some(given) = given.filter(|g| *g != row.table) {
             return Err(conflict(
@@ -317,8 +318,8 @@ fn attribution_of(
         }
     }
     for (field, given) in [
-        ("X-Meter-Workflow", caller.workflow.as_deref()),
         ("meter_workflow", param_workflow.as_deref()),
+        ("X-Meter-Workflow", caller.workflow.as_deref()),
     ] {
         if let Some(given) = given.filter(|g| Some(*g) != row.workflow.as_deref()) {
             return Err(conflict(
@@ -369,10 +370,7 @@ fn meter_params(query: Option<&str>) -> (Option<String>, Option<String>) {
 
 /// A scope's `key` may name a virtual key by name; budgets and holds match `key_fp`, which is
 /// the key's id. This turns a name into the id (a fingerprint, an id or a glob is kept).
-pub fn resolve_scope_key(
-    conn: &Connection,
-    scope: &mut crate::guard::Scope,
-) -> Result<(), String> {
+pub fn resolve_scope_key(conn: &Connection, scope: &mut crate::guard::Scope) -> Result<(), String> {
     let Some(glob) = &scope.key else {
         return Ok(());
     };

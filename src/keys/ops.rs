@@ -97,7 +97,9 @@ pub fn check(
     let mut tags = BTreeMap::new();
     for (k, v) in &req.tags {
         let name = k.trim().to_ascii_lowercase();
-        if name.is_empty() || http::HeaderName::from_bytes(format!("x-meter-tag-{name}").as_bytes()).is_err() {
+        if name.is_empty()
+            || http::HeaderName::from_bytes(format!("x-meter-tag-{name}").as_bytes()).is_err()
+        {
             return Err(invalid(format!(
                 "tag name {k:?} must be usable as a header name (X-Meter-Tag-{k})"
             )));
@@ -191,7 +193,12 @@ pub fn revoke(
 }
 
 /// Gives a key a new secret (audited as `actor`).
-pub fn rotate(ledger: &Path, id_or_name: &str, actor: &str, now: i64) -> Result<Issued, KeyOpError> {
+pub fn rotate(
+    ledger: &Path,
+    id_or_name: &str,
+    actor: &str,
+    now: i64,
+) -> Result<Issued, KeyOpError> {
     let mut conn = audit::open_for_admin(ledger)?;
     Ok(store::rotate(
         &mut conn,
@@ -208,7 +215,9 @@ pub fn list(ledger: &Path) -> Result<Vec<KeyRow>, KeyOpError> {
 }
 
 fn time(ms: Option<i64>) -> Value {
-    ms.map_or(Value::Null, |t| Value::String(crate::report::format_time(t)))
+    ms.map_or(Value::Null, |t| {
+        Value::String(crate::report::format_time(t))
+    })
 }
 
 /// `live`, `revoked` or `expired`.
@@ -294,7 +303,8 @@ pub fn list_table(rows: &[KeyRow], now: i64) -> String {
             status(r, now),
             r.table,
             crate::report::format_time(r.created_at),
-            r.last_used_at.map_or("never".into(), crate::report::format_time),
+            r.last_used_at
+                .map_or("never".into(), crate::report::format_time),
             scope.join(" ")
         ));
     }
@@ -314,7 +324,11 @@ pub fn audit_table(entries: &[Entry]) -> String {
             e.actor,
             e.action,
             e.subject.as_deref().unwrap_or("-"),
-            if e.detail.is_null() { String::new() } else { e.detail.to_string() }
+            if e.detail.is_null() {
+                String::new()
+            } else {
+                e.detail.to_string()
+            }
         ));
     }
     out

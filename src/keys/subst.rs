@@ -66,9 +66,10 @@ fn api_key_pairs(text: &str) -> Vec<String> {
 
 fn is_form(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|c| {
-        c.split(';')
-            .next()
-            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+        c.split(';').next().is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
     })
 }
 
@@ -111,7 +112,11 @@ pub fn presented(
         match body_kind(content_type, body) {
             Some(Location::FormBody) => {
                 if let Ok(text) = std::str::from_utf8(body) {
-                    out.extend(api_key_pairs(text).into_iter().map(|v| (Location::FormBody, v)));
+                    out.extend(
+                        api_key_pairs(text)
+                            .into_iter()
+                            .map(|v| (Location::FormBody, v)),
+                    );
                 }
             }
             Some(_) => {
@@ -136,7 +141,9 @@ pub fn presented(
 pub enum SubstError {
     #[error("the {0} holds the virtual key in an escaped form creditmeter does not rewrite; send it as plain text")]
     Escaped(&'static str),
-    #[error("the real Apollo key cannot be sent in a header (it holds characters a header may not)")]
+    #[error(
+        "the real Apollo key cannot be sent in a header (it holds characters a header may not)"
+    )]
     BadHeader,
 }
 
@@ -255,15 +262,33 @@ mod tests {
             ("content-type", "application/json"),
         ]);
         let body = format!(r#"{{"api_key": "{VK}", "email": "a@b.c"}}"#);
-        let p = presented(&h, Some(&format!("a=1&api%5Fkey={VK}")), body.as_bytes(), false);
+        let p = presented(
+            &h,
+            Some(&format!("a=1&api%5Fkey={VK}")),
+            body.as_bytes(),
+            false,
+        );
         let places: Vec<Location> = p.iter().map(|(l, _)| *l).collect();
         assert_eq!(
             places,
-            [Location::XApiKey, Location::Bearer, Location::Query, Location::JsonBody]
+            [
+                Location::XApiKey,
+                Location::Bearer,
+                Location::Query,
+                Location::JsonBody
+            ]
         );
         assert!(p.iter().all(|(_, v)| v == VK));
-        let form = hdrs(&[("content-type", "application/x-www-form-urlencoded; charset=utf-8")]);
-        let p = presented(&form, None, format!("email=x&api_key={VK}").as_bytes(), false);
+        let form = hdrs(&[(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )]);
+        let p = presented(
+            &form,
+            None,
+            format!("email=x&api_key={VK}").as_bytes(),
+            false,
+        );
         assert_eq!(p, [(Location::FormBody, VK.to_owned())]);
         // An encoded body is not read.
         assert!(presented(&hdrs(&[]), None, body.as_bytes(), true).is_empty());

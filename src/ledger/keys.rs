@@ -168,11 +168,9 @@ pub fn create(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let Some(name) = &new.name {
         let taken: Option<String> = tx
-            .query_row(
-                "SELECT id FROM virtual_keys WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
+            .query_row("SELECT id FROM virtual_keys WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
             .optional()?;
         if taken.is_some() {
             return Err(KeyStoreError::NameTaken(name.clone()));
@@ -253,9 +251,7 @@ pub fn list(conn: &Connection) -> rusqlite::Result<Vec<KeyRow>> {
 
 /// Live and dead keys by hash, for a lookup cache: `(key_hash, row)`.
 pub fn all_by_hash(conn: &Connection) -> rusqlite::Result<Vec<(String, KeyRow)>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {COLUMNS}, key_hash FROM virtual_keys"
-    ))?;
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS}, key_hash FROM virtual_keys"))?;
     let rows = stmt.query_map([], |r| Ok((r.get(12)?, row(r)?)))?;
     rows.collect()
 }

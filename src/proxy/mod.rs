@@ -146,11 +146,11 @@ impl Proxy {
         // With virtual keys on, a keyed call's table comes from its key: `require_table` is
         // checked once the key is known (in `apply_keys`).
         let keys_on = self.keys.mode != crate::keys::KeysMode::Off;
-        let (attribution, query) =
-            match self.screen(&mut parts, settings.require_table && !keys_on) {
-                Ok(v) => v,
-                Err(r) => return Ok(self.refuse(refused(Attribution::default()), r).await),
-            };
+        let (attribution, query) = match self.screen(&mut parts, settings.require_table && !keys_on)
+        {
+            Ok(v) => v,
+            Err(r) => return Ok(self.refuse(refused(Attribution::default()), r).await),
+        };
 
         // ledger.on_error = "fail_closed": no credit may be spent while the ledger cannot record it.
         if self.meter.ledger.refuse_new_calls() {
@@ -375,7 +375,11 @@ impl Proxy {
                 }
                 if refusal.unauthenticated {
                     self.refused.with_label_values(&[refusal.code]).inc();
-                    tracing::debug!(status = r.status.as_u16(), code = r.code, "call refused before authentication (no ledger row)");
+                    tracing::debug!(
+                        status = r.status.as_u16(),
+                        code = r.code,
+                        "call refused before authentication (no ledger row)"
+                    );
                     Err(KeyStop::Unrecorded(r))
                 } else {
                     Err(KeyStop::Recorded(r, refusal.key))
@@ -688,10 +692,11 @@ fn key_attribution(key: &crate::ledger::keys::KeyRow) -> Attribution {
 
 /// Whether the request body is content-encoded (anything but `identity`).
 fn is_encoded(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .any(|v| v.to_str().map_or(true, |v| !v.trim().eq_ignore_ascii_case("identity") && !v.trim().is_empty()))
+    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            !v.trim().eq_ignore_ascii_case("identity") && !v.trim().is_empty()
+        })
+    })
 }
 
 /// Why a call is answered here rather than by upstream: the parts of its JSON error.
