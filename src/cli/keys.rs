@@ -27,6 +27,13 @@ pub enum Format {
     Json,
 }
 
+/// `creditmeter keys …`.
+#[derive(clap::Args)]
+pub struct Keys {
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
 #[derive(clap::Subcommand)]
 pub enum KeysCommand {
     /// Make a key bound to a table; prints it once (it is stored only as a hash).

@@ -353,9 +353,9 @@ fn meter_params(query: Option<&str>) -> (Option<String>, Option<String>) {
     let (mut table, mut workflow) = (None, None);
     for pair in query.unwrap_or("").split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = crate::catalog::percent_decode_bytes(k);
+        let k = creditmeter_base::percent::percent_decode_bytes(k);
         let v = || {
-            String::from_utf8_lossy(&crate::catalog::percent_decode_bytes(v))
+            String::from_utf8_lossy(&creditmeter_base::percent::percent_decode_bytes(v))
                 .trim()
                 .to_owned()
         };

@@ -50,7 +50,7 @@ fn bearer(headers: &HeaderMap) -> Vec<String> {
 }
 
 fn decode(s: &str) -> String {
-    String::from_utf8_lossy(&crate::catalog::percent_decode_bytes(s)).into_owned()
+    String::from_utf8_lossy(&creditmeter_base::percent::percent_decode_bytes(s)).into_owned()
 }
 
 /// `name=value` pairs of a query string or form body whose name decodes to `api_key`.
