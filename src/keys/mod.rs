@@ -44,7 +44,7 @@ pub struct KeyRefusal {
     /// True for refusals before authentication (401): no ledger row is written for them.
     pub unauthenticated: bool,
     /// The key, when it was valid (a 403 conflict is recorded under it).
-    pub key: Option<KeyRow>,
+    pub key: Option<Box<KeyRow>>,
 }
 
 impl KeyRefusal {
@@ -67,7 +67,7 @@ pub enum Decision {
     PassThrough,
     /// A valid virtual key, already swapped for the real one.
     Virtual {
-        key: KeyRow,
+        key: Box<KeyRow>,
         /// The key's attribution (the caller's extra tags kept).
         attribution: Attribution,
         /// The query to forward (the key replaced).
@@ -255,7 +255,7 @@ impl Keys {
                 ),
                 field: None,
                 unauthenticated: false,
-                key: Some(row.clone()),
+                key: Some(Box::new(row.clone())),
             });
         };
         let bad = |e: subst::SubstError| KeyRefusal {
@@ -264,7 +264,7 @@ impl Keys {
             message: e.to_string(),
             field: Some("api_key"),
             unauthenticated: false,
-            key: Some(row.clone()),
+            key: Some(Box::new(row.clone())),
         };
         subst::replace_headers(call.headers, real).map_err(bad)?;
         let query = call.query.as_deref().map(|q| subst::replace_query(q, real));
@@ -277,7 +277,7 @@ impl Keys {
             call.body
         };
         Ok(Decision::Virtual {
-            key: row,
+            key: Box::new(row),
             attribution,
             query,
             body,
@@ -297,7 +297,7 @@ fn attribution_of(
         message,
         field: Some(field),
         unauthenticated: false,
-        key: Some(row.clone()),
+        key: Some(Box::new(row.clone())),
     };
     // The header wins over the parameter in `caller`; a parameter that disagrees with the key
     // is a conflict too, so both are checked, the parameter first (when it agrees, a
@@ -427,4 +427,58 @@ pub fn resolve_budget_keys_at(
     }
     let conn = crate::ledger::open_for_read(path).map_err(|e| e.to_string())?;
     resolve_budget_keys(&conn, budgets).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> KeyRow {
+        KeyRow {
+            id: "0123456789abcdef".into(),
+            name: None,
+            prefix: "cmk_01234567".into(),
+            table: "T".into(),
+            workflow: None,
+            tags: [("team".to_owned(), "growth".to_owned())].into(),
+            upstream: None,
+            created_at: 0,
+            expires_at: None,
+            revoked_at: None,
+            rotated_at: None,
+            last_used_at: None,
+        }
+    }
+
+    #[test]
+    fn the_key_decides_attribution_and_extra_tags_are_kept() {
+        let caller = Attribution {
+            table: Some("T".into()),
+            workflow: None,
+            tags: [("column".to_owned(), "email".to_owned())].into(),
+        };
+        let a = attribution_of(&key(), &caller, None).unwrap();
+        assert_eq!(a.table.as_deref(), Some("T"));
+        assert_eq!(a.tags.len(), 2);
+        let forged = Attribution {
+            tags: [("team".to_owned(), "sales".to_owned())].into(),
+            ..Attribution::default()
+        };
+        let e = attribution_of(&key(), &forged, None).unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::FORBIDDEN, "attribution_conflict")
+        );
+        // A workflow on a key without one is a conflict too.
+        let wf = Attribution {
+            workflow: Some("w".into()),
+            ..Attribution::default()
+        };
+        let e = attribution_of(&key(), &wf, None).unwrap_err();
+        assert_eq!(e.field, Some("X-Meter-Workflow"));
+        let e =
+            attribution_of(&key(), &Attribution::default(), Some("x=1&meter_table=U")).unwrap_err();
+        assert_eq!(e.field, Some("meter_table"));
+        assert!(e.message.contains("\"U\"") && e.message.contains("\"T\""));
+    }
 }

@@ -201,7 +201,7 @@ impl Proxy {
             Ok(v) => v,
             Err(KeyStop::Unrecorded(r)) => return Ok(r.response(None)),
             Err(KeyStop::Recorded(r, key)) => {
-                let mut ctx = refused(key.as_ref().map(key_attribution).unwrap_or_default());
+                let mut ctx = refused(key.as_deref().map(key_attribution).unwrap_or_default());
                 ctx.key_fp = key.map(|k| k.id);
                 return Ok(self.refuse(ctx, r).await);
             }
@@ -678,7 +678,7 @@ enum KeyStop {
     /// Refused before authentication: answered, counted, not recorded.
     Unrecorded(Rejection),
     /// Refused after it: recorded as `rejected` (under the key, when there is one).
-    Recorded(Rejection, Option<crate::ledger::keys::KeyRow>),
+    Recorded(Rejection, Option<Box<crate::ledger::keys::KeyRow>>),
 }
 
 /// The attribution a virtual key gives its calls.

@@ -80,6 +80,9 @@ fn error_code(body: &str) -> String {
         .unwrap_or_else(|| format!("<not JSON: {body}>"))
 }
 
+/// A call to make: what it tests, its URL, headers and body.
+type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, String);
+
 /// Everything the upstream saw of a request, as one string to search.
 fn seen_text(s: &Seen) -> String {
     let headers: Vec<String> = s
@@ -118,7 +121,7 @@ async fn a_virtual_key_is_swapped_for_the_real_one_in_every_place() {
     let bearer = format!("Bearer {vk}");
     let json_body = format!(r#"{{"api_key": "{vk}", "email": "ada@example.com"}}"#);
     let form_body = format!("email=ada%40example.com&api_key={vk}");
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, String)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "X-Api-Key",
             url.clone(),
@@ -251,6 +254,7 @@ async fn forged_attribution_is_a_403_and_nothing_goes_upstream() {
     let (vk, id) = create(&proxy.db, "Inbound", |r| r.workflow = Some("enrich".into()));
     let url = proxy.url("/api/v1/people/match");
     let k = ("x-api-key", vk.as_str());
+    #[allow(clippy::type_complexity)] // (field, headers, url)
     let forged: Vec<(&str, Vec<(&str, &str)>, String)> = vec![
         (
             "X-Meter-Table",
@@ -869,4 +873,220 @@ async fn clay_shaped_calls_with_a_virtual_key_are_metered_to_the_keys_table() {
     );
     assert!(ledger_milli > 0);
     proxy.shutdown().await;
+}
+
+#[test]
+fn check_config_refuses_a_mode_whose_key_variable_is_unset_and_prints_what_is_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("creditmeter.toml");
+    std::fs::write(
+        &cfg,
+        "[keys]\nmode = \"required\"\nupstream_key_env = \"CM_TEST_KEYS_SURELY_UNSET\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = cli(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("CM_TEST_KEYS_SURELY_UNSET") && err.contains("keys.mode"),
+        "{err}"
+    );
+
+    // Set, it passes and says so; a named upstream's variable is checked too.
+    std::fs::write(
+        &cfg,
+        "[keys]\nmode = \"optional\"\nupstream_key_env = \"CM_TEST_KEYS_CHECK_SET\"\n[keys.upstreams.bulk]\nkey_env = \"CM_TEST_KEYS_BULK_UNSET\"\n",
+    )
+    .unwrap();
+    let run = |envs: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        c.args(["check-config", "--config", cfg.to_str().unwrap()]);
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run(&[("CM_TEST_KEYS_CHECK_SET", "SECRET-VALUE-1")]);
+    assert_eq!(code, 64);
+    assert!(err.contains("CM_TEST_KEYS_BULK_UNSET"), "{err}");
+    let (code, out, err) = run(&[
+        ("CM_TEST_KEYS_CHECK_SET", "SECRET-VALUE-1"),
+        ("CM_TEST_KEYS_BULK_UNSET", "SECRET-VALUE-2"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("keys: mode optional, upstream key from CM_TEST_KEYS_CHECK_SET, upstream \"bulk\" from CM_TEST_KEYS_BULK_UNSET"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("SECRET-VALUE") && !err.contains("SECRET-VALUE"),
+        "no key printed: {out}"
+    );
+
+    // keys create checks --upstream against the config, and bad input exits 64 naming it.
+    let (code, _, err) = cli(&[
+        "keys",
+        "create",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--table",
+        "T",
+        "--upstream",
+        "nope",
+    ]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("nope") && err.contains("keys.upstreams"),
+        "{err}"
+    );
+    let db = dir.path().join("ledger.db");
+    let db = db.to_str().unwrap();
+    for (args, want) in [
+        (vec!["--table", "_other"], "reserved"),
+        (vec!["--table", "T", "--expires", "yesterday"], "expires"),
+        (vec!["--table", "T", "--tag", "novalue"], "NAME=VALUE"),
+        (vec!["--table", "T", "--name", "0123abcd"], "hex"),
+    ] {
+        let mut a = vec!["keys", "create", "--db", db];
+        a.extend(args);
+        let (code, _, err) = cli(&a);
+        assert_eq!(code, 64, "{a:?}");
+        assert!(err.contains(want), "{a:?}: {err}");
+    }
+    let (code, _, err) = cli(&["keys", "revoke", "no-such", "--db", db]);
+    assert_eq!(code, 64);
+    assert!(err.contains("no-such"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_names_a_key_by_name_and_a_reload_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let env = real_key_env("budget", "real-key-budget");
+    // The key first (the budget names it), in a ledger the server then opens.
+    let db = dir.path().join("ledger.db");
+    creditmeter::ledger::open_for_write(
+        &db,
+        creditmeter::config::LedgerConfig::default().synchronous,
+    )
+    .unwrap();
+    let (vk, id) = create(&db, "Budgeted", |r| r.name = Some("budgeted".into()));
+    let cfg_path = dir.path().join("creditmeter.toml");
+    let text = |limit: u32| {
+        format!(
+            "[upstream]\nbase_url = \"{}\"\n[ledger]\npath = \"ledger.db\"\n[keys]\nmode = \"optional\"\nupstream_key_env = \"{env}\"\n\n[[budget]]\nname = \"per-key\"\nscope = {{ key = \"budgeted\" }}\nlimit = {limit}\nwindow = \"day\"\n",
+            up.url()
+        )
+    };
+    std::fs::write(&cfg_path, text(2)).unwrap();
+    let config = Config::load(Some(&cfg_path)).unwrap();
+    let proxy_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, admin) = (proxy_l.local_addr().unwrap(), admin_l.local_addr().unwrap());
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(creditmeter::run_with_reload(
+        config,
+        Some(cfg_path.clone()),
+        proxy_l,
+        admin_l,
+        async {
+            let _ = stopped.await;
+        },
+        reload_rx,
+    ));
+    let url = format!("http://{addr}/api/v1/people/match");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let mut status = 0;
+        for _ in 0..100 {
+            match client()
+                .request(request("POST", &url, &[("x-api-key", &vk)], "{}"))
+                .await
+            {
+                Ok(r) => {
+                    status = r.status().as_u16();
+                    r.into_body().collect().await.unwrap();
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        statuses.push(status);
+    }
+    // people/match with a person costs 1 credit: two fit the budget, then it blocks.
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    // Another key's calls are not in the budget.
+    assert_eq!(
+        call(
+            &url,
+            "POST",
+            &[("x-api-key", "raw"), ("x-meter-table", "Other")],
+            "{}"
+        )
+        .await
+        .0,
+        200
+    );
+    let (_, _, b) = get(&format!("http://{admin}/api/budgets")).await;
+    assert!(
+        String::from_utf8_lossy(&b).contains(&id),
+        "the budget's scope is the key's id"
+    );
+
+    // A reload raising the limit: applied, and audited; one naming an unknown key: refused, audited.
+    std::fs::write(&cfg_path, text(5)).unwrap();
+    reload_tx.send(()).await.unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let wait_audit = |n: i64| {
+        let conn = &conn;
+        async move {
+            for _ in 0..200 {
+                let got: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM audit WHERE actor = 'sighup'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                if got >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("no audit entry for the reload");
+        }
+    };
+    wait_audit(1).await;
+    assert_eq!(call(&url, "POST", &[("x-api-key", &vk)], "{}").await.0, 200);
+    std::fs::write(
+        &cfg_path,
+        text(5).replace("key = \"budgeted\"", "key = \"missing-key\""),
+    )
+    .unwrap();
+    reload_tx.send(()).await.unwrap();
+    wait_audit(2).await;
+    let actions: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT action, json_extract(detail, '$.error') FROM audit WHERE actor = 'sighup' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(actions[0], ("config_reloaded".to_owned(), None));
+    assert_eq!(actions[1].0, "config_reload_refused");
+    assert!(
+        actions[1]
+            .1
+            .as_deref()
+            .unwrap_or("")
+            .contains("missing-key"),
+        "{actions:?}"
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
 }

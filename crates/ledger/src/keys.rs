@@ -305,3 +305,136 @@ pub fn rotate(
     tx.commit()?;
     Ok(Issued { key, row })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{self, Entry};
+
+    fn ledger() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn =
+            crate::open_for_write(&dir.path().join("l.db"), crate::Synchronous::Normal).unwrap();
+        (dir, conn)
+    }
+
+    fn entry(action: &str) -> Entry {
+        Entry::new(1, "cli", action)
+    }
+
+    #[test]
+    fn only_the_hash_and_prefix_are_stored_and_changes_bump_the_generation() {
+        let (_d, mut conn) = ledger();
+        assert_eq!(generation(&conn).unwrap(), 0);
+        let new = NewKey {
+            name: Some("a".into()),
+            table: "T".into(),
+            ..Default::default()
+        };
+        let issued = create(&mut conn, &new, 10, &entry(audit::action::KEY_CREATED)).unwrap();
+        let key = &issued.key;
+        assert!(key.starts_with(KEY_PREFIX));
+        assert_eq!(key.len(), KEY_PREFIX.len() + 2 * KEY_RANDOM_BYTES);
+        assert_eq!(issued.row.id.len(), 16);
+        assert!(
+            key.starts_with(&issued.row.prefix) && issued.row.prefix.len() == DISPLAY_PREFIX_CHARS
+        );
+        assert_eq!(generation(&conn).unwrap(), 1);
+        // The whole table, and the audit entry, as text: the key is nowhere.
+        let dump: String = conn
+            .query_row(
+                "SELECT group_concat(id || name || prefix || key_hash || table_name, '|') FROM virtual_keys",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            !dump.contains(key.as_str()) && dump.contains(&hash_key(key)),
+            "{dump}"
+        );
+        let audit_text: String = conn
+            .query_row(
+                "SELECT actor || action || subject || detail FROM audit",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!audit_text.contains(key.as_str()) && audit_text.contains(&issued.row.id));
+
+        // Names are unique; a taken name changes nothing.
+        assert!(matches!(
+            create(&mut conn, &new, 11, &entry(audit::action::KEY_CREATED)),
+            Err(KeyStoreError::NameTaken(_))
+        ));
+        assert_eq!(generation(&conn).unwrap(), 1);
+
+        let rotated = rotate(&mut conn, "a", 12, &entry(audit::action::KEY_ROTATED)).unwrap();
+        assert_eq!(rotated.row.id, issued.row.id);
+        assert_ne!(rotated.key, issued.key);
+        let by_hash: std::collections::HashMap<String, KeyRow> =
+            all_by_hash(&conn).unwrap().into_iter().collect();
+        assert!(by_hash.contains_key(&hash_key(&rotated.key)));
+        assert!(!by_hash.contains_key(&hash_key(&issued.key)));
+        assert_eq!(generation(&conn).unwrap(), 2);
+
+        let revoked = revoke(
+            &mut conn,
+            &issued.row.id,
+            13,
+            &entry(audit::action::KEY_REVOKED),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(revoked.revoked_at, Some(13));
+        assert!(!revoked.is_live(14));
+        assert!(
+            revoke(&mut conn, "a", 14, &entry(audit::action::KEY_REVOKED))
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            rotate(&mut conn, "a", 15, &entry(audit::action::KEY_ROTATED)),
+            Err(KeyStoreError::Revoked(_))
+        ));
+        assert!(matches!(
+            revoke(&mut conn, "nope", 15, &entry(audit::action::KEY_REVOKED)),
+            Err(KeyStoreError::NotFound(_))
+        ));
+        assert_eq!(generation(&conn).unwrap(), 3);
+        let actions: Vec<String> = audit::since(&conn, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, ["key_created", "key_rotated", "key_revoked"]);
+    }
+
+    #[test]
+    fn expiry_and_last_use() {
+        let (_d, mut conn) = ledger();
+        let issued = create(
+            &mut conn,
+            &NewKey {
+                table: "T".into(),
+                expires_at: Some(100),
+                ..Default::default()
+            },
+            10,
+            &entry(audit::action::KEY_CREATED),
+        )
+        .unwrap();
+        assert!(issued.row.is_live(99) && !issued.row.is_live(100));
+        // A call recorded under the key's id moves last_used_at; a settlement does not.
+        for (started, outcome) in [(50, "ok"), (70, "settlement"), (40, "ok")] {
+            conn.execute(
+                "INSERT INTO calls (request_id, started_at, finished_at, method, path, endpoint, outcome,
+                                    key_fp, credit_source, catalog_version)
+                 VALUES (?1, ?2, ?2, 'POST', '/p', 'other', ?3, ?4, 'none', 'v')",
+                rusqlite::params![format!("r{started}"), started, outcome, issued.row.id],
+            )
+            .unwrap();
+        }
+        let row = find(&conn, &issued.row.id).unwrap().unwrap();
+        assert_eq!(row.last_used_at, Some(50));
+    }
+}
