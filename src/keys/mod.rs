@@ -272,10 +272,37 @@ impl Keys {
             .iter()
             .any(|(l, _)| matches!(l, Location::JsonBody | Location::FormBody))
         {
+            // Every literal occurrence is replaced, in whatever field of the body.
             subst::replace_body(&call.body, call.headers, &key, real).map_err(bad)?
         } else {
             call.body
         };
+        // The last word: the virtual key must not be anywhere in what is forwarded (a header
+        // or parameter creditmeter does not read keys from, another body field).
+        let leaked = call
+            .headers
+            .iter()
+            .find(|(_, v)| memchr::memmem::find(v.as_bytes(), key.as_bytes()).is_some())
+            .map(|(n, _)| n.as_str().to_owned())
+            .or_else(|| {
+                query
+                    .as_deref()
+                    .is_some_and(|q| q.contains(key.as_str()))
+                    .then(|| "the query string".to_owned())
+            })
+            .or_else(|| memchr::memmem::find(&body, key.as_bytes()).map(|_| "the body".to_owned()));
+        if let Some(place) = leaked {
+            return Err(KeyRefusal {
+                status: StatusCode::BAD_REQUEST,
+                code: "virtual_key_misplaced",
+                message: format!(
+                    "the creditmeter key also appears in {place}, where creditmeter does not swap keys; send it only in X-Api-Key, Authorization: Bearer or api_key. Nothing was sent upstream"
+                ),
+                field: None,
+                unauthenticated: false,
+                key: Some(Box::new(row.clone())),
+            });
+        }
         Ok(Decision::Virtual {
             key: Box::new(row),
             attribution,

@@ -584,7 +584,54 @@ async fn expired_keys_and_keys_in_off_mode_are_refused() {
         (401, "conflicting_keys"),
         "{body}"
     );
-    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The key in a place creditmeter does not swap keys in: refused, never forwarded.
+    for (headers, path, body) in [
+        (
+            vec![("x-api-key", vk2.as_str()), ("x-note", vk2.as_str())],
+            "",
+            "{}".to_owned(),
+        ),
+        (
+            vec![("x-api-key", vk2.as_str())],
+            "?token=",
+            "{}".to_owned(),
+        ),
+        (
+            vec![
+                ("x-api-key", vk2.as_str()),
+                ("content-type", "application/json"),
+            ],
+            "",
+            format!(r#"{{"note": "{vk2}"}}"#),
+        ),
+    ] {
+        let u = if path.is_empty() {
+            url.clone()
+        } else {
+            format!("{url}{path}{vk2}")
+        };
+        let (status, body) = call(&u, "POST", &headers, &body).await;
+        assert_eq!(
+            (status, error_code(&body).as_str()),
+            (400, "virtual_key_misplaced"),
+            "{body}"
+        );
+    }
+    // In a body that also carries it as api_key, every copy is swapped.
+    let (status, _) = call(
+        &url,
+        "POST",
+        &[("content-type", "application/json")],
+        &format!(r#"{{"api_key": "{vk2}", "note": "{vk2}"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let last = up.seen.lock().unwrap().last().unwrap().body.clone();
+    assert_eq!(
+        String::from_utf8_lossy(&last),
+        r#"{"api_key": "real-key-expired", "note": "real-key-expired"}"#
+    );
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 2);
     proxy.shutdown().await;
 
     // keys.mode = "off": a cmk_ key is refused, never forwarded to Apollo.
@@ -603,7 +650,7 @@ async fn expired_keys_and_keys_in_off_mode_are_refused() {
         (401, "virtual_keys_off"),
         "{body}"
     );
-    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 2);
     proxy.shutdown().await;
 }
 
@@ -694,6 +741,29 @@ async fn the_admin_api_manages_keys_holds_by_key_and_serves_the_audit_log() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(call(&url, "POST", &[("x-api-key", &vk)], "{}").await.0, 200);
+    // The same with the CLI: `hold --key NAME`, then `release --key NAME`.
+    let admin_url = format!("http://{}", proxy.admin);
+    let hold_cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--admin", &admin_url, "--key", "enrich-key"])
+            .env("CREDITMETER_ADMIN_TOKEN", "admin-secret-token")
+            .env_remove("CREDITMETER_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = hold_cli(&["hold"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(call(&url, "POST", &[("x-api-key", &vk)], "{}").await.0, 503);
+    let (code, out) = hold_cli(&["release"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&id), "{out}");
+    assert_eq!(call(&url, "POST", &[("x-api-key", &vk)], "{}").await.0, 200);
     // An unknown name is refused, not held as a pattern that matches nothing.
     let (status, body) = call(
         &api("/api/holds"),
@@ -750,7 +820,9 @@ async fn the_admin_api_manages_keys_holds_by_key_and_serves_the_audit_log() {
         actions,
         [
             "key_created",
-            "hold_placed",
+            "hold_placed", // by the API
+            "hold_lifted",
+            "hold_placed", // by the CLI, through the API
             "hold_lifted",
             "key_rotated",
             "key_revoked"
