@@ -54,6 +54,8 @@ pub struct Admin {
     pub reconcile: Arc<crate::reconcile::PollerStatus>,
     /// `proxy.metering`: false when calls are forwarded unrecorded; `/readyz` says so.
     pub metering: bool,
+    /// `/api/keys` and `/api/audit`; its `actor` is also who hold changes are audited as.
+    pub keys: crate::keys::api::KeysApi,
 }
 
 /// The admin listener's response type.
@@ -184,6 +186,24 @@ impl Admin {
                     "draining": self.draining.load(Ordering::Relaxed),
                 }),
             ),
+            (Method::GET, "/api/keys") => self.keys_answer(self.keys.list().await),
+            (Method::POST, "/api/keys") => match read_api_body(req).await {
+                Ok(body) => self.keys_answer(self.keys.create(&body).await),
+                Err(r) => r,
+            },
+            (Method::POST, p) if p.starts_with("/api/keys/") && p.ends_with("/rotate") => {
+                let id = &p["/api/keys/".len()..p.len() - "/rotate".len()];
+                let id = decode_segment(id);
+                self.keys_answer(self.keys.rotate(&id).await)
+            }
+            (Method::DELETE, p) if p.starts_with("/api/keys/") => {
+                let id = decode_segment(&p["/api/keys/".len()..]);
+                self.keys_answer(self.keys.revoke(&id).await)
+            }
+            (Method::GET, "/api/audit") => match decode_query(req.uri().query().unwrap_or("")) {
+                Ok(pairs) => self.keys_answer(self.keys.audit(&pairs).await),
+                Err(e) => bad_request(&e),
+            },
             (Method::GET, "/api/reconcile") => self.reconcile(req.uri().query()).await,
             (Method::GET, "/api/usage") => self.usage(req.uri().query().unwrap_or("")).await,
             (Method::GET, "/api/calls") => self.calls(req.uri().query().unwrap_or("")).await,
@@ -196,6 +216,10 @@ impl Admin {
 }
 
 impl Admin {
+    fn keys_answer(&self, (status, body): crate::keys::api::Answer) -> AdminResponse {
+        json_response(status, &body)
+    }
+
     /// `GET /api/reconcile[?since=…&until=…]`: what `creditmeter report --reconcile --format json`
     /// prints (default: the last 7 days), plus the poller's status under `poller`.
     async fn reconcile(&self, query: Option<&str>) -> AdminResponse {
@@ -263,7 +287,7 @@ impl Admin {
         let Some(scope) = v.get("scope") else {
             return bad_request("name what to hold: {\"scope\": {\"table\": \"…\"}} (or workflow, key, tag), or {\"scope\": \"global\"} to pause everything");
         };
-        let scope = match crate::guard::config::scope_from_json(scope) {
+        let mut scope = match crate::guard::config::scope_from_json(scope) {
             Ok(s) => s,
             Err(e) => return bad_request(&format!("scope: {e}")),
         };
@@ -273,15 +297,28 @@ impl Admin {
             Some(_) => return bad_request("reason must be a string of at most 1024 bytes"),
         };
         let guard = self.guard.clone();
+        if let Err(e) = self.resolve_key_scope(&mut scope).await {
+            return bad_request(&format!("scope: {e}"));
+        }
         match tokio::task::spawn_blocking(move || guard.place_hold(scope, reason, now_ms())).await {
-            Ok(Ok(change)) => json_response(
+            Ok(Ok(change)) => {
                 if change.created {
-                    StatusCode::CREATED
-                } else {
-                    StatusCode::OK
-                },
-                &hold_change_json("hold", &change),
-            ),
+                    let admin = self.clone_for_audit();
+                    let change = change.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        admin.audit_hold(crate::ledger::audit::action::HOLD_PLACED, &change)
+                    })
+                    .await;
+                }
+                json_response(
+                    if change.created {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    },
+                    &hold_change_json("hold", &change),
+                )
+            }
             Ok(Err(e)) => hold_failed(&e),
             Err(e) => hold_failed(&e),
         }
@@ -297,6 +334,12 @@ impl Admin {
         let guard = self.guard.clone();
         match tokio::task::spawn_blocking(move || guard.lift_hold(id, now_ms())).await {
             Ok(Ok(Some(change))) => {
+                let admin = self.clone_for_audit();
+                let audited = change.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    admin.audit_hold(crate::ledger::audit::action::HOLD_LIFTED, &audited)
+                })
+                .await;
                 json_response(StatusCode::OK, &hold_change_json("released", &change))
             }
             Ok(Ok(None)) => json_response(
@@ -381,6 +424,65 @@ impl Admin {
             Ok(Err(e)) => server_error(&e.to_string()),
             Err(e) => server_error(&e.to_string()),
         }
+    }
+}
+
+/// The body of an admin API mutation, capped at [`MAX_API_BODY`].
+async fn read_api_body(req: Request<Incoming>) -> Result<Bytes, AdminResponse> {
+    match Limited::new(req.into_body(), MAX_API_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(bad_request(&format!("cannot read the request body: {e}"))),
+    }
+}
+
+/// A path segment, percent-decoded (key names may hold `.`, `_`, `-`; ids are hex).
+fn decode_segment(s: &str) -> String {
+    String::from_utf8_lossy(&creditmeter_base::percent::percent_decode_bytes(s)).into_owned()
+}
+
+/// What writing an audit row off the async path needs.
+struct AuditWriter {
+    ledger_path: PathBuf,
+    actor: String,
+}
+
+impl AuditWriter {
+    fn audit_hold(&self, action: &str, change: &crate::guard::HoldChange) {
+        let entry = crate::ledger::audit::Entry::new(now_ms(), &self.actor, action)
+            .with_subject(&change.hold.id.to_string(), change.hold.to_json());
+        if let Err(e) = crate::ledger::audit::append_at(&self.ledger_path, &entry) {
+            tracing::warn!(error = %e, hold = change.hold.id, "the hold change could not be written to the audit log");
+        }
+    }
+}
+
+impl Admin {
+    fn clone_for_audit(&self) -> AuditWriter {
+        AuditWriter {
+            ledger_path: self.ledger_path.clone(),
+            actor: self.keys.actor.clone(),
+        }
+    }
+
+    /// A hold's `key` may name a virtual key: it is held by id.
+    async fn resolve_key_scope(&self, scope: &mut crate::guard::Scope) -> Result<(), String> {
+        let Some(k) = scope.key.as_ref() else {
+            return Ok(());
+        };
+        if crate::guard::scope::is_fingerprint_pattern(k.as_str()) {
+            return Ok(());
+        }
+        let path = self.ledger_path.clone();
+        let mut s = scope.clone();
+        let resolved = tokio::task::spawn_blocking(move || {
+            let conn = crate::ledger::open_for_read(&path).map_err(|e| e.to_string())?;
+            crate::keys::resolve_scope_key(&conn, &mut s)?;
+            Ok::<_, String>(s)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        *scope = resolved;
+        Ok(())
     }
 }
 

@@ -188,6 +188,19 @@ pub fn extract(
     Ok((attr, forwarded_query))
 }
 
+/// Checks a table or workflow name given outside a request (a virtual key's binding) by the
+/// rules for `X-Meter-Table` and `X-Meter-Workflow`; `name` is what the message calls it.
+pub fn check_name(name: &str, value: &str) -> Result<String, AttributionError> {
+    let value = validate(name, value.as_bytes())?;
+    not_reserved(name, &value)?;
+    Ok(value)
+}
+
+/// Checks a tag value given outside a request, by the rules for `X-Meter-Tag-*`.
+pub fn check_tag(name: &str, value: &str) -> Result<String, AttributionError> {
+    validate(name, value.as_bytes())
+}
+
 /// A value must be non-empty printable UTF-8 of at most [`MAX_VALUE_BYTES`].
 fn validate(name: &str, raw: &[u8]) -> Result<String, AttributionError> {
     let invalid = |reason: String| AttributionError::Invalid {

@@ -114,6 +114,8 @@ pub struct Config {
     pub guard: crate::guard::GuardConfig,
     /// `[[budget]]`: spend limits, none by default.
     pub budget: Vec<crate::guard::BudgetConfig>,
+    /// `[keys]`: virtual keys (off by default).
+    pub keys: crate::keys::KeysConfig,
 }
 
 /// `[proxy]`: the listener callers point their Apollo base URL at.
@@ -762,6 +764,7 @@ impl Config {
         }
         self.reconcile.validate()?;
         self.settle.validate()?;
+        self.keys.validate()?;
         crate::guard::config::validate(&self.guard, &self.budget)?;
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod config;
 pub mod guard;
 pub mod inflight;
+pub mod keys;
 pub mod meter;
 pub mod metrics;
 pub mod proxy;
@@ -84,6 +85,7 @@ fn reload_settings(
             "ledger",
             format!("{:?}", new.ledger) != format!("{:?}", running.ledger),
         ),
+        ("keys", new.keys != running.keys),
     ] {
         if changed {
             tracing::warn!(
@@ -99,6 +101,28 @@ fn reload_settings(
         },
         new,
     ))
+}
+
+/// Records a configuration reload (or its refusal) in the audit log, actor `sighup`.
+async fn audit_reload(ledger: PathBuf, config_path: Option<PathBuf>, error: Option<String>) {
+    let entry = ledger::audit::Entry::new(
+        meter::now_ms(),
+        "sighup",
+        if error.is_none() {
+            ledger::audit::action::CONFIG_RELOADED
+        } else {
+            ledger::audit::action::CONFIG_RELOAD_REFUSED
+        },
+    )
+    .with_detail(serde_json::json!({
+        "config": config_path.map(|p| p.display().to_string()),
+        "error": error,
+    }));
+    let written =
+        tokio::task::spawn_blocking(move || ledger::audit::append_at(&ledger, &entry)).await;
+    if !matches!(written, Ok(Ok(_))) {
+        tracing::warn!("the configuration reload could not be written to the audit log");
+    }
 }
 
 /// Loads the configured catalog, or the built-in one.
@@ -175,6 +199,7 @@ pub async fn run_with_reload(
     let catalog = Arc::new(load_catalog(&config)?);
     let upstream = proxy::upstream::Upstream::new(&config.upstream, &base)?;
     let proxy_token = config.proxy.token()?;
+    let upstream_keys = config.keys.resolve()?;
 
     let conn = ledger::open_for_write(&config.ledger.path, config.ledger.synchronous)?;
     let secret = ledger::install_secret(&conn)?;
@@ -202,9 +227,11 @@ pub async fn run_with_reload(
         None => None,
     };
     // Budgets resume the current windows' spend, and holds stay in force, across restarts.
+    // A budget may name a virtual key by name; it covers the key's id (its calls' key_fp).
+    let budgets = keys::resolve_budget_keys(&conn, &config.budget)?;
     let guard: Arc<guard::Guard> = Arc::new(guard::Guard::start(
         &config.guard,
-        &config.budget,
+        &budgets,
         &conn,
         config.ledger.path.clone(),
         metrics.budgets(),
@@ -316,6 +343,11 @@ pub async fn run_with_reload(
         ),
         status: reconcile_status.clone(),
     });
+    let keys = Arc::new(keys::Keys::new(
+        config.keys.mode,
+        upstream_keys,
+        config.ledger.path.clone(),
+    ));
     let proxy = Arc::new(Proxy {
         upstream,
         meter,
@@ -336,6 +368,8 @@ pub async fn run_with_reload(
             max_bytes: config.proxy.cancelled_drain_max.0,
         },
         metering: config.proxy.metering,
+        keys: keys.clone(),
+        refused: metrics.refused(),
     });
     let admin_token = config.admin.token();
     let admin = Arc::new(admin::Admin {
@@ -356,6 +390,14 @@ pub async fn run_with_reload(
         ),
         reconcile: reconcile_status,
         metering: config.proxy.metering,
+        keys: keys::api::KeysApi {
+            ledger: config.ledger.path.clone(),
+            config: config.keys.clone(),
+            actor: match admin_token {
+                Some(_) => format!("token:{}", config.admin.token_env.trim()),
+                None => "admin".to_owned(),
+            },
+        },
     });
     drop(ledger_handle);
 
@@ -462,8 +504,12 @@ pub async fn run_with_reload(
                     Ok((settings, new)) => {
                         // Budgets first: if they are refused, nothing changes.
                         let guard = guard_for_reload.clone();
+                        let ledger_path = config.ledger.path.clone();
                         let budgets = tokio::task::spawn_blocking(move || {
-                            guard.reload(&new.guard, &new.budget, meter::now_ms())
+                            let budgets = keys::resolve_budget_keys_at(&ledger_path, &new.budget)?;
+                            guard
+                                .reload(&new.guard, &budgets, meter::now_ms())
+                                .map_err(|e| e.to_string())
                         })
                         .await;
                         match budgets {
@@ -487,6 +533,7 @@ pub async fn run_with_reload(
                     tracing::error!(error = %e, "configuration reload refused; the previous settings stay in force");
                 }
                 metrics.config_reloaded(applied.is_ok());
+                audit_reload(config.ledger.path.clone(), config_path.clone(), applied.as_ref().err().cloned()).await;
             }
         }
     }

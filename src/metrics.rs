@@ -70,7 +70,21 @@ pub struct Metrics {
     settle: SettleMetrics,
     tables: LabelCap,
     workflows: LabelCap,
+    /// `creditmeter_refused_total{reason}`: requests refused before authentication (no
+    /// ledger row each). Registered here only; everything that refuses shares this handle.
+    refused: IntCounterVec,
 }
+
+/// `creditmeter_refused_total` reasons counted by the virtual-key check (present from the
+/// first scrape).
+pub const KEY_REFUSAL_REASONS: [&str; 6] = [
+    "virtual_key_required",
+    "invalid_virtual_key",
+    "virtual_key_revoked",
+    "virtual_key_expired",
+    "conflicting_keys",
+    "virtual_keys_off",
+];
 
 impl Metrics {
     /// Registers every metric. `max_label_values` caps `table` and `workflow` each.
@@ -277,7 +291,19 @@ impl Metrics {
         for method in ["GET", "POST"] {
             unpriced.with_label_values(&[method]);
         }
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "creditmeter_refused_total",
+                "Requests refused before authentication, by reason (no ledger row each).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        for reason in KEY_REFUSAL_REASONS {
+            refused.with_label_values(&[reason]);
+        }
         Ok(Metrics {
+            refused,
             registry,
             credits,
             requests,
@@ -308,6 +334,12 @@ impl Metrics {
         self.reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
+    }
+
+    /// `creditmeter_refused_total{reason}`, for whatever refuses a request before
+    /// authentication.
+    pub fn refused(&self) -> IntCounterVec {
+        self.refused.clone()
     }
 
     /// The handles the ledger writer updates.

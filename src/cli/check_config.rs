@@ -37,6 +37,18 @@ impl CheckConfig {
                 return Ok(ExitCode::from(EX_USAGE));
             }
         }
+        // A mode that needs the real Apollo key, without the key, cannot serve.
+        if let Err(e) = config.keys.resolve() {
+            eprintln!("creditmeter: {e}");
+            return Ok(ExitCode::from(EX_USAGE));
+        }
+        // Budgets naming a virtual key by name need that key in the ledger.
+        if let Err(e) =
+            creditmeter::keys::resolve_budget_keys_at(&config.ledger.path, &config.budget)
+        {
+            eprintln!("creditmeter: [[budget]]: {e}");
+            return Ok(ExitCode::from(EX_USAGE));
+        }
         println!(
             "config: {}",
             path.map(|p| p.display().to_string())
@@ -216,6 +228,7 @@ impl CheckConfig {
                     .unwrap_or_default()
             );
         }
+        println!("  {}", config.keys.describe());
         println!("ok");
         Ok(ExitCode::SUCCESS)
     }

@@ -3,11 +3,13 @@
 //! subcommands share: config loading, the runtime, signals, exit codes, the admin client.
 #![allow(clippy::print_stdout)] // this is the CLI's output code
 
+mod audit;
 mod budgets;
 mod check_config;
 mod demo;
 mod healthcheck;
 mod hold;
+mod keys;
 mod ledger;
 mod ledger_bench;
 mod release;
@@ -63,6 +65,10 @@ pub enum Command {
     Hold(hold::Hold),
     /// Lift a hold: by its id, or by the same scope flags it was placed with.
     Release(release::Release),
+    /// Virtual keys (`cmk_…`) bound to a table: create, list, revoke, rotate.
+    Keys(keys::Keys),
+    /// The audit log: keys created, revoked and rotated, holds placed and lifted, reloads.
+    Audit(audit::AuditArgs),
     /// Exit 0 if URL answers 2xx (for container health checks).
     Healthcheck(healthcheck::Healthcheck),
 }
@@ -81,6 +87,8 @@ impl Command {
             Command::Budgets(c) => c.run(),
             Command::Hold(c) => c.run(),
             Command::Release(c) => c.run(),
+            Command::Keys(c) => Ok(keys::run(c.command)),
+            Command::Audit(c) => Ok(audit::run(c)),
             Command::Healthcheck(c) => c.run(),
         }
     }
@@ -109,7 +117,8 @@ pub struct ScopeArgs {
     /// Workflow name or glob.
     #[arg(long)]
     workflow: Option<String>,
-    /// API key fingerprint (`key_fp`, as `creditmeter report --by key` shows), or a glob.
+    /// API key fingerprint (`key_fp`, as `creditmeter report --by key` shows), or a glob;
+    /// or a virtual key's id or name (`creditmeter keys list`).
     #[arg(long)]
     key: Option<String>,
     /// NAME=VALUE of an X-Meter-Tag-NAME header (VALUE may be a glob); repeatable.

@@ -38,7 +38,27 @@ impl Release {
         let rt = runtime()?;
         let id = match wanted {
             (Some(id), _) => id,
-            (None, scope) => {
+            (None, mut scope) => {
+                // A hold placed with --key NAME is held by the key's id: look the name up.
+                if let Some(name) = scope
+                    .as_ref()
+                    .and_then(|s| s["key"].as_str())
+                    .filter(|k| !creditmeter::guard::scope::is_fingerprint_pattern(k))
+                    .map(str::to_owned)
+                {
+                    let keys = rt.block_on(client.call(http::Method::GET, "/api/keys", None))?;
+                    if let Some(id) = keys["keys"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|k| k["name"].as_str() == Some(name.as_str()))
+                        .and_then(|k| k["id"].as_str())
+                    {
+                        if let Some(s) = scope.as_mut() {
+                            s["key"] = serde_json::Value::String(id.to_owned());
+                        }
+                    }
+                }
                 let v = rt.block_on(client.call(http::Method::GET, "/api/holds", None))?;
                 let found = v["holds"]
                     .as_array()

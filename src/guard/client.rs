@@ -291,7 +291,14 @@ mod tests {
             .unwrap();
         assert_eq!(v, serde_json::json!({"table": "t", "tag": {"team": "x"}}));
         assert!(scope_json(false, None, None, None, &["noequals".into()]).is_err());
-        assert!(scope_json(false, None, None, Some("sk_live".into()), &[]).is_err());
+        // Never a key: a creditmeter key, or anything that is not a fingerprint or a key name.
+        assert!(scope_json(false, None, None, Some("cmk_0123456789abcdef".into()), &[]).is_err());
+        assert!(scope_json(false, None, None, Some("sk live/1".into()), &[]).is_err());
+        // A virtual key's name is sent as is; the server resolves it to the key's id.
+        assert_eq!(
+            scope_json(false, None, None, Some("clay-inbound".into()), &[]).unwrap(),
+            Some(serde_json::json!({"key": "clay-inbound"}))
+        );
         assert_eq!(
             admin_url("0.0.0.0:9464".parse().unwrap()),
             "http://127.0.0.1:9464"

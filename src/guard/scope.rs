@@ -72,6 +72,13 @@ fn glob_match(pat: &[u8], text: &[u8]) -> bool {
     pat[p..].iter().all(|&c| c == b'*')
 }
 
+/// Whether `pattern` is a `key_fp` glob: lower-case hex digits, `*` and `?` only.
+pub fn is_fingerprint_pattern(pattern: &str) -> bool {
+    pattern
+        .bytes()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c) || c == b'*' || c == b'?')
+}
+
 /// What a scope is matched against: the attribution of one call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallFacts {
@@ -129,14 +136,17 @@ impl Scope {
             }
         }
         if let Some(key) = &self.key {
-            // Never a raw key: key_fp is 16 lower-case hex digits.
-            if !key
-                .0
-                .bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c) || c == b'*' || c == b'?')
-            {
+            // Never a raw key: a key_fp (16 lower-case hex digits, or a glob of them), or the
+            // name of a virtual key, which is resolved to its id before it is used.
+            if key.0.starts_with(crate::ledger::keys::KEY_PREFIX) {
                 return Err(format!(
-                    "key {:?} is not a key fingerprint: scopes match `key_fp`, the 16 hex digits shown by `creditmeter report --by key`, never the API key itself",
+                    "key {:?}... is a creditmeter key itself: name it by its id or name (`creditmeter keys list`), never the key",
+                    key.0.chars().take(8).collect::<String>()
+                ));
+            }
+            if !is_fingerprint_pattern(&key.0) && !crate::keys::config::valid_name(&key.0) {
+                return Err(format!(
+                    "key {:?} is not a key fingerprint or a virtual key's name: scopes match `key_fp`, the 16 hex digits shown by `creditmeter report --by key` (a virtual key's id), or a virtual key's name; never the API key itself",
                     key.0
                 ));
             }
@@ -333,7 +343,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("tabel"));
-        let raw_key: Scope = serde_json::from_str(r#"{"key":"sk_live_ABC"}"#).unwrap();
+        let raw_key: Scope = serde_json::from_str(r#"{"key":"sk live/ABC"}"#).unwrap();
         assert!(raw_key.validate().unwrap_err().contains("fingerprint"));
+        // A creditmeter key is never a scope; a name is (resolved to the key's id before use,
+        // and refused then if no virtual key has it: see keys::resolve_scope_key).
+        let own: Scope = serde_json::from_str(
+            r#"{"key":"cmk_0123456789abcdef0123456789abcdef0123456789abcdef"}"#,
+        )
+        .unwrap();
+        let e = own.validate().unwrap_err();
+        assert!(
+            e.contains("creditmeter key") && !e.contains("0123456789abcdef0123"),
+            "{e}"
+        );
+        let named: Scope = serde_json::from_str(r#"{"key":"clay-leads"}"#).unwrap();
+        assert!(named.validate().is_ok());
     }
 }

@@ -757,8 +757,11 @@ fn budget_config_rejections_say_how_to_fix_them() {
             "tabel",
         ),
         (
-            base("").replace("scope = \"global\"", "scope = { key = \"sk_live_123\" }"),
-            "fingerprint",
+            base("").replace(
+                "scope = \"global\"",
+                "scope = { key = \"cmk_0123456789abcdef\" }",
+            ),
+            "creditmeter key",
         ),
         (base("").replace("limit = 10", "limit = -1"), "negative"),
         (

@@ -101,6 +101,11 @@ pub struct Proxy {
     pub drain: DrainSettings,
     /// `proxy.metering`: when false, calls are forwarded unrecorded (see `handle_unmetered`).
     pub metering: bool,
+    /// Virtual keys (`[keys]`): checked and swapped for the real key before anything goes
+    /// upstream.
+    pub keys: Arc<crate::keys::Keys>,
+    /// `creditmeter_refused_total{reason}`: refusals before authentication (no ledger row).
+    pub refused: prometheus::IntCounterVec,
 }
 
 impl Proxy {
@@ -147,7 +152,11 @@ impl Proxy {
             request_bytes: 0,
         };
 
-        let (attribution, query) = match self.screen(&mut parts, settings.require_table) {
+        // With virtual keys on, a keyed call's table comes from its key: `require_table` is
+        // checked once the key is known (in `apply_keys`).
+        let keys_on = self.keys.mode != crate::keys::KeysMode::Off;
+        let (attribution, query) = match self.screen(&mut parts, settings.require_table && !keys_on)
+        {
             Ok(v) => v,
             Err(r) => return Ok(self.refuse_unrecorded(&parts.extensions, r)),
         };
@@ -185,9 +194,34 @@ impl Proxy {
                     .min(usize::try_from(self.max_request_body).unwrap_or(usize::MAX)),
             },
         );
-        let key_fp = attribution::api_key_from_headers(&parts.headers)
-            .or_else(|| params.api_key())
-            .map(|k| self.fingerprints.fingerprint(k));
+        let encoded = is_encoded(&parts.headers);
+        let keyed = self
+            .apply_keys(
+                &mut parts,
+                query,
+                body_bytes,
+                encoded,
+                params.api_key(),
+                attribution,
+                settings.require_table,
+            )
+            .await;
+        let (attribution, query, body_bytes, virtual_key) = match keyed {
+            Ok(v) => v,
+            Err(KeyStop::Unrecorded(r)) => return Ok(r.response(None)),
+            Err(KeyStop::Recorded(r, key)) => {
+                let mut ctx = refused(key.as_deref().map(key_attribution).unwrap_or_default());
+                ctx.key_fp = key.map(|k| k.id);
+                return Ok(self.refuse(ctx, r).await);
+            }
+        };
+        // A virtual key's calls are recorded under its id; other keys under their fingerprint.
+        let key_fp = match virtual_key {
+            Some(id) => Some(id),
+            None => attribution::api_key_from_headers(&parts.headers)
+                .or_else(|| params.api_key())
+                .map(|k| self.fingerprints.fingerprint(k)),
+        };
         let ctx = CallContext {
             request_id: request_id.clone(),
             started_at,
@@ -267,10 +301,102 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Request<Full<Bytes>>, Rejection> {
         let (mut parts, body) = req.into_parts();
-        let (_, query) = self.screen(&mut parts, self.settings().require_table)?;
+        let require_table = self.settings().require_table;
+        let keys_on = self.keys.mode != crate::keys::KeysMode::Off;
+        let (attribution, query) = self.screen(&mut parts, require_table && !keys_on)?;
         let body = self.read_body(&parts.headers, body).await?;
+        let encoded = is_encoded(&parts.headers);
+        let (_, query, body, _) = self
+            .apply_keys(
+                &mut parts,
+                query,
+                body,
+                encoded,
+                None,
+                attribution,
+                require_table,
+            )
+            .await
+            .map_err(|stop| match stop {
+                KeyStop::Unrecorded(r) | KeyStop::Recorded(r, _) => r,
+            })?;
         let path = canonical_path(parts.uri.path()).into_owned();
         self.upstream_request(parts, &path, query.as_deref(), body)
+    }
+
+    /// Virtual keys: a call with one gets the key's attribution and the real Apollo key in its
+    /// place (headers in `parts`, the query and body returned); a call without one passes
+    /// unless `keys.mode = "required"`. Returns the attribution, query and body to use and
+    /// the virtual key's id. Refusals before authentication (401) get no ledger row and count
+    /// in `creditmeter_refused_total{reason}`.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_keys(
+        &self,
+        parts: &mut request::Parts,
+        query: Option<String>,
+        body: Bytes,
+        body_encoded: bool,
+        params_key: Option<&str>,
+        attribution: Attribution,
+        require_table: bool,
+    ) -> Result<(Attribution, Option<String>, Bytes, Option<String>), KeyStop> {
+        let original_query = parts.uri.query().map(str::to_owned);
+        let decision = self
+            .keys
+            .authorize(
+                crate::keys::CallKeys {
+                    headers: &mut parts.headers,
+                    original_query: original_query.as_deref(),
+                    query: query.clone(),
+                    body: body.clone(),
+                    body_encoded,
+                    params_key,
+                    attribution: attribution.clone(),
+                },
+                now_ms(),
+            )
+            .await;
+        match decision {
+            Ok(crate::keys::Decision::Virtual {
+                key,
+                attribution,
+                query,
+                body,
+            }) => Ok((attribution, query, body, Some(key.id))),
+            Ok(crate::keys::Decision::PassThrough) => {
+                if require_table && attribution.table.is_none() {
+                    let e = attribution::AttributionError::TableRequired;
+                    let r = Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_attribution",
+                        e.to_string(),
+                    );
+                    let r = match e.field() {
+                        Some(f) => r.field(f),
+                        None => r,
+                    };
+                    return Err(KeyStop::Recorded(r, None));
+                }
+                Ok((attribution, query, body, None))
+            }
+            Err(refusal) => {
+                let mut r = Rejection::new(refusal.status, refusal.code, refusal.message);
+                if let Some(f) = refusal.field {
+                    r = r.field(f);
+                }
+                if refusal.unauthenticated {
+                    self.refused.with_label_values(&[refusal.code]).inc();
+                    tracing::debug!(
+                        status = r.status.as_u16(),
+                        code = r.code,
+                        "call refused before authentication (no ledger row)"
+                    );
+                    Err(KeyStop::Unrecorded(r))
+                } else {
+                    Err(KeyStop::Recorded(r, refusal.key))
+                }
+            }
+        }
     }
 
     /// What every call must pass, metered or not: the guards (no CONNECT, no absolute-form
@@ -579,6 +705,32 @@ impl Proxy {
         }
         r.response(Some(&request_id))
     }
+}
+
+/// Why a call stops at the virtual-key check.
+enum KeyStop {
+    /// Refused before authentication: answered, counted, not recorded.
+    Unrecorded(Rejection),
+    /// Refused after it: recorded as `rejected` (under the key, when there is one).
+    Recorded(Rejection, Option<Box<crate::ledger::keys::KeyRow>>),
+}
+
+/// The attribution a virtual key gives its calls.
+fn key_attribution(key: &crate::ledger::keys::KeyRow) -> Attribution {
+    Attribution {
+        table: Some(key.table.clone()),
+        workflow: key.workflow.clone(),
+        tags: key.tags.clone(),
+    }
+}
+
+/// Whether the request body is content-encoded (anything but `identity`).
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            !v.trim().eq_ignore_ascii_case("identity") && !v.trim().is_empty()
+        })
+    })
 }
 
 /// Why a call is answered here rather than by upstream: the parts of its JSON error.

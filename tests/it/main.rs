@@ -14,6 +14,7 @@ mod edge;
 mod edges;
 mod herd;
 mod hostile;
+mod keys;
 mod ledger_cli;
 mod ledger_faults;
 mod proxy;

@@ -127,6 +127,76 @@ async fn keyed_calls(served: &Served) -> Vec<u16> {
     ]
 }
 
+/// The real Apollo key of instance D (virtual keys), in the environment only.
+const REAL_KEY: &str = "rk-SECRET-8e2d4b61-UPSTREAM";
+const REAL_KEY_ENV: &str = "CM_SECRETS_REAL_APOLLO_KEY";
+
+/// The real binary's CLI: (exit code, stdout, stderr).
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(common::binary::BIN)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = cli(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// A virtual key in each place a key may go, alone.
+async fn virtual_calls(served: &Served, vk: &str) -> Vec<u16> {
+    let email = r#"{"email": "ada@example.com"}"#;
+    vec![
+        call(
+            served,
+            "POST",
+            "/api/v1/people/match",
+            &[("x-api-key", vk)],
+            email,
+        )
+        .await,
+        call(
+            served,
+            "POST",
+            "/api/v1/people/match",
+            &[("authorization", &format!("Bearer {vk}"))],
+            email,
+        )
+        .await,
+        call(
+            served,
+            "GET",
+            &format!("/api/v1/people/match?email=ada%40example.com&api_key={vk}"),
+            &[],
+            "",
+        )
+        .await,
+        call(
+            served,
+            "POST",
+            "/api/v1/people/match",
+            &[],
+            &format!(r#"{{"api_key": "{vk}", "email": "ada@example.com"}}"#),
+        )
+        .await,
+        call(
+            served,
+            "POST",
+            "/api/v1/people/match",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            &format!("api_key={vk}&email=ada%40example.com"),
+        )
+        .await,
+    ]
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -346,6 +416,100 @@ async fn api_keys_appear_in_nothing_creditmeter_writes() {
         served.stop();
     }
 
+    // D: virtual keys in required mode. The real Apollo key lives only in the environment;
+    // the virtual keys are made, rotated and revoked with the CLI while the server runs, and
+    // used in every place a key may go, through successes, a forged table (403), the old and
+    // the revoked secret (401), and the real key sent by a caller (401).
+    let dir_d = root.path().join("d");
+    std::fs::create_dir_all(&dir_d).unwrap();
+    let d = Served::start(
+        &dir_d,
+        &[
+            ("upstream.base_url", format!("\"{}\"", sim.url(true))),
+            (
+                "upstream.ca_file",
+                format!("{:?}", pki.ca_pem.display().to_string()),
+            ),
+            ("keys.mode", "\"required\"".to_owned()),
+            ("keys.upstream_key_env", format!("\"{REAL_KEY_ENV}\"")),
+        ],
+        &[("RUST_LOG", "debug"), (REAL_KEY_ENV, REAL_KEY)],
+    );
+    let db = d.ledger.display().to_string();
+    let made = cli_json(&[
+        "keys", "create", "--db", &db, "--table", "secrets", "--name", "sk", "--format", "json",
+    ]);
+    let vk_old = made["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        virtual_calls(&d, &vk_old).await,
+        [200; 5],
+        "each key location works"
+    );
+    let rotated = cli_json(&["keys", "rotate", "sk", "--db", &db, "--format", "json"]);
+    let vk = rotated["key"].as_str().unwrap().to_owned();
+    assert_eq!(virtual_calls(&d, &vk).await, [200; 5]);
+    let email = r#"{"email": "ada@example.com"}"#;
+    let mut refused = vec![
+        call(
+            &d,
+            "POST",
+            "/api/v1/people/match?meter_table=forged",
+            &[("x-api-key", &vk)],
+            email,
+        )
+        .await,
+        call(
+            &d,
+            "POST",
+            "/api/v1/people/match",
+            &[("x-api-key", &vk_old)],
+            email,
+        )
+        .await,
+        call(
+            &d,
+            "POST",
+            "/api/v1/people/match",
+            &[("x-api-key", REAL_KEY)],
+            email,
+        )
+        .await,
+        call(
+            &d,
+            "POST",
+            "/api/v1/people/match",
+            &[("authorization", &format!("Bearer {REAL_KEY}"))],
+            email,
+        )
+        .await,
+    ];
+    let (code, _, err) = cli(&["keys", "revoke", "sk", "--db", &db]);
+    assert_eq!(code, 0, "{err}");
+    refused.extend(virtual_calls(&d, &vk).await);
+    assert_eq!(refused, [403, 401, 401, 401, 401, 401, 401, 401, 401]);
+    let listed = cli(&["keys", "list", "--db", &db, "--format", "json"]).1;
+    let audit = cli(&["audit", "--db", &db, "--format", "json"]).1;
+    assert!(listed.contains("\"revoked\"") && audit.contains("key_rotated"));
+    std::fs::write(dir_d.join("metrics.txt"), d.metrics()).unwrap();
+    std::fs::write(dir_d.join("keys-list.json"), listed).unwrap();
+    std::fs::write(dir_d.join("audit.json"), audit).unwrap();
+    snapshot(&d, &snapshots.join("d"));
+    let ledger_d = d.ledger.clone();
+    d.stop();
+    let conn = rusqlite::Connection::open(&ledger_d).unwrap();
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM calls WHERE table_name = 'secrets' AND outcome = 'ok'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        tables, 10,
+        "the virtual-key calls were recorded under the key's table"
+    );
+    drop(conn);
+
     // The workload really ran, was keyed, and was logged at debug.
     let conn = rusqlite::Connection::open(&ledger_a).unwrap();
     let (rows, keyed): (i64, i64) = conn
@@ -380,6 +544,7 @@ async fn api_keys_appear_in_nothing_creditmeter_writes() {
         root.path().join("a"),
         root.path().join("b"),
         root.path().join("c"),
+        root.path().join("d"),
         snapshots,
     ] {
         all_files.extend(files(&dir));
@@ -407,7 +572,7 @@ async fn api_keys_appear_in_nothing_creditmeter_writes() {
         all_files.len(),
         written >> 10,
         names.join(", "),
-        ALL_KEYS.len()
+        ALL_KEYS.len() + 3
     ));
     assert!(
         names.iter().any(|n| n.ends_with("-wal")),
@@ -415,7 +580,8 @@ async fn api_keys_appear_in_nothing_creditmeter_writes() {
     );
     let haystack = Haystack::read(&all_files);
     let mut leaks = Vec::new();
-    for key in ALL_KEYS {
+    let virtual_keys = [vk_old.as_str(), vk.as_str(), REAL_KEY];
+    for key in ALL_KEYS.iter().copied().chain(virtual_keys) {
         for at in haystack.occurrences(key) {
             leaks.push(format!("{key} in {at}"));
         }

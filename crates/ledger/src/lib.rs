@@ -10,8 +10,10 @@
 //! in small batches on its own thread and never touches the rollups ([`maintenance`]).
 //! `creditmeter_sim::synth` writes realistic synthetic ledgers for benchmarks.
 
+pub mod audit;
 pub mod fixtures;
 pub mod guardrails;
+pub mod keys;
 pub mod maintenance;
 pub mod queries;
 pub mod schema;

@@ -224,6 +224,45 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX calls_settles ON calls(settles) WHERE settles IS NOT NULL;
     CREATE INDEX calls_deferred ON calls(started_at) WHERE deferred IS NOT NULL;
     "#,
+    // Virtual keys (issue 15): creditmeter's own keys (`cmk_…`), each bound to a table, stored
+    // only as a SHA-256 and a display prefix. `id` is 16 hex digits and is the `key_fp` of every
+    // call made with the key, so `report --by key`, budget and hold scopes and `/api/calls?key=`
+    // name it like any key fingerprint. `meta.keys_generation` is bumped with every change, so a
+    // running server sees it before its next lookup. `last_used_at` is kept by a trigger in the
+    // transaction that records the call. `audit`: who changed keys, holds and configuration.
+    r#"
+    CREATE TABLE virtual_keys (
+        id           TEXT    PRIMARY KEY,   -- 16 hex digits; calls.key_fp of calls made with it
+        name         TEXT    UNIQUE,
+        prefix       TEXT    NOT NULL,      -- the key's first 12 characters (cmk_ + 8 hex), for display
+        key_hash     TEXT    NOT NULL UNIQUE, -- hex SHA-256 of the key; the key itself is never stored
+        table_name   TEXT    NOT NULL,
+        workflow     TEXT,
+        tags         TEXT,                  -- JSON object
+        upstream     TEXT,                  -- [keys.upstreams.NAME]; NULL = keys.upstream_key_env
+        created_at   INTEGER NOT NULL,      -- unix ms, UTC
+        expires_at   INTEGER,
+        revoked_at   INTEGER,
+        rotated_at   INTEGER,
+        last_used_at INTEGER                -- started_at of the latest call recorded with it
+    );
+    CREATE TRIGGER virtual_keys_last_used AFTER INSERT ON calls
+    WHEN NEW.key_fp IS NOT NULL AND NEW.outcome <> 'settlement' BEGIN
+        UPDATE virtual_keys SET last_used_at = max(COALESCE(last_used_at, 0), NEW.started_at)
+         WHERE id = NEW.key_fp;
+    END;
+    INSERT OR IGNORE INTO meta(key, value) VALUES ('keys_generation', 0);
+
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY,
+        at      INTEGER NOT NULL,  -- unix ms, UTC
+        actor   TEXT    NOT NULL,  -- cli, admin, token:<admin.token_env>, sighup
+        action  TEXT    NOT NULL,  -- key_created, key_revoked, key_rotated, hold_placed, hold_lifted, config_reloaded, config_reload_refused
+        subject TEXT,              -- the key id or hold id changed
+        detail  TEXT               -- JSON: what changed; never a key
+    );
+    CREATE INDEX audit_at ON audit(at);
+    "#,
 ];
 
 /// The schema version this build writes.
