@@ -49,6 +49,8 @@ pub struct Admin {
     pub reconcile: Arc<crate::reconcile::PollerStatus>,
     /// `proxy.metering`: false when calls are forwarded unrecorded; `/readyz` says so.
     pub metering: bool,
+    /// The console's session key (`/ui/`).
+    pub console: crate::console::Console,
 }
 
 /// The admin listener's response type.
@@ -93,6 +95,7 @@ impl Admin {
                     unauthorized()
                 }
             }
+            p if crate::console::is_console_path(p) => crate::console::handle(&self, req).await,
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found: try /metrics, /healthz, /readyz, /api/status, /api/usage, /api/calls or /api/budgets\n",

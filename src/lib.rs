@@ -10,6 +10,7 @@ pub mod admin;
 pub mod attribution;
 pub mod catalog;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod guard;
 pub mod inflight;
@@ -58,6 +59,8 @@ pub enum RunError {
     Tls(#[from] proxy::listener::TlsSetupError),
     #[error("budgets and holds: {0}")]
     Guard(#[from] guard::GuardError),
+    #[error("console: {0}")]
+    Console(#[from] console::ConsoleError),
 }
 
 /// Reads the config file again and builds the settings a reload may change. Keys that need a
@@ -333,6 +336,7 @@ pub async fn run_with_reload(
         protect_metrics: config.admin.protect_metrics,
         reconcile: reconcile_status,
         metering: config.proxy.metering,
+        console: console::Console::new()?,
     });
     drop(ledger_handle);
 
