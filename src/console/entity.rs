@@ -289,7 +289,9 @@ fn recent_calls(
     }
     if let Some(c) = q.text("cursor") {
         cq.cursor = Some(Cursor::decode(c).ok_or_else(|| {
-            PageError::BadRequest(format!("cursor={c:?} is not a cursor this console gave out"))
+            PageError::BadRequest(format!(
+                "cursor={c:?} is not a cursor this console gave out"
+            ))
         })?);
     }
     let conn = crate::ledger::open_for_read(&ctx.db)?;

@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::charts;
 use super::{
-    entity_link, fmt_credits, layout, message_page, milli_of, redirect, report_json,
-    Ctx, PageError, Query, Win,
+    entity_link, fmt_credits, layout, message_page, milli_of, redirect, report_json, Ctx,
+    PageError, Query, Win,
 };
 use crate::admin::AdminResponse;
 use crate::report::ReportArgs;
@@ -146,7 +146,9 @@ fn stoppable(table: &str) -> Result<(), String> {
 /// `/ui/stop?table=…`: the confirmation step before a hold.
 pub fn confirm_stop(ctx: &Ctx, q: &Query) -> Result<Markup, PageError> {
     let Some(table) = q.text("table") else {
-        return Err(PageError::BadRequest("name the table: /ui/stop?table=…".into()));
+        return Err(PageError::BadRequest(
+            "name the table: /ui/stop?table=…".into(),
+        ));
     };
     stoppable(table).map_err(PageError::BadRequest)?;
     let csrf = ctx.csrf.clone().unwrap_or_default();
@@ -165,22 +167,38 @@ pub fn confirm_stop(ctx: &Ctx, q: &Query) -> Result<Markup, PageError> {
             a href="/ui/guardrails" { "Cancel" }
         }
     };
-    Ok(layout::page(ctx, "Confirm emergency stop", "/ui/guardrails", body))
+    Ok(layout::page(
+        ctx,
+        "Confirm emergency stop",
+        "/ui/guardrails",
+        body,
+    ))
 }
 
 /// `POST /ui/holds` (CSRF already checked): places a hold on `table`.
 pub async fn place(ctx: &Ctx, form: &Query) -> AdminResponse {
     let Some(table) = form.text("table").map(str::to_owned) else {
-        return message_page(ctx, http::StatusCode::BAD_REQUEST, "Not stopped", "name the table to stop; nothing was changed");
+        return message_page(
+            ctx,
+            http::StatusCode::BAD_REQUEST,
+            "Not stopped",
+            "name the table to stop; nothing was changed",
+        );
     };
     if let Err(e) = stoppable(&table) {
-        return message_page(ctx, http::StatusCode::BAD_REQUEST, "Not stopped", &format!("{e}; nothing was changed"));
+        return message_page(
+            ctx,
+            http::StatusCode::BAD_REQUEST,
+            "Not stopped",
+            &format!("{e}; nothing was changed"),
+        );
     }
     let reason = form
         .text("reason")
         .map(|r| r.chars().take(1024).collect::<String>())
         .or_else(|| Some("emergency stop from the console".into()));
-    let scope = crate::guard::config::scope_from_parts(Some(table.clone()), None, None, Default::default());
+    let scope =
+        crate::guard::config::scope_from_parts(Some(table.clone()), None, None, Default::default());
     let guard = ctx.guard.clone();
     let now = ctx.now;
     match tokio::task::spawn_blocking(move || guard.place_hold(scope, reason, now)).await {
@@ -188,22 +206,52 @@ pub async fn place(ctx: &Ctx, form: &Query) -> AdminResponse {
             tracing::warn!(hold = change.hold.id, table = %table, "console: emergency stop placed");
             redirect(&format!("/ui/guardrails?placed={}", change.hold.id))
         }
-        Ok(Err(e)) => message_page(ctx, http::StatusCode::INTERNAL_SERVER_ERROR, "Not stopped", &format!("the hold could not be recorded, so nothing changed: {e}")),
-        Err(e) => message_page(ctx, http::StatusCode::INTERNAL_SERVER_ERROR, "Not stopped", &e.to_string()),
+        Ok(Err(e)) => message_page(
+            ctx,
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "Not stopped",
+            &format!("the hold could not be recorded, so nothing changed: {e}"),
+        ),
+        Err(e) => message_page(
+            ctx,
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "Not stopped",
+            &e.to_string(),
+        ),
     }
 }
 
 /// `POST /ui/holds/release` (CSRF already checked): lifts hold `id`.
 pub async fn release(ctx: &Ctx, form: &Query) -> AdminResponse {
     let Some(id) = form.text("id").and_then(|i| i.parse::<i64>().ok()) else {
-        return message_page(ctx, http::StatusCode::BAD_REQUEST, "Not released", "the form names no hold id; nothing was changed");
+        return message_page(
+            ctx,
+            http::StatusCode::BAD_REQUEST,
+            "Not released",
+            "the form names no hold id; nothing was changed",
+        );
     };
     let guard = ctx.guard.clone();
     let now = ctx.now;
     match tokio::task::spawn_blocking(move || guard.lift_hold(id, now)).await {
         Ok(Ok(Some(_))) => redirect(&format!("/ui/guardrails?released={id}")),
-        Ok(Ok(None)) => message_page(ctx, http::StatusCode::NOT_FOUND, "Not released", &format!("no hold {id} is in force")),
-        Ok(Err(e)) => message_page(ctx, http::StatusCode::INTERNAL_SERVER_ERROR, "Not released", &format!("the release could not be recorded: {e}")),
-        Err(e) => message_page(ctx, http::StatusCode::INTERNAL_SERVER_ERROR, "Not released", &e.to_string()),
+        Ok(Ok(None)) => message_page(
+            ctx,
+            http::StatusCode::NOT_FOUND,
+            "Not released",
+            &format!("no hold {id} is in force"),
+        ),
+        Ok(Err(e)) => message_page(
+            ctx,
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "Not released",
+            &format!("the release could not be recorded: {e}"),
+        ),
+        Err(e) => message_page(
+            ctx,
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "Not released",
+            &e.to_string(),
+        ),
     }
 }

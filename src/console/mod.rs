@@ -459,10 +459,9 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> AdminResponse {
                     );
                 }
                 match console.sessions.create(now) {
-                    Ok((_, value)) => with_cookie(
-                        redirect("/ui/"),
-                        Some(session::set_cookie(&value, secure)),
-                    ),
+                    Ok((_, value)) => {
+                        with_cookie(redirect("/ui/"), Some(session::set_cookie(&value, secure)))
+                    }
                     Err(e) => message_page(
                         &ctx,
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -471,9 +470,7 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> AdminResponse {
                     ),
                 }
             }
-            Method::GET | Method::HEAD => {
-                html_response(StatusCode::OK, login_page(&ctx, None))
-            }
+            Method::GET | Method::HEAD => html_response(StatusCode::OK, login_page(&ctx, None)),
             _ => message_page(
                 &ctx,
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -550,11 +547,7 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> AdminResponse {
             "/ui/logout" => {
                 console.sessions.sign_out(&s);
                 with_cookie(
-                    redirect(if login_required {
-                        "/ui/login"
-                    } else {
-                        "/ui/"
-                    }),
+                    redirect(if login_required { "/ui/login" } else { "/ui/" }),
                     Some(session::clear_cookie(secure)),
                 )
             }
@@ -632,9 +625,10 @@ async fn read_form(req: Request<Incoming>) -> Result<Query, AdminResponse> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+            v.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
         });
     if !is_form {
         return Err(plain(
@@ -708,15 +702,14 @@ mod tests {
         assert_eq!(w.since_ms, now - 7 * 86_400_000);
         let w = Win::from_query(&q("window=30d"), now).unwrap();
         assert_eq!(w.bucket, "6h");
-        let w = Win::from_query(
-            &q("window=custom&since=2023-01-01&until=2023-11-01"),
-            now,
-        )
-        .unwrap();
+        let w =
+            Win::from_query(&q("window=custom&since=2023-01-01&until=2023-11-01"), now).unwrap();
         assert_eq!(w.bucket, "1d");
         assert!(Win::from_query(&q("window=custom"), now).is_err());
         assert!(Win::from_query(&q("window=1y"), now).is_err());
-        assert!(Win::from_query(&q("window=custom&since=2024-01-01&until=2023-01-01"), now).is_err());
+        assert!(
+            Win::from_query(&q("window=custom&since=2024-01-01&until=2023-01-01"), now).is_err()
+        );
     }
 
     #[test]

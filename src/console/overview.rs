@@ -264,10 +264,7 @@ fn alert_list(alerts: &[Alert]) -> Markup {
 }
 
 /// The alert rules the console can judge from what it holds.
-pub fn evaluate_alerts(
-    ctx: &Ctx,
-    conn: &rusqlite::Connection,
-) -> Result<Vec<Alert>, PageError> {
+pub fn evaluate_alerts(ctx: &Ctx, conn: &rusqlite::Connection) -> Result<Vec<Alert>, PageError> {
     let mut out = Vec::new();
     let hour = report_json(
         ctx,

@@ -187,7 +187,10 @@ mod tests {
         let c = set_cookie("v", false);
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && !c.contains("Secure"));
         assert!(set_cookie("v", true).ends_with("; Secure"));
-        assert_eq!(cookie_value("a=1; creditmeter_session=xyz; b=2"), Some("xyz"));
+        assert_eq!(
+            cookie_value("a=1; creditmeter_session=xyz; b=2"),
+            Some("xyz")
+        );
         assert_eq!(cookie_value("a=1"), None);
     }
 }
