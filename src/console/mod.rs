@@ -116,7 +116,8 @@ impl Query {
             } else {
                 v.to_owned()
             };
-            String::from_utf8_lossy(&crate::catalog::percent_decode_bytes(&v)).into_owned()
+            String::from_utf8_lossy(&creditmeter_base::percent::percent_decode_bytes(&v))
+                .into_owned()
         };
         Query(
             s.split('&')
