@@ -177,7 +177,11 @@ fn key_sections(ctx: &Ctx, key: &str, win: &Win) -> Result<Markup, PageError> {
            FROM calls WHERE key_fp = ?1 AND started_at >= ?2 AND started_at < ?3",
     )?;
     let mut rows = stmt.query(rusqlite::params![key, win.since_ms, win.until_ms])?;
-    let first = queries::floor_to(win.since_ms, width);
+    // Like the report's timeline: buckets start at the ledger's first hour at the earliest.
+    let mut first = queries::floor_to(win.since_ms, width);
+    if let Some(h) = queries::first_hour(&conn)? {
+        first = first.max(queries::floor_to(h, width));
+    }
     let n = ((win.until_ms - first + width - 1) / width).max(0) as usize;
     let mut buckets = vec![SpendRow::default(); n];
     let mut total = SpendRow {
@@ -199,9 +203,10 @@ fn key_sections(ctx: &Ctx, key: &str, win: &Win) -> Result<Markup, PageError> {
             records_matched: r.get::<_, i64>(9)?.max(0) as u64,
             pending_milli: 0,
         };
-        let i = ((started - first) / width) as usize;
-        if let Some(b) = buckets.get_mut(i) {
-            b.add(&row);
+        if started >= first {
+            if let Some(b) = buckets.get_mut(((started - first) / width) as usize) {
+                b.add(&row);
+            }
         }
         total.add(&row);
         endpoints

@@ -34,6 +34,8 @@ mod cdp {
         child: Child,
         ws: WebSocket<MaybeTlsStream<TcpStream>>,
         next_id: u64,
+        /// The page's session on the browser connection.
+        session: Option<String>,
         _profile: tempfile::TempDir,
         /// Events seen while waiting for replies.
         events: Vec<Value>,
@@ -44,12 +46,6 @@ mod cdp {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-
-    fn http_json(port: u16, path: &str) -> Value {
-        let (status, body) = crate::common::binary::http_get(port, path).unwrap();
-        assert_eq!(status, 200, "DevTools {path}: {body}");
-        serde_json::from_str(&body).unwrap()
     }
 
     impl Browser {
@@ -80,12 +76,17 @@ mod cdp {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {CHROMIUM}: {e}"));
+            // The first line is the port, the second the browser's websocket path.
             let port_file: PathBuf = profile.path().join("DevToolsActivePort");
             let deadline = Instant::now() + Duration::from_secs(30);
-            let port: u16 = loop {
+            let (port, path) = loop {
                 if let Ok(text) = std::fs::read_to_string(&port_file) {
-                    if let Some(p) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
-                        break p;
+                    let mut lines = text.lines();
+                    if let (Some(p), Some(path)) = (
+                        lines.next().and_then(|l| l.trim().parse::<u16>().ok()),
+                        lines.next().map(|l| l.trim().to_owned()),
+                    ) {
+                        break (p, path);
                     }
                 }
                 assert!(
@@ -94,27 +95,21 @@ mod cdp {
                 );
                 std::thread::sleep(Duration::from_millis(50));
             };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let ws_url = loop {
-                let list = http_json(port, "/json/list");
-                if let Some(u) = list.as_array().and_then(|l| {
-                    l.iter()
-                        .find(|t| t["type"] == "page")
-                        .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
-                }) {
-                    break u;
-                }
-                assert!(Instant::now() < deadline, "chromium shows no page target");
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            let (ws, _) = tungstenite::connect(ws_url.as_str()).unwrap();
+            let (ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{port}{path}")).unwrap();
             let mut b = Browser {
                 child,
                 ws,
                 next_id: 0,
+                session: None,
                 _profile: profile,
                 events: Vec::new(),
             };
+            let target = b.call("Target.createTarget", json!({"url": "about:blank"}));
+            let attached = b.call(
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            );
+            b.session = attached["sessionId"].as_str().map(str::to_owned);
             b.call("Page.enable", json!({}));
             b.call("Network.enable", json!({}));
             b.call("Runtime.enable", json!({}));
@@ -125,7 +120,10 @@ mod cdp {
         pub fn call(&mut self, method: &str, params: Value) -> Value {
             self.next_id += 1;
             let id = self.next_id;
-            let msg = json!({"id": id, "method": method, "params": params});
+            let mut msg = json!({"id": id, "method": method, "params": params});
+            if let Some(s) = &self.session {
+                msg["sessionId"] = json!(s);
+            }
             self.ws.send(Message::text(msg.to_string())).unwrap();
             loop {
                 let m = self.ws.read().unwrap();
