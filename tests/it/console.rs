@@ -406,7 +406,7 @@ async fn the_console_in_a_real_browser_shows_what_the_report_shows() {
     let c = client();
     // Real traffic through the proxy to the simulator: two tables, two workflows, people
     // matches by email and bulk matches by LinkedIn URL.
-    for i in 0..30 {
+    for i in 0..60 {
         assert_eq!(
             call(
                 &c,
@@ -497,12 +497,13 @@ async fn the_console_in_a_real_browser_shows_what_the_report_shows() {
                 &by_table,
                 &format!("overview {w}, by table"),
             );
-            let keys: Vec<&str> = by_table["rows"]
+            let mut keys: Vec<&str> = by_table["rows"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|r| r["key"].as_str().unwrap())
                 .collect();
+            keys.sort_unstable();
             assert_eq!(keys, ["ABM accounts", "Inbound leads"], "{w}");
             let by_endpoint = report(
                 &db,
@@ -587,12 +588,33 @@ async fn the_console_in_a_real_browser_shows_what_the_report_shows() {
         let mut args = t.to_vec();
         args.extend(["--timeline", "1h"]);
         assert_chart_equals(&mut b, &report(&db, &args), "table page");
-        assert_eq!(
-            b.eval("document.querySelectorAll('#calls tr.call').length"),
-            30,
-            "the table's 30 calls"
-        );
+        // Recent calls, 50 a page; "Older calls" continues after the last row shown.
+        let ids =
+            "Array.from(document.querySelectorAll('#calls tr.call')).map(r => r.dataset.requestId)";
+        let first_page = b.eval(ids);
+        assert_eq!(first_page.as_array().unwrap().len(), 50);
         b.screenshot(&shots.join("table.png"));
+        b.click("#older", true);
+        let second_page = b.eval(ids);
+        assert_eq!(
+            second_page.as_array().unwrap().len(),
+            10,
+            "the other 10 of the 60 calls"
+        );
+        let mut all: Vec<&Value> = first_page
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(second_page.as_array().unwrap())
+            .collect();
+        all.sort_by_key(|v| v.as_str().unwrap().to_owned());
+        all.dedup();
+        assert_eq!(all.len(), 60, "no call shown twice");
+        assert!(b
+            .eval("document.querySelector('#older') === null")
+            .as_bool()
+            .unwrap());
+        b.screenshot(&shots.join("table-older.png"));
 
         // The workflow, endpoint and key pages.
         b.goto(&format!("{base}/ui/workflow?name=abm-refresh"));
@@ -843,4 +865,98 @@ fn held_tables(db: &Path) -> Vec<String> {
         .unwrap()
         .map(|r| r.unwrap().unwrap_or_default())
         .collect()
+}
+
+/// Without an admin token (a loopback listener), the console needs no login and says so, but
+/// its forms still need the CSRF token of the session it hands out.
+#[tokio::test]
+async fn without_a_token_no_login_is_needed_but_forms_still_need_the_csrf_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(SimConfig::default(), None).await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.admin.token_env = "CREDITMETER_TEST_CONSOLE_NO_TOKEN".into();
+    std::env::remove_var("CREDITMETER_TEST_CONSOLE_NO_TOKEN");
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let c = client();
+    assert_eq!(
+        call(&c, &proxy, "Inbound leads", "w", "a@example.com").await,
+        200
+    );
+    let base = format!("http://{}", proxy.admin);
+    let (status, headers, _) = get(&format!("{base}/")).await;
+    assert_eq!(
+        (status.as_u16(), &headers["location"]),
+        (303, &"/ui/".parse::<http::HeaderValue>().unwrap())
+    );
+    let (status, headers, page) = get(&format!("{base}/ui/stop?table=Inbound+leads")).await;
+    assert_eq!(status, 200);
+    let page = String::from_utf8(page.to_vec()).unwrap();
+    assert!(
+        page.contains("needs no login"),
+        "the page says no login is needed"
+    );
+    let cookie = headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+    let post = |cookie: Option<&str>, body: String| {
+        let mut r = http::Request::post(format!("{base}/ui/holds"))
+            .header("content-type", "application/x-www-form-urlencoded");
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        r.body(Full::new(Bytes::from(body))).unwrap()
+    };
+    // Another site's form: no cookie (SameSite=Strict), no token. Then a cookie but no token,
+    // a token of no session, a JSON body: all refused, nothing held.
+    for (cookie, body) in [
+        (None, "table=Inbound+leads".to_owned()),
+        (None, format!("table=Inbound+leads&csrf={csrf}")),
+        (Some(cookie.as_str()), "table=Inbound+leads".to_owned()),
+        (
+            Some(cookie.as_str()),
+            "table=Inbound+leads&csrf=".to_owned(),
+        ),
+    ] {
+        let (status, _, _) = send(&c, post(cookie, body.clone())).await;
+        assert_eq!(status, 403, "{cookie:?} {body}");
+    }
+    let json_post = http::Request::post(format!("{base}/ui/holds"))
+        .header("content-type", "application/json")
+        .header("cookie", &cookie)
+        .body(Full::new(Bytes::from(format!(
+            "{{\"table\": \"Inbound leads\", \"csrf\": \"{csrf}\"}}"
+        ))))
+        .unwrap();
+    // (Not a form: 415, and nothing changes either.)
+    assert_eq!(send(&c, json_post).await.0, 415);
+    assert!(held_tables(&proxy.db).is_empty());
+    assert_eq!(
+        call(&c, &proxy, "Inbound leads", "w", "b@example.com").await,
+        200
+    );
+    // With the session's token, the hold is placed and the next call refused.
+    let (status, headers, _) = send(
+        &c,
+        post(
+            Some(&cookie),
+            format!("table=Inbound+leads&reason=test&csrf={csrf}"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert!(headers["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("/ui/guardrails?placed="));
+    assert_eq!(held_tables(&proxy.db), ["Inbound leads"]);
+    assert_eq!(
+        call(&c, &proxy, "Inbound leads", "w", "c@example.com").await,
+        503
+    );
 }
