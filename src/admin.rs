@@ -8,6 +8,9 @@
 //! When the environment variable named by `admin.token_env` holds a token, every `/api/` route
 //! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
 //! compared in constant time.
+//!
+//! The console (`/ui/`, and `/` redirecting there) is served here too, by [`crate::console`],
+//! with its own login form, session cookie and CSRF-checked form posts.
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -98,7 +101,7 @@ impl Admin {
             p if crate::console::is_console_path(p) => crate::console::handle(&self, req).await,
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz, /api/status, /api/usage, /api/calls or /api/budgets\n",
+                "not found: try /ui/ (the console), /metrics, /healthz, /readyz, /api/status, /api/usage, /api/calls or /api/budgets\n",
             ),
         })
     }
