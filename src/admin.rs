@@ -8,6 +8,9 @@
 //! When the environment variable named by `admin.token_env` holds a token, every `/api/` route
 //! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
 //! compared in constant time.
+//!
+//! The console (`/ui/`, and `/` redirecting there) is served here too, by [`crate::console`],
+//! with its own login form, session cookie and CSRF-checked form posts.
 
 pub mod lock;
 
@@ -56,6 +59,8 @@ pub struct Admin {
     pub metering: bool,
     /// `/api/keys` and `/api/audit`; its `actor` is also who hold changes are audited as.
     pub keys: crate::keys::api::KeysApi,
+    /// The console's session key (`/ui/`).
+    pub console: crate::console::Console,
 }
 
 /// The admin listener's response type.
@@ -105,9 +110,10 @@ impl Admin {
                     self.api(req).await
                 }
             }
+            p if crate::console::is_console_path(p) => crate::console::handle(&self, req).await,
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz, /api/status, /api/usage, /api/calls or /api/budgets\n",
+                "not found: try /ui/ (the console), /metrics, /healthz, /readyz, /api/status, /api/usage, /api/calls or /api/budgets\n",
             ),
         })
     }

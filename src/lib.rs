@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod attribution;
 pub mod config;
+pub mod console;
 pub mod guard;
 pub mod inflight;
 pub mod keys;
@@ -58,6 +59,8 @@ pub enum RunError {
     Tls(#[from] proxy::listener::TlsSetupError),
     #[error("budgets and holds: {0}")]
     Guard(#[from] guard::GuardError),
+    #[error("console: {0}")]
+    Console(#[from] console::ConsoleError),
 }
 
 /// Reads the config file again and builds the settings a reload may change. Keys that need a
@@ -398,6 +401,7 @@ pub async fn run_with_reload(
                 None => "admin".to_owned(),
             },
         },
+        console: console::Console::new()?,
     });
     drop(ledger_handle);
 

@@ -490,7 +490,7 @@ pub fn credits(milli: i64) -> String {
 }
 
 /// The JSON of one spend row (also the timeline's and spikes' totals).
-pub(crate) fn row_json(r: &SpendRow) -> serde_json::Value {
+pub fn row_json(r: &SpendRow) -> serde_json::Value {
     json!({
         "key": r.key, "calls": r.calls,
         "credits": r.credits_milli as f64 / 1000.0, "credits_milli": r.credits_milli,

@@ -9,6 +9,7 @@ mod common;
 mod budgets;
 mod cli;
 mod config_props;
+mod console;
 mod crash;
 mod edge;
 mod edges;
