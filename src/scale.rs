@@ -302,6 +302,7 @@ pub(crate) fn bench_row(i: usize) -> CallRecord {
         settles: None,
         deferred: None,
         deferred_milli: 0,
+        identifiers: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod decode;
 mod deferred;
+mod identity;
 mod params;
 mod pattern;
 mod pricing;
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 pub use decode::{decode_body, DecodeError};
 pub use deferred::{Deferred, DeferredSpec, ResultPricing, SettlementSource, TypedMilli, Units};
+pub use identity::{normal_domain, normal_linkedin, Identifier, MAX_ITEMS};
 pub use params::{percent_decode_bytes, RequestBody, RequestParams};
 pub use pattern::canonical_path;
 pub use pricing::{CreditSource, Credits, Pricing, ResponseView};

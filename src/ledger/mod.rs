@@ -11,6 +11,7 @@
 //! [`synth`] writes realistic synthetic ledgers for benchmarks.
 
 pub mod guard;
+pub mod identifiers;
 pub mod maintenance;
 pub mod queries;
 pub mod schema;
@@ -136,6 +137,10 @@ pub struct CallRecord {
     /// The worst case of `deferred`, milli-credits (0 when nothing is deferred).
     #[serde(default)]
     pub deferred_milli: i64,
+    /// Fingerprints of the identifiers the call carried (table `identifiers`); empty unless
+    /// it billed credits and `attribution.identifier_fingerprints` is on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identifiers: Vec<identifiers::IdentifierFp>,
 }
 
 impl CallRecord {
