@@ -552,6 +552,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EX_USAGE));
                 }
             };
+            if reconcile && req.format == Format::Focus {
+                return usage("--format focus is a spend export; --reconcile takes table, csv or json");
+            }
             if reconcile {
                 print!(
                     "{}",
@@ -566,8 +569,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            match report::run(&req) {
-                Ok(out) => print!("{out}"),
+            match report::run_to(&req, &mut std::io::stdout().lock()) {
+                Ok(()) => {}
                 Err(e @ report::ReportError::TooManyBuckets { .. }) => return usage(e),
                 Err(e) => return Err(e.into()),
             }
