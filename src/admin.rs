@@ -203,7 +203,8 @@ impl Admin {
                 "until" => &mut until,
                 _ => continue,
             };
-            let v = String::from_utf8_lossy(&crate::catalog::percent_decode_bytes(v)).into_owned();
+            let v = String::from_utf8_lossy(&creditmeter_base::percent::percent_decode_bytes(v))
+                .into_owned();
             match crate::report::parse_time(&v, now) {
                 Ok(t) => *target = t,
                 Err(e) => {
@@ -495,7 +496,7 @@ fn decode_query(query: &str) -> Result<Vec<(String, String)>, String> {
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let dec = |s: &str| {
-                String::from_utf8(crate::catalog::percent_decode_bytes(s).into_owned())
+                String::from_utf8(creditmeter_base::percent::percent_decode_bytes(s).into_owned())
                     .map_err(|_| format!("query parameter {k:?} is not UTF-8"))
             };
             Ok((dec(k)?, dec(v)?))
@@ -541,10 +542,7 @@ fn server_error(message: &str) -> AdminResponse {
     )
 }
 
-/// Compares two equal-length digests without an early exit.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub(crate) use creditmeter_base::constant_time_eq;
 
 fn unauthorized() -> AdminResponse {
     let mut r = json_response(

@@ -270,9 +270,7 @@ fn display_header(lower: &str) -> String {
 }
 
 /// Decodes a form-encoded component; `None` if the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    String::from_utf8(crate::catalog::percent_decode_bytes(s).into_owned()).ok()
-}
+use creditmeter_base::percent::percent_decode_utf8 as percent_decode;
 
 /// The API key a call carries in its headers: `X-Api-Key` or `Authorization: Bearer …`.
 /// (`api_key` in the query string or a JSON body is read by the catalog's parameter parser.)

@@ -5,12 +5,11 @@
 //! the way people write them (`"30s"`, `"16MiB"`). Cross-field rules live in [`Config::validate`],
 //! whose messages say how to fix the problem.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// Default proxy listener: loopback, so a fresh install is not reachable from the network.
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
@@ -249,36 +248,7 @@ pub enum Durability {
     Background,
 }
 
-/// SQLite `synchronous` level for the ledger (WAL mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Synchronous {
-    /// Survives a killed process; the last commits can be lost on power failure (default).
-    Normal,
-    /// fsync on every commit: survives power failure too, at a cost per group commit.
-    Full,
-}
-
-/// What happens while SQLite refuses writes (disk full, locked, file deleted or unwritable).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnLedgerError {
-    /// Keep serving; rows go to the spool beside the ledger and are replayed on recovery (default).
-    Spool,
-    /// Refuse new calls with a 503 until the ledger recovers: no credit is spent unrecorded.
-    /// Rows of calls already in flight are spooled.
-    FailClosed,
-}
-
-impl OnLedgerError {
-    /// The config spelling, for logs, `/readyz` and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnLedgerError::Spool => "spool",
-            OnLedgerError::FailClosed => "fail_closed",
-        }
-    }
-}
+pub use crate::ledger::{OnLedgerError, Synchronous};
 
 /// Default wait for a lock held by another writer before a batch is spooled instead.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
@@ -797,122 +767,7 @@ fn parse_default_addr(s: &str) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
-/// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`, or a number of seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl HumanDuration {
-    /// Parses the human form; the error says what was expected.
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let value: f64 = num.parse().map_err(|_| {
-            format!("{s:?} is not a duration; write e.g. \"30s\", \"250ms\", \"5m\"")
-        })?;
-        let scale = match unit.trim() {
-            "ms" => 0.001,
-            "" | "s" => 1.0,
-            "m" | "min" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            other => {
-                return Err(format!(
-                    "unknown duration unit {other:?} in {s:?}; use ms, s, m, h or d"
-                ))
-            }
-        };
-        Duration::try_from_secs_f64(value * scale).map_err(|_| format!("{s:?} is out of range"))
-    }
-}
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(HumanDuration(Duration::from_secs(n))),
-            Raw::Text(s) => HumanDuration::parse(&s)
-                .map(HumanDuration)
-                .map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// A size written as `"16MiB"`, `"512KiB"`, `"10MB"`, `"1GiB"`, or a number of bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    /// Parses the human form; the error says what was expected.
-    pub fn parse(s: &str) -> Result<u64, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let value: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size; write e.g. \"16MiB\", \"512KiB\""))?;
-        let scale: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "KB" | "kB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            other => {
-                return Err(format!(
-                    "unknown size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, KB, MB or GB"
-                ))
-            }
-        };
-        value
-            .checked_mul(scale)
-            .ok_or_else(|| format!("{s:?} is out of range"))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        if b >= 1 << 20 && b % (1 << 20) == 0 {
-            write!(f, "{}MiB", b >> 20)
-        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
-            write!(f, "{}KiB", b >> 10)
-        } else {
-            write!(f, "{b}B")
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => ByteSize::parse(&s)
-                .map(ByteSize)
-                .map_err(serde::de::Error::custom),
-        }
-    }
-}
+pub use creditmeter_base::{ByteSize, HumanDuration};
 
 #[cfg(test)]
 mod tests {

@@ -8,22 +8,21 @@
 
 pub mod admin;
 pub mod attribution;
-pub mod catalog;
 pub mod config;
-pub mod demo;
 pub mod guard;
 pub mod identifiers;
 pub mod inflight;
-pub mod ledger;
 pub mod meter;
 pub mod metrics;
 pub mod proxy;
-pub mod ratelimit;
 pub mod reconcile;
 pub mod report;
-pub mod scale;
 pub mod settle;
-pub mod sim;
+
+/// The pricing catalog (crate `creditmeter-catalog`): pure, knows nothing of sockets.
+pub use creditmeter_catalog as catalog;
+/// The ledger (crate `creditmeter-ledger`): store, writer, spool, schema, queries; no HTTP.
+pub use creditmeter_ledger as ledger;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -40,13 +40,7 @@ pub struct Meter {
     pub identifiers: Option<Arc<crate::identifiers::IdFingerprinter>>,
 }
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use creditmeter_base::now_ms;
 
 /// Makes `request_id`s: time-ordered, unique across restarts (random per-process part).
 pub struct RequestIds {
@@ -222,7 +216,7 @@ impl CallMeter {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         if let Some(ctx) = &self.ctx {
-            let limits = crate::ratelimit::parse(headers);
+            let limits = crate::catalog::headers::parse(headers);
             if !limits.is_empty() {
                 let name = ctx.catalog.endpoint(ctx.endpoint).name();
                 self.meter.metrics.observe_rate_limits(name, &limits);

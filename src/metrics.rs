@@ -476,7 +476,11 @@ impl Metrics {
     }
 
     /// Sets the Apollo rate-limit gauges for one endpoint.
-    pub fn observe_rate_limits(&self, endpoint: &str, limits: &[crate::ratelimit::WindowLimit]) {
+    pub fn observe_rate_limits(
+        &self,
+        endpoint: &str,
+        limits: &[crate::catalog::headers::WindowLimit],
+    ) {
         for l in limits {
             if let Some(limit) = l.limit {
                 self.rate_limit

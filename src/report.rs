@@ -462,116 +462,7 @@ pub enum ReportError {
 /// The most buckets a timeline computes (about two years of 5-minute buckets).
 pub const MAX_BUCKETS: usize = 200_000;
 
-/// Parses `--since`/`--until`: RFC 3339 (`2026-11-24T10:00:00Z`), a date (`2026-11-24`, UTC
-/// midnight), `now`, or relative to now (`90m`, `24h`, `7d`, `2w`).
-pub fn parse_time(s: &str, now: i64) -> Result<i64, String> {
-    let s = s.trim();
-    if s == "now" {
-        return Ok(now);
-    }
-    if let Some((num, unit)) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .filter(|&i| i > 0)
-        .map(|i| s.split_at(i))
-    {
-        let scale = match unit {
-            "s" => Some(1_000),
-            "m" => Some(60_000),
-            "h" => Some(3_600_000),
-            "d" => Some(86_400_000),
-            "w" => Some(7 * 86_400_000),
-            _ => None,
-        };
-        if let (Some(scale), Ok(n)) = (scale, num.parse::<i64>()) {
-            return Ok(now - n.saturating_mul(scale));
-        }
-    }
-    parse_rfc3339(s).ok_or_else(|| {
-        format!("{s:?} is not a time: use RFC 3339 (2026-11-24T10:00:00Z), a date (2026-11-24), or a relative span (24h, 7d)")
-    })
-}
-
-fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        std::str::from_utf8(b.get(r)?).ok()?.parse().ok()
-    };
-    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
-        return None;
-    }
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let days = days_from_civil(y, mo, d);
-    if b.len() == 10 {
-        return Some(days * 86_400_000);
-    }
-    if !matches!(b[10], b'T' | b't' | b' ') || b.len() < 19 || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut ms = 0;
-    if b.get(i) == Some(&b'.') {
-        let start = i + 1;
-        i = start;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        let frac = std::str::from_utf8(&b[start..i]).ok()?;
-        let padded: String = frac.chars().chain("000".chars()).take(3).collect();
-        ms = padded.parse::<i64>().ok()?;
-    }
-    let offset_min = match b.get(i)? {
-        b'Z' | b'z' if b.len() == i + 1 => 0,
-        sign @ (b'+' | b'-') if b.len() == i + 6 && b[i + 3] == b':' => {
-            let m = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
-            if *sign == b'+' {
-                m
-            } else {
-                -m
-            }
-        }
-        _ => return None,
-    };
-    Some(((days * 86_400 + h * 3600 + mi * 60 + sec) - offset_min * 60) * 1000 + ms)
-}
-
-/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Unix ms → `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn format_time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use creditmeter_base::{format_time, parse_time};
 
 /// Runs the report and renders it.
 pub fn run(req: &ReportRequest) -> Result<String, ReportError> {
@@ -739,7 +630,7 @@ pub fn spend_report(
 }
 
 /// Whole credits from milli-credits, without trailing zeros: `1532`, `1.01`.
-pub(crate) fn credits(milli: i64) -> String {
+pub fn credits(milli: i64) -> String {
     format!("{:.3}", milli as f64 / 1000.0)
         .trim_end_matches('0')
         .trim_end_matches('.')

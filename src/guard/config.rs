@@ -268,7 +268,7 @@ impl WindowSpec {
             "month" => WindowSpec::Month,
             _ => match s.strip_prefix("rolling") {
                 Some(rest) if rest.starts_with([' ', ':']) => {
-                    let d = HumanDuration::parse(rest.trim_start_matches([' ', ':']))?;
+                    let d = HumanDuration::parse(rest.trim_start_matches([' ', ':'])).map_err(|e| e.to_string())?;
                     if d < Duration::from_secs(1) || d > MAX_ROLLING {
                         return Err(format!(
                             "{s:?}: a rolling window must be between 1s and 366d"

@@ -49,7 +49,7 @@ pub use scope::{CallFacts, Glob, Scope};
 pub use state::Amount;
 
 use crate::catalog::{Catalog, Credits};
-use crate::ledger::guard::SpendGroup;
+use crate::ledger::guardrails::SpendGroup;
 use crate::ledger::{LedgerError, Outcome};
 use crate::meter::{now_ms, CallContext};
 use crate::metrics::BudgetMetrics;
@@ -550,13 +550,13 @@ impl Guard {
         let mut states: Vec<BudgetState> =
             defs.into_iter().map(|d| BudgetState::new(d, now)).collect();
         if let Some(since) = states.iter().map(|b| b.counts_since(now)).min() {
-            let rows = spends(crate::ledger::guard::spend_since(conn, since)?);
+            let rows = spends(crate::ledger::guardrails::spend_since(conn, since)?);
             for b in &mut states {
                 count_rows(b, &rows);
             }
         }
         let mut holds = Vec::new();
-        for row in crate::ledger::guard::active_holds(conn)? {
+        for row in crate::ledger::guardrails::active_holds(conn)? {
             let scope = serde_json::from_str::<Value>(&row.scope)
                 .map_err(|e| e.to_string())
                 .and_then(|v| config::scope_from_json(&v))
@@ -572,7 +572,7 @@ impl Guard {
             });
         }
         apply_spooled_holds(&mut holds, conn, &ledger_path)?;
-        crate::ledger::guard::ensure_holds_reserve(&ledger_path);
+        crate::ledger::guardrails::ensure_holds_reserve(&ledger_path);
         let g = Guard {
             state: Mutex::new(State {
                 ceiling_milli: guard.unknown_cost_ceiling.0,
@@ -1159,7 +1159,8 @@ impl Guard {
                     .chain([now - RECENT_STARTED_MS])
                     .min();
                 let conn = crate::ledger::open_for_read(&self.ledger_path)?;
-                let (groups, ids) = crate::ledger::guard::spend_snapshot(&conn, since, ids_since)?;
+                let (groups, ids) =
+                    crate::ledger::guardrails::spend_snapshot(&conn, since, ids_since)?;
                 (spends(groups), ids)
             }
             None => (Vec::new(), HashSet::new()),
@@ -1287,7 +1288,7 @@ impl Guard {
             self.metrics.holds_active.set(st.holds.len() as i64);
         }
         tracing::warn!(hold = hold.id, scope = %hold.scope, reason = hold.reason.as_deref().unwrap_or(""), "hold placed: matching calls are refused until it is released");
-        let persisted = self.persist_hold(crate::ledger::guard::HoldOp::Place {
+        let persisted = self.persist_hold(crate::ledger::guardrails::HoldOp::Place {
             id: hold.id,
             scope: scope_json,
             reason: hold.reason.clone(),
@@ -1320,7 +1321,7 @@ impl Guard {
             return Ok(None);
         };
         tracing::warn!(hold = id, scope = %hold.scope, "hold released");
-        let persisted = self.persist_hold(crate::ledger::guard::HoldOp::Release {
+        let persisted = self.persist_hold(crate::ledger::guardrails::HoldOp::Release {
             id,
             released_at: now,
         });
@@ -1338,8 +1339,8 @@ impl Guard {
         let in_memory = lock(&self.state).holds.iter().map(|h| h.id).max();
         let in_ledger = crate::ledger::open_for_read(&self.ledger_path)
             .ok()
-            .and_then(|c| crate::ledger::guard::max_hold_id(&c).ok());
-        let spooled = crate::ledger::guard::read_hold_spool(&self.ledger_path)
+            .and_then(|c| crate::ledger::guardrails::max_hold_id(&c).ok());
+        let spooled = crate::ledger::guardrails::read_hold_spool(&self.ledger_path)
             .ok()
             .and_then(|ops| ops.iter().map(|o| o.id()).max());
         [in_memory, in_ledger, spooled]
@@ -1352,21 +1353,21 @@ impl Guard {
 
     /// Records a hold change: in the ledger (after any changes spooled earlier), else in the
     /// holds spool, else nowhere (logged).
-    fn persist_hold(&self, op: crate::ledger::guard::HoldOp) -> Persisted {
+    fn persist_hold(&self, op: crate::ledger::guardrails::HoldOp) -> Persisted {
         let in_ledger = (|| -> Result<(), GuardError> {
-            let conn = crate::ledger::guard::open_for_holds(&self.ledger_path)?;
-            crate::ledger::guard::replay_hold_spool(&conn, &self.ledger_path)?;
-            crate::ledger::guard::apply_hold_op(&conn, &op)?;
+            let conn = crate::ledger::guardrails::open_for_holds(&self.ledger_path)?;
+            crate::ledger::guardrails::replay_hold_spool(&conn, &self.ledger_path)?;
+            crate::ledger::guardrails::apply_hold_op(&conn, &op)?;
             Ok(())
         })();
         let refused = match in_ledger {
             Ok(()) => {
-                crate::ledger::guard::ensure_holds_reserve(&self.ledger_path);
+                crate::ledger::guardrails::ensure_holds_reserve(&self.ledger_path);
                 return Persisted::Ledger;
             }
             Err(e) => e.to_string(),
         };
-        match crate::ledger::guard::append_hold_spool(&self.ledger_path, &op) {
+        match crate::ledger::guardrails::append_hold_spool(&self.ledger_path, &op) {
             Ok(()) => {
                 tracing::warn!(hold = op.id(), error = %refused, "the ledger refused the hold change; it is in force and kept in the holds spool until the ledger recovers");
                 Persisted::Spool(refused)
@@ -1512,12 +1513,12 @@ fn apply_spooled_holds(
     conn: &rusqlite::Connection,
     ledger_path: &std::path::Path,
 ) -> Result<(), GuardError> {
-    let path = crate::ledger::guard::holds_spool_path(ledger_path);
-    let ops = crate::ledger::guard::read_hold_spool(ledger_path)
+    let path = crate::ledger::guardrails::holds_spool_path(ledger_path);
+    let ops = crate::ledger::guardrails::read_hold_spool(ledger_path)
         .map_err(|source| LedgerError::Spool { path, source })?;
     for op in &ops {
         match op {
-            crate::ledger::guard::HoldOp::Place {
+            crate::ledger::guardrails::HoldOp::Place {
                 id,
                 scope,
                 reason,
@@ -1537,11 +1538,11 @@ fn apply_spooled_holds(
                     created_at: *created_at,
                 });
             }
-            crate::ledger::guard::HoldOp::Release { id, .. } => holds.retain(|h| h.id != *id),
+            crate::ledger::guardrails::HoldOp::Release { id, .. } => holds.retain(|h| h.id != *id),
         }
     }
     if !ops.is_empty() {
-        if let Err(e) = crate::ledger::guard::replay_hold_spool(conn, ledger_path) {
+        if let Err(e) = crate::ledger::guardrails::replay_hold_spool(conn, ledger_path) {
             tracing::warn!(error = %e, "hold changes stay in the holds spool: the ledger still refuses them");
         }
     }

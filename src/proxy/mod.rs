@@ -297,7 +297,7 @@ impl Proxy {
                 .map(|v| v.as_bytes())
                 .unwrap_or_default();
             let given = ring::digest::digest(&ring::digest::SHA256, given);
-            if !crate::admin::constant_time_eq(given.as_ref(), want.as_ref()) {
+            if !creditmeter_base::constant_time_eq(given.as_ref(), want.as_ref()) {
                 return Err(Rejection::new(
                     StatusCode::UNAUTHORIZED,
                     "proxy_token_required",

@@ -129,10 +129,10 @@ mod tests {
         }
         assert_eq!(pending(&conn).unwrap().len(), 2);
         // The spool holds a settlement of committed-a and a new call with a deferred charge.
-        let mut settlement = crate::scale::bench_row(1);
+        let mut settlement = crate::ledger::fixtures::bench_row(1);
         settlement.request_id = "s-1".into();
         settlement.settles = Some("committed-a".into());
-        let mut call = crate::scale::bench_row(2);
+        let mut call = crate::ledger::fixtures::bench_row(2);
         call.request_id = "spooled-c".into();
         call.deferred = Some(deferred.into());
         let spool = dir.path().join("ledger.db.spool");

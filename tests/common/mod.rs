@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use creditmeter::config::Config;
-use creditmeter::sim::{Sim, SimConfig};
+use creditmeter_sim::{Sim, SimConfig};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
