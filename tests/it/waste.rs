@@ -412,3 +412,111 @@ fn split_csv(line: &str) -> Vec<String> {
     out.push(cur);
     out
 }
+
+/// The demo's month: 30 days backfilled with a burst hidden in one table and hour; the spike
+/// it prints is that hour and table, and the spike rule run on its ledger agrees.
+#[test]
+fn the_demo_finds_its_hidden_burst_by_hour_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = run(&[
+        "demo",
+        "--calls",
+        "200",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("not sent through the proxy") && text.contains("backfilled"),
+        "the demo says how the history was made: {text}"
+    );
+    // "(the demo hid one: 2400 credits in table Event attendees from 2026-11-27T14:10:00Z, ...)"
+    let hid = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("(the demo hid one: "))
+        .unwrap_or_else(|| panic!("no hidden burst line: {text}"));
+    let table = hid
+        .split(" in table ")
+        .nth(1)
+        .and_then(|r| r.split(" from ").next())
+        .unwrap();
+    let at = hid.split(" from ").nth(1).unwrap().split(',').next().unwrap();
+    let hour = format!("{}:00:00Z", &at[..13]);
+    let first_spike = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("spike: "))
+        .unwrap_or_else(|| panic!("no spike printed: {text}"));
+    assert!(
+        first_spike.starts_with(&hour) && first_spike.contains(&format!("top table {table} with")),
+        "biggest spike {first_spike:?}, hidden at {hour} in {table}"
+    );
+
+    // The spike rule on the demo's ledger, as a user would run it, finds the same hour and table.
+    let db = dir.path().join("ledger.db");
+    let doc: Value = serde_json::from_str(&run(&[
+        "report",
+        "--db",
+        db.to_str().unwrap(),
+        "--spikes",
+        "--since",
+        "31d",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let spike = doc["spikes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["start"] == hour.as_str())
+        .unwrap_or_else(|| panic!("no spike at {hour}: {doc:#}"));
+    assert_eq!(spike["top"][0]["key"], table, "{spike:#}");
+    // And the ledger holds that spend in that table and hour.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let start_ms = spike["start_ms"].as_i64().unwrap();
+    let in_hour: i64 = conn
+        .query_row(
+            "SELECT sum(credits_milli) FROM calls WHERE table_name = ?1
+               AND started_at >= ?2 AND started_at < ?2 + 3600000",
+            rusqlite::params![table, start_ms],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(in_hour >= 2_400_000, "{in_hour} milli-credits in {table} at {hour}");
+    // The month's waste is told too.
+    assert!(text.contains("re-enriched"), "{text}");
+}
+
+/// `demo --hold` prints the console's address and keeps serving until stopped.
+#[test]
+fn demo_hold_prints_the_console_url_and_keeps_serving() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--calls", "40", "--hold", "--dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut console = None;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(url) = line.strip_prefix("Console: ") {
+            console = Some(url.split_whitespace().next().unwrap().to_owned());
+        }
+        if line.starts_with("Serving:") {
+            break;
+        }
+    }
+    let console = console.expect("a Console: line before Serving:");
+    let rest = console.strip_prefix("http://127.0.0.1:").unwrap();
+    assert!(rest.ends_with("/ui/"), "{console}");
+    let port: u16 = rest.trim_end_matches("/ui/").parse().unwrap();
+    // Still serving after the report: the admin listener answers.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, _) = common::binary::http_get(port, "/healthz").unwrap();
+    assert_eq!(status, 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
