@@ -64,7 +64,11 @@ impl IdFingerprinter {
             return Vec::new();
         }
         let ids: Vec<Identifier> = params.identifiers();
-        let items = ids.iter().map(|i| usize::from(i.item) + 1).max().unwrap_or(0);
+        let items = ids
+            .iter()
+            .map(|i| usize::from(i.item) + 1)
+            .max()
+            .unwrap_or(0);
         let shares = shares(credits_milli, items);
         ids.iter()
             .map(|i| IdentifierFp {
@@ -113,7 +117,9 @@ mod tests {
         let fps = f.of_call(&p, 2000);
         assert_eq!(fps.len(), 3);
         assert_eq!(
-            fps.iter().map(|i| (i.item, i.credits_milli)).collect::<Vec<_>>(),
+            fps.iter()
+                .map(|i| (i.item, i.credits_milli))
+                .collect::<Vec<_>>(),
             [(0, 1000), (0, 1000), (1, 1000)]
         );
     }

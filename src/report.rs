@@ -289,12 +289,18 @@ impl ReportArgs {
             View::Spend
         };
         if focus && !matches!(view, View::Focus | View::Calls | View::Repeats) {
-            return Err("format: focus is a spend export; it does not combine with --spikes".into());
+            return Err(
+                "format: focus is a spend export; it does not combine with --spikes".into(),
+            );
         }
         if focus && matches!(view, View::Calls | View::Repeats) {
             return Err(format!(
                 "format: focus is the spend export; --{} takes table, csv or json",
-                if view == View::Calls { "calls" } else { "repeats" }
+                if view == View::Calls {
+                    "calls"
+                } else {
+                    "repeats"
+                }
             ));
         }
         if self.within.is_some() && view != View::Repeats {

@@ -61,7 +61,8 @@ pub fn compute(
     if !any {
         notes.push("the ledger holds no identifier fingerprints: no billed call carried an identifier, or attribution.identifier_fingerprints is off".into());
     }
-    notes.push("bulk calls: each person or company gets an even share of its call's credits".into());
+    notes
+        .push("bulk calls: each person or company gets an even share of its call's credits".into());
     Ok(RepeatsReport {
         window,
         within_ms,

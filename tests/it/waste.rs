@@ -115,7 +115,14 @@ async fn the_same_people_enriched_from_two_tables_are_repeats_with_their_credits
     // Inbound leads then enriches three of the same people, spelled differently, one of them
     // inside a bulk match, the same company, and two new people.
     let mut repeat_credits = 0;
-    repeat_credits += call(&proxy, "Inbound leads", "POST", m, person("  PAT@Acme.com ")).await;
+    repeat_credits += call(
+        &proxy,
+        "Inbound leads",
+        "POST",
+        m,
+        person("  PAT@Acme.com "),
+    )
+    .await;
     repeat_credits += call(
         &proxy,
         "Inbound leads",
@@ -157,7 +164,14 @@ async fn the_same_people_enriched_from_two_tables_are_repeats_with_their_credits
 
     let db = proxy.db.to_str().unwrap().to_owned();
     let json_out = run(&[
-        "report", "--db", &db, "--repeats", "--since", "1h", "--format", "json",
+        "report",
+        "--db",
+        &db,
+        "--repeats",
+        "--since",
+        "1h",
+        "--format",
+        "json",
     ]);
     let doc: Value = serde_json::from_str(&json_out).unwrap();
     assert_eq!(doc["view"], "repeats");
@@ -189,12 +203,26 @@ async fn the_same_people_enriched_from_two_tables_are_repeats_with_their_credits
     // The table view says it in a sentence.
     let table = run(&["report", "--db", &db, "--repeats", "--since", "1h"]);
     assert!(
-        table.contains("Inbound leads re-enriched 4 people and companies that ABM accounts had enriched"),
+        table.contains(
+            "Inbound leads re-enriched 4 people and companies that ABM accounts had enriched"
+        ),
         "{table}"
     );
-    let csv = run(&["report", "--db", &db, "--repeats", "--since", "1h", "--format", "csv"]);
+    let csv = run(&[
+        "report",
+        "--db",
+        &db,
+        "--repeats",
+        "--since",
+        "1h",
+        "--format",
+        "csv",
+    ]);
     assert!(csv.starts_with("earlier_table,later_table,what,items,calls,credits,"));
-    assert!(csv.contains("ABM accounts,Inbound leads,people and companies,4,4,"), "{csv}");
+    assert!(
+        csv.contains("ABM accounts,Inbound leads,people and companies,4,4,"),
+        "{csv}"
+    );
 
     // The admin API answers what the CLI answers, for the same window.
     let since = doc["window"]["since"].as_str().unwrap();
@@ -207,7 +235,15 @@ async fn the_same_people_enriched_from_two_tables_are_repeats_with_their_credits
     assert_eq!(status, 200);
     let api: Value = serde_json::from_slice(&body).unwrap();
     let cli: Value = serde_json::from_str(&run(&[
-        "report", "--db", &db, "--repeats", "--since", since, "--until", until, "--format",
+        "report",
+        "--db",
+        &db,
+        "--repeats",
+        "--since",
+        since,
+        "--until",
+        until,
+        "--format",
         "json",
     ]))
     .unwrap();
@@ -224,7 +260,13 @@ async fn the_same_people_enriched_from_two_tables_are_repeats_with_their_credits
     assert_eq!(stored, 5 + 6 + 1, "one per identifier of each billed call");
     drop(conn);
     let bytes = ledger_bytes(&proxy.db);
-    for value in ["pat@acme.com", "sam@acme.com", "robin-roe", "new1@hooli.com", "globex"] {
+    for value in [
+        "pat@acme.com",
+        "sam@acme.com",
+        "robin-roe",
+        "new1@hooli.com",
+        "globex",
+    ] {
         assert!(
             memchr::memmem::find(&bytes, value.as_bytes()).is_none(),
             "{value} is in the ledger file"
@@ -248,7 +290,14 @@ async fn with_fingerprints_off_nothing_is_kept_and_the_report_says_why() {
     cfg.attribution.identifier_fingerprints = false;
     let proxy = Proxy::start(cfg, dir.path()).await;
     for table in ["A", "B"] {
-        let c = call(&proxy, table, "POST", "/api/v1/people/match", person("x@y.com")).await;
+        let c = call(
+            &proxy,
+            table,
+            "POST",
+            "/api/v1/people/match",
+            person("x@y.com"),
+        )
+        .await;
         assert_eq!(c, 1000);
     }
     let n: i64 = proxy
@@ -291,7 +340,11 @@ async fn focus_and_calls_exports_add_up_to_the_ledger() {
     for i in 0..6 {
         call(
             &proxy,
-            if i % 2 == 0 { "Inbound leads" } else { "ABM, accounts" },
+            if i % 2 == 0 {
+                "Inbound leads"
+            } else {
+                "ABM, accounts"
+            },
             "POST",
             "/api/v1/people/match",
             person(&format!("p{i}@x.com")),
@@ -316,7 +369,14 @@ async fn focus_and_calls_exports_add_up_to_the_ledger() {
     let db = proxy.db.to_str().unwrap().to_owned();
 
     let focus = run(&[
-        "report", "--db", &db, "--format", "focus", "--price-per-credit", "0.05", "--currency",
+        "report",
+        "--db",
+        &db,
+        "--format",
+        "focus",
+        "--price-per-credit",
+        "0.05",
+        "--currency",
         "eur",
     ]);
     let mut lines = focus.lines();
@@ -369,7 +429,9 @@ async fn focus_and_calls_exports_add_up_to_the_ledger() {
     );
 
     // The raw calls of the window, one line each, credits adding up.
-    let calls = run(&["report", "--db", &db, "--calls", "--since", "1h", "--format", "csv"]);
+    let calls = run(&[
+        "report", "--db", &db, "--calls", "--since", "1h", "--format", "csv",
+    ]);
     let mut lines = calls.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     assert_eq!(header[0], "request_id");
@@ -439,7 +501,13 @@ fn the_demo_finds_its_hidden_burst_by_hour_and_table() {
         .nth(1)
         .and_then(|r| r.split(" from ").next())
         .unwrap();
-    let at = hid.split(" from ").nth(1).unwrap().split(',').next().unwrap();
+    let at = hid
+        .split(" from ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap();
     let hour = format!("{}:00:00Z", &at[..13]);
     let first_spike = text
         .lines()
@@ -481,7 +549,10 @@ fn the_demo_finds_its_hidden_burst_by_hour_and_table() {
             |r| r.get(0),
         )
         .unwrap();
-    assert!(in_hour >= 2_400_000, "{in_hour} milli-credits in {table} at {hour}");
+    assert!(
+        in_hour >= 2_400_000,
+        "{in_hour} milli-credits in {table} at {hour}"
+    );
     // The month's waste is told too.
     assert!(text.contains("re-enriched"), "{text}");
 }

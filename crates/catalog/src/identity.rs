@@ -179,7 +179,10 @@ pub fn normal_linkedin(s: &str) -> String {
     let segments: Vec<String> = path
         .split('/')
         .filter(|p| !p.is_empty())
-        .map(|p| String::from_utf8_lossy(&creditmeter_base::percent::percent_decode_bytes(p)).to_lowercase())
+        .map(|p| {
+            String::from_utf8_lossy(&creditmeter_base::percent::percent_decode_bytes(p))
+                .to_lowercase()
+        })
         .collect();
     if on_linkedin {
         let keep = segments.len().min(2);
@@ -274,8 +277,10 @@ mod tests {
     #[test]
     fn bulk_details_and_domains_are_one_item_each() {
         assert_eq!(
-            ids(r#"{"details":[{"email":"a@x.com","linkedin_url":"linkedin.com/in/a"},null,
-                {"id":"P1"},{"first_name":"A"}, {"email":"b@x.com"}]}"#),
+            ids(
+                r#"{"details":[{"email":"a@x.com","linkedin_url":"linkedin.com/in/a"},null,
+                {"id":"P1"},{"first_name":"A"}, {"email":"b@x.com"}]}"#
+            ),
             [
                 (0, "email", "a@x.com".to_owned()),
                 (0, "linkedin_url", "linkedin.com/in/a".to_owned()),

@@ -605,7 +605,15 @@ pub fn generate(
                 if !r.ids.is_empty() {
                     let call_id = tx.last_insert_rowid();
                     for (item, kind, fp, share) in &r.ids {
-                        ids.execute(params![kind, fp, r.started_at, call_id, item, r.table, share])?;
+                        ids.execute(params![
+                            kind,
+                            fp,
+                            r.started_at,
+                            call_id,
+                            item,
+                            r.table,
+                            share
+                        ])?;
                     }
                 }
             }
