@@ -9,7 +9,9 @@
 #     == what the simulator billed == what the callers were told they were
 #     billed (also by credit type, by table, and call counts), twice;
 #   * every dashboard expression (deploy/panel-exprs.py) evaluates and returns
-#     data, with $table/$workflow as `.*` and as specific values;
+#     data, with $table/$workflow as `.*` and as specific values (reconcile is
+#     on, and credits spent at the sim outside creditmeter must show as
+#     unmetered, so the reconciliation and settlement panels have data);
 #   * CreditmeterCreditBurnSpike stays quiet under steady traffic and fires,
 #     after its full `for: 5m`, for a constructed burst;
 #   * creditmeter stops cleanly on SIGTERM with the ledger intact.
@@ -190,6 +192,12 @@ path = "$tmp/ledger.db"
 # Phone reveals bill when their job ends; creditmeter polls the results with this key.
 api_key_env = "CREDITMETER_LIVE_SETTLE_KEY"
 first_poll = "1s"
+[reconcile]
+# Balance snapshots every 5s, so the reconciliation panels have windows to show (the
+# driver spends credits at the sim outside creditmeter and expects them unmetered).
+enabled = true
+interval = "5s"
+api_key_env = "CREDITMETER_LIVE_SETTLE_KEY"
 EOF
 export CREDITMETER_LIVE_SETTLE_KEY=live-settle-key
 "$BIN" serve --config "$tmp/creditmeter.toml" >"$tmp/creditmeter.log" 2>&1 &

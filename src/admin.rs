@@ -213,6 +213,7 @@ impl Admin {
             (Method::GET, "/api/reconcile") => self.reconcile(req.uri().query()).await,
             (Method::GET, "/api/usage") => self.usage(req.uri().query().unwrap_or("")).await,
             (Method::GET, "/api/calls") => self.calls(req.uri().query().unwrap_or("")).await,
+            (Method::GET, "/api/repeats") => self.repeats(req.uri().query().unwrap_or("")).await,
             (_, path) => json_response(
                 StatusCode::NOT_FOUND,
                 &json!({"error": "not_found", "message": format!("no admin API route {} {path}", req.method())}),
@@ -390,11 +391,59 @@ impl Admin {
             header::CONTENT_TYPE,
             HeaderValue::from_static(match format {
                 Format::Json => "application/json",
-                Format::Csv => "text/csv; charset=utf-8",
+                Format::Csv | Format::Focus => "text/csv; charset=utf-8",
                 Format::Table => "text/plain; charset=utf-8",
             }),
         );
         r
+    }
+
+    /// `GET /api/repeats[?since=…&until=…&within=…]`: the waste finder, exactly
+    /// `creditmeter report --repeats --format json` (default: the last 30 days, within 30d).
+    async fn repeats(&self, query: &str) -> AdminResponse {
+        let pairs = match decode_query(query) {
+            Ok(p) => p,
+            Err(e) => return bad_request(&e),
+        };
+        let mut args = ReportArgs {
+            since: Some("30d".into()),
+            repeats: true,
+            ..Default::default()
+        };
+        for (k, v) in &pairs {
+            match k.as_str() {
+                "since" => args.since = Some(v.clone()).filter(|v| !v.is_empty()),
+                "until" => args.until = Some(v.clone()).filter(|v| !v.is_empty()),
+                "within" => args.within = Some(v.clone()).filter(|v| !v.is_empty()),
+                other => {
+                    return bad_request(&format!(
+                        "unknown parameter {other:?}: use since, until or within"
+                    ))
+                }
+            }
+        }
+        let req = match args.resolve(self.ledger_path.clone(), now_ms(), Format::Json) {
+            Ok(r) => r,
+            Err(e) => return bad_request(&e),
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            let conn = crate::ledger::open_for_read(&req.db)?;
+            report::repeats::compute(
+                &conn,
+                queries::Window {
+                    since_ms: req.since_ms,
+                    until_ms: req.until_ms,
+                },
+                req.within_ms,
+            )
+            .map_err(crate::ledger::LedgerError::from)
+        })
+        .await;
+        match result {
+            Ok(Ok(r)) => json_response(StatusCode::OK, &r.to_json()),
+            Ok(Err(e)) => server_error(&e.to_string()),
+            Err(e) => server_error(&e.to_string()),
+        }
     }
 
     /// `GET /api/calls`: raw ledger rows, newest first (`order=asc`: oldest first), `limit`

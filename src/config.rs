@@ -401,11 +401,23 @@ impl Default for CatalogConfig {
 }
 
 /// `[attribution]`: how calls are tied to tables and workflows.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttributionConfig {
     /// `attribution.require_table`, default false: when true, a call without a table gets a 400.
     pub require_table: bool,
+    /// `attribution.identifier_fingerprints`, default true: keep a keyed fingerprint (never the
+    /// value) of each identifier a billed call carried, for `report --repeats`.
+    pub identifier_fingerprints: bool,
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        Self {
+            require_table: false,
+            identifier_fingerprints: true,
+        }
+    }
 }
 
 /// `[metrics]`: label cardinality.

@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod config;
 pub mod console;
 pub mod guard;
+pub mod identifiers;
 pub mod inflight;
 pub mod keys;
 pub mod meter;
@@ -303,6 +304,10 @@ pub async fn run_with_reload(
         max_decoded: usize::try_from(config.catalog.max_decoded.0).unwrap_or(usize::MAX),
         inflight: inflight::InFlight::new(),
         settle: Some(book.clone()),
+        identifiers: Some(Arc::new(identifiers::IdFingerprinter::new(
+            &secret,
+            config.attribution.identifier_fingerprints,
+        ))),
     });
     let settler = settle_key.map(|api_key| settle::Settler {
         book: book.clone(),
@@ -506,6 +511,7 @@ pub async fn run_with_reload(
                 let loaded = reload_settings(config_path.as_deref(), &config);
                 let applied = match loaded {
                     Ok((settings, new)) => {
+                        let identifier_fingerprints = new.attribution.identifier_fingerprints;
                         // Budgets first: if they are refused, nothing changes.
                         let guard = guard_for_reload.clone();
                         let ledger_path = config.ledger.path.clone();
@@ -525,6 +531,9 @@ pub async fn run_with_reload(
                                     "configuration reloaded"
                                 );
                                 proxy.reload(settings);
+                                if let Some(ids) = &proxy.meter.identifiers {
+                                    ids.set_enabled(identifier_fingerprints);
+                                }
                                 Ok(())
                             }
                             Ok(Err(e)) => Err(e.to_string()),

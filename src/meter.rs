@@ -36,6 +36,8 @@ pub struct Meter {
     /// Deferred charges: calls that leave one register it here, and job results seen on the
     /// way through settle it (`settle`). `None`: deferred charges are only written on the row.
     pub settle: Option<Arc<crate::settle::Book>>,
+    /// Identifier fingerprints for the waste finder (`None`: never kept).
+    pub identifiers: Option<Arc<crate::identifiers::IdFingerprinter>>,
 }
 
 pub use creditmeter_base::now_ms;
@@ -437,6 +439,11 @@ impl Finished {
             (None, _) => None,
         };
         let kinds = ctx.params.identifier_kinds();
+        // Enrichments only: a call that billed credits (a settlement row never gets here).
+        let identifiers = match &self.meter.identifiers {
+            Some(f) => f.of_call(&ctx.params, pricing.credits.total_milli()),
+            None => Vec::new(),
+        };
         let deferred = match &later {
             Later::Deferred(d) => Some(d),
             _ => None,
@@ -472,6 +479,7 @@ impl Finished {
             settles: None,
             deferred: deferred.map(crate::catalog::Deferred::to_json),
             deferred_milli: deferred.map_or(0, crate::catalog::Deferred::worst_milli),
+            identifiers,
         };
         (record, later)
     }

@@ -14,6 +14,9 @@
 //! requested) and `credits_per_match` (null when nothing matched). The timeline and spikes
 //! views are described in [`timeline`].
 
+pub mod calls;
+pub mod focus;
+pub mod repeats;
 mod timeline;
 
 use std::fmt::Write as _;
@@ -34,6 +37,8 @@ pub enum Format {
     Table,
     Csv,
     Json,
+    /// FinOps FOCUS 1.x cost and usage rows, CSV (`report --format focus`; see [`focus`]).
+    Focus,
 }
 
 /// Where figures may come from (`--source`). `auto`: rollups where they can answer.
@@ -52,6 +57,12 @@ pub enum View {
     Timeline,
     /// Only the anomalous windows, each with its top groups.
     Spikes,
+    /// Re-enrichment of the same identifiers, by table pair ([`repeats`]).
+    Repeats,
+    /// Raw calls of the window ([`calls`]).
+    Calls,
+    /// FOCUS rows per period × table × workflow × endpoint × credit type ([`focus`]).
+    Focus,
 }
 
 /// What to report.
@@ -71,6 +82,10 @@ pub struct ReportRequest {
     /// Timeline: show a column per group (the user asked for `--by`).
     pub series_columns: bool,
     pub rule: SpikeRule,
+    /// Repeats: how far back an earlier enrichment counts, ms.
+    pub within_ms: i64,
+    /// FOCUS: the price put on credits.
+    pub pricing: focus::Pricing,
 }
 
 impl Default for ReportRequest {
@@ -89,6 +104,8 @@ impl Default for ReportRequest {
             bucket_ms: HOUR_MS,
             series_columns: false,
             rule: SpikeRule::default(),
+            within_ms: repeats::DEFAULT_WITHIN_MS,
+            pricing: focus::Pricing::default(),
         }
     }
 }
@@ -140,6 +157,23 @@ pub struct ReportArgs {
     /// auto (rollups for whole hours, detail rows for the rest) or raw (detail rows only).
     #[arg(long, value_enum)]
     pub source: Option<SourceArg>,
+    /// The waste finder: credits spent enriching a person or company again that another (or
+    /// the same) table had enriched within --within before, by table pair.
+    #[arg(long)]
+    pub repeats: bool,
+    /// Repeats: how far back an earlier enrichment counts (e.g. 24h, 7d). Default 30d.
+    #[arg(long, value_name = "SPAN")]
+    pub within: Option<String>,
+    /// The raw calls of the window, oldest first (--format csv for a spreadsheet).
+    #[arg(long)]
+    pub calls: bool,
+    /// --format focus: the price of one credit, for BilledCost and EffectiveCost (default: no
+    /// price, costs are 0).
+    #[arg(long, value_name = "AMOUNT")]
+    pub price_per_credit: Option<f64>,
+    /// --format focus: the currency of --price-per-credit (ISO 4217). Default USD.
+    #[arg(long, value_name = "CODE")]
+    pub currency: Option<String>,
 }
 
 impl ReportArgs {
@@ -177,9 +211,14 @@ impl ReportArgs {
                 "format" => {
                     a.format = Some(
                         <Format as clap::ValueEnum>::from_str(v, true)
-                            .map_err(|_| format!("format={v:?}: use json, csv or table"))?,
+                            .map_err(|_| format!("format={v:?}: use json, csv, table or focus"))?,
                     )
                 }
+                "repeats" => a.repeats = flag()?,
+                "within" => a.within = text(),
+                "calls" => a.calls = flag()?,
+                "price_per_credit" => a.price_per_credit = Some(number("a price")?),
+                "currency" => a.currency = text(),
                 "table" => a.table = Some(v.to_owned()),
                 "workflow" => a.workflow = Some(v.to_owned()),
                 "endpoint" => a.endpoint = Some(v.to_owned()),
@@ -195,7 +234,7 @@ impl ReportArgs {
                 }
                 other => {
                     return Err(format!(
-                        "unknown parameter {other:?}: use since, until, by, identifiers, top, format, table, workflow, endpoint, timeline, spikes, spike_factor, spike_floor or source"
+                        "unknown parameter {other:?}: use since, until, by, identifiers, top, format, table, workflow, endpoint, timeline, spikes, spike_factor, spike_floor, source, repeats, within, calls, price_per_credit or currency"
                     ))
                 }
             }
@@ -220,17 +259,93 @@ impl ReportArgs {
             }
             (None, false) => GroupBy::Table,
         };
+        let chosen: Vec<&str> = [
+            (self.spikes, "spikes"),
+            (self.repeats, "repeats"),
+            (self.calls, "calls"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if chosen.len() > 1 {
+            return Err(format!(
+                "{}: choose one of --{}",
+                chosen[0],
+                chosen.join(", --")
+            ));
+        }
+        let focus = self.format == Some(Format::Focus);
         let view = if self.spikes {
             View::Spikes
+        } else if self.repeats {
+            View::Repeats
+        } else if self.calls {
+            View::Calls
+        } else if focus {
+            View::Focus
         } else if self.timeline.is_some() {
             View::Timeline
         } else {
             View::Spend
         };
+        if focus && !matches!(view, View::Focus | View::Calls | View::Repeats) {
+            return Err(
+                "format: focus is a spend export; it does not combine with --spikes".into(),
+            );
+        }
+        if focus && matches!(view, View::Calls | View::Repeats) {
+            return Err(format!(
+                "format: focus is the spend export; --{} takes table, csv or json",
+                if view == View::Calls {
+                    "calls"
+                } else {
+                    "repeats"
+                }
+            ));
+        }
+        if self.within.is_some() && view != View::Repeats {
+            return Err("within: it goes with --repeats".into());
+        }
+        if (self.price_per_credit.is_some() || self.currency.is_some()) && view != View::Focus {
+            return Err("price-per-credit: it goes with --format focus".into());
+        }
+        let within_ms = match &self.within {
+            Some(w) => crate::config::HumanDuration::parse(w)
+                .map(|d| d.as_millis() as i64)
+                .map_err(|e| format!("within: {e}"))
+                .and_then(|ms| {
+                    if ms >= 1000 {
+                        Ok(ms)
+                    } else {
+                        Err(format!("within: {w:?} is too short; use e.g. 24h or 30d"))
+                    }
+                })?,
+            None => repeats::DEFAULT_WITHIN_MS,
+        };
+        let mut pricing = focus::Pricing::default();
+        if let Some(p) = self.price_per_credit {
+            if !(p.is_finite() && p >= 0.0) {
+                return Err(format!("price-per-credit: {p} must be zero or more"));
+            }
+            pricing.per_credit = Some(p);
+        }
+        if let Some(c) = &self.currency {
+            let c = c.trim().to_ascii_uppercase();
+            if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(format!(
+                    "currency: {c:?} is not an ISO 4217 code (e.g. USD, EUR)"
+                ));
+            }
+            pricing.currency = c;
+        }
         let bucket_ms = match &self.timeline {
             Some(w) => parse_width(w).map_err(|e| format!("timeline: {e}"))?,
+            None if view == View::Focus => 86_400_000,
             None => HOUR_MS,
         };
+        if view == View::Focus {
+            focus::check_period(bucket_ms)?;
+        }
         let default_since = match view {
             View::Spend => 0,
             View::Timeline if bucket_ms < HOUR_MS => now - 86_400_000,
@@ -238,6 +353,8 @@ impl ReportArgs {
             View::Timeline => now - 90 * 86_400_000,
             View::Spikes if bucket_ms < HOUR_MS => now - 7 * 86_400_000,
             View::Spikes => 0,
+            View::Repeats | View::Focus => 0,
+            View::Calls => now - 86_400_000,
         };
         let since_ms = match &self.since {
             Some(s) => parse_time(s, now).map_err(|e| format!("since: {e}"))?,
@@ -290,6 +407,8 @@ impl ReportArgs {
             view,
             bucket_ms,
             rule,
+            within_ms,
+            pricing,
         })
     }
 }
@@ -342,6 +461,8 @@ pub enum ReportError {
     Query(#[from] rusqlite::Error),
     #[error("--timeline: {buckets} buckets is too many (at most {max}); narrow the window (--since/--until) or widen the buckets")]
     TooManyBuckets { buckets: usize, max: usize },
+    #[error("writing the report: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 /// The most buckets a timeline computes (about two years of 5-minute buckets).
@@ -370,7 +491,40 @@ pub fn run(req: &ReportRequest) -> Result<String, ReportError> {
                 timeline::render_spikes(req, &t)
             })
         }
+        View::Repeats => {
+            let r = repeats::compute(
+                &conn,
+                Window {
+                    since_ms: req.since_ms,
+                    until_ms: req.until_ms,
+                },
+                req.within_ms,
+            )?;
+            Ok(r.render(req.format))
+        }
+        View::Focus => Ok(focus::render(&focus::rows(&conn, req)?, &req.pricing)),
+        View::Calls => {
+            let mut out = Vec::new();
+            calls::write(&conn, req, &mut out)?;
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        }
     }
+}
+
+/// Like [`run`], writing to `out`; `--calls` streams page by page instead of building the
+/// whole answer in memory.
+pub fn run_to(req: &ReportRequest, out: &mut dyn std::io::Write) -> Result<(), ReportError> {
+    if req.view == View::Calls {
+        if !req.db.exists() {
+            return Err(ReportError::Missing {
+                path: req.db.clone(),
+            });
+        }
+        let conn = crate::ledger::open_for_read(&req.db)?;
+        return calls::write(&conn, req, out);
+    }
+    let text = run(req)?;
+    out.write_all(text.as_bytes()).map_err(ReportError::Output)
 }
 
 /// The spend view, computed.
@@ -575,7 +729,7 @@ fn render(req: &ReportRequest, report: &SpendReport) -> String {
             });
             format!("{doc:#}\n")
         }
-        Format::Csv => {
+        Format::Csv | Format::Focus => {
             let mut out = format!("{},calls,credits,lead,direct_dial,export,records_requested,records_matched,match_rate,credits_per_match,pending\n", req.by.label());
             for r in rows.iter().chain(std::iter::once(total)) {
                 let _ = writeln!(

@@ -512,6 +512,33 @@ class Run:
             self.c.check(not missing, f"dashboard variable ${name} ({var['definition']}) lists the workload's values",
                          f"{sorted(values)}" + (f", missing {missing}" if missing else ""))
 
+    # ---- reconciliation
+
+    DEBIT_CREDITS = 7
+
+    def debit_outside(self):
+        """Spends credits out of band at the sim (as Apollo's web app would): Apollo's balance
+        falls, creditmeter meters nothing, so reconciliation must report them unmetered."""
+        status, _, body = http("POST", f"{self.sim}/__sim/debit",
+                               {"credit_type": "lead", "credits": self.DEBIT_CREDITS})
+        self.c.check(status == 200, f"sim debited {self.DEBIT_CREDITS} lead credits outside creditmeter",
+                     f"HTTP {status}" if status != 200 else "")
+
+    def check_reconcile(self):
+        """The reconciliation panels' series: the out-of-band debit shows up as unmetered
+        credits, and the balance gauge is set."""
+        got = wait_until("the debit reconciled as unmetered",
+                         lambda: (lambda v: v if v is not None and v >= self.DEBIT_CREDITS - EPS else None)(
+                             self.prom.scalar("sum(creditmeter_unmetered_credits_total)")), timeout=90)
+        self.c.check(got is not None,
+                     f"reconciliation: the {self.DEBIT_CREDITS} credits spent outside creditmeter show as "
+                     "creditmeter_unmetered_credits_total",
+                     f"{got} unmetered credits" if got is not None else
+                     f"{self.prom.scalar('sum(creditmeter_unmetered_credits_total)')} after 90s")
+        left = self.prom.scalar('sum(creditmeter_apollo_credits_left{credit_type="lead"})')
+        self.c.check(left is not None and left > 0, "reconciliation: creditmeter_apollo_credits_left is set",
+                     f"lead credits left {left}")
+
     # ---- promtool check metrics
 
     def check_metrics_lint(self):
@@ -556,6 +583,7 @@ class Run:
                     f"{base} credits/s vs {a.backfill_rate}")
 
         # ---------------- quiet phase
+        self.debit_outside()
         log(f"quiet phase: {a.quiet}s of steady mixed traffic (~1 credit every {a.ambient_period}s)")
         self.traffic.loop("ambient", a.ambient_period, self.traffic.ambient_step)
         got_429 = self.traffic.hammer(a.rate_limit_minute)
@@ -581,6 +609,7 @@ class Run:
                 log(f"query failed during quiet phase: {err}")
             time.sleep(min(3, max(0, quiet_end - time.monotonic())))
         log(f"end of quiet phase: rate5m={rate} baseline={base} credits/s")
+        self.check_reconcile()
         c.check(samples >= 3 and not active, f"{SPIKE} neither pending nor firing during the quiet phase",
                 f"{samples} samples" + (f"; active: {active[:3]}" if active else ""))
         # Above the 0.05/s floor, so only the baseline comparison keeps it quiet.

@@ -1,6 +1,13 @@
 //! `creditmeter demo`: the simulator and the proxy on ephemeral ports, a few thousand calls from
 //! simulated Clay tables (one of them a heavy spender), then the spend report.
 //!
+//! Before the live calls it backfills 30 days of history straight into the ledger (the
+//! synthetic generator `sim-ledger` uses, rollups kept by the same triggers), with one burst
+//! hidden in it: one table spending a few thousand credits within one hour of one day. After
+//! the live report it tells the month's story: who spent what, when (the spike, found by the
+//! `report --spikes` rule, with its hour and table) and what was spent enriching the same
+//! people again (`report --repeats`).
+//!
 //! The workload and its driver live in `creditmeter_sim::workload`.
 
 use std::path::PathBuf;
@@ -10,7 +17,9 @@ use tokio::net::TcpListener;
 
 use creditmeter::config::{Config, EmbeddedKey, HumanDuration};
 use creditmeter::ledger::queries::GroupBy;
-use creditmeter::report::{self, Format, ReportRequest};
+use creditmeter::ledger::queries::{floor_to, Window, HOUR_MS};
+use creditmeter::report::{self, Format, ReportRequest, View};
+use creditmeter_sim::synth::{self, Burst, SynthOptions};
 use creditmeter_sim::workload::{drive, workload};
 use creditmeter_sim::{Sim, SimConfig};
 
@@ -33,6 +42,145 @@ const DEMO_SETTLE_KEY: &str = "demo-master-key";
 /// How long the demo waits for the pending charges to settle before it reports anyway.
 const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Background calls the demo backfills over the last 30 days.
+const BACKFILL_ROWS: u64 = 20_000;
+/// Days of backfilled history.
+const BACKFILL_DAYS: u32 = 30;
+/// The table the hidden burst runs in, and how big it is.
+pub const BURST_TABLE: &str = "Event attendees";
+const BURST_CREDITS: i64 = 2_400;
+/// The burst runs this many days before today, at this UTC hour, for this many minutes.
+const BURST_DAYS_AGO: i64 = 9;
+const BURST_HOUR: i64 = 14;
+const BURST_MINUTES: u32 = 40;
+
+/// The hidden burst for a demo run at `now_ms`: `BURST_DAYS_AGO` days before today, at
+/// `BURST_HOUR`:10 UTC.
+pub fn burst_at(now_ms: i64) -> Burst {
+    Burst {
+        at_ms: floor_to(now_ms, 24 * HOUR_MS) - BURST_DAYS_AGO * 24 * HOUR_MS
+            + BURST_HOUR * HOUR_MS
+            + 10 * 60_000,
+        table: BURST_TABLE.to_owned(),
+        credits: BURST_CREDITS,
+        minutes: BURST_MINUTES,
+    }
+}
+
+/// Writes 30 days of synthetic history, ending at the current hour, into a new ledger.
+fn backfill(db: &std::path::Path, now_ms: i64) -> anyhow::Result<synth::SynthSummary> {
+    if db.exists() {
+        anyhow::bail!(
+            "{} already exists; the demo backfills a new ledger (pass another --dir)",
+            db.display()
+        );
+    }
+    let mut conn =
+        creditmeter::ledger::open_for_write(db, creditmeter::config::Synchronous::Normal)?;
+    Ok(synth::generate(
+        &mut conn,
+        &SynthOptions {
+            rows: BACKFILL_ROWS,
+            days: BACKFILL_DAYS,
+            end_ms: now_ms,
+            seed: 17,
+            bursts: vec![burst_at(now_ms)],
+            batch: 10_000,
+        },
+        |_| {},
+    )?)
+}
+
+/// Indents every line by two spaces (the month's story sits under its headings).
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// The month's story: who spent what, when, and on what twice.
+fn story(db: &std::path::Path, now_ms: i64, burst: &Burst) -> anyhow::Result<String> {
+    // The backfilled history: the 30 days up to the current hour, where the live calls begin.
+    let until = floor_to(now_ms, HOUR_MS);
+    let since = until - i64::from(BACKFILL_DAYS) * 24 * HOUR_MS;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nThe {BACKFILL_DAYS} days before the live calls: history backfilled straight into the ledger ({BACKFILL_ROWS} synthetic calls from the sim-ledger generator, not sent through the proxy). Who spent what:\n\n"
+    ));
+    let by_table = ReportRequest {
+        db: db.to_owned(),
+        by: GroupBy::Table,
+        since_ms: since,
+        until_ms: until,
+        top: Some(8),
+        format: Format::Table,
+        ..ReportRequest::default()
+    };
+    out.push_str(&indent(&report::run(&by_table)?));
+    let spikes = ReportRequest {
+        db: db.to_owned(),
+        by: GroupBy::Table,
+        since_ms: since,
+        until_ms: until,
+        view: View::Spikes,
+        bucket_ms: HOUR_MS,
+        top: Some(3),
+        format: Format::Json,
+        ..ReportRequest::default()
+    };
+    let doc: serde_json::Value = serde_json::from_str(&report::run(&spikes)?)?;
+    out.push_str("\nWhen: the hours that spent far above their usual (report --spikes):\n\n");
+    let found = doc["spikes"].as_array().cloned().unwrap_or_default();
+    if found.is_empty() {
+        out.push_str("  no spike found\n");
+    }
+    // Biggest first: the hidden burst should lead.
+    let mut found = found;
+    found.sort_by(|a, b| {
+        b["credits_milli"]
+            .as_i64()
+            .unwrap_or(0)
+            .cmp(&a["credits_milli"].as_i64().unwrap_or(0))
+    });
+    for s in found.iter().take(3) {
+        let top = &s["top"][0];
+        let milli = |v: &serde_json::Value| (v.as_f64().unwrap_or(0.0) * 1000.0).round() as i64;
+        out.push_str(&format!(
+            "  spike: {} to {}, {} credits (usually {}); top table {} with {} credits\n",
+            s["start"].as_str().unwrap_or("?"),
+            s["end"].as_str().unwrap_or("?"),
+            report::credits(milli(&s["credits"])),
+            report::credits(milli(&s["usual_credits"])),
+            top["key"].as_str().unwrap_or("?"),
+            report::credits(milli(&top["credits"])),
+        ));
+    }
+    out.push_str(&format!(
+        "  (the demo hid one: {} credits in table {} from {}, over {} minutes)\n",
+        burst.credits,
+        burst.table,
+        report::format_time(burst.at_ms),
+        burst.minutes
+    ));
+    let conn = creditmeter::ledger::open_for_read(db)?;
+    let repeats = report::repeats::compute(
+        &conn,
+        Window {
+            since_ms: since,
+            until_ms: until,
+        },
+        report::repeats::DEFAULT_WITHIN_MS,
+    )?;
+    out.push_str("\nWaste: credits spent enriching the same people or companies again within 30 days (report --repeats):\n\n");
+    for p in repeats.pairs.iter().take(5) {
+        out.push_str(&format!("  {}\n", report::repeats::summary(p)));
+    }
+    out.push_str(&format!(
+        "  In all: {} credits on {} re-enrichments.\n",
+        report::credits(repeats.total_credits_milli),
+        repeats.total_items
+    ));
+    Ok(out)
+}
+
 /// Deferred credits not yet settled, from the ledger.
 fn pending_milli(db: &std::path::Path) -> anyhow::Result<i64> {
     let conn = creditmeter::ledger::open_for_read(db)?;
@@ -52,6 +200,9 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     });
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("ledger.db");
+    let now = creditmeter::meter::now_ms();
+    let burst = burst_at(now);
+    let backfilled = backfill(&db, now)?;
 
     // Phone-reveal jobs end a second after their call, as Apollo's do (later), so the demo shows
     // their credits pending first, then settled.
@@ -97,6 +248,7 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     ));
 
     let started = std::time::Instant::now();
+    let live_since = creditmeter::meter::now_ms();
     let stats = drive(
         proxy_addr,
         "demo-api-key",
@@ -106,14 +258,20 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
     .await;
     let elapsed = started.elapsed();
 
-    let mut out = String::new();
+    let mut out = format!(
+        "creditmeter demo: backfilled {} calls over the last {BACKFILL_DAYS} days into the ledger in {:.1}s (synthetic history, written directly, as sim-ledger does)\n",
+        backfilled.rows + backfilled.burst_rows,
+        backfilled.elapsed.as_secs_f64()
+    );
     out.push_str(&format!(
         "creditmeter demo: {} calls through the proxy in {:.1}s ({} failed), simulated Apollo at http://{sim_addr}\n\n",
         stats.completed, elapsed.as_secs_f64(), stats.failed
     ));
+    // The live calls only, so the total can be set against what the simulator billed.
     let by_table = ReportRequest {
         db: db.clone(),
         by: GroupBy::Table,
+        since_ms: live_since,
         format: Format::Table,
         ..ReportRequest::default()
     };
@@ -140,10 +298,13 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<String> {
         "\nThe simulated Apollo billed {} credits in all; the ledger above holds what creditmeter metered.\n",
         billed_total as f64 / 1000.0
     ));
+    out.push_str(&story(&db, now, &burst)?);
     out.push_str(&format!(
-        "\nLedger:  {}\nMetrics: http://{admin_addr}/metrics{}\n\nTry:\n  sqlite3 {} \"SELECT table_name, sum(credits_milli)/1000.0 AS credits FROM calls GROUP BY 1 ORDER BY 2 DESC;\"\n  sqlite3 {} \"SELECT * FROM spend_by_hour;\"\n  cargo run --release -- report --db {} --by workflow\n",
+        "\nLedger:  {}\nConsole: http://{admin_addr}/ui/{}\nMetrics: http://{admin_addr}/metrics\n\nTry:\n  sqlite3 {} \"SELECT table_name, sum(credits_milli)/1000.0 AS credits FROM calls GROUP BY 1 ORDER BY 2 DESC;\"\n  sqlite3 {} \"SELECT * FROM spend_by_hour;\"\n  cargo run --release -- report --db {} --by workflow\n  cargo run --release -- report --db {} --spikes --since 30d\n  cargo run --release -- report --db {} --repeats\n",
         db.display(),
         if opts.hold { "" } else { "   (live only with `demo --hold`)" },
+        db.display(),
+        db.display(),
         db.display(),
         db.display(),
         db.display(),

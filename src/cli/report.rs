@@ -42,6 +42,9 @@ impl Report {
                 return Ok(ExitCode::from(EX_USAGE));
             }
         };
+        if reconcile && req.format == Format::Focus {
+            return usage("--format focus is a spend export; --reconcile takes table, csv or json");
+        }
         if reconcile {
             print!(
                 "{}",
@@ -54,8 +57,8 @@ impl Report {
             );
             return Ok(ExitCode::SUCCESS);
         }
-        match report::run(&req) {
-            Ok(out) => print!("{out}"),
+        match report::run_to(&req, &mut std::io::stdout().lock()) {
+            Ok(()) => {}
             Err(e @ report::ReportError::TooManyBuckets { .. }) => return usage(e),
             Err(e) => return Err(e.into()),
         }

@@ -420,7 +420,7 @@ pub fn report(req: &Request) -> Result<String, ReportError> {
     let answer = load(&conn, req.since_ms, req.until_ms)?;
     Ok(match req.format {
         Format::Json => format!("{:#}\n", answer.to_json()),
-        Format::Csv => answer.to_csv(),
+        Format::Csv | Format::Focus => answer.to_csv(),
         Format::Table => answer.to_table(),
     })
 }

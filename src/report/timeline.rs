@@ -467,7 +467,7 @@ pub fn render_timeline(req: &ReportRequest, t: &Timeline) -> String {
             });
             format!("{doc:#}\n")
         }
-        Format::Csv => {
+        Format::Csv | Format::Focus => {
             let mut out = String::from("bucket,calls,credits,baseline,ratio,spike,jumped");
             for g in &columns {
                 let _ = write!(out, ",{}", csv_field(&g.key));
@@ -698,7 +698,7 @@ pub fn render_spikes(req: &ReportRequest, t: &Timeline) -> String {
             });
             format!("{doc:#}\n")
         }
-        Format::Csv => {
+        Format::Csv | Format::Focus => {
             let mut out = format!(
                 "start,end,window_credits,usual_credits,{},credits,share,usual,jumped\n",
                 req.by.label()

@@ -342,6 +342,7 @@ impl Book {
             settles: Some(o.request_id.clone()),
             deferred: None,
             deferred_milli: 0,
+            identifiers: Vec::new(),
         };
         // One line per settlement: debug, or a busy proxy's log is mostly these. Estimates
         // (what a person should look at) are logged at warn by the settler.

@@ -26,3 +26,4 @@ mod secrets;
 mod settle;
 mod spool_replay;
 mod upstream_faults;
+mod waste;

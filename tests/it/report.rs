@@ -62,6 +62,7 @@ fn row(i: u64, started_at: i64) -> CallRecord {
         settles: None,
         deferred: None,
         deferred_milli: 0,
+        identifiers: Vec::new(),
     }
 }
 

@@ -11,6 +11,7 @@
 mod decode;
 mod deferred;
 pub mod headers;
+mod identity;
 mod params;
 mod pattern;
 mod pricing;
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 pub use decode::{decode_body, DecodeError};
 pub use deferred::{Deferred, DeferredSpec, ResultPricing, SettlementSource, TypedMilli, Units};
+pub use identity::{normal_domain, normal_linkedin, Identifier, MAX_ITEMS};
 pub use params::{RequestBody, RequestParams};
 pub use pattern::canonical_path;
 pub use pricing::{CreditSource, Credits, Pricing, ResponseView};

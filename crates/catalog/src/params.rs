@@ -85,6 +85,11 @@ impl RequestParams {
         RequestParams { params, unreadable }
     }
 
+    /// Every top-level parameter (query merged over body).
+    pub(super) fn top_level(&self) -> &Map<String, Value> {
+        &self.params
+    }
+
     /// The value of a top-level parameter.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.params.get(key)

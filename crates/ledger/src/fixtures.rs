@@ -49,5 +49,6 @@ pub fn bench_row(i: usize) -> CallRecord {
         settles: None,
         deferred: None,
         deferred_milli: 0,
+        identifiers: Vec::new(),
     }
 }

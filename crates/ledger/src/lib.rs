@@ -14,6 +14,7 @@ pub mod audit;
 pub mod fixtures;
 pub mod guardrails;
 pub mod keys;
+pub mod identifiers;
 pub mod maintenance;
 pub mod queries;
 pub mod schema;
@@ -139,6 +140,10 @@ pub struct CallRecord {
     /// The worst case of `deferred`, milli-credits (0 when nothing is deferred).
     #[serde(default)]
     pub deferred_milli: i64,
+    /// Fingerprints of the identifiers the call carried (table `identifiers`); empty unless
+    /// it billed credits and `attribution.identifier_fingerprints` is on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identifiers: Vec<identifiers::IdentifierFp>,
 }
 
 impl CallRecord {

@@ -87,10 +87,11 @@ pub fn prune(
                 (SELECT id FROM calls WHERE started_at < ?1 ORDER BY started_at LIMIT ?2)",
             rusqlite::params![cutoff_ms, batch.max(1) as i64],
         )?;
+        let ids = super::identifiers::prune_batch(&tx, cutoff_ms, batch)?;
         tx.commit()?;
         out.deleted += n as u64;
         out.batches += 1;
-        if n < batch.max(1) {
+        if n < batch.max(1) && ids < batch.max(1) {
             return Ok(out);
         }
         if stop() {

@@ -303,7 +303,7 @@ impl Filter {
     }
 
     /// SQL conditions (each starting with ` AND `) and their named parameters.
-    fn sql(&self, rollup: bool) -> (String, Vec<(&'static str, String)>) {
+    pub fn sql(&self, rollup: bool) -> (String, Vec<(&'static str, String)>) {
         let mut sql = String::new();
         let mut params = Vec::new();
         for (value, col, name, sentinel) in [

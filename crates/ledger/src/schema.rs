@@ -263,6 +263,22 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_at ON audit(at);
     "#,
+    // Identifier fingerprints (issue 17, the waste finder): one row per normalised identifier
+    // of each call that billed credits, keyed by an HMAC fingerprint, never the value (see
+    // `ledger::identifiers`). Written in the call's own transaction.
+    r#"
+    CREATE TABLE identifiers (
+        kind          TEXT    NOT NULL,  -- email, linkedin_url, person_id, name+domain, hashed_email, domain, organization_id
+        fp            INTEGER NOT NULL,  -- first 8 bytes of HMAC-SHA256(key from the install secret, kind + value), signed
+        at            INTEGER NOT NULL,  -- the call's started_at (unix ms, UTC)
+        call_id       INTEGER NOT NULL,  -- calls.id
+        item          INTEGER NOT NULL,  -- which person or company of the call (bulk: the details index)
+        table_name    TEXT,              -- the call's table; NULL = unattributed
+        credits_milli INTEGER NOT NULL,  -- the item's share of the call's credits
+        PRIMARY KEY (kind, fp, at, call_id, item)
+    ) WITHOUT ROWID;
+    CREATE INDEX identifiers_at ON identifiers(at);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -914,7 +914,7 @@ fn insert_rows<'a>(
     {
         let mut stmt = tx.prepare_cached(INSERT_SQL)?;
         for r in rows {
-            stmt.execute(params![
+            let inserted = stmt.execute(params![
                 r.request_id,
                 r.started_at,
                 r.finished_at,
@@ -944,6 +944,10 @@ fn insert_rows<'a>(
                 r.deferred,
                 r.deferred_milli,
             ])?;
+            // A replayed row (ignored above) already has its identifiers.
+            if inserted == 1 && !r.identifiers.is_empty() {
+                super::identifiers::insert(&tx, tx.last_insert_rowid(), r)?;
+            }
         }
     }
     tx.commit()

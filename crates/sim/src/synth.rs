@@ -5,8 +5,9 @@
 //! transactions. The shape: seven callers with different spend profiles (business-hours
 //! enrichment, a nightly CRM refresh, an expensive weekday bulk-match-with-phones table, free
 //! searches), a weekly and daily rhythm, a few percent of 429s and upstream failures, three API
-//! keys, tags, and identifier kinds with different match rates. Optional bursts hide a known
-//! spend at a known hour and table. Deterministic for a given seed.
+//! keys, tags, identifier kinds with different match rates, and identifier fingerprints drawn
+//! from one population of people and companies, so some are enriched again. Optional bursts
+//! hide a known spend at a known hour and table. Deterministic for a given seed.
 
 use std::time::{Duration, Instant};
 
@@ -252,6 +253,44 @@ struct Row {
     response_bytes: i64,
     error: Option<&'static str>,
     id_kinds: Option<&'static str>,
+    /// Identifier fingerprints: (item, kind, fp, credits_milli).
+    ids: Vec<(u16, &'static str, i64, i64)>,
+}
+
+/// Gives a billed enrichment the identifiers it carried, drawn from a population of
+/// `population` people (and as many companies) shared by every table, so some are enriched
+/// again, within a table and across tables, as in real traffic. Synthetic fingerprints: a
+/// mix of kind and person number (no secret), stable for a seed.
+fn attach_ids(row: &mut Row, rng: &mut Rng, population: u64) {
+    let credits = row.lead_milli + row.direct_dial_milli + row.export_milli;
+    if credits <= 0 {
+        return;
+    }
+    let kinds: &[&'static str] = match (row.endpoint, row.id_kinds) {
+        ("organizations_enrich", _) => &["domain"],
+        (_, Some("email")) => &["email"],
+        (_, Some("email,linkedin_url")) => &["email", "linkedin_url"],
+        (_, Some("linkedin_url")) => &["linkedin_url"],
+        (_, Some("name+domain")) => &["name+domain"],
+        (_, Some("id")) => &["person_id"],
+        _ => &[],
+    };
+    if kinds.is_empty() {
+        return;
+    }
+    let items = row.requested.unwrap_or(1).clamp(1, 100) as usize;
+    let shares = creditmeter_ledger::identifiers::shares(credits, items);
+    for (item, share) in shares.into_iter().enumerate() {
+        let person = rng.below(population.max(1));
+        for kind in kinds {
+            let tag = creditmeter_ledger::identifiers::KINDS
+                .iter()
+                .position(|k| k == kind)
+                .unwrap_or(0) as u64;
+            let fp = Rng(person ^ (tag << 56) ^ 0x1d_5eed).next() as i64;
+            row.ids.push((item as u16, kind, fp, share));
+        }
+    }
 }
 
 fn background_row(p: usize, t: i64, rng: &mut Rng) -> Row {
@@ -282,6 +321,7 @@ fn background_row(p: usize, t: i64, rng: &mut Rng) -> Row {
         response_bytes: 0,
         error: None,
         id_kinds: None,
+        ids: Vec::new(),
     };
     // (identifier kinds, their match rate) for a people match.
     let person = |row: &mut Row, kinds: &'static str, rate: f64, rng: &mut Rng| {
@@ -431,6 +471,7 @@ fn burst_row(b: &Burst, t: i64, credits_milli: i64, rng: &mut Rng) -> Row {
         response_bytes: 24_000,
         error: None,
         id_kinds: Some("email"),
+        ids: Vec::new(),
     }
 }
 
@@ -456,6 +497,9 @@ const INSERT: &str = "INSERT INTO calls (
     request_bytes, response_bytes, error, id_kinds
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
           ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
+
+const INSERT_ID: &str = "INSERT OR IGNORE INTO identifiers
+    (kind, fp, at, call_id, item, table_name, credits_milli) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 /// Writes the synthetic ledger into `conn` (an opened, migrated ledger), in time order, as
 /// production would. `progress` is told the rows written so far after each transaction.
@@ -511,6 +555,9 @@ pub fn generate(
     let mut hour_rows: Vec<(i64, usize)> = Vec::new();
     let mut pending: Vec<Row> = Vec::with_capacity(opts.batch.max(1));
     let mut written: u64 = 0;
+    // Identifiers draw from their own stream, so the calls are the same as without them.
+    let mut id_rng = Rng(opts.seed ^ 0x1d_1d1d);
+    let population = opts.rows.saturating_mul(2).max(500);
 
     let flush = |conn: &mut Connection,
                  pending: &mut Vec<Row>,
@@ -519,6 +566,7 @@ pub fn generate(
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(INSERT)?;
+            let mut ids = tx.prepare_cached(INSERT_ID)?;
             for r in pending.drain(..) {
                 *counter += 1;
                 let id = format!(
@@ -554,6 +602,20 @@ pub fn generate(
                     r.error,
                     r.id_kinds,
                 ])?;
+                if !r.ids.is_empty() {
+                    let call_id = tx.last_insert_rowid();
+                    for (item, kind, fp, share) in &r.ids {
+                        ids.execute(params![
+                            kind,
+                            fp,
+                            r.started_at,
+                            call_id,
+                            item,
+                            r.table,
+                            share
+                        ])?;
+                    }
+                }
             }
         }
         tx.commit()
@@ -596,7 +658,8 @@ pub fn generate(
             summary.burst_credits_milli += c;
         }
         rows.sort_by_key(|r| r.started_at);
-        for r in rows {
+        for mut r in rows {
+            attach_ids(&mut r, &mut id_rng, population);
             summary.credits_milli += r.lead_milli + r.direct_dial_milli + r.export_milli;
             pending.push(r);
             if pending.len() >= opts.batch.max(1) {
