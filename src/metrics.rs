@@ -294,7 +294,7 @@ impl Metrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "creditmeter_refused_total",
-                "Requests refused before authentication, by reason (no ledger row each).",
+                "Requests and connections refused before authentication, by reason (no ledger row each).",
             ),
             &["reason"],
         )?;

@@ -94,7 +94,8 @@ const KNOWN_REASONS: [&str; 11] = [
 ];
 
 impl EdgeMetrics {
-    /// Registers the listener's metrics on `registry`.
+    /// Registers the listener's metrics on `registry`, with a `creditmeter_refused_total` of
+    /// its own (for tests; the server shares the one `Metrics` registered).
     pub fn register(registry: &Registry) -> Result<EdgeMetrics, prometheus::Error> {
         let refused = IntCounterVec::new(
             Opts::new(
@@ -103,6 +104,17 @@ impl EdgeMetrics {
             ),
             &["reason"],
         )?;
+        registry.register(Box::new(refused.clone()))?;
+        Self::register_with(registry, refused)
+    }
+
+    /// Registers the listener's metrics on `registry`, counting refusals in `refused`
+    /// (`creditmeter_refused_total`, already registered by `Metrics`, which the virtual-key
+    /// refusals count in too).
+    pub fn register_with(
+        registry: &Registry,
+        refused: IntCounterVec,
+    ) -> Result<EdgeMetrics, prometheus::Error> {
         let connections_open = IntGauge::new(
             "creditmeter_connections_open",
             "Connections open on the proxy listener.",
@@ -118,7 +130,6 @@ impl EdgeMetrics {
             ),
             &["result"],
         )?;
-        registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_limited.clone()))?;
         registry.register(Box::new(tls_reloads.clone()))?;
