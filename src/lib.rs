@@ -214,8 +214,9 @@ pub async fn run_with_reload(
     )?);
     metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
     seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::from)?;
-    let edge_metrics = proxy::limits::EdgeMetrics::register_with(metrics.registry(), metrics.refused())
-        .map_err(metrics::MetricsError::from)?;
+    let edge_metrics =
+        proxy::limits::EdgeMetrics::register_with(metrics.registry(), metrics.refused())
+            .map_err(metrics::MetricsError::from)?;
     let refusals = Arc::new(proxy::limits::Refusals::new(edge_metrics.clone()));
     // The certificate resolver reloads its pair on SIGHUP and when the files change.
     let tls_cert = match (&config.proxy.tls_cert, &config.proxy.tls_key) {

@@ -9,12 +9,26 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_creditmeter");
 
 /// A free port on 127.0.0.1 (bound, read, released: the child binds it a moment later).
+///
+/// Never the same port twice in this process: the integration tests are one binary, and two
+/// tests (or a proxy and an admin port of one test) asking in quick succession could otherwise
+/// be handed a port the kernel just freed.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `creditmeter serve` in a directory of its own.

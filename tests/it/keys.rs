@@ -735,7 +735,7 @@ async fn the_admin_api_manages_keys_holds_by_key_and_serves_the_audit_log() {
     let (status, _) = call(
         &api(&format!("/api/holds/{}", hold["hold"]["id"])),
         "DELETE",
-        &[auth],
+        &[auth, ("content-type", "application/json")],
         "",
     )
     .await;
@@ -792,16 +792,21 @@ async fn the_admin_api_manages_keys_holds_by_key_and_serves_the_audit_log() {
         call(&url, "POST", &[("x-api-key", &vk2)], "{}").await.0,
         200
     );
-    let (status, _) = call(&api("/api/keys/enrich-key"), "DELETE", &[auth], "").await;
+    let (status, _) = call(&api("/api/keys/enrich-key"), "DELETE", &[auth, json], "").await;
     assert_eq!(status, 200);
     assert_eq!(
         call(&url, "POST", &[("x-api-key", &vk2)], "{}").await.0,
         401
     );
     assert_eq!(
-        call(&api("/api/keys/ffffffffffffffff"), "DELETE", &[auth], "")
-            .await
-            .0,
+        call(
+            &api("/api/keys/ffffffffffffffff"),
+            "DELETE",
+            &[auth, json],
+            ""
+        )
+        .await
+        .0,
         404
     );
 

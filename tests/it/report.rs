@@ -895,15 +895,16 @@ fn the_migration_backfills_rollups_from_existing_rows() {
     let want = sql_groups(&db, "COALESCE(table_name, '_unattributed')", "", all);
     // Turn the file back into the ledger before the rollup migration (v4), with rows and no
     // rollups, undoing the migrations after it too (v5: deferred charges; v6: virtual keys and
-    // the audit log), then reopen it.
+    // the audit log; v7: identifier fingerprints), then reopen it.
     let conn = rusqlite::Connection::open(&db).unwrap();
     assert_eq!(
         creditmeter::ledger::schema::SCHEMA_VERSION,
-        6,
+        7,
         "undo the newer migrations here"
     );
     conn.execute_batch(
-        "DROP TRIGGER virtual_keys_last_used; DROP TABLE virtual_keys; DROP TABLE audit;
+        "DROP TABLE identifiers;
+         DROP TRIGGER virtual_keys_last_used; DROP TABLE virtual_keys; DROP TABLE audit;
          DELETE FROM meta WHERE key = 'keys_generation';
          DROP INDEX calls_settles; DROP INDEX calls_deferred;
          ALTER TABLE calls DROP COLUMN settles; ALTER TABLE calls DROP COLUMN deferred;

@@ -13,8 +13,8 @@
 pub mod audit;
 pub mod fixtures;
 pub mod guardrails;
-pub mod keys;
 pub mod identifiers;
+pub mod keys;
 pub mod maintenance;
 pub mod queries;
 pub mod schema;
