@@ -27,10 +27,12 @@
 //! those that still count the same calls.
 
 pub mod client;
-pub mod config;
+/// `[guard]` and `[[budget]]` (they live in `config`, below the guard).
+pub use crate::config::budgets as config;
 #[cfg(test)]
 mod pending_tests;
-pub mod scope;
+/// Scopes and call facts (they live in `config`, below the guard).
+pub use crate::config::scope;
 pub mod state;
 #[cfg(test)]
 mod tests;

@@ -23,7 +23,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::scope::{Glob, Scope};
-use crate::config::{ConfigError, HumanDuration};
+use super::{ConfigError, HumanDuration};
 
 /// Default zone for calendar windows.
 pub const DEFAULT_TIME_ZONE: &str = "UTC";
