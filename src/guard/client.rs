@@ -141,7 +141,7 @@ pub fn scope_json(
         return Ok(None);
     }
     let scope = super::config::scope_from_parts(table, workflow, key, tag_map);
-    scope.validate()?;
+    scope.validate().map_err(|e| e.to_string())?;
     Ok(Some(serde_json::to_value(&scope).unwrap_or(Value::Null)))
 }
 

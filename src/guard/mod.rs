@@ -56,7 +56,7 @@ pub use config::{Action, BudgetConfig, GuardConfig, WindowSpec};
 pub use holds::{Hold, HoldChange, Persisted};
 pub use refusal::{BudgetRefusal, Refusal};
 pub use reload::ReloadSummary;
-pub use scope::{CallFacts, Glob, Scope};
+pub use scope::{CallFacts, Glob, Scope, ScopeError};
 pub use settlement::PendingCharge;
 pub use state::Amount;
 
@@ -80,10 +80,13 @@ pub enum GuardError {
     Ledger(#[from] LedgerError),
     #[error("ledger: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("budget {name:?}: {message}")]
-    Budget { name: String, message: String },
-    #[error("hold {id} has an unreadable scope in the ledger: {message}")]
-    HoldScope { id: i64, message: String },
+    #[error("budget {name:?}: {source}")]
+    Budget {
+        name: String,
+        source: state::BudgetError,
+    },
+    #[error("hold {id} has an unreadable scope in the ledger: {source}")]
+    HoldScope { id: i64, source: ScopeError },
 }
 
 fn credits(milli: i64) -> f64 {
@@ -148,9 +151,9 @@ fn compile(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<Vec<Budget>,
     budgets
         .iter()
         .map(|b| {
-            Budget::compile(b, guard).map_err(|message| GuardError::Budget {
+            Budget::compile(b, guard).map_err(|source| GuardError::Budget {
                 name: b.name.clone(),
-                message,
+                source,
             })
         })
         .collect()
