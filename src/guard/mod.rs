@@ -26,7 +26,6 @@
 //! the ledger's `holds` table. [`Guard::reload`] swaps in new budgets and keeps the spend of
 //! those that still count the same calls.
 
-pub mod client;
 /// `[guard]` and `[[budget]]` (they live in `config`, below the guard).
 pub use crate::config::budgets as config;
 #[cfg(test)]
