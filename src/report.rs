@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::ledger::queries::{
     self, ceil_to, floor_to, Filter, GroupBy, Source, SpendRow, Window, HOUR_MS,
 };
-use crate::meter::now_ms;
+use creditmeter_base::now_ms;
 
 pub use timeline::SpikeRule;
 

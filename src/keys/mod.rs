@@ -15,7 +15,8 @@
 //! revocation survives a restart because it is in the ledger.
 
 pub mod api;
-pub mod config;
+/// `[keys]`: the config section lives with the others (config sits below keys).
+pub use crate::config::keys as config;
 pub mod ops;
 pub mod subst;
 

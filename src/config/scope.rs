@@ -123,7 +123,7 @@ impl Scope {
     }
 
     /// Rules a deserializer cannot express; the message says how to fix it.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ScopeError> {
         let globs = self
             .table
             .iter()
@@ -132,30 +132,48 @@ impl Scope {
             .chain(self.tags.values());
         for g in globs {
             if g.0.is_empty() || g.0.len() > 256 {
-                return Err("every pattern must be 1 to 256 bytes long".into());
+                return Err(ScopeError::PatternLength);
             }
         }
         if let Some(key) = &self.key {
             // Never a raw key: a key_fp (16 lower-case hex digits, or a glob of them), or the
             // name of a virtual key, which is resolved to its id before it is used.
             if key.0.starts_with(crate::ledger::keys::KEY_PREFIX) {
-                return Err(format!(
-                    "key {:?}... is a creditmeter key itself: name it by its id or name (`creditmeter keys list`), never the key",
-                    key.0.chars().take(8).collect::<String>()
-                ));
+                return Err(ScopeError::CreditmeterKey(key.0.chars().take(8).collect()));
             }
-            if !is_fingerprint_pattern(&key.0) && !crate::keys::config::valid_name(&key.0) {
-                return Err(format!(
-                    "key {:?} is not a key fingerprint or a virtual key's name: scopes match `key_fp`, the 16 hex digits shown by `creditmeter report --by key` (a virtual key's id), or a virtual key's name; never the API key itself",
-                    key.0
-                ));
+            if !is_fingerprint_pattern(&key.0) && !super::keys::valid_name(&key.0) {
+                return Err(ScopeError::NotAFingerprint(key.0.clone()));
             }
         }
         if self.tags.keys().any(|k| k.is_empty()) {
-            return Err("a tag needs a name".into());
+            return Err(ScopeError::UnnamedTag);
         }
         Ok(())
     }
+}
+
+/// Why a scope is refused. The messages say how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    #[error("every pattern must be 1 to 256 bytes long")]
+    PatternLength,
+    /// The `key` pattern is neither a fingerprint (hex digits and globs) nor a virtual key's
+    /// name. It may be a pasted API key, so the message shows only its first characters.
+    #[error("key {:?}... is not a key fingerprint or a virtual key's name: scopes match `key_fp`, the 16 hex digits shown by `creditmeter report --by key` (a virtual key's id), or a virtual key's name; never the API key itself", preview(.0))]
+    NotAFingerprint(String),
+    /// A creditmeter key (`cmk_…`) itself; holds its first 8 characters only.
+    #[error("key {0:?}... is a creditmeter key itself: name it by its id or name (`creditmeter keys list`), never the key")]
+    CreditmeterKey(String),
+    #[error("a tag needs a name")]
+    UnnamedTag,
+    /// Not a scope's shape (JSON from the admin API or the ledger's `holds` table).
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// The first few characters of what may be a secret, for an error message.
+fn preview(text: &str) -> String {
+    text.chars().take(4).collect()
 }
 
 /// `global`, or `table=Inbound*, workflow=enrich, tag.team=growth`.
@@ -344,14 +362,18 @@ mod tests {
             .to_string()
             .contains("tabel"));
         let raw_key: Scope = serde_json::from_str(r#"{"key":"sk live/ABC"}"#).unwrap();
-        assert!(raw_key.validate().unwrap_err().contains("fingerprint"));
+        let err = raw_key.validate().unwrap_err();
+        assert!(err.to_string().contains("fingerprint"));
+        assert!(matches!(err, ScopeError::NotAFingerprint(ref k) if k == "sk live/ABC"));
+        // The message shows no more of what was pasted than its first characters.
+        assert!(!err.to_string().contains("live/ABC"), "{err}");
         // A creditmeter key is never a scope; a name is (resolved to the key's id before use,
         // and refused then if no virtual key has it: see keys::resolve_scope_key).
         let own: Scope = serde_json::from_str(
             r#"{"key":"cmk_0123456789abcdef0123456789abcdef0123456789abcdef"}"#,
         )
         .unwrap();
-        let e = own.validate().unwrap_err();
+        let e = own.validate().unwrap_err().to_string();
         assert!(
             e.contains("creditmeter key") && !e.contains("0123456789abcdef0123"),
             "{e}"

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use super::ConfigError;
 
 /// The variable holding the Apollo key virtual keys are swapped for, by default.
 pub const DEFAULT_UPSTREAM_KEY_ENV: &str = "APOLLO_API_KEY";
