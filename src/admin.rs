@@ -9,9 +9,10 @@
 //! (and `/metrics` with `admin.protect_metrics`) requires `Authorization: Bearer <token>`,
 //! compared in constant time.
 //!
-//! The console (`/ui/`, and `/` redirecting there) is served here too, by [`crate::console`],
+//! The console (`/ui/`, and `/` redirecting there) is served here too, by [`crate::admin::console`],
 //! with its own login form, session cookie and CSRF-checked form posts.
 
+pub mod console;
 pub mod lock;
 
 use std::convert::Infallible;
@@ -60,7 +61,7 @@ pub struct Admin {
     /// `/api/keys` and `/api/audit`; its `actor` is also who hold changes are audited as.
     pub keys: crate::keys::api::KeysApi,
     /// The console's session key (`/ui/`).
-    pub console: crate::console::Console,
+    pub console: crate::admin::console::Console,
 }
 
 /// The admin listener's response type.
@@ -110,7 +111,7 @@ impl Admin {
                     self.api(req).await
                 }
             }
-            p if crate::console::is_console_path(p) => crate::console::handle(&self, req).await,
+            p if crate::admin::console::is_console_path(p) => crate::admin::console::handle(&self, req).await,
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found: try /ui/ (the console), /metrics, /healthz, /readyz, /api/status, /api/usage, /api/calls or /api/budgets\n",

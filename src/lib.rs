@@ -9,7 +9,6 @@
 pub mod admin;
 pub mod attribution;
 pub mod config;
-pub mod console;
 pub mod guard;
 pub mod identifiers;
 pub mod inflight;
@@ -63,7 +62,7 @@ pub enum RunError {
     #[error("budgets and holds: {0}")]
     Guard(#[from] guard::GuardError),
     #[error("console: {0}")]
-    Console(#[from] console::ConsoleError),
+    Console(#[from] admin::console::ConsoleError),
 }
 
 /// Reads the config file again and builds the settings a reload may change. Keys that need a
@@ -409,7 +408,7 @@ pub async fn run_with_reload(
                 None => "admin".to_owned(),
             },
         },
-        console: console::Console::new()?,
+        console: admin::console::Console::new()?,
     });
     drop(ledger_handle);
 

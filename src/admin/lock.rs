@@ -19,24 +19,8 @@ use http::{header, Method, Request, StatusCode};
 use serde_json::json;
 
 use super::{json_response, AdminResponse};
-use crate::config::{invalid, ConfigError};
 
-/// Checks `admin.hosts`: bare host names (no scheme, port or path).
-pub fn validate_hosts(hosts: &[String]) -> Result<(), ConfigError> {
-    for h in hosts {
-        let ok = !h.is_empty()
-            && h.len() <= 253
-            && h.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
-        if !ok {
-            return Err(invalid(
-                "admin.hosts",
-                format!("{h:?} is not a host name; list bare names such as \"creditmeter\" or \"metrics.example.com\" (no scheme, port or path)"),
-            ));
-        }
-    }
-    Ok(())
-}
+pub use crate::config::validate_admin_hosts as validate_hosts;
 
 /// Which `Host` values the admin listener answers to.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub mod budgets;
+pub mod forwarded;
 pub mod keys;
 pub mod scope;
 
@@ -792,8 +793,8 @@ impl Config {
                 "must be above zero, e.g. \"1MiB\"",
             ));
         }
-        crate::proxy::limits::validate(&self.proxy)?;
-        crate::admin::lock::validate_hosts(&self.admin.hosts)?;
+        validate_proxy_limits(&self.proxy)?;
+        validate_admin_hosts(&self.admin.hosts)?;
         if !self.proxy.metering && !self.budget.is_empty() {
             return Err(invalid(
                 "proxy.metering",
@@ -890,6 +891,47 @@ fn parse_default_addr(s: &str) -> SocketAddr {
 }
 
 pub use creditmeter_base::{ByteSize, HumanDuration};
+
+/// Checks the `[proxy]` limits; messages say what to write instead.
+pub fn validate_proxy_limits(p: &ProxyConfig) -> Result<(), ConfigError> {
+    if p.max_connections == 0 {
+        return Err(invalid(
+            "proxy.max_connections",
+            "must be at least 1, e.g. 1024",
+        ));
+    }
+    if p.max_in_flight == 0 {
+        return Err(invalid(
+            "proxy.max_in_flight",
+            "must be at least 1, e.g. 256",
+        ));
+    }
+    if p.h2_max_concurrent_streams == 0 {
+        return Err(invalid(
+            "proxy.h2_max_concurrent_streams",
+            "must be at least 1, e.g. 32",
+        ));
+    }
+    forwarded::TrustedProxies::parse(&p.trusted_proxies)?;
+    Ok(())
+}
+
+/// Checks `admin.hosts`: bare host names (no scheme, port or path).
+pub fn validate_admin_hosts(hosts: &[String]) -> Result<(), ConfigError> {
+    for h in hosts {
+        let ok = !h.is_empty()
+            && h.len() <= 253
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+        if !ok {
+            return Err(invalid(
+                "admin.hosts",
+                format!("{h:?} is not a host name; list bare names such as \"creditmeter\" or \"metrics.example.com\" (no scheme, port or path)"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

@@ -35,34 +35,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::forwarded::TrustedProxies;
 use super::{Proxy, ProxyBody};
-use crate::config::{invalid, ConfigError, ProxyConfig};
 
 /// One log line per refusal reason at most this often; the line says how many were refused.
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Checks the `[proxy]` limits; messages say what to write instead.
-pub fn validate(p: &ProxyConfig) -> Result<(), ConfigError> {
-    if p.max_connections == 0 {
-        return Err(invalid(
-            "proxy.max_connections",
-            "must be at least 1, e.g. 1024",
-        ));
-    }
-    if p.max_in_flight == 0 {
-        return Err(invalid(
-            "proxy.max_in_flight",
-            "must be at least 1, e.g. 256",
-        ));
-    }
-    if p.h2_max_concurrent_streams == 0 {
-        return Err(invalid(
-            "proxy.h2_max_concurrent_streams",
-            "must be at least 1, e.g. 32",
-        ));
-    }
-    TrustedProxies::parse(&p.trusted_proxies)?;
-    Ok(())
-}
+pub use crate::config::validate_proxy_limits as validate;
 
 /// The listener's own metrics (names in DESIGN.md and README).
 #[derive(Clone)]
@@ -381,6 +358,7 @@ impl<B: Body> Body for PermitBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ProxyConfig;
 
     fn refusals(every: Duration) -> Refusals {
         let registry = Registry::new();

@@ -11,7 +11,8 @@
 //! header hygiene, then goes straight upstream and back: no ledger row, no pricing, no
 //! admission, no tap, no spawned task, no request id.
 
-pub mod forwarded;
+/// `proxy.trusted_proxies`, parsed with the config it comes from.
+pub use crate::config::forwarded;
 pub mod limits;
 pub mod listener;
 pub mod tap;

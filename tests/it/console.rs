@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use bytes::Bytes;
-use creditmeter::console::charts::contrast_ratio;
-use creditmeter::console::fmt_credits;
+use creditmeter::admin::console::charts::contrast_ratio;
+use creditmeter::admin::console::fmt_credits;
 use creditmeter_sim::SimConfig;
 use http_body_util::Full;
 use serde_json::{json, Value};

@@ -80,7 +80,7 @@ impl Sessions {
         let mut it = value.splitn(3, '.');
         let (id, exp, mac) = (it.next()?, it.next()?, it.next()?);
         let want = self.mac(&["session", id, exp]);
-        if !crate::admin::constant_time_eq(want.as_bytes(), mac.as_bytes()) {
+        if !creditmeter_base::constant_time_eq(want.as_bytes(), mac.as_bytes()) {
             return None;
         }
         let expires_at: i64 = exp.parse().ok()?;
@@ -103,7 +103,7 @@ impl Sessions {
 
     /// True when `token` is the session's CSRF token (constant time).
     pub fn csrf_ok(&self, s: &Session, token: &str) -> bool {
-        crate::admin::constant_time_eq(self.csrf(s).as_bytes(), token.as_bytes())
+        creditmeter_base::constant_time_eq(self.csrf(s).as_bytes(), token.as_bytes())
     }
 
     /// Signs a session out before it expires.

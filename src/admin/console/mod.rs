@@ -391,7 +391,7 @@ fn token_matches(admin: &Admin, given: &str) -> bool {
         None => true,
         Some(want) => {
             let got = ring::digest::digest(&ring::digest::SHA256, given.trim().as_bytes());
-            crate::admin::constant_time_eq(got.as_ref(), want.as_ref())
+            creditmeter_base::constant_time_eq(got.as_ref(), want.as_ref())
         }
     }
 }

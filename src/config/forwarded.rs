@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 
-use crate::config::{invalid, ConfigError};
+use super::{invalid, ConfigError};
 
 /// One `proxy.trusted_proxies` entry: an address, or a CIDR range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
