@@ -1,4 +1,5 @@
-//! The SQLite ledger: one row per proxied call, committed at call time.
+//! The ledger: one row per proxied call, committed at call time, behind the [`store`] seam
+//! (SQLite, [`sqlite`], is its first implementation).
 //!
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
 //! block the writer. One writer thread owns the write connection and group-commits rows handed
@@ -16,6 +17,8 @@ pub mod maintenance;
 pub mod queries;
 pub mod schema;
 pub mod settings;
+pub mod sqlite;
+pub mod store;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +30,10 @@ use serde::{Deserialize, Serialize};
 pub use writer::{CommitError, LedgerHandle, LedgerMetrics, LedgerWriter, WriterConfig};
 
 pub use settings::{OnLedgerError, Synchronous};
+pub use sqlite::SqliteStore;
+pub use store::{
+    CallSink, Guardrails, PendingCall, Reports, Rows, SettleStore, SharedStore, SinkOptions, Store,
+};
 
 /// Why the ledger could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +54,13 @@ pub enum LedgerError {
     TooNew { found: i64, supported: i64 },
     #[error("ledger: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// A read query failed (reports, the usage API, a budget rebuild).
+    #[error("ledger query: {0}")]
+    Query(#[source] rusqlite::Error),
+    #[error("ledger file {path} was deleted or replaced")]
+    Replaced { path: PathBuf },
+    #[error("ledger is not open")]
+    NotOpen,
     #[error("ledger {path}: journal_mode is {mode}, but WAL is required (is the file on a network file system?)")]
     NotWal { path: PathBuf, mode: String },
     #[error("the system random source failed while making the install secret")]
