@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
+use super::admission::Blocked;
 use super::*;
+use crate::catalog::Credits;
 use crate::config::Config;
 use crate::metrics::Metrics;
 

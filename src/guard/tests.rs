@@ -5,8 +5,13 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
+use http::StatusCode;
+use serde_json::Value;
+
 use super::*;
+use crate::catalog::{Catalog, Credits};
 use crate::config::Config;
+use crate::ledger::Outcome;
 use crate::metrics::Metrics;
 
 fn ms(s: &str) -> i64 {
