@@ -181,33 +181,32 @@ pub async fn run_with_reload(
         config.ledger.synchronous,
     )?);
     let secret = store.install_secret()?;
-    // Reconciliation's tables and the guard's start-up are not behind the store yet: they read
-    // through a connection of their own, closed before the writer starts.
-    let conn = ledger::open_for_write(&config.ledger.path, config.ledger.synchronous)?;
     let metrics = Arc::new(Metrics::new(
         config.metrics.max_label_values,
         catalog.version(),
         config.ledger.on_error,
     )?);
     metrics.seed(&store.seed_totals()?);
-    seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::from)?;
+    // Reconciliation's tables are not behind the store yet: it reads them through a connection
+    // of its own.
+    let conn = ledger::open_for_read(&config.ledger.path)?;
+    seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::Query)?;
+    drop(conn);
     // Budgets resume the current windows' spend, and holds stay in force, across restarts.
     let guard: Arc<guard::Guard> = Arc::new(guard::Guard::start(
         &config.guard,
         &config.budget,
-        &conn,
-        config.ledger.path.clone(),
+        store.clone(),
         metrics.budgets(),
         meter::now_ms(),
     )?);
     // Rows an outage left in the spool are not in `calls` until the writer replays them.
-    guard.count_spooled(&conn, meter::now_ms())?;
+    guard.count_spooled(meter::now_ms())?;
     let guard_for_reload = guard.clone();
-    // Deferred charges still pending: read before the writer takes the connection.
+    // Deferred charges still pending: read before the writer replays the spool.
     let settle_key = config.settle.resolve()?;
     let spool = ledger::WriterConfig::spool_path_of(store.spool_base());
     let pending_charges = settle::store::pending_with_spool(&*store, &spool)?;
-    drop(conn);
     let sink = store.call_sink(&ledger::SinkOptions {
         busy_timeout: config.ledger.busy_timeout.0,
         secret: secret.clone(),
