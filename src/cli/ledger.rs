@@ -94,7 +94,7 @@ impl LedgerCmd {
                     Err(code) => return Ok(code),
                 };
                 // SQLite only: pages, the WAL and `dbstat` are the file's.
-                let s = ledger::SqliteStore::open_read(&path)?.stats(sizes)?;
+                let s = ledger::SqliteStore::file(&path).stats(sizes)?;
                 if format == Format::Json {
                     println!("{}", serde_json::to_string_pretty(&s)?);
                     return Ok(ExitCode::SUCCESS);
@@ -147,7 +147,7 @@ impl LedgerCmd {
                     Err(code) => return Ok(code),
                 };
                 // SQLite only: hands free pages back to the file system.
-                let o = ledger::SqliteStore::open_read(&path)?.vacuum(full)?;
+                let o = ledger::SqliteStore::file(&path).vacuum(full)?;
                 println!(
                     "vacuum ({}): {:.1} MiB -> {:.1} MiB, {} free pages returned{}",
                     o.mode,

@@ -55,6 +55,12 @@ impl SqliteStore {
         Ok(SqliteStore::at(path, synchronous))
     }
 
+    /// The ledger file at `path`, opened by nothing yet: each use opens what it needs (the
+    /// maintenance commands, which must not keep a connection of their own around).
+    pub fn file(path: &Path) -> SqliteStore {
+        SqliteStore::at(path, Synchronous::Normal)
+    }
+
     fn at(path: &Path, synchronous: Synchronous) -> SqliteStore {
         SqliteStore {
             path: path.to_owned(),
