@@ -515,3 +515,108 @@ fn file_identity(path: &Path) -> Option<FileId> {
 fn file_identity(path: &Path) -> Option<FileId> {
     std::fs::metadata(path).ok().map(|_| (0, 0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::bench_row;
+
+    fn calls(store: &SqliteStore) -> i64 {
+        store
+            .read(|c| c.query_row("SELECT count(*) FROM calls", [], |r| r.get(0)))
+            .unwrap()
+    }
+
+    fn remove_ledger(path: &Path) {
+        for ext in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(ext);
+            let _ = std::fs::remove_file(PathBuf::from(p));
+        }
+    }
+
+    fn sink(store: &SqliteStore, secret: Vec<u8>) -> Box<dyn CallSink> {
+        store
+            .call_sink(&SinkOptions {
+                busy_timeout: Duration::from_secs(5),
+                secret,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_batch_is_committed_once_however_often_it_is_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("l.db"), Synchronous::Normal).unwrap();
+        let mut sink = sink(&store, store.install_secret().unwrap());
+        let rows = [bench_row(1), bench_row(2), bench_row(1)];
+        sink.commit(Rows::owned(&rows)).unwrap();
+        sink.commit(Rows::owned(&rows[..2])).unwrap();
+        assert_eq!(calls(&store), 2, "a request_id is stored once");
+        let mut settle = [bench_row(3), bench_row(4)];
+        for (i, s) in settle.iter_mut().enumerate() {
+            s.settles = Some("call-a".into());
+            s.request_id = format!("settlement-{i}");
+        }
+        sink.commit(Rows::owned(&settle)).unwrap();
+        assert_eq!(calls(&store), 3, "a call is settled once");
+    }
+
+    #[test]
+    fn readers_and_the_sink_follow_a_replaced_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let store = SqliteStore::open(&path, Synchronous::Normal).unwrap();
+        let mut sink = sink(&store, store.install_secret().unwrap());
+        sink.commit(Rows::owned(&[bench_row(1)])).unwrap();
+        assert_eq!(calls(&store), 1);
+
+        // Someone replaces the file with another ledger holding two other rows.
+        drop(sink);
+        remove_ledger(&path);
+        let other = SqliteStore::open(&path, Synchronous::Normal).unwrap();
+        let mut other_sink = Store::call_sink(
+            &other,
+            &SinkOptions {
+                busy_timeout: Duration::from_secs(5),
+                secret: vec![7; 32],
+            },
+        )
+        .unwrap();
+        other_sink
+            .commit(Rows::owned(&[bench_row(2), bench_row(3)]))
+            .unwrap();
+        drop(other_sink);
+        assert_eq!(
+            calls(&store),
+            2,
+            "a pooled reader does not read the old file"
+        );
+    }
+
+    #[test]
+    fn a_deleted_file_is_refused_then_recreated_with_the_same_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let store = SqliteStore::open(&path, Synchronous::Normal).unwrap();
+        let secret = store.install_secret().unwrap();
+        let mut sink = sink(&store, secret.clone());
+        assert!(sink.is_open() && !sink.needs_reopen());
+        remove_ledger(&path);
+        assert!(sink.needs_reopen());
+        let err = sink.commit(Rows::owned(&[bench_row(1)])).unwrap_err();
+        assert!(
+            matches!(err, LedgerError::Replaced { .. }),
+            "a commit into a deleted file is refused: {err}"
+        );
+        assert!(!sink.is_open());
+        sink.reopen().unwrap();
+        sink.commit(Rows::owned(&[bench_row(1)])).unwrap();
+        assert_eq!(calls(&store), 1);
+        assert_eq!(
+            store.install_secret().unwrap(),
+            secret,
+            "key_fp stays comparable"
+        );
+    }
+}
