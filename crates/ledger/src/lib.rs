@@ -1,9 +1,15 @@
 //! The ledger: one row per proxied call, committed at call time, behind the [`store`] seam
 //! (SQLite, [`sqlite`], is its first implementation).
 //!
+//! Callers outside this crate hold an `Arc<dyn Store>` ([`SharedStore`]) and never a
+//! connection; see [`store`] for the traits, why they are synchronous, and how a table or a
+//! query is added. (Not behind the seam yet: reconciliation's own tables, which
+//! `creditmeter::reconcile` still reads and writes through a connection of its own, and
+//! `creditmeter_sim::synth`, which writes a SQLite file for benchmarks.)
+//!
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
-//! block the writer. One writer thread owns the write connection and group-commits rows handed
-//! to it over a channel ([`writer`]). This module knows nothing of HTTP.
+//! block the writer. One writer thread owns the store's [`CallSink`] and group-commits rows
+//! handed to it over a channel ([`writer`]). This crate knows nothing of HTTP.
 //!
 //! Triggers keep `rollup_hourly` (spend per hour × table × workflow × endpoint × status ×
 //! outcome) in the same transaction as each insert, so reports over big windows read thousands
