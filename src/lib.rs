@@ -16,7 +16,9 @@ pub mod metrics;
 pub mod proxy;
 pub mod reconcile;
 pub mod report;
+pub mod settings;
 pub mod settle;
+pub mod upstream;
 
 /// The pricing catalog (crate `creditmeter-catalog`): pure, knows nothing of sockets.
 pub use creditmeter_catalog as catalog;

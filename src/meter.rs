@@ -13,9 +13,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::attribution::Attribution;
-use crate::catalog::{Catalog, CreditSource, RequestParams, ResponseView};
+use crate::catalog::{Catalog, CreditSource, Deferred, RequestParams, ResponseView};
 use crate::config::Durability;
-use crate::guard::{Admission, Amount};
+use crate::guard::{Admission, Amount, CallFacts, PendingCharge};
 use crate::inflight::InFlightGuard;
 use crate::ledger::writer::{Ack, AckSender, RowExpected};
 use crate::ledger::{CallRecord, LedgerHandle, Outcome};
@@ -35,7 +35,55 @@ pub struct Meter {
     pub inflight: Arc<crate::inflight::InFlight>,
     /// Deferred charges: calls that leave one register it here, and job results seen on the
     /// way through settle it (`settle`). `None`: deferred charges are only written on the row.
-    pub settle: Option<Arc<crate::settle::Book>>,
+    pub settle: Option<Arc<dyn Deferrals>>,
+}
+
+/// The call a deferred charge belongs to: what its settlement row copies.
+#[derive(Debug, Clone)]
+pub struct Original {
+    pub request_id: String,
+    pub started_at: i64,
+    pub method: String,
+    pub path: String,
+    pub endpoint: String,
+    pub table_name: Option<String>,
+    pub workflow: Option<String>,
+    pub tags: Option<String>,
+    pub key_fp: Option<String>,
+    pub records_requested: Option<i64>,
+    pub records_matched: Option<i64>,
+}
+
+impl Original {
+    /// The original call of a row about to be stored.
+    pub fn of(r: &CallRecord) -> Original {
+        Original {
+            request_id: r.request_id.clone(),
+            started_at: r.started_at,
+            method: r.method.clone(),
+            path: r.path.clone(),
+            endpoint: r.endpoint.clone(),
+            table_name: r.table_name.clone(),
+            workflow: r.workflow.clone(),
+            tags: r.tags.clone(),
+            key_fp: r.key_fp.clone(),
+            records_requested: r.records_requested,
+            records_matched: r.records_matched,
+        }
+    }
+}
+
+/// Where a finished call leaves what Apollo bills later: the settler's book (`settle::Book`).
+/// The meter knows it only through this seam, so `settle`, whose pollers record their own polls
+/// through the meter, sits above it.
+pub trait Deferrals: Send + Sync {
+    /// Adds the deferred charge of a call whose row was just handed to the ledger, with its
+    /// reservation in budgets (if it was admitted against any).
+    fn register(&self, original: Original, deferred: Deferred, reservation: Option<PendingCharge>);
+
+    /// A 2xx answer of the `webhook_result` endpoint (decoded body), whoever polled it.
+    /// Returns true when it settled a charge.
+    fn observe_result(&self, path: &str, body: &[u8]) -> bool;
 }
 
 pub use creditmeter_base::now_ms;
@@ -91,6 +139,25 @@ pub struct CallContext {
     pub attribution: Attribution,
     pub key_fp: Option<String>,
     pub request_bytes: i64,
+}
+
+impl CallContext {
+    /// What budget and hold scopes match the call on.
+    pub fn facts(&self) -> CallFacts {
+        CallFacts {
+            table: self.attribution.table.clone(),
+            workflow: self.attribution.workflow.clone(),
+            key_fp: self.key_fp.clone(),
+            tags: self.attribution.tags.clone(),
+        }
+    }
+
+    /// The most the call can cost, by its catalog; `None` when the catalog cannot bound it.
+    pub fn worst_case(&self) -> Option<crate::catalog::Credits> {
+        self.catalog
+            .endpoint(self.endpoint)
+            .worst_case(&self.params)
+    }
 }
 
 /// The response bytes kept for pricing: shared `Bytes` chunks, no copies until the end.
@@ -264,6 +331,11 @@ impl CallMeter {
     }
 }
 
+/// `calls.table_name` of the calls creditmeter makes itself (the balance poller's, workflow
+/// `reconcile`, and the settler's, workflow `settle`), so they are plainly labelled in reports
+/// and left out of the proxied traffic a reconciliation window is judged by.
+pub const POLLER_TABLE: &str = "_creditmeter";
+
 /// Finishes a call creditmeter makes itself (the balance and settlement pollers' polls) and
 /// waits for its row's commit, whatever the durability asks of proxied calls.
 pub async fn record_and_wait(
@@ -353,8 +425,7 @@ impl Finished {
             }
             (None, _) => None,
         };
-        let original =
-            matches!(later, Later::Deferred(_)).then(|| crate::settle::Original::of(&record));
+        let original = matches!(later, Later::Deferred(_)).then(|| Original::of(&record));
         let path = matches!(later, Later::Result(_)).then(|| record.path.clone());
         self.meter.metrics.observe_call(&record);
         let ack = match ack {

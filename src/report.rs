@@ -25,7 +25,7 @@ use crate::ledger::queries::{
     self, ceil_to, floor_to, Filter, GroupBy, Source, SpendRow, Window, HOUR_MS,
 };
 use crate::ledger::Reports;
-use crate::meter::now_ms;
+use creditmeter_base::now_ms;
 
 pub use timeline::SpikeRule;
 

@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use creditmeter::guard::client as guard_client;
-
 use super::{admin_client, runtime, AdminArgs};
 
 #[derive(clap::Args)]
@@ -24,7 +22,7 @@ impl Budgets {
         let v = runtime()?.block_on(client.call(http::Method::GET, "/api/budgets", None))?;
         match format {
             BudgetsFormat::Json => println!("{v:#}"),
-            BudgetsFormat::Table => print!("{}", guard_client::render_budgets(&v)),
+            BudgetsFormat::Table => print!("{}", admin_client::render_budgets(&v)),
         }
         Ok(ExitCode::SUCCESS)
     }

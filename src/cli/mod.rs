@@ -3,6 +3,8 @@
 //! subcommands share: config loading, the runtime, signals, exit codes, the admin client.
 #![allow(clippy::print_stdout)] // this is the CLI's output code
 
+/// The admin API client behind `budgets`, `hold` and `release` (the CLI side, not the guard).
+mod admin_client;
 mod budgets;
 mod check_config;
 mod demo;
@@ -19,10 +21,10 @@ mod sim_ledger;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use admin_client::AdminClient;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use creditmeter::config::Config;
-use creditmeter::guard::client::{self as guard_client, AdminClient};
 use tracing_subscriber::EnvFilter;
 
 /// Exit code for bad configuration or arguments (EX_USAGE).
@@ -119,7 +121,7 @@ pub struct ScopeArgs {
 
 impl ScopeArgs {
     pub fn to_json(&self) -> Result<Option<serde_json::Value>, String> {
-        guard_client::scope_json(
+        admin_client::scope_json(
             self.all,
             self.table.clone(),
             self.workflow.clone(),
@@ -137,7 +139,7 @@ pub fn admin_client(args: &AdminArgs) -> Result<AdminClient, ExitCode> {
     let base = args
         .admin
         .clone()
-        .unwrap_or_else(|| guard_client::admin_url(config.admin.listen));
+        .unwrap_or_else(|| admin_client::admin_url(config.admin.listen));
     Ok(AdminClient::new(&base, config.admin.token()))
 }
 

@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use creditmeter::guard::client as guard_client;
-
 use super::{admin_client, runtime, usage_code, AdminArgs, ScopeArgs};
 
 #[derive(clap::Args)]
@@ -54,7 +52,7 @@ impl Release {
                         );
                         eprint!(
                             "{}",
-                            guard_client::render_holds(
+                            admin_client::render_holds(
                                 v["holds"].as_array().map(Vec::as_slice).unwrap_or(&[])
                             )
                         );

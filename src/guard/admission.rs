@@ -3,8 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::catalog::{Catalog, Credits};
-use crate::meter::CallContext;
+use crate::catalog::Credits;
 
 use super::gauges::{gauges_of, Gauges};
 use super::refusal::{BudgetRefusal, Refusal};
@@ -85,24 +84,6 @@ impl BudgetWake {
 }
 
 impl Guard {
-    /// Admits a call to the budgets, or says why not: [`Guard::admit_waiting`] with what the
-    /// call context and the catalog say.
-    pub async fn admit_call(
-        self: &Arc<Self>,
-        ctx: &CallContext,
-        catalog: &Catalog,
-    ) -> Result<Admission, Refusal> {
-        let facts = CallFacts {
-            table: ctx.attribution.table.clone(),
-            workflow: ctx.attribution.workflow.clone(),
-            key_fp: ctx.key_fp.clone(),
-            tags: ctx.attribution.tags.clone(),
-        };
-        let worst = catalog.endpoint(ctx.endpoint).worst_case(&ctx.params);
-        self.admit_waiting(&ctx.request_id, facts, ctx.started_at, worst)
-            .await
-    }
-
     /// Like [`Guard::admit`], but a call that does not fit only because of the reservations of
     /// calls still in flight (which usually settle lower) waits for them, up to
     /// `guard.admission_wait`, and is refused only if it still does not fit. So under a burst,

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{config, lock, Guard, GuardError, Scope};
+use super::{config, lock, Guard, GuardError, Scope, ScopeError};
 use crate::ledger::LedgerError;
 
 /// A hold in force: calls its scope covers are refused until it is released.
@@ -219,9 +219,9 @@ pub(super) fn apply_spooled_holds(
                     continue;
                 }
                 let scope = serde_json::from_str::<Value>(scope)
-                    .map_err(|e| e.to_string())
+                    .map_err(ScopeError::from)
                     .and_then(|v| config::scope_from_json(&v))
-                    .map_err(|message| GuardError::HoldScope { id: *id, message })?;
+                    .map_err(|source| GuardError::HoldScope { id: *id, source })?;
                 holds.push(Hold {
                     id: *id,
                     scope,

@@ -26,11 +26,12 @@
 //! the ledger's `holds` table. [`Guard::reload`] swaps in new budgets and keeps the spend of
 //! those that still count the same calls.
 
-pub mod client;
-pub mod config;
+/// `[guard]` and `[[budget]]` (they live in `config`, below the guard).
+pub use crate::config::budgets as config;
 #[cfg(test)]
 mod pending_tests;
-pub mod scope;
+/// Scopes and call facts (they live in `config`, below the guard).
+pub use crate::config::scope;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -53,7 +54,7 @@ pub use config::{Action, BudgetConfig, GuardConfig, WindowSpec};
 pub use holds::{Hold, HoldChange, Persisted};
 pub use refusal::{BudgetRefusal, Refusal};
 pub use reload::ReloadSummary;
-pub use scope::{CallFacts, Glob, Scope};
+pub use scope::{CallFacts, Glob, Scope, ScopeError};
 pub use settlement::PendingCharge;
 pub use state::Amount;
 
@@ -75,10 +76,13 @@ const RECENT_STARTED_MS: i64 = 15 * 60_000;
 pub enum GuardError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("budget {name:?}: {message}")]
-    Budget { name: String, message: String },
-    #[error("hold {id} has an unreadable scope in the ledger: {message}")]
-    HoldScope { id: i64, message: String },
+    #[error("budget {name:?}: {source}")]
+    Budget {
+        name: String,
+        source: state::BudgetError,
+    },
+    #[error("hold {id} has an unreadable scope in the ledger: {source}")]
+    HoldScope { id: i64, source: ScopeError },
 }
 
 fn credits(milli: i64) -> f64 {
@@ -145,9 +149,9 @@ fn compile(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<Vec<Budget>,
     budgets
         .iter()
         .map(|b| {
-            Budget::compile(b, guard).map_err(|message| GuardError::Budget {
+            Budget::compile(b, guard).map_err(|source| GuardError::Budget {
                 name: b.name.clone(),
-                message,
+                source,
             })
         })
         .collect()

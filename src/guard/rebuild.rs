@@ -14,7 +14,7 @@ use super::holds::{apply_spooled_holds, Hold};
 use super::state::{BudgetState, DIMS};
 use super::{
     compile, config, credits, lock, Amount, BudgetConfig, CallFacts, Guard, GuardConfig,
-    GuardError, State,
+    GuardError, ScopeError, State,
 };
 
 /// Ledger spend as budgets count it.
@@ -67,12 +67,9 @@ impl Guard {
         let mut holds = Vec::new();
         for row in store.active_holds()? {
             let scope = serde_json::from_str::<Value>(&row.scope)
-                .map_err(|e| e.to_string())
+                .map_err(ScopeError::from)
                 .and_then(|v| config::scope_from_json(&v))
-                .map_err(|message| GuardError::HoldScope {
-                    id: row.id,
-                    message,
-                })?;
+                .map_err(|source| GuardError::HoldScope { id: row.id, source })?;
             holds.push(Hold {
                 id: row.id,
                 scope,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::meter::now_ms;
+use creditmeter_base::now_ms;
 
 use super::gauges::gauges_of;
 use super::state::DIMS;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use jiff::tz::TimeZone;
 
 use super::config::{self, Action, BudgetConfig, GuardConfig, WindowSpec};
-use super::scope::Scope;
+use super::scope::{Scope, ScopeError};
 use super::window::{bucket_ms, calendar_bounds, Bounds};
 
 /// Credit types a limit can be set on, in metric label order: `all` is every type together.
@@ -68,8 +68,17 @@ pub struct Budget {
     pub warn_at: f64,
 }
 
+/// Why a budget cannot be put in force (config validation refuses both first).
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error(transparent)]
+    TimeZone(#[from] config::TimeZoneError),
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+}
+
 impl Budget {
-    pub fn compile(b: &BudgetConfig, guard: &GuardConfig) -> Result<Budget, String> {
+    pub fn compile(b: &BudgetConfig, guard: &GuardConfig) -> Result<Budget, BudgetError> {
         let tz_name = b
             .time_zone
             .clone()

@@ -13,10 +13,11 @@
 
 pub mod listener;
 pub mod tap;
-pub mod upstream;
+/// The upstream client is a module of its own (the pollers use it too).
+pub use crate::upstream;
 
 use std::convert::Infallible;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,7 +30,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::attribution::{self, Attribution, KeyFingerprinter};
-use crate::catalog::{canonical_path, Catalog, RequestBody, RequestParams};
+use crate::catalog::{canonical_path, RequestBody, RequestParams};
 use crate::guard::{Guard, Refusal};
 use crate::ledger::Outcome;
 use crate::meter::{now_ms, CallContext, CallMeter, Captured, Finish, Meter, RequestIds};
@@ -46,38 +47,7 @@ pub const PROXY_TOKEN_HEADER: &str = "x-meter-token";
 /// The response header carrying the call's ledger `request_id`.
 pub const REQUEST_ID_HEADER: &str = "x-meter-request-id";
 
-/// The settings a SIGHUP reload may change. Each call takes one snapshot when it starts.
-#[derive(Clone)]
-pub struct ProxySettings {
-    pub catalog: Arc<Catalog>,
-    pub require_table: bool,
-}
-
-/// The settings in force, swapped whole by a reload; shared by the proxy and anything else
-/// that meters calls (the balance poller).
-pub struct SettingsCell(RwLock<Arc<ProxySettings>>);
-
-impl SettingsCell {
-    pub fn new(settings: ProxySettings) -> Self {
-        Self(RwLock::new(Arc::new(settings)))
-    }
-
-    /// The settings in force now.
-    pub fn get(&self) -> Arc<ProxySettings> {
-        match self.0.read() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Swaps in new settings; calls already running keep the ones they started with.
-    pub fn set(&self, new: ProxySettings) {
-        match self.0.write() {
-            Ok(mut s) => *s = Arc::new(new),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
-        }
-    }
-}
+pub use crate::settings::{ProxySettings, SettingsCell};
 
 /// Everything a call needs, shared by all connections.
 pub struct Proxy {
@@ -195,7 +165,16 @@ impl Proxy {
         // Admission: a held call, or one whose worst case would cross a block budget, costs
         // nothing upstream. An admitted call's reservation settles when its meter finishes.
         // (It may wait up to guard.admission_wait for calls in flight to settle.)
-        let admission = match self.guard.admit_call(&ctx, &ctx.catalog.clone()).await {
+        let admission = match self
+            .guard
+            .admit_waiting(
+                &ctx.request_id,
+                ctx.facts(),
+                ctx.started_at,
+                ctx.worst_case(),
+            )
+            .await
+        {
             Ok(a) => a,
             Err(refusal) => return Ok(self.refuse_guarded(ctx, refusal).await),
         };

@@ -297,17 +297,4 @@ impl Drain {
     }
 }
 
-/// An error and its sources, one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let msg = src.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = src.source();
-    }
-    s
-}
+pub use crate::upstream::error_chain;

@@ -26,7 +26,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{credits, CreditType};
-use crate::report::{format_time, Format, ReportError};
+use crate::report::{Format, ReportError};
+use creditmeter_base::format_time;
 
 /// One endpoint's proxied volume in a window (from `reconciliation.by_endpoint`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -26,9 +26,8 @@ pub mod usage;
 
 pub use poller::{Poller, PollerStatus};
 
-/// `calls.table_name` of the poller's own calls (with `workflow` [`POLLER_WORKFLOW`]), so they
-/// are plainly labelled in reports and left out of the proxied traffic a window is judged by.
-pub const POLLER_TABLE: &str = "_creditmeter";
+/// `calls.table_name` of the poller's own calls (see [`crate::meter::POLLER_TABLE`]).
+pub use crate::meter::POLLER_TABLE;
 /// `calls.workflow` of the poller's own calls.
 pub const POLLER_WORKFLOW: &str = "reconcile";
 /// The path polled, under the upstream base URL.
@@ -36,27 +35,7 @@ pub const USAGE_STATS_PATH: &str = "/api/v1/usage_stats/credit_usage_stats";
 /// The per-route call counts polled next to the balance (see [`calls`]).
 pub const API_USAGE_STATS_PATH: &str = "/api/v1/usage_stats/api_usage_stats";
 
-/// `reconcile.pool`: how Apollo's plan keeps credits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pool {
-    /// One balance per credit type (`lead_credit`, `direct_dial_credit`, `export_credit`),
-    /// each set against the ledger's credits of that type. The default.
-    #[default]
-    Typed,
-    /// Unified-credit plans: `lead_credit` is one shared pool that already includes mobile
-    /// reveals and exports, so it is set against the ledger's total.
-    Unified,
-}
-
-impl Pool {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pool::Typed => "typed",
-            Pool::Unified => "unified",
-        }
-    }
-}
+pub use crate::config::Pool;
 
 /// The credit types the ledger prices, and their names on Apollo's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

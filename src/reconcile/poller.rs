@@ -35,9 +35,8 @@ use crate::meter::{
     now_ms, record_and_wait as record, CallContext, CallMeter, Captured, Meter, RequestIds,
 };
 use crate::metrics::Metrics;
-use crate::proxy::tap::error_chain;
-use crate::proxy::upstream::Upstream;
-use crate::report::format_time;
+use crate::upstream::{error_chain, Upstream};
+use creditmeter_base::format_time;
 
 /// The longest pause between two attempts while polls fail (unless the interval is longer).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30 * 60);
@@ -67,7 +66,7 @@ pub struct Poller {
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
     /// The catalog in force (it follows reloads); poll calls are priced by it like any call.
-    pub proxy_settings: Arc<crate::proxy::SettingsCell>,
+    pub proxy_settings: Arc<crate::settings::SettingsCell>,
     pub fingerprints: KeyFingerprinter,
     pub ids: RequestIds,
     pub metrics: Arc<Metrics>,

@@ -34,7 +34,7 @@ use crate::guard::{Amount, PendingCharge};
 use crate::ledger::{CallRecord, LedgerHandle, Outcome};
 use crate::meter::{now_ms, RequestIds};
 use crate::metrics::Metrics;
-use crate::proxy::SettingsCell;
+use crate::settings::SettingsCell;
 
 pub use poller::Settler;
 
@@ -45,40 +45,9 @@ pub const RESULT_PATH: &str = "/api/v1/webhook_result/";
 /// Every `result` label of `creditmeter_settlements_total`.
 pub const SETTLEMENT_RESULTS: [&str; 3] = ["reported", "catalog", "estimated"];
 
-/// The call a deferred charge belongs to: what its settlement row copies.
-#[derive(Debug, Clone)]
-pub struct Original {
-    pub request_id: String,
-    pub started_at: i64,
-    pub method: String,
-    pub path: String,
-    pub endpoint: String,
-    pub table_name: Option<String>,
-    pub workflow: Option<String>,
-    pub tags: Option<String>,
-    pub key_fp: Option<String>,
-    pub records_requested: Option<i64>,
-    pub records_matched: Option<i64>,
-}
+pub use crate::meter::Original;
 
 impl Original {
-    /// The original call of a row about to be stored.
-    pub fn of(r: &CallRecord) -> Original {
-        Original {
-            request_id: r.request_id.clone(),
-            started_at: r.started_at,
-            method: r.method.clone(),
-            path: r.path.clone(),
-            endpoint: r.endpoint.clone(),
-            table_name: r.table_name.clone(),
-            workflow: r.workflow.clone(),
-            tags: r.tags.clone(),
-            key_fp: r.key_fp.clone(),
-            records_requested: r.records_requested,
-            records_matched: r.records_matched,
-        }
-    }
-
     fn units(&self) -> Units {
         Units {
             requested: self.records_requested,
@@ -464,6 +433,17 @@ struct Plan {
     expired: Vec<Pending>,
     due: Vec<(String, String)>,
     next: Option<i64>,
+}
+
+/// The meter hands deferred charges and job results to the book through this seam.
+impl crate::meter::Deferrals for Book {
+    fn register(&self, original: Original, deferred: Deferred, reservation: Option<PendingCharge>) {
+        Book::register(self, original, deferred, reservation);
+    }
+
+    fn observe_result(&self, path: &str, body: &[u8]) -> bool {
+        Book::observe_result(self, path, body)
+    }
 }
 
 #[cfg(test)]

@@ -29,10 +29,9 @@ use crate::catalog::RequestParams;
 use crate::ledger::Outcome;
 use crate::meter::{
     now_ms, record_and_wait as record, CallContext, CallMeter, Captured, Meter, RequestIds,
+    POLLER_TABLE,
 };
-use crate::proxy::tap::error_chain;
-use crate::proxy::upstream::Upstream;
-use crate::reconcile::POLLER_TABLE;
+use crate::upstream::{error_chain, Upstream};
 
 /// Every `result` label of `creditmeter_settle_polls_total`.
 pub const POLL_RESULTS: [&str; 5] = ["done", "pending", "rate_limited", "terminal", "error"];
@@ -63,7 +62,7 @@ pub struct Settler {
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
     /// The catalog in force classifies the poll calls.
-    pub proxy_settings: Arc<crate::proxy::SettingsCell>,
+    pub proxy_settings: Arc<crate::settings::SettingsCell>,
     pub fingerprints: KeyFingerprinter,
     pub ids: RequestIds,
     /// The polling key (`settle.api_key_env`). Never logged.

@@ -43,7 +43,7 @@ impl Fixture {
             metrics.ledger(),
         )
         .unwrap();
-        let settings = Arc::new(SettingsCell::new(crate::proxy::ProxySettings {
+        let settings = Arc::new(SettingsCell::new(crate::settings::ProxySettings {
             catalog: Arc::new(Catalog::builtin()),
             require_table: false,
         }));

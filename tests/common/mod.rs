@@ -748,3 +748,4 @@ pub async fn wait_rows(conn: &rusqlite::Connection, where_sql: &str, n: usize) -
 }
 
 pub mod binary;
+pub mod request;

@@ -8,6 +8,7 @@ use crate::common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::request::Call;
 use common::*;
 use creditmeter::config::Config;
 use creditmeter_sim::SimConfig;
@@ -87,12 +88,11 @@ fn people_match(
     // A phone reveal is asynchronous: Apollo wants a webhook_url or poll_only.
     let body =
         json!({"email": email, "reveal_phone_number": reveal, "poll_only": reveal}).to_string();
-    http::Request::post(proxy.url("/api/v1/people/match"))
-        .header("x-api-key", "test-key")
-        .header("x-meter-table", table)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap()
+    Call::post(proxy.url("/api/v1/people/match"))
+        .key("test-key")
+        .table(table)
+        .json(body)
+        .build()
 }
 
 fn bulk_match(proxy: &Proxy, table: &str, n: usize, tag: &str) -> http::Request<Full<Bytes>> {
@@ -101,12 +101,11 @@ fn bulk_match(proxy: &Proxy, table: &str, n: usize, tag: &str) -> http::Request<
         .collect();
     let body =
         json!({"details": details, "reveal_phone_number": true, "poll_only": true}).to_string();
-    http::Request::post(proxy.url("/api/v1/people/bulk_match"))
-        .header("x-api-key", "test-key")
-        .header("x-meter-table", table)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap()
+    Call::post(proxy.url("/api/v1/people/bulk_match"))
+        .key("test-key")
+        .table(table)
+        .json(body)
+        .build()
 }
 
 async fn api(

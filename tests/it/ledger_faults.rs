@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::request::{request_id, Call};
 use common::*;
 use creditmeter::config::{ByteSize, OnLedgerError};
 use creditmeter_sim::SimConfig;
@@ -22,19 +23,13 @@ use http_body_util::Full;
 
 /// One people/match call through the proxy; returns (status, request id).
 async fn call(proxy: &Proxy, table: &str, i: usize) -> (u16, String) {
-    let req = http::Request::post(proxy.url("/api/v1/people/match"))
-        .header("x-api-key", "fault-key")
-        .header("x-meter-table", table)
-        .body(Full::new(Bytes::from(format!(
-            r#"{{"email":"f{i}@example.com"}}"#
-        ))))
-        .unwrap();
-    let (status, h, _) = send(&client(), req).await;
-    let id = h
-        .get("x-meter-request-id")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (status.as_u16(), id)
+    let (status, h, _) = Call::post(proxy.url("/api/v1/people/match"))
+        .key("fault-key")
+        .table(table)
+        .body(format!(r#"{{"email":"f{i}@example.com"}}"#))
+        .send()
+        .await;
+    (status.as_u16(), request_id(&h))
 }
 
 async fn readyz(proxy: &Proxy) -> (u16, serde_json::Value) {

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::request::Call;
 use common::*;
 use creditmeter_sim::SimConfig;
 use http_body_util::{BodyExt, Full};
@@ -15,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn post(url: &str, body: &str) -> http::request::Builder {
     let _ = body;
-    http::Request::post(url).header("content-type", "application/json")
+    Call::post(url).json_type().builder()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,14 +212,15 @@ where
 /// A POST carrying an API key, attribution headers, and a hop-by-hop header named in
 /// `Connection`.
 fn attributed_post(url: &str) -> http::request::Builder {
-    http::Request::post(url)
-        .header("x-api-key", "sk-live-123")
-        .header("x-meter-table", "Header Table")
-        .header("x-meter-workflow", "wf-1")
-        .header("x-meter-tag-team", "growth")
-        .header("content-type", "application/json")
+    Call::post(url)
+        .key("sk-live-123")
+        .table("Header Table")
+        .workflow("wf-1")
+        .tag("team", "growth")
+        .json_type()
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "drop-me")
+        .builder()
 }
 
 /// What upstream must see of an [`attributed_post`]: no `x-meter-*`, no hop-by-hop header,

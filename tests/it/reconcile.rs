@@ -14,6 +14,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::request::Call;
 use common::*;
 use creditmeter::config::{Config, HumanDuration};
 use creditmeter::meter::now_ms;
@@ -62,15 +63,13 @@ async fn sim() -> SimServer {
 }
 
 async fn call(proxy: &Proxy, method: &str, path: &str, body: &str) -> http::StatusCode {
-    let req = http::Request::builder()
-        .method(method)
-        .uri(proxy.url(path))
-        .header("x-api-key", "client-key")
-        .header("x-meter-table", "leads")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
-    let (status, headers, _) = send(&client(), req).await;
+    let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+    let (status, headers, _) = Call::new(method, proxy.url(path))
+        .key("client-key")
+        .table("leads")
+        .json(body.to_owned())
+        .send()
+        .await;
     assert!(headers.contains_key("x-meter-request-id"));
     status
 }

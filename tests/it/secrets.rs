@@ -13,11 +13,10 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::binary::Served;
+use common::request::Call;
 use common::*;
 use creditmeter_sim::SimConfig;
-use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const X_API_KEY: &str = "xak-SECRET-7f3a9c1e-HEADER";
@@ -55,22 +54,19 @@ async fn call(
     headers: &[(&str, &str)],
     body: &str,
 ) -> u16 {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(served.url(path_and_query))
-        .header("x-meter-table", "secrets");
+    let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut b = Call::new(method, served.url(path_and_query)).table("secrets");
     // JSON unless the call names its own type (one Content-Type, as a client sends it).
     if !headers
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
     {
-        b = b.header("content-type", "application/json");
+        b = b.json_type();
     }
     for (k, v) in headers {
-        b = b.header(*k, http::HeaderValue::from_bytes(v.as_bytes()).unwrap());
+        b = b.header(k, v);
     }
-    let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-    send(&client(), req).await.0.as_u16()
+    b.body(body.to_owned()).send().await.0.as_u16()
 }
 
 /// Writes raw bytes on a fresh connection and returns the status line.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::binary::Served;
+use common::request::Call;
 use common::*;
 use creditmeter::config::HumanDuration;
 use creditmeter_sim::SimConfig;
@@ -30,12 +31,12 @@ struct Seen {
 /// Sends a people/match call for `table` and reads the body frame by frame, keeping what
 /// arrived before any error.
 async fn call(url: &str, table: &str) -> Seen {
-    let req = http::Request::post(url)
-        .header("content-type", "application/json")
-        .header("x-api-key", "fault-key")
-        .header("x-meter-table", table)
-        .body(Full::new(Bytes::from(r#"{"email":"ada@example.com"}"#)))
-        .unwrap();
+    let req = Call::post(url)
+        .json_type()
+        .key("fault-key")
+        .table(table)
+        .body(r#"{"email":"ada@example.com"}"#)
+        .build();
     let resp = tokio::time::timeout(Duration::from_secs(30), client().request(req))
         .await
         .expect("response head within 30s")

@@ -11,6 +11,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod budgets;
+pub mod scope;
+
+pub use budgets::{Action, BudgetConfig, GuardConfig, WindowSpec};
+pub use scope::{CallFacts, Glob, Scope};
+
 /// Default proxy listener: loopback, so a fresh install is not reachable from the network.
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
 /// Default admin listener (`/metrics`, `/healthz`, `/readyz`): loopback.
@@ -98,9 +104,9 @@ pub struct Config {
     /// `[settle]`: learning what Apollo bills later (phone reveals, waterfalls).
     pub settle: SettleConfig,
     /// `[guard]`: settings shared by budgets and holds.
-    pub guard: crate::guard::GuardConfig,
+    pub guard: GuardConfig,
     /// `[[budget]]`: spend limits, none by default.
-    pub budget: Vec<crate::guard::BudgetConfig>,
+    pub budget: Vec<BudgetConfig>,
 }
 
 /// `[proxy]`: the listener callers point their Apollo base URL at.
@@ -389,7 +395,29 @@ pub struct ReconcileConfig {
     /// credits of that type; `"unified"` (unified-credit plans, where `lead_credit` is one
     /// shared pool that already includes mobile reveals and exports) sets `lead_credit`
     /// against the ledger's total.
-    pub pool: crate::reconcile::Pool,
+    pub pool: Pool,
+}
+
+/// `reconcile.pool`: how Apollo's plan keeps credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// One balance per credit type (`lead_credit`, `direct_dial_credit`, `export_credit`),
+    /// each set against the ledger's credits of that type. The default.
+    #[default]
+    Typed,
+    /// Unified-credit plans: `lead_credit` is one shared pool that already includes mobile
+    /// reveals and exports, so it is set against the ledger's total.
+    Unified,
+}
+
+impl Pool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pool::Typed => "typed",
+            Pool::Unified => "unified",
+        }
+    }
 }
 
 impl Default for ReconcileConfig {
@@ -399,7 +427,7 @@ impl Default for ReconcileConfig {
             interval: HumanDuration(DEFAULT_RECONCILE_INTERVAL),
             api_key_env: DEFAULT_RECONCILE_API_KEY_ENV.to_owned(),
             balance_lag: HumanDuration(DEFAULT_RECONCILE_BALANCE_LAG),
-            pool: crate::reconcile::Pool::Typed,
+            pool: Pool::Typed,
         }
     }
 }
@@ -681,7 +709,7 @@ impl Config {
         }
         self.reconcile.validate()?;
         self.settle.validate()?;
-        crate::guard::config::validate(&self.guard, &self.budget)?;
+        budgets::validate(&self.guard, &self.budget)?;
         Ok(())
     }
 
@@ -944,9 +972,9 @@ mod tests {
         assert_eq!(c.reconcile.interval.0, DEFAULT_RECONCILE_INTERVAL);
         assert_eq!(c.reconcile.api_key_env, "APOLLO_MASTER_API_KEY");
         assert_eq!(c.reconcile.balance_lag.0, DEFAULT_RECONCILE_BALANCE_LAG);
-        assert_eq!(c.reconcile.pool, crate::reconcile::Pool::Typed);
+        assert_eq!(c.reconcile.pool, Pool::Typed);
         let u = Config::from_toml("[reconcile]\npool = \"unified\"\n").unwrap();
-        assert_eq!(u.reconcile.pool, crate::reconcile::Pool::Unified);
+        assert_eq!(u.reconcile.pool, Pool::Unified);
         let e = Config::from_toml("[reconcile]\npool = \"shared\"\n")
             .unwrap_err()
             .to_string();

@@ -140,8 +140,8 @@ pub fn scope_json(
     if !scoped {
         return Ok(None);
     }
-    let scope = super::config::scope_from_parts(table, workflow, key, tag_map);
-    scope.validate()?;
+    let scope = creditmeter::config::budgets::scope_from_parts(table, workflow, key, tag_map);
+    scope.validate().map_err(|e| e.to_string())?;
     Ok(Some(serde_json::to_value(&scope).unwrap_or(Value::Null)))
 }
 

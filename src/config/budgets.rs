@@ -22,8 +22,8 @@ use std::time::Duration;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::scope::{Glob, Scope};
-use crate::config::{ConfigError, HumanDuration};
+use super::scope::{Glob, Scope, ScopeError};
+use super::{ConfigError, HumanDuration};
 
 /// Default zone for calendar windows.
 pub const DEFAULT_TIME_ZONE: &str = "UTC";
@@ -327,16 +327,25 @@ impl Serialize for WindowSpec {
 }
 
 /// Resolves an IANA zone name from the compiled-in database.
-pub fn time_zone(name: &str) -> Result<jiff::tz::TimeZone, String> {
-    jiff::tz::TimeZone::get(name).map_err(|e| {
-        format!("unknown time zone {name:?} ({e}); use an IANA name such as \"UTC\", \"Europe/Berlin\" or \"America/New_York\"")
+pub fn time_zone(name: &str) -> Result<jiff::tz::TimeZone, TimeZoneError> {
+    jiff::tz::TimeZone::get(name).map_err(|source| TimeZoneError {
+        name: name.to_owned(),
+        source,
     })
+}
+
+/// A time zone name the compiled-in database does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown time zone {name:?} ({source}); use an IANA name such as \"UTC\", \"Europe/Berlin\" or \"America/New_York\"")]
+pub struct TimeZoneError {
+    pub name: String,
+    pub source: jiff::Error,
 }
 
 /// The cross-field rules for `[guard]` and every `[[budget]]`; messages say how to fix it.
 pub fn validate(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<(), ConfigError> {
     let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
-    time_zone(&guard.time_zone).map_err(|m| invalid("guard.time_zone", m))?;
+    time_zone(&guard.time_zone).map_err(|e| invalid("guard.time_zone", e.to_string()))?;
     if guard.unknown_cost_ceiling.0 < 0 {
         return Err(invalid(
             "guard.unknown_cost_ceiling",
@@ -384,7 +393,9 @@ pub fn validate(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<(), Con
                 "is used by another budget: names must be unique".into(),
             ));
         }
-        b.scope.validate().map_err(|m| bad("scope", m))?;
+        b.scope
+            .validate()
+            .map_err(|e| bad("scope", e.to_string()))?;
         for (ty, milli) in b.limit.entries() {
             if milli < 0 {
                 return Err(bad(
@@ -400,7 +411,7 @@ pub fn validate(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<(), Con
             ));
         }
         if let Some(tz) = &b.time_zone {
-            time_zone(tz).map_err(|m| bad("time_zone", m))?;
+            time_zone(tz).map_err(|e| bad("time_zone", e.to_string()))?;
             if !b.window.is_calendar() {
                 return Err(bad(
                     "time_zone",
@@ -413,8 +424,8 @@ pub fn validate(guard: &GuardConfig, budgets: &[BudgetConfig]) -> Result<(), Con
 }
 
 /// A scope as the admin API and the CLI send it: the same shape as in config.
-pub fn scope_from_json(v: &serde_json::Value) -> Result<Scope, String> {
-    let scope = Scope::deserialize(v).map_err(|e| e.to_string())?;
+pub fn scope_from_json(v: &serde_json::Value) -> Result<Scope, ScopeError> {
+    let scope = Scope::deserialize(v)?;
     scope.validate()?;
     Ok(scope)
 }

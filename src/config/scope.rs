@@ -116,7 +116,7 @@ impl Scope {
     }
 
     /// Rules a deserializer cannot express; the message says how to fix it.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ScopeError> {
         let globs = self
             .table
             .iter()
@@ -125,7 +125,7 @@ impl Scope {
             .chain(self.tags.values());
         for g in globs {
             if g.0.is_empty() || g.0.len() > 256 {
-                return Err("every pattern must be 1 to 256 bytes long".into());
+                return Err(ScopeError::PatternLength);
             }
         }
         if let Some(key) = &self.key {
@@ -135,17 +135,29 @@ impl Scope {
                 .bytes()
                 .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c) || c == b'*' || c == b'?')
             {
-                return Err(format!(
-                    "key {:?} is not a key fingerprint: scopes match `key_fp`, the 16 hex digits shown by `creditmeter report --by key`, never the API key itself",
-                    key.0
-                ));
+                return Err(ScopeError::NotAFingerprint(key.0.clone()));
             }
         }
         if self.tags.keys().any(|k| k.is_empty()) {
-            return Err("a tag needs a name".into());
+            return Err(ScopeError::UnnamedTag);
         }
         Ok(())
     }
+}
+
+/// Why a scope is refused. The messages say how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    #[error("every pattern must be 1 to 256 bytes long")]
+    PatternLength,
+    /// The `key` pattern holds something other than a fingerprint's hex digits and globs.
+    #[error("key {0:?} is not a key fingerprint: scopes match `key_fp`, the 16 hex digits shown by `creditmeter report --by key`, never the API key itself")]
+    NotAFingerprint(String),
+    #[error("a tag needs a name")]
+    UnnamedTag,
+    /// Not a scope's shape (JSON from the admin API or the ledger's `holds` table).
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 /// `global`, or `table=Inbound*, workflow=enrich, tag.team=growth`.
@@ -334,6 +346,8 @@ mod tests {
             .to_string()
             .contains("tabel"));
         let raw_key: Scope = serde_json::from_str(r#"{"key":"sk_live_ABC"}"#).unwrap();
-        assert!(raw_key.validate().unwrap_err().contains("fingerprint"));
+        let err = raw_key.validate().unwrap_err();
+        assert!(err.to_string().contains("fingerprint"));
+        assert!(matches!(err, ScopeError::NotAFingerprint(k) if k == "sk_live_ABC"));
     }
 }
