@@ -259,7 +259,7 @@ pub enum WindowSpec {
 
 impl WindowSpec {
     /// Parses `hour`, `day`, `week`, `month` or `rolling <duration>` (e.g. `rolling 24h`).
-    pub fn parse(s: &str) -> Result<WindowSpec, String> {
+    pub fn parse(s: &str) -> Result<WindowSpec, WindowError> {
         let s = s.trim();
         Ok(match s {
             "hour" => WindowSpec::Hour,
@@ -268,19 +268,13 @@ impl WindowSpec {
             "month" => WindowSpec::Month,
             _ => match s.strip_prefix("rolling") {
                 Some(rest) if rest.starts_with([' ', ':']) => {
-                    let d = HumanDuration::parse(rest.trim_start_matches([' ', ':'])).map_err(|e| e.to_string())?;
+                    let d = HumanDuration::parse(rest.trim_start_matches([' ', ':']))?;
                     if d < Duration::from_secs(1) || d > MAX_ROLLING {
-                        return Err(format!(
-                            "{s:?}: a rolling window must be between 1s and 366d"
-                        ));
+                        return Err(WindowError::RollingRange(s.to_owned()));
                     }
                     WindowSpec::Rolling(d)
                 }
-                _ => {
-                    return Err(format!(
-                        "unknown window {s:?}: use hour, day, week, month, or rolling <duration> such as \"rolling 24h\""
-                    ))
-                }
+                _ => return Err(WindowError::Unknown(s.to_owned())),
             },
         })
     }
@@ -288,6 +282,17 @@ impl WindowSpec {
     pub fn is_calendar(&self) -> bool {
         !matches!(self, WindowSpec::Rolling(_))
     }
+}
+
+/// Why a `window` is refused; the message says what to write instead.
+#[derive(Debug, thiserror::Error)]
+pub enum WindowError {
+    #[error(transparent)]
+    Duration(#[from] creditmeter_base::DurationError),
+    #[error("{0:?}: a rolling window must be between 1s and 366d")]
+    RollingRange(String),
+    #[error("unknown window {0:?}: use hour, day, week, month, or rolling <duration> such as \"rolling 24h\"")]
+    Unknown(String),
 }
 
 impl fmt::Display for WindowSpec {
