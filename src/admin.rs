@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::guard::Guard;
-use crate::ledger::queries::{self, CallsQuery, Cursor, Window};
+use crate::ledger::queries::{CallsQuery, Cursor, Window};
 use crate::ledger::LedgerHandle;
 use crate::meter::now_ms;
 use crate::metrics::Metrics;
@@ -42,7 +42,9 @@ pub struct Admin {
     /// Budgets and holds.
     pub guard: Arc<Guard>,
     pub ledger: LedgerHandle,
-    /// The ledger file, for read-only API queries.
+    /// The ledger, for read-only API queries.
+    pub store: crate::ledger::SharedStore,
+    /// The ledger file (named in `/readyz`; reconciliation's answer still reads it directly).
     pub ledger_path: PathBuf,
     /// Set when shutdown starts: `/readyz` turns 503 so load balancers stop sending traffic.
     pub draining: Arc<AtomicBool>,
@@ -378,7 +380,8 @@ impl Admin {
             Err(e) => return bad_request(&e),
         };
         let format = req.format;
-        let result = tokio::task::spawn_blocking(move || report::run(&req)).await;
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || report::run_on(&*store, &req)).await;
         let body = match result {
             Ok(Ok(body)) => body,
             Ok(Err(e @ report::ReportError::TooManyBuckets { .. })) => {
@@ -431,13 +434,13 @@ impl Admin {
             let conn = crate::ledger::open_for_read(&req.db)?;
             report::repeats::compute(
                 &conn,
-                queries::Window {
+                crate::ledger::queries::Window {
                     since_ms: req.since_ms,
                     until_ms: req.until_ms,
                 },
                 req.within_ms,
             )
-            .map_err(crate::ledger::LedgerError::from)
+            .map_err(crate::ledger::LedgerError::Query)
         })
         .await;
         match result {
@@ -461,10 +464,9 @@ impl Admin {
             Ok(q) => q,
             Err(e) => return bad_request(&e),
         };
-        let path = self.ledger_path.clone();
+        let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let conn = crate::ledger::open_for_read(&path)?;
-            let page = queries::calls_page(&conn, &q)?;
+            let page = store.calls_page(&q)?;
             Ok::<_, crate::ledger::LedgerError>((page, q.limit))
         })
         .await;

@@ -206,15 +206,22 @@ pub async fn run_with_reload(
     let proxy_token = config.proxy.token()?;
     let upstream_keys = config.keys.resolve()?;
 
-    let conn = ledger::open_for_write(&config.ledger.path, config.ledger.synchronous)?;
-    let secret = ledger::install_secret(&conn)?;
+    let store: ledger::SharedStore = Arc::new(ledger::SqliteStore::open(
+        &config.ledger.path,
+        config.ledger.synchronous,
+    )?);
+    let secret = store.install_secret()?;
     let metrics = Arc::new(Metrics::new(
         config.metrics.max_label_values,
         catalog.version(),
         config.ledger.on_error,
     )?);
-    metrics.seed(&ledger::queries::seed_totals(&conn).map_err(ledger::LedgerError::from)?);
-    seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::from)?;
+    metrics.seed(&store.seed_totals()?);
+    // Reconciliation's tables are not behind the store yet: it reads them through a connection
+    // of its own.
+    let conn = ledger::open_for_read(&config.ledger.path)?;
+    seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::Query)?;
+    drop(conn);
     let edge_metrics =
         proxy::limits::EdgeMetrics::register_with(metrics.registry(), metrics.refused())
             .map_err(metrics::MetricsError::from)?;
@@ -234,33 +241,35 @@ pub async fn run_with_reload(
     };
     // Budgets resume the current windows' spend, and holds stay in force, across restarts.
     // A budget may name a virtual key by name; it covers the key's id (its calls' key_fp).
-    let budgets = keys::resolve_budget_keys(&conn, &config.budget)?;
+    let budgets = {
+        let conn = ledger::open_for_read(&config.ledger.path)?;
+        keys::resolve_budget_keys(&conn, &config.budget)?
+    };
     let guard: Arc<guard::Guard> = Arc::new(guard::Guard::start(
         &config.guard,
         &budgets,
-        &conn,
-        config.ledger.path.clone(),
+        store.clone(),
         metrics.budgets(),
         meter::now_ms(),
     )?);
     // Rows an outage left in the spool are not in `calls` until the writer replays them.
-    guard.count_spooled(&conn, meter::now_ms())?;
+    guard.count_spooled(meter::now_ms())?;
     let guard_for_reload = guard.clone();
-    // Deferred charges still pending: read before the writer takes the connection.
+    // Deferred charges still pending: read before the writer replays the spool.
     let settle_key = config.settle.resolve()?;
-    let spool = ledger::WriterConfig::spool_path_of(&config.ledger.path);
-    let pending_charges =
-        settle::store::pending_with_spool(&conn, &spool).map_err(ledger::LedgerError::from)?;
+    let spool = ledger::WriterConfig::spool_path_of(store.spool_base());
+    let pending_charges = settle::store::pending_with_spool(&*store, &spool)?;
+    let sink = store.call_sink(&ledger::SinkOptions {
+        busy_timeout: config.ledger.busy_timeout.0,
+        secret: secret.clone(),
+    })?;
     let (writer, ledger_handle) = LedgerWriter::spawn(
-        conn,
+        sink,
         ledger::WriterConfig {
-            path: config.ledger.path.clone(),
-            synchronous: config.ledger.synchronous,
+            spool_base: store.spool_base().to_owned(),
             batch_max: config.ledger.batch_max,
-            busy_timeout: config.ledger.busy_timeout.0,
             on_error: config.ledger.on_error,
             spool_reserve: config.ledger.spool_reserve.0,
-            secret: secret.clone(),
             group_wait: crate::ledger::writer::GROUP_WAIT,
             commit_timeout: config.ledger.commit_timeout.0,
         },
@@ -268,11 +277,7 @@ pub async fn run_with_reload(
     )?;
     // Retention deletes old detail rows on its own thread and connection, in small batches.
     let retention = match config.ledger.retention {
-        Some(keep) => Some(ledger::maintenance::Retention::spawn(
-            config.ledger.path.clone(),
-            config.ledger.synchronous,
-            keep.0,
-        )?),
+        Some(keep) => Some(store.spawn_retention(keep.0)?),
         None => None,
     };
 
@@ -386,6 +391,7 @@ pub async fn run_with_reload(
         metrics: metrics.clone(),
         guard,
         ledger: ledger_handle.clone(),
+        store: store.clone(),
         ledger_path: config.ledger.path.clone(),
         draining: draining.clone(),
         durability,

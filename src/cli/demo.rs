@@ -183,14 +183,13 @@ fn story(db: &std::path::Path, now_ms: i64, burst: &Burst) -> anyhow::Result<Str
 
 /// Deferred credits not yet settled, from the ledger.
 fn pending_milli(db: &std::path::Path) -> anyhow::Result<i64> {
-    let conn = creditmeter::ledger::open_for_read(db)?;
-    Ok(conn.query_row(
-        "SELECT COALESCE(sum(deferred_milli), 0) FROM calls c
-          WHERE deferred IS NOT NULL
-            AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)",
-        [],
-        |r| r.get(0),
-    )?)
+    use creditmeter::ledger::SettleStore;
+    let store = creditmeter::ledger::SqliteStore::open_read(db)?;
+    Ok(store
+        .pending_charges()?
+        .iter()
+        .map(|c| c.deferred_milli)
+        .sum())
 }
 
 /// Runs the demo and returns what to print.

@@ -93,8 +93,8 @@ impl LedgerCmd {
                     Ok(p) => p,
                     Err(code) => return Ok(code),
                 };
-                let conn = ledger::open_for_read(&path)?;
-                let s = maintenance::stats(&path, &conn, sizes)?;
+                // SQLite only: pages, the WAL and `dbstat` are the file's.
+                let s = ledger::SqliteStore::file(&path).stats(sizes)?;
                 if format == Format::Json {
                     println!("{}", serde_json::to_string_pretty(&s)?);
                     return Ok(ExitCode::SUCCESS);
@@ -146,9 +146,8 @@ impl LedgerCmd {
                     Ok(p) => p,
                     Err(code) => return Ok(code),
                 };
-                let conn = rusqlite::Connection::open(&path)?;
-                conn.busy_timeout(std::time::Duration::from_secs(5))?;
-                let o = maintenance::vacuum(&path, &conn, full)?;
+                // SQLite only: hands free pages back to the file system.
+                let o = ledger::SqliteStore::file(&path).vacuum(full)?;
                 println!(
                     "vacuum ({}): {:.1} MiB -> {:.1} MiB, {} free pages returned{}",
                     o.mode,
@@ -176,15 +175,15 @@ impl LedgerCmd {
                     Ok(_) => return usage("--older-than: keep at least 1h"),
                     Err(e) => return usage(format!("--older-than: {e}")),
                 };
-                let mut conn =
-                    ledger::open_for_write(&path, creditmeter::config::Synchronous::Normal)?;
+                let store =
+                    ledger::SqliteStore::open(&path, creditmeter::config::Synchronous::Normal)?;
                 let cutoff = maintenance::retention_cutoff(creditmeter::meter::now_ms(), keep);
-                let o = maintenance::prune(
-                    &mut conn,
+                let o = ledger::Store::prune(
+                    &store,
                     cutoff,
                     maintenance::RETENTION_BATCH,
                     maintenance::RETENTION_PAUSE,
-                    || false,
+                    &mut || false,
                 )?;
                 println!(
                 "deleted {} detail rows started before {} in {} batches; the rollups keep their totals",

@@ -12,12 +12,10 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
-
 use creditmeter::config::Synchronous;
 use creditmeter::ledger::fixtures::{bench_metrics, bench_row};
 use creditmeter::ledger::queries::{self, GroupBy, Source, Window};
-use creditmeter::ledger::{LedgerWriter, WriterConfig};
+use creditmeter::ledger::{LedgerWriter, SinkOptions, SqliteStore, Store, WriterConfig};
 use creditmeter::report::{self, Format, ReportRequest, View};
 
 /// What to run.
@@ -42,8 +40,6 @@ pub struct BenchOptions {
 pub enum BenchError {
     #[error(transparent)]
     Ledger(#[from] creditmeter::ledger::LedgerError),
-    #[error("ledger query: {0}")]
-    Query(#[from] rusqlite::Error),
     #[error(transparent)]
     Report(#[from] creditmeter::report::ReportError),
     #[error("prometheus: {0}")]
@@ -81,23 +77,15 @@ fn ms(d: Duration) -> String {
 
 /// Runs the benchmark and returns the printed report.
 pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
-    let conn = creditmeter::ledger::open_for_read(&opts.db)?;
-    let (rows, newest): (i64, Option<i64>) = conn.query_row(
-        "SELECT (SELECT count(*) FROM calls), (SELECT max(started_at) FROM calls)",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let store = SqliteStore::open_read(&opts.db)?;
+    let (rows, newest) = store.call_count()?;
     let newest = newest.ok_or(BenchError::Empty)?;
     let bytes = std::fs::metadata(&opts.db).map(|m| m.len()).unwrap_or(0);
     let window = Window {
         since_ms: newest + 1 - 30 * 86_400_000,
         until_ms: newest + 1,
     };
-    let in_window: i64 = conn.query_row(
-        "SELECT count(*) FROM calls WHERE started_at >= ?1 AND started_at < ?2",
-        [window.since_ms, window.until_ms],
-        |r| r.get(0),
-    )?;
+    let in_window = store.calls_in(window)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -134,13 +122,13 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
             by: by.clone(),
             ..base.clone()
         };
-        let (auto, first, best) = timed(opts.runs, || Ok(report::spend_report(&conn, &req)?))?;
+        let (auto, first, best) = timed(opts.runs, || Ok(report::spend_report(&store, &req)?))?;
         let raw_req = ReportRequest {
             source: Source::Raw,
             ..req.clone()
         };
-        let (raw, _, raw_best) = timed(opts.runs, || Ok(report::spend_report(&conn, &raw_req)?))?;
-        let (sql, _, sql_best) = timed(opts.runs, || Ok(plain_sql_groups(&conn, &by, window)?))?;
+        let (raw, _, raw_best) = timed(opts.runs, || Ok(report::spend_report(&store, &raw_req)?))?;
+        let (sql, _, sql_best) = timed(opts.runs, || Ok(store.plain_group_by(&by, window)?))?;
         let (auto_g, raw_g) = (groups_of(&auto), groups_of(&raw));
         let sql_total: i64 = sql.values().map(|v| v.0).sum();
         let agree = auto_g == sql && raw_g == sql && auto.total.credits_milli == sql_total;
@@ -208,7 +196,7 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         out.push_str(&l);
         out.push('\n');
     }
-    drop(conn);
+    drop(store);
 
     if !opts.no_writes {
         out.push('\n');
@@ -219,37 +207,6 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
 
 fn report_credits(milli: i64) -> String {
     format!("{:.3}", milli as f64 / 1000.0)
-}
-
-/// The straightforward SQL a person would write on the same file: `GROUP BY` over `calls` in
-/// the window. Returns (credits, calls) per group.
-fn plain_sql_groups(
-    conn: &Connection,
-    by: &GroupBy,
-    w: Window,
-) -> rusqlite::Result<BTreeMap<String, (i64, i64)>> {
-    let sql = format!(
-        "SELECT {} AS k, sum(credits_milli), count(*) FROM calls
-          WHERE started_at >= :since AND started_at < :until{} GROUP BY k",
-        by.raw_sql(),
-        by.raw_where()
-    );
-    let mut stmt = conn.prepare(&sql)?;
-    let tag = by.tag_path();
-    let mut params: Vec<(&str, &dyn rusqlite::ToSql)> =
-        vec![(":since", &w.since_ms), (":until", &w.until_ms)];
-    if let Some(t) = &tag {
-        params.push((":tag", t));
-    }
-    let rows = stmt
-        .query_map(params.as_slice(), |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                (r.get(1)?, r.get(2)?),
-            ))
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
 }
 
 fn groups_of(report: &report::SpendReport) -> BTreeMap<String, (i64, i64)> {
@@ -270,20 +227,21 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Commit latency through the real writer thread on this file.
 fn writer_bench(opts: &BenchOptions) -> Result<String, BenchError> {
-    let conn = creditmeter::ledger::open_for_write(&opts.db, Synchronous::Normal)?;
-    let secret = creditmeter::ledger::install_secret(&conn)?;
+    let store = std::sync::Arc::new(SqliteStore::open(&opts.db, Synchronous::Normal)?);
+    let secret = store.install_secret()?;
     let metrics = bench_metrics()?;
     // The proxy's defaults, without the spool's ballast file.
+    let sink = store.call_sink(&SinkOptions {
+        busy_timeout: creditmeter::config::DEFAULT_BUSY_TIMEOUT,
+        secret,
+    })?;
     let (writer, handle) = LedgerWriter::spawn(
-        conn,
+        sink,
         WriterConfig {
-            path: opts.db.clone(),
-            synchronous: Synchronous::Normal,
+            spool_base: store.spool_base().to_owned(),
             batch_max: creditmeter::config::DEFAULT_BATCH_MAX,
-            busy_timeout: creditmeter::config::DEFAULT_BUSY_TIMEOUT,
             on_error: creditmeter::config::OnLedgerError::Spool,
             spool_reserve: 0,
-            secret,
             group_wait: creditmeter::ledger::writer::GROUP_WAIT,
             commit_timeout: creditmeter::config::DEFAULT_COMMIT_TIMEOUT,
         },
@@ -311,22 +269,20 @@ fn writer_bench(opts: &BenchOptions) -> Result<String, BenchError> {
     if let Some(keep) = opts.during_prune {
         // Retention's own batches and pauses, on its own connection, while an idle-ish proxy
         // (a call every 5 ms) commits rows one at a time.
-        let path = opts.db.clone();
+        let pruning = store.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
         let pruner = std::thread::spawn(move || {
-            let mut conn = creditmeter::ledger::open_for_write(&path, Synchronous::Normal)?;
             let cutoff = creditmeter::ledger::maintenance::retention_cutoff(
                 creditmeter::meter::now_ms(),
                 keep,
             );
             let started = Instant::now();
-            let o = creditmeter::ledger::maintenance::prune(
-                &mut conn,
+            let o = pruning.prune(
                 cutoff,
                 creditmeter::ledger::maintenance::RETENTION_BATCH,
                 creditmeter::ledger::maintenance::RETENTION_PAUSE,
-                || stop2.load(std::sync::atomic::Ordering::Relaxed),
+                &mut || stop2.load(std::sync::atomic::Ordering::Relaxed),
             )?;
             Ok::<_, BenchError>((o, started.elapsed()))
         });

@@ -155,10 +155,8 @@ impl Guard {
     /// locked ledger, and a full disk still reads.
     pub(super) fn next_hold_id(&self) -> i64 {
         let in_memory = lock(&self.state).holds.iter().map(|h| h.id).max();
-        let in_ledger = crate::ledger::open_for_read(&self.ledger_path)
-            .ok()
-            .and_then(|c| crate::ledger::guardrails::max_hold_id(&c).ok());
-        let spooled = crate::ledger::guardrails::read_hold_spool(&self.ledger_path)
+        let in_ledger = self.store.max_hold_id().ok();
+        let spooled = crate::ledger::guardrails::read_hold_spool(self.store.spool_base())
             .ok()
             .and_then(|ops| ops.iter().map(|o| o.id()).max());
         [in_memory, in_ledger, spooled]
@@ -172,20 +170,15 @@ impl Guard {
     /// Records a hold change: in the ledger (after any changes spooled earlier), else in the
     /// holds spool, else nowhere (logged).
     pub(super) fn persist_hold(&self, op: crate::ledger::guardrails::HoldOp) -> Persisted {
-        let in_ledger = (|| -> Result<(), GuardError> {
-            let conn = crate::ledger::guardrails::open_for_holds(&self.ledger_path)?;
-            crate::ledger::guardrails::replay_hold_spool(&conn, &self.ledger_path)?;
-            crate::ledger::guardrails::apply_hold_op(&conn, &op)?;
-            Ok(())
-        })();
+        let in_ledger = self.store.write_hold(Some(&op));
         let refused = match in_ledger {
             Ok(()) => {
-                crate::ledger::guardrails::ensure_holds_reserve(&self.ledger_path);
+                crate::ledger::guardrails::ensure_holds_reserve(self.store.spool_base());
                 return Persisted::Ledger;
             }
             Err(e) => e.to_string(),
         };
-        match crate::ledger::guardrails::append_hold_spool(&self.ledger_path, &op) {
+        match crate::ledger::guardrails::append_hold_spool(self.store.spool_base(), &op) {
             Ok(()) => {
                 tracing::warn!(hold = op.id(), error = %refused, "the ledger refused the hold change; it is in force and kept in the holds spool until the ledger recovers");
                 Persisted::Spool(refused)
@@ -208,9 +201,9 @@ impl Guard {
 /// tries to write them into the ledger.
 pub(super) fn apply_spooled_holds(
     holds: &mut Vec<Hold>,
-    conn: &rusqlite::Connection,
-    ledger_path: &std::path::Path,
+    store: &dyn crate::ledger::Store,
 ) -> Result<(), GuardError> {
+    let ledger_path = store.spool_base();
     let path = crate::ledger::guardrails::holds_spool_path(ledger_path);
     let ops = crate::ledger::guardrails::read_hold_spool(ledger_path)
         .map_err(|source| LedgerError::Spool { path, source })?;
@@ -240,7 +233,7 @@ pub(super) fn apply_spooled_holds(
         }
     }
     if !ops.is_empty() {
-        if let Err(e) = crate::ledger::guardrails::replay_hold_spool(conn, ledger_path) {
+        if let Err(e) = store.write_hold(None) {
             tracing::warn!(error = %e, "hold changes stay in the holds spool: the ledger still refuses them");
         }
     }

@@ -47,7 +47,6 @@ mod render;
 mod settlement;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use admission::Admission;
@@ -77,8 +76,6 @@ const RECENT_STARTED_MS: i64 = 15 * 60_000;
 pub enum GuardError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("ledger: {0}")]
-    Sql(#[from] rusqlite::Error),
     #[error("budget {name:?}: {source}")]
     Budget {
         name: String,
@@ -129,7 +126,9 @@ struct State {
 pub struct Guard {
     state: Mutex<State>,
     metrics: BudgetMetrics,
-    ledger_path: PathBuf,
+    /// The ledger: spend for reloads, hold changes (its holds spool is beside
+    /// [`crate::ledger::Store::spool_base`]).
+    store: crate::ledger::SharedStore,
     /// Serialises hold changes and reloads (which do ledger I/O outside `state`'s lock).
     writes: Mutex<()>,
     /// Woken whenever reservations are released, for calls waiting on them.

@@ -23,19 +23,11 @@ fn guard(dir: &std::path::Path) -> Arc<Guard> {
     let config = Config::from_toml(BUDGET_20).unwrap();
     config.validate().unwrap();
     let path = dir.join("ledger.db");
-    let conn = crate::ledger::open_for_write(&path, crate::config::Synchronous::Normal).unwrap();
+    let store: crate::ledger::SharedStore = Arc::new(
+        crate::ledger::SqliteStore::open(&path, crate::config::Synchronous::Normal).unwrap(),
+    );
     let metrics = Metrics::new(10, "test", crate::config::OnLedgerError::Spool).unwrap();
-    Arc::new(
-        Guard::start(
-            &config.guard,
-            &config.budget,
-            &conn,
-            path,
-            metrics.budgets(),
-            T0,
-        )
-        .unwrap(),
-    )
+    Arc::new(Guard::start(&config.guard, &config.budget, store, metrics.budgets(), T0).unwrap())
 }
 
 fn facts() -> CallFacts {

@@ -2,7 +2,6 @@
 //! rows an outage left in the spool), holds from the ledger and the holds spool.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use serde_json::Value;
@@ -47,13 +46,12 @@ pub(super) fn spends(groups: Vec<SpendGroup>) -> Vec<Spend> {
 
 impl Guard {
     /// Builds the guard at start-up: budgets from config, their current windows rebuilt from
-    /// the ledger's `calls`, holds from its `holds` table. `conn` is the server's ledger
-    /// connection (migrated); `ledger_path` is where hold changes and reloads go later.
+    /// the ledger's `calls`, holds from its `holds` table. `store` is the server's ledger
+    /// (migrated), where hold changes and reloads go later too.
     pub fn start(
         guard: &GuardConfig,
         budgets: &[BudgetConfig],
-        conn: &rusqlite::Connection,
-        ledger_path: PathBuf,
+        store: crate::ledger::SharedStore,
         metrics: BudgetMetrics,
         now: i64,
     ) -> Result<Guard, GuardError> {
@@ -61,13 +59,13 @@ impl Guard {
         let mut states: Vec<BudgetState> =
             defs.into_iter().map(|d| BudgetState::new(d, now)).collect();
         if let Some(since) = states.iter().map(|b| b.counts_since(now)).min() {
-            let rows = spends(crate::ledger::guardrails::spend_since(conn, since)?);
+            let rows = spends(store.spend_since(since)?);
             for b in &mut states {
                 count_rows(b, &rows);
             }
         }
         let mut holds = Vec::new();
-        for row in crate::ledger::guardrails::active_holds(conn)? {
+        for row in store.active_holds()? {
             let scope = serde_json::from_str::<Value>(&row.scope)
                 .map_err(ScopeError::from)
                 .and_then(|v| config::scope_from_json(&v))
@@ -79,8 +77,8 @@ impl Guard {
                 created_at: row.created_at,
             });
         }
-        apply_spooled_holds(&mut holds, conn, &ledger_path)?;
-        crate::ledger::guardrails::ensure_holds_reserve(&ledger_path);
+        apply_spooled_holds(&mut holds, &*store)?;
+        crate::ledger::guardrails::ensure_holds_reserve(store.spool_base());
         let g = Guard {
             state: Mutex::new(State {
                 ceiling_milli: guard.unknown_cost_ceiling.0,
@@ -94,7 +92,7 @@ impl Guard {
                 pending: HashSet::new(),
             }),
             metrics,
-            ledger_path,
+            store,
             writes: Mutex::new(()),
             settled: tokio::sync::Notify::new(),
             wakes: Mutex::new(HashMap::new()),
@@ -133,11 +131,11 @@ impl Guard {
     }
 
     /// Counts, in the budgets' current windows, the spend of rows an outage left in
-    /// `<ledger>.spool` that `conn` (the ledger) does not hold yet. Start-up calls it after
+    /// `<ledger>.spool` that the ledger does not hold yet. Start-up calls it after
     /// [`Guard::start`] and before serving: the writer replays the spool only later, and
     /// without this the spend of the outage would be forgotten by every budget. Returns the
     /// rows counted.
-    pub fn count_spooled(&self, conn: &rusqlite::Connection, now: i64) -> Result<u64, GuardError> {
+    pub fn count_spooled(&self, now: i64) -> Result<u64, GuardError> {
         let since = lock(&self.state)
             .budgets
             .iter()
@@ -147,7 +145,7 @@ impl Guard {
             return Ok(0);
         };
         let mut found: Vec<(String, Spend)> = Vec::new();
-        crate::ledger::writer::for_each_spooled(&self.ledger_path, |r| {
+        crate::ledger::writer::for_each_spooled(self.store.spool_base(), |r| {
             let actual = Amount::of(r.lead_milli, r.direct_dial_milli, r.export_milli);
             if r.started_at >= since && !actual.is_zero() {
                 let facts = CallFacts {
@@ -169,17 +167,18 @@ impl Guard {
             }
         })
         .map_err(|source| LedgerError::Spool {
-            path: self.ledger_path.clone(),
+            path: self.store.spool_base().to_owned(),
             source,
         })?;
         // A row may be spooled twice (queued, and spooled by its caller past commit_timeout),
         // or already committed (a replay cut short): count each call once, and only if the
         // ledger does not count it already.
-        let mut stmt = conn.prepare("SELECT 1 FROM calls WHERE request_id = ?1")?;
+        let ids: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
+        let stored = self.store.stored_ids(&ids)?;
         let mut seen = HashSet::new();
         let mut rows = Vec::new();
         for (id, spend) in found {
-            if seen.insert(id.clone()) && !stmt.exists([&id])? {
+            if !stored.contains(&id) && seen.insert(id) {
                 rows.push(spend);
             }
         }

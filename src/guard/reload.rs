@@ -60,9 +60,7 @@ impl Guard {
                     .map(|s| s.started_at)
                     .chain([now - RECENT_STARTED_MS])
                     .min();
-                let conn = crate::ledger::open_for_read(&self.ledger_path)?;
-                let (groups, ids) =
-                    crate::ledger::guardrails::spend_snapshot(&conn, since, ids_since)?;
+                let (groups, ids) = self.store.spend_snapshot(since, ids_since)?;
                 (spends(groups), ids)
             }
             None => (Vec::new(), HashSet::new()),

@@ -36,20 +36,13 @@ impl Fixture {
         let config = Config::from_toml(toml).unwrap();
         config.validate().unwrap();
         let path = dir.path().join("ledger.db");
-        let conn =
-            crate::ledger::open_for_write(&path, crate::config::Synchronous::Normal).unwrap();
+        let store: crate::ledger::SharedStore = Arc::new(
+            crate::ledger::SqliteStore::open(&path, crate::config::Synchronous::Normal).unwrap(),
+        );
         let metrics =
             Arc::new(Metrics::new(10, "test", crate::config::OnLedgerError::Spool).unwrap());
         let guard = Arc::new(
-            Guard::start(
-                &config.guard,
-                &config.budget,
-                &conn,
-                path,
-                metrics.budgets(),
-                now,
-            )
-            .unwrap(),
+            Guard::start(&config.guard, &config.budget, store, metrics.budgets(), now).unwrap(),
         );
         Fixture {
             guard,

@@ -418,7 +418,8 @@ pub fn report(req: &Request) -> Result<String, ReportError> {
         });
     }
     let conn = crate::ledger::open_for_read(&req.db)?;
-    let answer = load(&conn, req.since_ms, req.until_ms)?;
+    let answer =
+        load(&conn, req.since_ms, req.until_ms).map_err(crate::ledger::LedgerError::Query)?;
     Ok(match req.format {
         Format::Json => format!("{:#}\n", answer.to_json()),
         Format::Csv | Format::Focus => answer.to_csv(),

@@ -15,8 +15,9 @@
 //! the same interval state as the credits ([`drift`], with no rounding slack: counts are exact).
 //!
 //! Some plans answer 404 or an empty body: the poller says so once and reconciles credits only.
-//! The tables (`api_usage_polls`, `api_usage_counts`, `reconcile_calls`) are created here, on
-//! first use, so a ledger that never polled call counts has none of them.
+//! The tables (`api_usage_polls`, `api_usage_counts`, `reconcile_calls`) are the ledger's
+//! schema version 6 (`creditmeter_ledger::schema`); ledgers where an earlier version created
+//! them on first use keep theirs.
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
@@ -114,44 +115,8 @@ fn endpoint_of(route: &str, catalog: &Catalog) -> String {
     "other".to_owned()
 }
 
-/// Creates the tables if they are missing.
-pub fn ensure_tables(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS api_usage_polls (
-             id          INTEGER PRIMARY KEY,
-             request_id  TEXT NOT NULL,    -- the poll's calls.request_id
-             sent_at     INTEGER NOT NULL, -- unix ms
-             received_at INTEGER NOT NULL
-         );
-         CREATE TABLE IF NOT EXISTS api_usage_counts (
-             poll_id     INTEGER NOT NULL REFERENCES api_usage_polls(id),
-             route       TEXT NOT NULL,    -- Apollo's route under api/v1/, e.g. people/match
-             endpoint    TEXT NOT NULL,    -- the catalog's endpoint name
-             minute_calls INTEGER, hour_calls INTEGER, day_calls INTEGER
-         );
-         CREATE INDEX IF NOT EXISTS api_usage_counts_poll ON api_usage_counts(poll_id);
-         CREATE TABLE IF NOT EXISTS reconcile_calls (
-             id            INTEGER PRIMARY KEY,
-             endpoint      TEXT NOT NULL,    -- '' marks a window with no calls at all
-             routes        TEXT NOT NULL,    -- Apollo's routes for it, comma-separated
-             window_start  INTEGER NOT NULL, -- sent_at of the opening poll
-             window_end    INTEGER NOT NULL, -- sent_at of the closing poll
-             from_poll     INTEGER NOT NULL,
-             to_poll       INTEGER NOT NULL,
-             apollo_calls  INTEGER NOT NULL, -- calls Apollo counted (a lower bound)
-             ledger_calls  INTEGER NOT NULL, -- calls the ledger surely puts in the window
-             edge_calls    INTEGER NOT NULL, -- calls in flight at the closing poll
-             drift_calls   INTEGER NOT NULL, -- signed: Apollo's count minus the ledger's
-             outside_calls INTEGER NOT NULL, -- max(drift_calls, 0)
-             carry_lo      INTEGER NOT NULL,
-             carry_hi      INTEGER NOT NULL,
-             reconciled_at INTEGER NOT NULL
-         );
-         CREATE INDEX IF NOT EXISTS reconcile_calls_window ON reconcile_calls(window_end);",
-    )
-}
-
-/// Whether the ledger has the tables (a read-only reader must not create them).
+/// Whether the ledger has the tables: a ledger no server of this version has migrated yet
+/// (schema version 6, see `creditmeter_ledger::schema`) is read without them.
 pub fn has_tables(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'reconcile_calls'",
@@ -169,7 +134,6 @@ pub fn insert_poll(
     received_at: i64,
     counts: &[RouteCount],
 ) -> rusqlite::Result<()> {
-    ensure_tables(conn)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO api_usage_polls (request_id, sent_at, received_at) VALUES (?1, ?2, ?3)",

@@ -32,7 +32,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use rusqlite::Connection;
 use serde_json::json;
 
 use super::{
@@ -40,6 +39,7 @@ use super::{
     width_label, Format, ReportError, ReportRequest,
 };
 use crate::ledger::queries::{self, floor_to, SpendRow, Window, HOUR_MS};
+use crate::ledger::Reports;
 
 /// When a bucket counts as a spike.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -152,13 +152,13 @@ fn judge(
 }
 
 /// Computes the timeline (and what the spikes view lists) for `req`.
-pub fn compute(conn: &Connection, req: &ReportRequest) -> Result<Timeline, ReportError> {
+pub fn compute(store: &dyn Reports, req: &ReportRequest) -> Result<Timeline, ReportError> {
     let w = req.bucket_ms;
     let n = ((trailing_ms(w) / w).max(6)) as usize;
     let min_history = (n / 2).max(3);
-    let first_hour = queries::first_hour(conn)?;
+    let first_hour = store.first_hour()?;
     let (window, notes) = retention_window(
-        conn,
+        store,
         &req.by,
         Window {
             since_ms: req.since_ms,
@@ -201,13 +201,12 @@ pub fn compute(conn: &Connection, req: &ReportRequest) -> Result<Timeline, Repor
     let from_rollups =
         req.source == queries::Source::Auto && req.by.has_rollup() && w % HOUR_MS == 0;
     if !from_rollups {
-        if let Some(d) = queries::detail_deleted_before(conn)? {
+        if let Some(d) = store.detail_deleted_before()? {
             history_start = history_start.max(super::ceil_to(d, w));
         }
     }
     let fetch_start = (start - n as i64 * w).max(history_start);
-    let agg = queries::aggregate(
-        conn,
+    let agg = store.aggregate(
         Some(&req.by),
         Window {
             since_ms: fetch_start,

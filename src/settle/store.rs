@@ -4,11 +4,9 @@ use std::collections::HashSet;
 use std::io::BufRead;
 use std::path::Path;
 
-use rusqlite::Connection;
-
 use super::Original;
 use crate::catalog::Deferred;
-use crate::ledger::CallRecord;
+use crate::ledger::{CallRecord, LedgerError, SettleStore};
 
 /// A row whose deferred charge has no settlement row yet.
 #[derive(Debug, Clone)]
@@ -19,37 +17,23 @@ pub struct PendingRow {
 
 /// Every call with a `deferred` charge and no row that `settles` it, oldest first. A row whose
 /// `deferred` JSON cannot be read is logged and skipped (it cannot be settled or priced).
-pub fn pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
-    let mut stmt = conn.prepare(
-        "SELECT c.request_id, c.started_at, c.method, c.path, c.endpoint, c.table_name,
-                c.workflow, c.tags, c.key_fp, c.records_requested, c.records_matched, c.deferred
-           FROM calls c
-          WHERE c.deferred IS NOT NULL
-            AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)
-          ORDER BY c.started_at",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            Original {
-                request_id: r.get(0)?,
-                started_at: r.get(1)?,
-                method: r.get(2)?,
-                path: r.get(3)?,
-                endpoint: r.get(4)?,
-                table_name: r.get(5)?,
-                workflow: r.get(6)?,
-                tags: r.get(7)?,
-                key_fp: r.get(8)?,
-                records_requested: r.get(9)?,
-                records_matched: r.get(10)?,
-            },
-            r.get::<_, String>(11)?,
-        ))
-    })?;
+pub fn pending(store: &dyn SettleStore) -> Result<Vec<PendingRow>, LedgerError> {
     let mut out = Vec::new();
-    for row in rows {
-        let (original, text) = row?;
-        match Deferred::from_json(&text) {
+    for call in store.pending_charges()? {
+        let original = Original {
+            request_id: call.request_id,
+            started_at: call.started_at,
+            method: call.method,
+            path: call.path,
+            endpoint: call.endpoint,
+            table_name: call.table_name,
+            workflow: call.workflow,
+            tags: call.tags,
+            key_fp: call.key_fp,
+            records_requested: call.records_requested,
+            records_matched: call.records_matched,
+        };
+        match Deferred::from_json(&call.deferred) {
             Ok(deferred) => out.push(PendingRow { original, deferred }),
             Err(e) => tracing::error!(
                 request_id = %original.request_id,
@@ -64,8 +48,11 @@ pub fn pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
 /// [`pending`], with the rows still waiting in the ledger's spool (`<ledger>.spool`, replayed
 /// by the writer after start-up) taken into account: a call whose settlement is spooled is not
 /// pending, and a spooled call with a deferred charge and no settlement is.
-pub fn pending_with_spool(conn: &Connection, spool: &Path) -> rusqlite::Result<Vec<PendingRow>> {
-    let mut rows = pending(conn)?;
+pub fn pending_with_spool(
+    store: &dyn SettleStore,
+    spool: &Path,
+) -> Result<Vec<PendingRow>, LedgerError> {
+    let mut rows = pending(store)?;
     let Ok(file) = std::fs::File::open(spool) else {
         return Ok(rows); // no spool: nothing waits
     };
@@ -86,13 +73,7 @@ pub fn pending_with_spool(conn: &Connection, spool: &Path) -> rusqlite::Result<V
             continue;
         }
         // Committed before it was spooled again (a replay cut short)? Then `pending` decided.
-        let committed: bool = conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM calls WHERE request_id = ?1)",
-                [&r.request_id],
-                |row| row.get(0),
-            )
-            .unwrap_or(false);
+        let committed = store.is_stored(&r.request_id).unwrap_or(false);
         if committed {
             continue;
         }
@@ -127,7 +108,8 @@ mod tests {
             )
             .unwrap();
         }
-        assert_eq!(pending(&conn).unwrap().len(), 2);
+        let store = crate::ledger::SqliteStore::open_read(&db).unwrap();
+        assert_eq!(pending(&store).unwrap().len(), 2);
         // The spool holds a settlement of committed-a and a new call with a deferred charge.
         let mut settlement = crate::ledger::fixtures::bench_row(1);
         settlement.request_id = "s-1".into();
@@ -141,7 +123,7 @@ mod tests {
             .map(|r| serde_json::to_string(r).unwrap() + "\n")
             .collect::<String>();
         std::fs::write(&spool, text).unwrap();
-        let mut ids: Vec<String> = pending_with_spool(&conn, &spool)
+        let mut ids: Vec<String> = pending_with_spool(&store, &spool)
             .unwrap()
             .into_iter()
             .map(|r| r.original.request_id)

@@ -19,19 +19,24 @@ impl Fixture {
     fn new(polling: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let conn = crate::ledger::open_for_write(&path, Synchronous::Normal).unwrap();
-        let secret = crate::ledger::install_secret(&conn).unwrap();
+        let store = crate::ledger::SqliteStore::open(&path, Synchronous::Normal).unwrap();
+        let secret = crate::ledger::Store::install_secret(&store).unwrap();
         let metrics = Arc::new(Metrics::new(10, "test", OnLedgerError::Spool).unwrap());
-        let (writer, handle) = LedgerWriter::spawn(
-            conn,
-            WriterConfig {
-                path,
-                synchronous: Synchronous::Normal,
-                batch_max: 64,
+        let sink = crate::ledger::Store::call_sink(
+            &store,
+            &crate::ledger::SinkOptions {
                 busy_timeout: Duration::from_secs(5),
+                secret,
+            },
+        )
+        .unwrap();
+        let (writer, handle) = LedgerWriter::spawn(
+            sink,
+            WriterConfig {
+                spool_base: path,
+                batch_max: 64,
                 on_error: OnLedgerError::Spool,
                 spool_reserve: 0,
-                secret,
                 group_wait: Duration::ZERO,
                 commit_timeout: crate::config::DEFAULT_COMMIT_TIMEOUT,
             },

@@ -87,22 +87,16 @@ window = "day"
     .unwrap();
     config.validate().unwrap();
     let path = dir.path().join("ledger.db");
-    let conn = creditmeter::ledger::open_for_write(&path, creditmeter::config::Synchronous::Normal)
-        .unwrap();
+    let store: creditmeter::ledger::SharedStore = Arc::new(
+        creditmeter::ledger::SqliteStore::open(&path, creditmeter::config::Synchronous::Normal)
+            .unwrap(),
+    );
     let metrics =
         creditmeter::metrics::Metrics::new(10, "test", creditmeter::config::OnLedgerError::Spool)
             .unwrap();
     let now = creditmeter::meter::now_ms();
     let guard = Arc::new(
-        Guard::start(
-            &config.guard,
-            &config.budget,
-            &conn,
-            path,
-            metrics.budgets(),
-            now,
-        )
-        .unwrap(),
+        Guard::start(&config.guard, &config.budget, store, metrics.budgets(), now).unwrap(),
     );
 
     let quiet = table_b_calls(&guard, OTHERS).await;

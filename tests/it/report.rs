@@ -68,18 +68,22 @@ fn row(i: u64, started_at: i64) -> CallRecord {
 
 /// Writes rows through the real writer thread (the triggers keep the rollups, as in production).
 fn write_rows(db: &Path, rows: Vec<CallRecord>) {
-    let conn = creditmeter::ledger::open_for_write(db, Synchronous::Normal).unwrap();
-    let secret = creditmeter::ledger::install_secret(&conn).unwrap();
+    let store = creditmeter::ledger::SqliteStore::open(db, Synchronous::Normal).unwrap();
+    let secret = creditmeter::ledger::Store::install_secret(&store).unwrap();
     let (writer, handle) = LedgerWriter::spawn(
-        conn,
+        creditmeter::ledger::Store::call_sink(
+            &store,
+            &creditmeter::ledger::SinkOptions {
+                busy_timeout: Duration::from_secs(5),
+                secret,
+            },
+        )
+        .unwrap(),
         WriterConfig {
-            path: db.to_owned(),
-            synchronous: Synchronous::Normal,
+            spool_base: db.to_owned(),
             batch_max: 1024,
-            busy_timeout: Duration::from_secs(5),
             on_error: creditmeter::config::OnLedgerError::Spool,
             spool_reserve: 0,
-            secret,
             group_wait: creditmeter::ledger::writer::GROUP_WAIT,
             commit_timeout: creditmeter::config::DEFAULT_COMMIT_TIMEOUT,
         },
@@ -220,9 +224,9 @@ fn report_groups(rows: &[queries::SpendRow]) -> BTreeMap<String, [i64; 7]> {
 }
 
 fn spend(db: &Path, by: &GroupBy, w: Window, source: Source) -> report::SpendReport {
-    let conn = creditmeter::ledger::open_for_read(db).unwrap();
+    let store = creditmeter::ledger::SqliteStore::open_read(db).unwrap();
     report::spend_report(
-        &conn,
+        &store,
         &ReportRequest {
             db: db.to_owned(),
             by: by.clone(),
@@ -362,7 +366,8 @@ fn filters_and_top_cut_rows_but_not_the_total() {
         top: Some(1),
         ..ReportRequest::default()
     };
-    let r = report::spend_report(&conn, &req).unwrap();
+    let store = creditmeter::ledger::SqliteStore::open_read(&db).unwrap();
+    let r = report::spend_report(&store, &req).unwrap();
     assert_eq!(r.rows.len(), 1);
     let all: i64 = sql_groups(&db, "'x'", "", w)["x"][1];
     assert_eq!(
@@ -895,15 +900,17 @@ fn the_migration_backfills_rollups_from_existing_rows() {
     let want = sql_groups(&db, "COALESCE(table_name, '_unattributed')", "", all);
     // Turn the file back into the ledger before the rollup migration (v4), with rows and no
     // rollups, undoing the migrations after it too (v5: deferred charges; v6: virtual keys and
-    // the audit log; v7: identifier fingerprints), then reopen it.
+    // the audit log; v7: identifier fingerprints; v8: reconciliation's call-count tables), then
+    // reopen it.
     let conn = rusqlite::Connection::open(&db).unwrap();
     assert_eq!(
         creditmeter::ledger::schema::SCHEMA_VERSION,
-        7,
+        8,
         "undo the newer migrations here"
     );
     conn.execute_batch(
-        "DROP TABLE identifiers;
+        "DROP TABLE reconcile_calls; DROP TABLE api_usage_counts; DROP TABLE api_usage_polls;
+         DROP TABLE identifiers;
          DROP TRIGGER virtual_keys_last_used; DROP TABLE virtual_keys; DROP TABLE audit;
          DELETE FROM meta WHERE key = 'keys_generation';
          DROP INDEX calls_settles; DROP INDEX calls_deferred;

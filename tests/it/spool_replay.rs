@@ -86,8 +86,8 @@ fn a_million_spooled_rows_replay_in_chunks_while_live_calls_commit() {
     let n = spool_rows();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
-    let conn = creditmeter::ledger::open_for_write(&db, Synchronous::Normal).unwrap();
-    let secret = creditmeter::ledger::install_secret(&conn).unwrap();
+    let store = creditmeter::ledger::SqliteStore::open(&db, Synchronous::Normal).unwrap();
+    let secret = creditmeter::ledger::Store::install_secret(&store).unwrap();
     let spool = dir.path().join("ledger.db.spool");
     {
         let mut w = std::io::BufWriter::new(std::fs::File::create(&spool).unwrap());
@@ -103,15 +103,19 @@ fn a_million_spooled_rows_replay_in_chunks_while_live_calls_commit() {
 
     let started = Instant::now();
     let (writer, handle) = LedgerWriter::spawn(
-        conn,
+        creditmeter::ledger::Store::call_sink(
+            &store,
+            &creditmeter::ledger::SinkOptions {
+                busy_timeout: Duration::from_secs(5),
+                secret,
+            },
+        )
+        .unwrap(),
         WriterConfig {
-            path: db.clone(),
-            synchronous: Synchronous::Normal,
+            spool_base: db.clone(),
             batch_max: creditmeter::config::DEFAULT_BATCH_MAX,
-            busy_timeout: Duration::from_secs(5),
             on_error: OnLedgerError::Spool,
             spool_reserve: 0,
-            secret,
             group_wait: creditmeter::ledger::writer::GROUP_WAIT,
             commit_timeout: creditmeter::config::DEFAULT_COMMIT_TIMEOUT,
         },

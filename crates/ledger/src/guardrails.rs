@@ -77,6 +77,18 @@ pub fn spend_snapshot(
     Ok((groups, ids))
 }
 
+/// Which of `request_ids` are in `calls`.
+pub fn stored_ids(conn: &Connection, request_ids: &[&str]) -> rusqlite::Result<HashSet<String>> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM calls WHERE request_id = ?1")?;
+    let mut out = HashSet::new();
+    for id in request_ids {
+        if stmt.exists([id])? {
+            out.insert((*id).to_owned());
+        }
+    }
+    Ok(out)
+}
+
 /// A hold in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoldRow {

@@ -1,8 +1,15 @@
-//! The SQLite ledger: one row per proxied call, committed at call time.
+//! The ledger: one row per proxied call, committed at call time, behind the [`store`] seam
+//! (SQLite, [`sqlite`], is its first implementation).
+//!
+//! Callers outside this crate hold an `Arc<dyn Store>` ([`SharedStore`]) and never a
+//! connection; see [`store`] for the traits, why they are synchronous, and how a table or a
+//! query is added. (Not behind the seam yet: reconciliation's own tables, which
+//! `creditmeter::reconcile` still reads and writes through a connection of its own, and
+//! `creditmeter_sim::synth`, which writes a SQLite file for benchmarks.)
 //!
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
-//! block the writer. One writer thread owns the write connection and group-commits rows handed
-//! to it over a channel ([`writer`]). This module knows nothing of HTTP.
+//! block the writer. One writer thread owns the store's [`CallSink`] and group-commits rows
+//! handed to it over a channel ([`writer`]). This crate knows nothing of HTTP.
 //!
 //! Triggers keep `rollup_hourly` (spend per hour × table × workflow × endpoint × status ×
 //! outcome) in the same transaction as each insert, so reports over big windows read thousands
@@ -19,6 +26,8 @@ pub mod maintenance;
 pub mod queries;
 pub mod schema;
 pub mod settings;
+pub mod sqlite;
+pub mod store;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +39,10 @@ use serde::{Deserialize, Serialize};
 pub use writer::{CommitError, LedgerHandle, LedgerMetrics, LedgerWriter, WriterConfig};
 
 pub use settings::{OnLedgerError, Synchronous};
+pub use sqlite::SqliteStore;
+pub use store::{
+    CallSink, Guardrails, PendingCall, Reports, Rows, SettleStore, SharedStore, SinkOptions, Store,
+};
 
 /// Why the ledger could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +63,13 @@ pub enum LedgerError {
     TooNew { found: i64, supported: i64 },
     #[error("ledger: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// A read query failed (reports, the usage API, a budget rebuild).
+    #[error("ledger query: {0}")]
+    Query(#[source] rusqlite::Error),
+    #[error("ledger file {path} was deleted or replaced")]
+    Replaced { path: PathBuf },
+    #[error("ledger is not open")]
+    NotOpen,
     #[error("ledger {path}: journal_mode is {mode}, but WAL is required (is the file on a network file system?)")]
     NotWal { path: PathBuf, mode: String },
     #[error("the system random source failed while making the install secret")]

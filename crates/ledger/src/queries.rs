@@ -634,6 +634,68 @@ pub fn spend(
     Ok(rows)
 }
 
+/// Every call with a `deferred` charge and no row that `settles` it, oldest first.
+pub fn pending_charges(conn: &Connection) -> rusqlite::Result<Vec<crate::PendingCall>> {
+    let mut stmt = conn.prepare(
+        "SELECT c.request_id, c.started_at, c.method, c.path, c.endpoint, c.table_name,
+                c.workflow, c.tags, c.key_fp, c.records_requested, c.records_matched, c.deferred,
+                c.deferred_milli
+           FROM calls c
+          WHERE c.deferred IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM calls s WHERE s.settles = c.request_id)
+          ORDER BY c.started_at",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(crate::PendingCall {
+            request_id: r.get(0)?,
+            started_at: r.get(1)?,
+            method: r.get(2)?,
+            path: r.get(3)?,
+            endpoint: r.get(4)?,
+            table_name: r.get(5)?,
+            workflow: r.get(6)?,
+            tags: r.get(7)?,
+            key_fp: r.get(8)?,
+            records_requested: r.get(9)?,
+            records_matched: r.get(10)?,
+            deferred: r.get(11)?,
+            deferred_milli: r.get(12)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The straightforward SQL a person would type into `sqlite3`: `GROUP BY` over `calls` in the
+/// window, (credits, calls) per group. `ledger bench` checks the reports against it.
+pub fn plain_group_by(
+    conn: &Connection,
+    by: &GroupBy,
+    w: Window,
+) -> rusqlite::Result<BTreeMap<String, (i64, i64)>> {
+    let sql = format!(
+        "SELECT {} AS k, sum(credits_milli), count(*) FROM calls
+          WHERE started_at >= :since AND started_at < :until{} GROUP BY k",
+        by.raw_sql(),
+        by.raw_where()
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let tag = by.tag_path();
+    let mut params: Vec<(&str, &dyn rusqlite::ToSql)> =
+        vec![(":since", &w.since_ms), (":until", &w.until_ms)];
+    if let Some(t) = &tag {
+        params.push((":tag", t));
+    }
+    let rows = stmt
+        .query_map(params.as_slice(), |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                (r.get(1)?, r.get(2)?),
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
 /// The earliest hour the rollups know of: when the ledger's history starts.
 pub fn first_hour(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     conn.query_row("SELECT min(hour) FROM rollup_hourly", [], |r| r.get(0))

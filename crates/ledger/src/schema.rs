@@ -279,6 +279,42 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX identifiers_at ON identifiers(at);
     "#,
+    // Per-endpoint call counts (reconciliation): Apollo's `usage_stats/api_usage_stats` readings
+    // and the windows reconciled from them. Earlier versions created these tables on first use
+    // (`IF NOT EXISTS` keeps those ledgers as they are).
+    r#"
+    CREATE TABLE IF NOT EXISTS api_usage_polls (
+        id          INTEGER PRIMARY KEY,
+        request_id  TEXT NOT NULL,    -- the poll's calls.request_id
+        sent_at     INTEGER NOT NULL, -- unix ms
+        received_at INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS api_usage_counts (
+        poll_id     INTEGER NOT NULL REFERENCES api_usage_polls(id),
+        route       TEXT NOT NULL,    -- Apollo's route under api/v1/, e.g. people/match
+        endpoint    TEXT NOT NULL,    -- the catalog's endpoint name
+        minute_calls INTEGER, hour_calls INTEGER, day_calls INTEGER
+    );
+    CREATE INDEX IF NOT EXISTS api_usage_counts_poll ON api_usage_counts(poll_id);
+    CREATE TABLE IF NOT EXISTS reconcile_calls (
+        id            INTEGER PRIMARY KEY,
+        endpoint      TEXT NOT NULL,    -- '' marks a window with no calls at all
+        routes        TEXT NOT NULL,    -- Apollo's routes for it, comma-separated
+        window_start  INTEGER NOT NULL, -- sent_at of the opening poll
+        window_end    INTEGER NOT NULL, -- sent_at of the closing poll
+        from_poll     INTEGER NOT NULL,
+        to_poll       INTEGER NOT NULL,
+        apollo_calls  INTEGER NOT NULL, -- calls Apollo counted (a lower bound)
+        ledger_calls  INTEGER NOT NULL, -- calls the ledger surely puts in the window
+        edge_calls    INTEGER NOT NULL, -- calls in flight at the closing poll
+        drift_calls   INTEGER NOT NULL, -- signed: Apollo's count minus the ledger's
+        outside_calls INTEGER NOT NULL, -- max(drift_calls, 0)
+        carry_lo      INTEGER NOT NULL,
+        carry_hi      INTEGER NOT NULL,
+        reconciled_at INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS reconcile_calls_window ON reconcile_calls(window_end);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -300,4 +336,60 @@ pub fn migrate(conn: &mut Connection) -> Result<(), super::LedgerError> {
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap();
+        let names = stmt.query_map([], |r| r.get(0)).unwrap();
+        names.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn a_new_ledger_has_the_reconcile_call_tables() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let names = tables(&conn);
+        for t in ["api_usage_polls", "api_usage_counts", "reconcile_calls"] {
+            assert!(names.iter().any(|n| n == t), "{t} missing from {names:?}");
+        }
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    /// A ledger where an earlier version created the reconcile tables on first use (schema 5
+    /// plus the tables) migrates to the newest version with its rows kept.
+    #[test]
+    fn tables_created_on_first_use_survive_the_migration() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (i, sql) in MIGRATIONS.iter().take(5).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (i + 1) as i64)
+                .unwrap();
+        }
+        // The reconcile tables' migration (v8) is what reconciliation ran on first use.
+        conn.execute_batch(MIGRATIONS[7]).unwrap();
+        conn.execute(
+            "INSERT INTO api_usage_polls (request_id, sent_at, received_at) VALUES ('p', 1, 2)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let polls: i64 = conn
+            .query_row("SELECT count(*) FROM api_usage_polls", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(polls, 1, "the reading an earlier version stored is kept");
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        assert!(MIGRATIONS[7].contains("reconcile_calls"));
+    }
 }

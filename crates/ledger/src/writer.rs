@@ -1,18 +1,18 @@
-//! The ledger writer: one named thread owns the write connection and group-commits rows.
+//! The ledger writer: one named thread owns the store's [`CallSink`] and group-commits rows.
 //!
-//! It blocks for the first row, drains whatever else is queued (up to `batch_max`), writes the
-//! batch in one IMMEDIATE transaction with a cached prepared statement, commits, and then
-//! acknowledges every row of the batch. Idle traffic gives single-row commits; load gives big
+//! It blocks for the first row, drains whatever else is queued (up to `batch_max`), hands the
+//! batch to the sink (SQLite: one IMMEDIATE transaction with a cached prepared statement),
+//! and then acknowledges every row of the batch. Idle traffic gives single-row commits; load gives big
 //! batches. While many calls are on their way ([`GROUP_MIN_EXPECTED`]), a batch also waits
 //! until [`GROUP_WAIT`] after the previous commit, since a commit costs about the same for one
 //! row as for ten; a quiet proxy never waits. The async side never waits on this thread
 //! except through the acknowledgement future, which it polls without blocking.
 //!
-//! When SQLite cannot take a batch (disk full, a lock held elsewhere past `busy_timeout`, the
-//! file deleted, replaced or unwritable), the batch is appended to the spool, a JSON-lines file
-//! beside the ledger, and fsynced; that counts as durable and the rows are acknowledged. While
-//! SQLite refuses, new rows follow them there, and about once a second the writer tries to
-//! recover: reopen the file if needed and replay the first chunk. Once SQLite takes writes
+//! When the store cannot take a batch (SQLite: disk full, a lock held elsewhere past
+//! `busy_timeout`, the file deleted, replaced or unwritable), the batch is appended to the
+//! spool, a JSON-lines file beside the ledger ([`WriterConfig::spool_base`]), and fsynced; that counts as durable and the rows are acknowledged. While
+//! the store refuses, new rows follow them there, and about once a second the writer tries to
+//! recover: reopen the store if needed and replay the first chunk. Once it takes writes
 //! again, new rows go straight to it and the spool is replayed `batch_max` rows at a time
 //! between them (`INSERT OR IGNORE` on the unique `request_id`, so a replay interrupted by a
 //! crash is never doubled), with the replayed offset kept in `<ledger>.spool-offset`; so after
@@ -23,7 +23,7 @@
 //! A call waits for its acknowledgement at most `commit_timeout` ([`Ack`]): past it (a hung
 //! fsync, a stalled disk) the call writes its own row to the spool, under the same lock the
 //! writer uses, and its response completes. The writer still holds the row too; whichever copy
-//! reaches SQLite second is ignored.
+//! reaches the store second is ignored.
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -39,16 +39,33 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
-use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use super::{CallRecord, LedgerError};
-use crate::{OnLedgerError, Synchronous};
+use crate::store::{CallSink, Rows};
+use crate::OnLedgerError;
 
-/// A row could not be committed nor spooled. The row itself was logged in full.
+/// A row could not be committed nor spooled. The row itself was logged in full. `Clone`: one
+/// outcome is sent to every row of a batch.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("ledger commit failed: {0}")]
-pub struct CommitError(pub String);
+pub enum CommitError {
+    /// The store refused the row and the spool could not be written either.
+    #[error("ledger commit failed: cannot write the spool {}: {source}", path.display())]
+    Spool {
+        path: PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The row could not be turned into a spool line.
+    #[error("ledger commit failed: {0}")]
+    Encode(Arc<serde_json::Error>),
+    /// Past twice `ledger.commit_timeout`, neither the writer nor the spool had taken the row.
+    #[error("ledger commit failed: neither committed nor spooled within ledger.commit_timeout")]
+    TimedOut,
+    /// The task spooling the row after `ledger.commit_timeout` failed.
+    #[error("ledger commit failed: {0}")]
+    Rescue(Arc<tokio::task::JoinError>),
+}
 
 /// What an [`Ack`] resolves to: `Ok(Ok(()))` once the row is committed or spooled.
 pub type AckResult = Result<Result<(), CommitError>, oneshot::error::RecvError>;
@@ -107,7 +124,9 @@ impl Future for Ack {
         };
         if let Some(job) = rescue.job.as_mut() {
             if let Poll::Ready(done) = Pin::new(job).poll(cx) {
-                return Poll::Ready(Ok(done.unwrap_or_else(|e| Err(CommitError(e.to_string())))));
+                return Poll::Ready(Ok(
+                    done.unwrap_or_else(|e| Err(CommitError::Rescue(Arc::new(e))))
+                ));
             }
         }
         let timeout = rescue.handle.commit_timeout;
@@ -131,9 +150,7 @@ impl Future for Ack {
                     request_id = what,
                     "the ledger did not commit this row, nor could it be spooled, within twice ledger.commit_timeout; the response completes and the writer keeps the row queued"
                 );
-                return Poll::Ready(Ok(Err(CommitError(
-                    "neither committed nor spooled within ledger.commit_timeout".into(),
-                ))));
+                return Poll::Ready(Ok(Err(CommitError::TimedOut)));
             }
             // Not handed over yet (still being priced): wait one more period.
             let Some(row) = lock(&rescue.row).clone() else {
@@ -142,7 +159,9 @@ impl Future for Ack {
             let handle = rescue.handle.clone();
             let mut job = tokio::task::spawn_blocking(move || handle.rescue(&row));
             if let Poll::Ready(done) = Pin::new(&mut job).poll(cx) {
-                return Poll::Ready(Ok(done.unwrap_or_else(|e| Err(CommitError(e.to_string())))));
+                return Poll::Ready(Ok(
+                    done.unwrap_or_else(|e| Err(CommitError::Rescue(Arc::new(e))))
+                ));
             }
             rescue.job = Some(job);
         }
@@ -160,25 +179,23 @@ pub struct LedgerMetrics {
     pub pending: IntGauge,
     /// `creditmeter_ledger_commit_seconds`: time per group commit.
     pub commit_seconds: Histogram,
-    /// `creditmeter_ledger_errors_total`: batches SQLite refused.
+    /// `creditmeter_ledger_errors_total`: batches the store refused.
     pub errors: IntCounter,
-    /// `creditmeter_ledger_spooled_rows`: rows waiting in the spool for SQLite to recover.
+    /// `creditmeter_ledger_spooled_rows`: rows waiting in the spool for the store to recover.
     pub spooled: IntGauge,
 }
 
-/// How the writer is set up.
+/// How the writer is set up. What the store needs (SQLite: `busy_timeout`, the install
+/// secret) goes to [`crate::Store::call_sink`] instead.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
-    pub path: PathBuf,
-    pub synchronous: Synchronous,
+    /// Where the spool goes: `<spool_base>.spool` ([`crate::Store::spool_base`]; for SQLite,
+    /// the ledger file).
+    pub spool_base: PathBuf,
     pub batch_max: usize,
-    /// How long a commit waits for a lock held by someone else before the batch is spooled.
-    pub busy_timeout: Duration,
     pub on_error: OnLedgerError,
     /// Bytes of ballast kept beside the spool, released when the disk is full (0 = none).
     pub spool_reserve: u64,
-    /// The install secret, written back if the file has to be recreated.
-    pub secret: Vec<u8>,
     /// The longest an [`Ack`] waits before it spools its row itself (`ledger.commit_timeout`).
     pub commit_timeout: Duration,
     /// Under load, how long after the last commit a batch waits for more rows ([`GROUP_WAIT`]
@@ -189,7 +206,7 @@ pub struct WriterConfig {
 impl WriterConfig {
     /// The spool file: `<ledger>.spool`.
     pub fn spool_path(&self) -> PathBuf {
-        Self::spool_path_of(&self.path)
+        Self::spool_path_of(&self.spool_base)
     }
 
     /// The spool file of the ledger at `ledger`.
@@ -198,7 +215,7 @@ impl WriterConfig {
     }
 
     fn reserve_path(&self) -> PathBuf {
-        sibling(&self.path, "spool-reserve")
+        sibling(&self.spool_base, "spool-reserve")
     }
 }
 
@@ -213,8 +230,20 @@ fn sibling(path: &Path, ext: &str) -> PathBuf {
 }
 
 enum Msg {
-    Row(Arc<CallRecord>, Option<AckSender>),
+    Row(Queued),
     Close,
+}
+
+/// A row handed to the writer, with the acknowledgement its caller waits for.
+pub(crate) struct Queued {
+    row: Arc<CallRecord>,
+    ack: Option<AckSender>,
+}
+
+impl Queued {
+    pub(crate) fn row(&self) -> &CallRecord {
+        &self.row
+    }
 }
 
 /// State the handles and the writer share.
@@ -266,7 +295,7 @@ impl LedgerHandle {
 
     /// Appends `row` to the spool and fsyncs it: an [`Ack`] past `commit_timeout`.
     fn rescue(&self, row: &CallRecord) -> Result<(), CommitError> {
-        let mut line = serde_json::to_vec(row).map_err(|e| CommitError(e.to_string()))?;
+        let mut line = serde_json::to_vec(row).map_err(|e| CommitError::Encode(Arc::new(e)))?;
         line.push(b'\n');
         let mut spool = lock(&self.shared.spool);
         let result = spool.append(&line, 1);
@@ -285,9 +314,12 @@ impl LedgerHandle {
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("cannot write the spool {path}: {e}");
-                log_lost_row(row, &msg);
-                Err(CommitError(msg))
+                let err = CommitError::Spool {
+                    path: PathBuf::from(path),
+                    source: Arc::new(e),
+                };
+                log_lost_row(row, &err.to_string());
+                Err(err)
             }
         }
     }
@@ -313,11 +345,11 @@ impl LedgerHandle {
         if let Some(a) = &ack {
             *lock(&a.row) = Some(row.clone());
         }
-        if let Err(mpsc::SendError(msg)) = self.tx.send(Msg::Row(row, ack)) {
+        if let Err(mpsc::SendError(msg)) = self.tx.send(Msg::Row(Queued { row, ack })) {
             self.metrics.pending.dec();
             self.metrics.errors.inc();
-            if let Msg::Row(row, _) = msg {
-                log_lost_row(&row, "the ledger writer has stopped");
+            if let Msg::Row(q) = msg {
+                log_lost_row(&q.row, "the ledger writer has stopped");
             }
         }
     }
@@ -328,7 +360,7 @@ impl LedgerHandle {
         RowExpected(self.shared.clone())
     }
 
-    /// False while SQLite is refusing writes (rows are being spooled), true once it recovers.
+    /// False while the store is refusing writes (rows are being spooled), true once it recovers.
     pub fn is_healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
     }
@@ -338,7 +370,7 @@ impl LedgerHandle {
         self.shared.spooled.load(Ordering::Relaxed)
     }
 
-    /// What happens to calls while SQLite refuses writes.
+    /// What happens to calls while the store refuses writes.
     pub fn on_error(&self) -> OnLedgerError {
         self.on_error
     }
@@ -353,19 +385,16 @@ impl LedgerHandle {
 pub struct LedgerWriter {
     tx: mpsc::Sender<Msg>,
     join: Option<JoinHandle<()>>,
-    checkpointer: Option<Checkpointer>,
 }
 
 impl LedgerWriter {
-    /// Starts the writer thread on an opened, migrated connection. Rows left in the spool by an
-    /// earlier run are replayed first.
+    /// Starts the writer thread on the store's sink ([`crate::Store::call_sink`]). Rows left
+    /// in the spool by an earlier run are replayed first.
     pub fn spawn(
-        conn: Connection,
+        sink: Box<dyn CallSink>,
         config: WriterConfig,
         metrics: LedgerMetrics,
     ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
-        conn.busy_timeout(config.busy_timeout)?;
-        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
         let (tx, rx) = mpsc::channel();
         let spool = Spool::open(config.spool_path()).map_err(|source| LedgerError::Spool {
             path: config.spool_path(),
@@ -380,10 +409,8 @@ impl LedgerWriter {
         metrics
             .spooled
             .set(shared.spooled.load(Ordering::Relaxed) as i64);
-        let identity = file_identity(&config.path);
         let worker = Worker {
-            conn: Some(conn),
-            identity,
+            sink,
             rx,
             metrics: metrics.clone(),
             shared: shared.clone(),
@@ -397,7 +424,6 @@ impl LedgerWriter {
             .name("ledger-writer".into())
             .spawn(move || worker.run())
             .map_err(LedgerError::Thread)?;
-        let checkpointer = Checkpointer::spawn(config.path.clone()).map_err(LedgerError::Thread)?;
         let handle = LedgerHandle {
             tx: tx.clone(),
             metrics,
@@ -409,7 +435,6 @@ impl LedgerWriter {
             LedgerWriter {
                 tx,
                 join: Some(join),
-                checkpointer: Some(checkpointer),
             },
             handle,
         ))
@@ -421,7 +446,6 @@ impl LedgerWriter {
     }
 
     fn shutdown(&mut self) {
-        drop(self.checkpointer.take());
         let _ = self.tx.send(Msg::Close);
         if let Some(join) = self.join.take() {
             if join.join().is_err() {
@@ -437,95 +461,11 @@ impl Drop for LedgerWriter {
     }
 }
 
-/// The writer's own WAL auto-checkpoint, a backstop only: the checkpointer thread keeps the
-/// WAL far below it. (SQLite's default, 1000 pages, put a checkpoint with its fsyncs inside
-/// a call's commit every few thousand rows: the 5–10 ms commits behind the p99.9.)
-const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_000;
-
-/// How often the checkpointer copies the WAL into the database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Checkpoints the WAL on its own thread and connection, so that no call's commit waits for
-/// one. `PASSIVE` never blocks the writer: it copies what it can and leaves the rest for the
-/// next round.
-struct Checkpointer {
-    stop: Option<mpsc::Sender<()>>,
-    join: Option<JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    fn spawn(path: PathBuf) -> std::io::Result<Checkpointer> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let join = std::thread::Builder::new()
-            .name("ledger-checkpoint".into())
-            .spawn(move || {
-                let mut conn: Option<(Connection, Option<FileId>)> = None;
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_INTERVAL)
-                {
-                    // The writer may have recreated a deleted ledger: follow it.
-                    let identity = file_identity(&path);
-                    if conn.as_ref().is_some_and(|(_, id)| *id != identity) {
-                        conn = None;
-                    }
-                    if conn.is_none() && identity.is_some() {
-                        conn = Connection::open_with_flags(
-                            &path,
-                            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                        )
-                        .ok()
-                        .map(|c| (c, identity));
-                    }
-                    if let Some((c, _)) = &conn {
-                        let result: rusqlite::Result<(i64, i64, i64)> =
-                            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                            });
-                        if let Err(e) = result {
-                            // A full disk or a vanished file: the writer reports those itself.
-                            tracing::debug!(error = %e, "background WAL checkpoint failed");
-                            conn = None;
-                        }
-                    }
-                }
-            })?;
-        Ok(Checkpointer {
-            stop: Some(stop),
-            join: Some(join),
-        })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(join) = self.join.take() {
-            let _ = join.join();
-        }
-    }
-}
-
-/// (device, inode) of the ledger file, to notice it being deleted or replaced.
-type FileId = (u64, u64);
-
-#[cfg(unix)]
-fn file_identity(path: &Path) -> Option<FileId> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-#[cfg(not(unix))]
-fn file_identity(path: &Path) -> Option<FileId> {
-    std::fs::metadata(path).ok().map(|_| (0, 0))
-}
-
 /// How often a failing ledger is retried while rows are spooled.
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Worker {
-    conn: Option<Connection>,
-    identity: Option<FileId>,
+    sink: Box<dyn CallSink>,
     rx: mpsc::Receiver<Msg>,
     metrics: LedgerMetrics,
     shared: Arc<Shared>,
@@ -554,13 +494,14 @@ const REPLAY_SHARE: usize = 8;
 /// Calls on their way (sent upstream, row not yet handed over) that make [`GROUP_WAIT`] worth it.
 pub const GROUP_MIN_EXPECTED: usize = 8;
 
-type Batch = Vec<(Arc<CallRecord>, Option<AckSender>)>;
+type Batch = Vec<Queued>;
 
-/// Why a batch did not reach SQLite.
+/// Why a batch did not reach the store.
 enum WriteFailure {
-    /// SQLite is refusing writes: new rows follow the others into the spool until it recovers.
+    /// The store is refusing writes: new rows follow the others into the spool until it
+    /// recovers.
     Spooling,
-    Sql(String),
+    Store(LedgerError),
 }
 
 impl Worker {
@@ -590,14 +531,14 @@ impl Worker {
                     Some(self.rx.recv().unwrap_or(Msg::Close))
                 };
                 match first {
-                    Some(Msg::Row(r, a)) => batch.push((r, a)),
+                    Some(Msg::Row(q)) => batch.push(q),
                     Some(Msg::Close) => closing = true,
                     None => {}
                 }
             }
             while batch.len() < self.config.batch_max {
                 match self.rx.try_recv() {
-                    Ok(Msg::Row(r, a)) => batch.push((r, a)),
+                    Ok(Msg::Row(q)) => batch.push(q),
                     Ok(Msg::Close) => closing = true,
                     Err(_) => break,
                 }
@@ -658,7 +599,7 @@ impl Worker {
         let mut closing = false;
         while batch.len() < self.config.batch_max {
             match self.rx.try_recv() {
-                Ok(Msg::Row(r, a)) => batch.push((r, a)),
+                Ok(Msg::Row(q)) => batch.push(q),
                 Ok(Msg::Close) => closing = true,
                 Err(_) => break,
             }
@@ -668,10 +609,10 @@ impl Worker {
 
     /// The ledger is closed or the last write failed: retry about once a second.
     fn needs_recovery(&self) -> bool {
-        self.conn.is_none() || !self.shared.healthy.load(Ordering::Relaxed)
+        !self.sink.is_open() || !self.shared.healthy.load(Ordering::Relaxed)
     }
 
-    /// SQLite takes writes and rows wait in the spool: replay them between batches.
+    /// The store takes writes and rows wait in the spool: replay them between batches.
     fn replaying(&self) -> bool {
         !self.needs_recovery() && self.spooled() > 0
     }
@@ -691,7 +632,9 @@ impl Worker {
         let result = if !self.shared.healthy.load(Ordering::Relaxed) {
             Err(WriteFailure::Spooling)
         } else {
-            self.write(batch).map_err(WriteFailure::Sql)
+            self.sink
+                .commit(Rows::queued(batch))
+                .map_err(WriteFailure::Store)
         };
         self.metrics
             .commit_seconds
@@ -699,7 +642,7 @@ impl Worker {
         let outcome = match result {
             Ok(()) => Ok(()),
             Err(failure) => {
-                if let WriteFailure::Sql(e) = &failure {
+                if let WriteFailure::Store(e) = &failure {
                     self.metrics.errors.inc();
                     self.set_healthy(false);
                     self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
@@ -707,7 +650,7 @@ impl Worker {
                         error = %e,
                         on_error = self.config.on_error.as_str(),
                         spool = %self.config.spool_path().display(),
-                        "ledger write failed; spooling rows until SQLite recovers"
+                        "ledger write failed; spooling rows until the ledger recovers"
                     );
                 }
                 self.spool_batch(batch)
@@ -715,8 +658,8 @@ impl Worker {
         };
         self.metrics.pending.sub(n);
         self.last_commit = Instant::now();
-        for (_, ack) in batch.drain(..) {
-            if let Some(ack) = ack {
+        for q in batch.drain(..) {
+            if let Some(ack) = q.ack {
                 ack.send(outcome.clone());
             }
         }
@@ -724,8 +667,8 @@ impl Worker {
 
     fn spool_batch(&mut self, batch: &Batch) -> Result<(), CommitError> {
         let mut lines = Vec::with_capacity(batch.len() * 512);
-        for (row, _) in batch {
-            if serde_json::to_writer(&mut lines, row.as_ref()).is_ok() {
+        for q in batch {
+            if serde_json::to_writer(&mut lines, q.row()).is_ok() {
                 lines.push(b'\n');
             }
         }
@@ -739,40 +682,24 @@ impl Worker {
         drop(spool);
         self.publish_spool();
         result.map_err(|e| {
-            let msg = format!(
-                "cannot write the spool {}: {e}",
-                self.config.spool_path().display()
-            );
-            for (row, _) in batch {
-                log_lost_row(row, &msg);
+            let err = CommitError::Spool {
+                path: self.config.spool_path(),
+                source: Arc::new(e),
+            };
+            let msg = err.to_string();
+            for q in batch {
+                log_lost_row(q.row(), &msg);
             }
-            CommitError(msg)
+            err
         })
     }
 
-    /// Writes one batch in one transaction. Errors are strings: they are logged and spooled.
-    fn write(&mut self, batch: &Batch) -> Result<(), String> {
-        if file_identity(&self.config.path) != self.identity {
-            // Deleted or replaced under us: writing on would commit into a file nobody can see.
-            self.conn = None;
-            return Err(format!(
-                "ledger file {} was deleted or replaced",
-                self.config.path.display()
-            ));
-        }
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| "ledger is not open".to_owned())?;
-        insert_rows(conn, batch.iter().map(|(r, _)| r.as_ref())).map_err(|e| e.to_string())
-    }
-
-    /// Reopens the ledger if needed and replays the spool's first chunk; once SQLite takes it,
+    /// Reopens the ledger if needed and replays the spool's first chunk; once the store takes it,
     /// the ledger is healthy again and the rest is replayed between batches.
     fn try_recover(&mut self) {
         self.next_recovery = Instant::now() + RECOVERY_INTERVAL;
-        if self.conn.is_none() || file_identity(&self.config.path) != self.identity {
-            match self.reopen() {
+        if self.sink.needs_reopen() {
+            match self.sink.reopen() {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "ledger still unavailable");
@@ -785,14 +712,12 @@ impl Worker {
             self.set_healthy(true);
             self.ensure_reserve();
             // Hold changes the ledger refused meanwhile (see `Guard::place_hold`).
-            if let Some(conn) = &self.conn {
-                if let Err(e) = super::guardrails::replay_hold_spool(conn, &self.config.path) {
-                    tracing::warn!(error = %e, "hold changes stay in the holds spool for now");
-                }
+            if let Err(e) = self.sink.recovered() {
+                tracing::warn!(error = %e, "hold changes stay in the holds spool for now");
             }
             tracing::info!(
                 spooled_rows = left,
-                "ledger recovered; new rows go to SQLite and the spool is replayed in chunks"
+                "ledger recovered; new rows go to the ledger and the spool is replayed in chunks"
             );
         }
     }
@@ -806,7 +731,7 @@ impl Worker {
     }
 
     /// Commits up to `batch_max` spooled rows in one transaction and moves the replayed offset
-    /// past them (removing the spool once all of it is replayed). False if SQLite refused.
+    /// past them (removing the spool once all of it is replayed). False if the store refused.
     fn replay_one(&mut self) -> bool {
         // While calls are coming, smaller chunks: a live row waits for at most one of them.
         let max = if self.last_live.elapsed() < Duration::from_secs(1) {
@@ -823,11 +748,11 @@ impl Worker {
             }
         };
         if !chunk.rows.is_empty() {
-            let Some(conn) = self.conn.as_mut() else {
+            if !self.sink.is_open() {
                 return false;
-            };
+            }
             let started = Instant::now();
-            if let Err(e) = insert_rows(conn, chunk.rows.iter()) {
+            if let Err(e) = self.sink.commit(Rows::owned(&chunk.rows)) {
                 tracing::debug!(error = %e, "ledger still refusing writes");
                 return false;
             }
@@ -842,21 +767,6 @@ impl Worker {
         }
         self.publish_spool();
         true
-    }
-
-    fn reopen(&mut self) -> Result<(), LedgerError> {
-        self.conn = None;
-        let conn = super::open_for_write(&self.config.path, self.config.synchronous)?;
-        conn.busy_timeout(self.config.busy_timeout)?;
-        // A recreated file gets the same install secret, so key fingerprints stay comparable.
-        conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('install_secret', ?1)",
-            [&self.config.secret],
-        )?;
-        self.identity = file_identity(&self.config.path);
-        self.conn = Some(conn);
-        tracing::warn!(path = %self.config.path.display(), "ledger reopened");
-        Ok(())
     }
 
     fn set_healthy(&self, healthy: bool) {
@@ -905,64 +815,6 @@ impl Worker {
         }
     }
 }
-
-fn insert_rows<'a>(
-    conn: &mut Connection,
-    rows: impl Iterator<Item = &'a CallRecord>,
-) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    {
-        let mut stmt = tx.prepare_cached(INSERT_SQL)?;
-        for r in rows {
-            let inserted = stmt.execute(params![
-                r.request_id,
-                r.started_at,
-                r.finished_at,
-                r.method,
-                r.path,
-                r.endpoint,
-                r.status,
-                r.outcome.as_str(),
-                r.table_name,
-                r.workflow,
-                r.tags,
-                r.key_fp,
-                r.credits_milli(),
-                r.lead_milli,
-                r.direct_dial_milli,
-                r.export_milli,
-                r.credit_source,
-                r.records_requested,
-                r.records_matched,
-                r.catalog_version,
-                r.upstream_ms,
-                r.request_bytes,
-                r.response_bytes,
-                r.error,
-                r.id_kinds,
-                r.settles,
-                r.deferred,
-                r.deferred_milli,
-            ])?;
-            // A replayed row (ignored above) already has its identifiers.
-            if inserted == 1 && !r.identifiers.is_empty() {
-                super::identifiers::insert(&tx, tx.last_insert_rowid(), r)?;
-            }
-        }
-    }
-    tx.commit()
-}
-
-// `INSERT OR IGNORE`: a replayed row (same request_id) is never doubled, and a second
-// settlement of one call (same `settles`) is never stored.
-const INSERT_SQL: &str = "INSERT OR IGNORE INTO calls (
-    request_id, started_at, finished_at, method, path, endpoint, status, outcome,
-    table_name, workflow, tags, key_fp, credits_milli, lead_milli, direct_dial_milli,
-    export_milli, credit_source, records_requested, records_matched, catalog_version,
-    upstream_ms, request_bytes, response_bytes, error, id_kinds, settles, deferred,
-    deferred_milli
-) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-          ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
 
 /// The append-only spool: one JSON `CallRecord` per line. Rows before `offset` are replayed;
 /// the offset is kept in `<spool>-offset` with the spool's identity, so a restart resumes the
@@ -1176,6 +1028,9 @@ pub fn for_each_spooled(ledger: &Path, each: impl FnMut(CallRecord)) -> std::io:
     Spool::open(sibling(ledger, "spool"))?.for_each(each)
 }
 
+/// (device, inode) of an open file.
+type FileId = (u64, u64);
+
 #[cfg(unix)]
 fn open_identity(f: &File) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
@@ -1204,22 +1059,26 @@ mod tests {
     const WAIT: Duration = Duration::from_millis(400);
 
     fn start(dir: &Path) -> (LedgerWriter, LedgerHandle, LedgerMetrics) {
+        use crate::Store;
         let path = dir.join("ledger.db");
-        let conn = crate::open_for_write(&path, Synchronous::Normal).unwrap();
-        let secret = crate::install_secret(&conn).unwrap();
+        let store = crate::SqliteStore::open(&path, crate::Synchronous::Normal).unwrap();
+        let secret = store.install_secret().unwrap();
         let metrics = bench_metrics().unwrap();
+        let sink = store
+            .call_sink(&crate::SinkOptions {
+                busy_timeout: Duration::from_secs(5),
+                secret,
+            })
+            .unwrap();
         let config = WriterConfig {
-            path,
-            synchronous: Synchronous::Normal,
+            spool_base: path,
             batch_max: 1024,
-            busy_timeout: Duration::from_secs(5),
             on_error: OnLedgerError::Spool,
             spool_reserve: 0,
-            secret,
             group_wait: WAIT,
             commit_timeout: Duration::from_secs(30),
         };
-        let (writer, handle) = LedgerWriter::spawn(conn, config, metrics.clone()).unwrap();
+        let (writer, handle) = LedgerWriter::spawn(sink, config, metrics.clone()).unwrap();
         (writer, handle, metrics)
     }
 
@@ -1270,7 +1129,7 @@ mod tests {
 
         drop(handle);
         writer.close();
-        let conn = Connection::open(dir.path().join("ledger.db")).unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
         let rows: i64 = conn
             .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
             .unwrap();
