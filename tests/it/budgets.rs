@@ -19,6 +19,9 @@ fn with_budgets(mut c: Config, toml: &str) -> Config {
     let b = Config::from_toml(toml).unwrap();
     c.guard = b.guard;
     c.budget = b.budget;
+    // Bursts here are 300 concurrent calls waiting on budgets: room for all of them in flight
+    // (proxy.max_in_flight is tested in tests/it/edge.rs).
+    c.proxy.max_in_flight = 1024;
     c.validate().unwrap();
     c
 }
