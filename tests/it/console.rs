@@ -400,6 +400,12 @@ async fn the_console_in_a_real_browser_shows_what_the_report_shows() {
     let sim = SimServer::start(SimConfig::default(), None).await;
     let mut cfg = config_for(&sim.url(false), None);
     cfg.admin.token_env = "CREDITMETER_TEST_CONSOLE_TOKEN".into();
+    let budgets = creditmeter::config::Config::from_toml(
+        "[[budget]]\nname = \"inbound-daily\"\nscope = { table = \"Inbound leads\" }\nlimit = 1000\nwindow = \"day\"\naction = \"alert\"\n",
+    )
+    .unwrap();
+    cfg.guard = budgets.guard;
+    cfg.budget = budgets.budget;
     let token = "console-admin-token-7f3a";
     std::env::set_var("CREDITMETER_TEST_CONSOLE_TOKEN", token);
     let proxy = Proxy::start(cfg, dir.path()).await;
