@@ -400,6 +400,12 @@ async fn the_console_in_a_real_browser_shows_what_the_report_shows() {
     let sim = SimServer::start(SimConfig::default(), None).await;
     let mut cfg = config_for(&sim.url(false), None);
     cfg.admin.token_env = "CREDITMETER_TEST_CONSOLE_TOKEN".into();
+    let budgets = creditmeter::config::Config::from_toml(
+        "[[budget]]\nname = \"inbound-daily\"\nscope = { table = \"Inbound leads\" }\nlimit = 1000\nwindow = \"day\"\naction = \"alert\"\n",
+    )
+    .unwrap();
+    cfg.guard = budgets.guard;
+    cfg.budget = budgets.budget;
     let token = "console-admin-token-7f3a";
     std::env::set_var("CREDITMETER_TEST_CONSOLE_TOKEN", token);
     let proxy = Proxy::start(cfg, dir.path()).await;
@@ -615,6 +621,50 @@ async fn the_console_in_a_real_browser_shows_what_the_report_shows() {
             .as_bool()
             .unwrap());
         b.screenshot(&shots.join("table-older.png"));
+
+        // "Email or LinkedIn?": a table that enriched by both shows each kind's match rate and
+        // credits per match, as the report does.
+        b.goto(&format!("{base}/ui/table?name=ABM%20accounts"));
+        let (since, until) = window(&mut b);
+        let ids = report(
+            &db,
+            &[
+                "--table",
+                "ABM accounts",
+                "--identifiers",
+                "--since",
+                &since,
+                "--until",
+                &until,
+            ],
+        );
+        let mut kinds: Vec<&str> = ids["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["key"].as_str().unwrap())
+            .collect();
+        kinds.sort_unstable();
+        assert_eq!(kinds, ["email", "linkedin_url"], "{ids}");
+        assert_spend_equals(&mut b, "id_kind", &ids, "ABM identifier kinds");
+        let rates = b.eval("Array.from(document.querySelectorAll('table.spend[data-group-by=id_kind] tbody tr.row')).map(r => [r.dataset.key, r.children[8].textContent, r.children[9].textContent])");
+        for (row, want) in rates
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(ids["rows"].as_array().unwrap())
+        {
+            assert_eq!(row[0], want["key"]);
+            assert_eq!(
+                row[1].as_str().unwrap(),
+                format!("{:.1}%", want["match_rate"].as_f64().unwrap() * 100.0)
+            );
+            assert_eq!(
+                row[2].as_str().unwrap(),
+                format!("{:.2}", want["credits_per_match"].as_f64().unwrap())
+            );
+        }
+        b.screenshot(&shots.join("table-identifiers.png"));
 
         // The workflow, endpoint and key pages.
         b.goto(&format!("{base}/ui/workflow?name=abm-refresh"));

@@ -4,8 +4,10 @@
 //! indexes (never OFFSET over millions of rows).
 //!
 //! Table, workflow and endpoint pages are the report filtered (`report --table X --timeline`,
-//! `--by endpoint`, `--by id_kind`): whole hours from the rollups. The rollups do not carry the
-//! key, so a key's page reads its calls in the window from the detail rows in one pass.
+//! `--by endpoint`, `--by id_kind`): whole hours from the rollups, except the identifier kinds,
+//! which only the detail rows carry (one pass over the entity's calls in the window). The
+//! rollups do not carry the key either, so a key's page reads its calls in the window from the
+//! detail rows in one pass; keys are reached from the key column of the recent calls.
 
 use std::collections::BTreeMap;
 
@@ -97,18 +99,6 @@ pub fn render(ctx: &Ctx, kind: &str, q: &Query) -> Result<Markup, PageError> {
             )),
             None => None,
         };
-        let keys = if kind == "table" {
-            Some(report_json(
-                ctx,
-                &filtered(ReportArgs {
-                    by: Some("key".into()),
-                    top: Some(20),
-                    ..win.args()
-                }),
-            )?)
-        } else {
-            None
-        };
         let ids = report_json(
             ctx,
             &filtered(ReportArgs {
@@ -128,10 +118,6 @@ pub fn render(ctx: &Ctx, kind: &str, q: &Query) -> Result<Markup, PageError> {
             @if let Some((by, heading, doc)) = &third {
                 h2 { (heading) }
                 (spend_table(doc, by, Some(by), &win))
-            }
-            @if let Some(k) = &keys {
-                h2 { "API keys (fingerprints)" }
-                (spend_table(k, "key", Some("key"), &win))
             }
             h2 { "Identifier kinds" }
             p.note { "People enrichment calls that carried identifiers and got a 2xx answer, by the kinds of identifier each request carried: which identifiers find people, and what each match costs." }
@@ -310,7 +296,7 @@ fn recent_calls(
                     th scope="col" { "started (UTC)" } th scope="col" { "endpoint" } th scope="col" { "status" }
                     th scope="col" { "outcome" } th scope="col" { "table" } th scope="col" { "workflow" }
                     th scope="col" { "credits" } th scope="col" { "source" } th scope="col" { "matched" }
-                    th scope="col" { "identifiers" } th scope="col" { "request id" }
+                    th scope="col" { "identifiers" } th scope="col" { "key" } th scope="col" { "request id" }
                 } }
                 tbody {
                     @for r in &rows {
@@ -329,6 +315,9 @@ fn recent_calls(
                             td.text { (r.credit_source) }
                             td { (r.records_matched.map_or("-".to_owned(), |m| format!("{m}/{}", r.records_requested.unwrap_or(0)))) }
                             td.text { (r.id_kinds.as_deref().unwrap_or("-")) }
+                            td.text {
+                                @if let Some(k) = &r.key_fp { a.key href=(entity_link("key", k, win)) { (k) } } @else { "-" }
+                            }
                             td.text { code { (r.request_id) } }
                         }
                     }
