@@ -894,15 +894,16 @@ fn the_migration_backfills_rollups_from_existing_rows() {
     };
     let want = sql_groups(&db, "COALESCE(table_name, '_unattributed')", "", all);
     // Turn the file back into the ledger before the rollup migration (v4), with rows and no
-    // rollups, undoing the migrations after it too (v5: deferred charges), then reopen it.
+    // rollups, undoing the migrations after it too (v5: deferred charges, v6: identifier
+    // fingerprints), then reopen it.
     let conn = rusqlite::Connection::open(&db).unwrap();
     assert_eq!(
         creditmeter::ledger::schema::SCHEMA_VERSION,
-        5,
+        6,
         "undo the newer migrations here"
     );
     conn.execute_batch(
-        "DROP INDEX calls_settles; DROP INDEX calls_deferred;
+        "DROP TABLE identifiers; DROP INDEX calls_settles; DROP INDEX calls_deferred;
          ALTER TABLE calls DROP COLUMN settles; ALTER TABLE calls DROP COLUMN deferred;
          ALTER TABLE calls DROP COLUMN deferred_milli;
          DROP TRIGGER calls_rollup_insert; DROP TRIGGER calls_rollup_update;
