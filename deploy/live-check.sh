@@ -197,6 +197,7 @@ first_poll = "1s"
 # driver spends credits at the sim outside creditmeter and expects them unmetered).
 enabled = true
 interval = "5s"
+balance_lag = "1s"
 api_key_env = "CREDITMETER_LIVE_SETTLE_KEY"
 EOF
 export CREDITMETER_LIVE_SETTLE_KEY=live-settle-key

@@ -8,7 +8,7 @@
 //! bytes of an HMAC-SHA256 keyed with a key derived from the install secret, as a signed
 //! 64-bit integer), `at` (the call's `started_at`), `table_name` (the call's table, NULL when
 //! unattributed) and `credits_milli` (the item's share of the call's credits). The primary key
-//! `(kind, fp, at, call_id, item)` is the index the repeats query walks; `identifiers_at` serves
+//! `(kind, fp, at, call_id, item)` is the index the repeats query seeks; `identifiers_at` serves
 //! windows and retention.
 
 use std::borrow::Cow;
@@ -120,36 +120,51 @@ pub fn repeats(
     until_ms: i64,
     within_ms: i64,
 ) -> rusqlite::Result<Vec<RepeatPair>> {
-    // For every identifier row, the previous enrichment of the same (kind, fp): the primary
-    // key is in that order, so the window function reads it without a sort. Then one line per
-    // later item (its most recent earlier enrichment), then per table pair.
     let kinds = KINDS
         .iter()
         .map(|k| format!(", sum(kind = '{k}')"))
         .collect::<String>();
+    // Each identifier row enriched in the window, when an earlier enrichment of the same
+    // (kind, fp) by another call lies within `within` before it: one primary-key seek per row
+    // (most find nothing). Only for those, the latest such enrichment and its table. Then one
+    // line per later item (its most recent earlier enrichment over its kinds), then per pair.
     let sql = format!(
         "
-    WITH seq AS (
-        SELECT kind, at, call_id, item, table_name, credits_milli,
-               lag(at) OVER w AS prev_at,
-               lag(table_name) OVER w AS prev_table,
-               lag(call_id) OVER w AS prev_call
-          FROM identifiers
-         WHERE at >= ?1 - ?3 AND at < ?2
-        WINDOW w AS (PARTITION BY kind, fp ORDER BY at, call_id, item)
+    WITH hits AS (
+        SELECT l.kind, l.fp, l.at, l.call_id, l.item, l.table_name, l.credits_milli
+          FROM identifiers l
+         WHERE l.at >= ?1 AND l.at < ?2
+           AND EXISTS (SELECT 1 FROM identifiers e
+                        WHERE e.kind = l.kind AND e.fp = l.fp
+                          AND e.at < l.at AND e.at >= l.at - ?3 AND e.call_id != l.call_id)
+    ),
+    prev AS (
+        SELECT h.*,
+               (SELECT max(e.at) FROM identifiers e
+                 WHERE e.kind = h.kind AND e.fp = h.fp
+                   AND e.at < h.at AND e.at >= h.at - ?3 AND e.call_id != h.call_id) AS prev_at
+          FROM hits h
     ),
     per_item AS (
-        SELECT call_id, max(prev_at) AS prev_at, kind, prev_table, table_name, at, credits_milli
-          FROM seq
-         WHERE at >= ?1 AND prev_at IS NOT NULL AND at - prev_at <= ?3 AND prev_call != call_id
+        SELECT call_id, max(prev_at) AS prev_at, kind, fp, table_name, at, credits_milli
+          FROM prev
          GROUP BY call_id, item
+    ),
+    named AS (
+        SELECT p.*,
+               (SELECT e.table_name FROM identifiers e
+                 WHERE e.kind = p.kind AND e.fp = p.fp AND e.at = p.prev_at
+                   AND e.call_id != p.call_id LIMIT 1) AS prev_table
+          FROM per_item p
     )
     SELECT COALESCE(prev_table, '_unattributed'), COALESCE(table_name, '_unattributed'),
            count(*), count(DISTINCT call_id), sum(credits_milli),
            sum(at - prev_at), min(at - prev_at), max(at - prev_at){kinds}
-      FROM per_item
+      FROM named
      GROUP BY 1, 2"
     );
+    // Random seeks into a big index: a larger page cache than SQLite's 2 MB default pays.
+    conn.pragma_update(None, "cache_size", -65_536)?;
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map(params![since_ms, until_ms, within_ms.max(0)], |r| {
         let mut by_kind = Vec::new();
