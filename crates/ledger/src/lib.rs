@@ -1,11 +1,10 @@
 //! The ledger: one row per proxied call, committed at call time, behind the [`store`] seam
 //! (SQLite, [`sqlite`], is its first implementation).
 //!
-//! Callers outside this crate hold an `Arc<dyn Store>` ([`SharedStore`]) and never a
-//! connection; see [`store`] for the traits, why they are synchronous, and how a table or a
-//! query is added. (Not behind the seam yet: reconciliation's own tables, which
-//! `creditmeter::reconcile` still reads and writes through a connection of its own, and
-//! `creditmeter_sim::synth`, which writes a SQLite file for benchmarks.)
+//! Callers outside this crate hold an `Arc<dyn Store>` ([`SharedStore`]); see [`store`] for the
+//! traits, why they are synchronous, how a table or a query is added, and the callers that do
+//! not go through it yet (reconciliation, virtual keys and the audit log, the repeats, FOCUS and
+//! raw-calls reports, `creditmeter_sim::synth`).
 //!
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
 //! block the writer. One writer thread owns the store's [`CallSink`] and group-commits rows

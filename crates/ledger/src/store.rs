@@ -1,9 +1,13 @@
 //! The store seam: what creditmeter asks of its ledger, whatever keeps it.
 //!
-//! Everything outside this crate reaches the ledger through these traits, never through a
-//! database connection: the server, the reports, the admin API, the guard (budget rebuild and
-//! holds), the settler and the CLI hold an `Arc<dyn Store>`, and the writer thread holds a
-//! `Box<dyn CallSink>`. SQLite ([`crate::sqlite::SqliteStore`]) is the first implementation;
+//! The server, the spend/timeline/spike reports, the admin API's usage and calls, the guard
+//! (budget rebuild and holds), the settler and the ledger CLI reach the ledger through these
+//! traits, never through a database connection: they hold an `Arc<dyn Store>`, and the writer
+//! thread holds a `Box<dyn CallSink>`. Not behind the seam yet (each still opens a connection of
+//! its own, and each is the next piece of work before a second backend): reconciliation's
+//! tables (`creditmeter::reconcile`), virtual keys and the audit log ([`crate::keys`],
+//! [`crate::audit`], used by `creditmeter::keys`), the waste finder's, FOCUS and raw-calls
+//! reports (`creditmeter::report::{repeats, focus, calls}`), and `sim-ledger`'s generator. SQLite ([`crate::sqlite::SqliteStore`]) is the first implementation;
 //! Postgres (issue 16, DESIGN.md "Backends") is meant to be the second, added beside it without
 //! touching callers.
 //!
