@@ -1173,6 +1173,23 @@ async fn repeats_and_keys_pages_in_a_real_browser() {
         );
         assert_labelled(&mut b, "keys");
         b.screenshot(&shots.join("keys.png"));
+        // A second key with the same name is refused with a message naming the problem.
+        b.click("#key-table", false);
+        b.type_text("Other table");
+        b.click("#key-name", false);
+        b.type_text("console-key");
+        b.click("#create", true);
+        let alert = b.eval("document.querySelector('[role=alert]').textContent");
+        let alert = alert.as_str().unwrap();
+        assert!(
+            alert.contains("console-key") && alert.contains("nothing was changed"),
+            "{alert}"
+        );
+        assert_eq!(
+            b.eval("document.querySelector('#new-key')"),
+            Value::Null,
+            "no key is shown"
+        );
         let cookie = b
             .cookies()
             .iter()
