@@ -1010,3 +1010,296 @@ async fn without_a_token_no_login_is_needed_but_forms_still_need_the_csrf_token(
         503
     );
 }
+
+/// A call through the proxy with the virtual key `key` and no attribution headers: (status,
+/// the ledger's table and workflow for it).
+async fn keyed_call(
+    c: &HttpClient,
+    proxy: &Proxy,
+    key: &str,
+    email: &str,
+) -> (u16, Option<(String, String)>) {
+    let req = http::Request::post(proxy.url("/api/v1/people/match"))
+        .header("content-type", "application/json")
+        .header("x-api-key", key)
+        .body(Full::new(Bytes::from(json!({"email": email}).to_string())))
+        .unwrap();
+    let (status, headers, _) = send(c, req).await;
+    let attributed = headers
+        .get("x-meter-request-id")
+        .and_then(|id| id.to_str().ok())
+        .and_then(|id| {
+            proxy
+                .ledger()
+                .query_row(
+                    "SELECT table_name, workflow FROM calls WHERE request_id = ?1",
+                    [id],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .ok()
+        });
+    (status.as_u16(), attributed)
+}
+
+/// The Repeats page's pairs, sentences and total equal `report --repeats --format json` for
+/// people enriched from two tables; the Keys page's forms create a key the proxy attributes
+/// to its table, rotate it (the old secret stops working) and revoke it (the next call is a
+/// 401), each audited as the console; a post without the CSRF token changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeats_and_keys_pages_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        SimConfig {
+            match_rate_pct: 100,
+            rate_limit_minute: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let mut cfg = config_for(&sim.url(false), None);
+    cfg.admin.token_env = "CREDITMETER_TEST_CONSOLE_KEYS_NO_TOKEN".into();
+    std::env::remove_var("CREDITMETER_TEST_CONSOLE_KEYS_NO_TOKEN");
+    cfg.keys.mode = creditmeter::keys::KeysMode::Optional;
+    cfg.keys.upstream_key_env = "CREDITMETER_TEST_CONSOLE_KEYS_APOLLO".into();
+    std::env::set_var(
+        "CREDITMETER_TEST_CONSOLE_KEYS_APOLLO",
+        "console-real-apollo-key",
+    );
+    let proxy = Proxy::start(cfg, dir.path()).await;
+    let c = client();
+    // ABM accounts enriches three people; Inbound leads enriches two of them again, and one
+    // new person.
+    for e in ["pat@acme.com", "sam@acme.com", "lee@globex.com"] {
+        assert_eq!(call(&c, &proxy, "ABM accounts", "abm", e).await, 200);
+    }
+    for e in ["Pat@Acme.com", "sam@acme.com", "new@initech.com"] {
+        assert_eq!(call(&c, &proxy, "Inbound leads", "inbound", e).await, 200);
+    }
+    let db = proxy.db.clone();
+    let base = format!("http://{}", proxy.admin);
+    let shots = screenshots_dir();
+
+    let (mut b, key, cookie) = tokio::task::block_in_place(|| {
+        let mut b = cdp::Browser::start();
+        // The navigation leads to the Repeats page.
+        b.goto(&format!("{base}/ui/"));
+        b.click("header nav a[href=\"/ui/repeats\"]", true);
+        assert_eq!(b.eval("location.pathname"), "/ui/repeats");
+        let (since, until) = window(&mut b);
+        let doc = report(&db, &["--repeats", "--since", &since, "--until", &until]);
+        let pairs = doc["pairs"].as_array().unwrap();
+        assert_eq!(pairs.len(), 1, "{doc}");
+        assert_eq!(pairs[0]["earlier_table"], "ABM accounts");
+        assert_eq!(pairs[0]["later_table"], "Inbound leads");
+        assert_eq!(pairs[0]["items"], 2);
+        let rows = b.eval("Array.from(document.querySelectorAll('#repeats tr.pair')).map(r => [r.dataset.earlier, r.dataset.later, Number(r.dataset.items), Number(r.dataset.calls), Number(r.dataset.creditsMilli), r.querySelector('td.credits').textContent])");
+        let rows = rows.as_array().unwrap();
+        assert_eq!(rows.len(), pairs.len(), "one row per table pair");
+        for (r, p) in rows.iter().zip(pairs) {
+            assert_eq!(r[0], p["earlier_table"]);
+            assert_eq!(r[1], p["later_table"]);
+            assert_eq!(r[2], p["items"]);
+            assert_eq!(r[3], p["calls"]);
+            assert_eq!(r[4], p["credits_milli"]);
+            assert_eq!(
+                r[5].as_str().unwrap(),
+                fmt_credits(p["credits_milli"].as_i64().unwrap())
+            );
+        }
+        let sentences = b
+            .eval("Array.from(document.querySelectorAll('#summaries li')).map(l => l.textContent)");
+        let want: Vec<&Value> = pairs.iter().map(|p| &p["summary"]).collect();
+        assert_eq!(sentences, json!(want));
+        assert_eq!(
+            b.eval("Number(document.querySelector('#repeats-total').dataset.creditsMilli)"),
+            doc["total"]["credits_milli"]
+        );
+        assert!(doc["total"]["credits_milli"].as_i64().unwrap() > 0);
+        // A shorter look-back is the report's --within.
+        b.goto(&format!("{base}/ui/repeats?window=24h&within=1h"));
+        let (since, until) = window(&mut b);
+        let doc = report(
+            &db,
+            &[
+                "--repeats",
+                "--within",
+                "1h",
+                "--since",
+                &since,
+                "--until",
+                &until,
+            ],
+        );
+        assert_eq!(
+            b.eval("Number(document.querySelector('#repeats-within').dataset.withinMs)"),
+            doc["within_ms"]
+        );
+        assert_eq!(
+            b.eval("document.querySelectorAll('#repeats tr.pair').length"),
+            json!(doc["pairs"].as_array().unwrap().len())
+        );
+        assert_labelled(&mut b, "repeats");
+        b.screenshot(&shots.join("repeats.png"));
+
+        // Create a key through the form; the secret is shown on the answer, once.
+        b.goto(&format!("{base}/ui/keys"));
+        assert_eq!(b.eval("document.querySelector('#keys').dataset.keys"), "0");
+        b.click("#key-table", false);
+        b.type_text("Keyed table");
+        b.click("#key-workflow", false);
+        b.type_text("keyed-flow");
+        b.click("#key-name", false);
+        b.type_text("console-key");
+        b.click("#create", true);
+        let key = b
+            .eval("document.querySelector('#new-key').value")
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(key.starts_with("cmk_"), "{key}");
+        b.screenshot(&shots.join("key-created.png"));
+        b.goto(&format!("{base}/ui/keys"));
+        assert!(
+            !b.eval("document.documentElement.outerHTML")
+                .as_str()
+                .unwrap()
+                .contains(&key),
+            "the key is shown only once"
+        );
+        assert_eq!(
+            b.eval("Array.from(document.querySelectorAll('#keys tr.key')).map(r => [r.dataset.name, r.dataset.table, r.dataset.status])"),
+            json!([["console-key", "Keyed table", "live"]])
+        );
+        assert_labelled(&mut b, "keys");
+        b.screenshot(&shots.join("keys.png"));
+        // A second key with the same name is refused with a message naming the problem.
+        b.click("#key-table", false);
+        b.type_text("Other table");
+        b.click("#key-name", false);
+        b.type_text("console-key");
+        b.click("#create", true);
+        let alert = b.eval("document.querySelector('[role=alert]').textContent");
+        let alert = alert.as_str().unwrap();
+        assert!(
+            alert.contains("console-key") && alert.contains("nothing was changed"),
+            "{alert}"
+        );
+        assert_eq!(
+            b.eval("document.querySelector('#new-key')"),
+            Value::Null,
+            "no key is shown"
+        );
+        let cookie = b
+            .cookies()
+            .iter()
+            .find(|c| c["name"] == "creditmeter_session")
+            .map(|c| format!("creditmeter_session={}", c["value"].as_str().unwrap()))
+            .expect("a session cookie");
+        (b, key, cookie)
+    });
+    // Neither the ledger file nor its WAL holds the key.
+    for suffix in ["", "-wal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let bytes = std::fs::read(&p).unwrap_or_default();
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the key is not stored ({suffix})"
+        );
+    }
+    // A call with the key is attributed to its table and workflow.
+    assert_eq!(
+        keyed_call(&c, &proxy, &key, "k1@example.com").await,
+        (200, Some(("Keyed table".into(), "keyed-flow".into())))
+    );
+    let listed = || async {
+        let (_, _, body) = get(&format!("{base}/api/keys")).await;
+        serde_json::from_slice::<Value>(&body).unwrap()["keys"].clone()
+    };
+    let id = listed().await[0]["id"].as_str().unwrap().to_owned();
+
+    // Posts without the session's CSRF token change nothing.
+    for (path, body) in [
+        ("/ui/keys", "table=Sneaky".to_owned()),
+        ("/ui/keys/revoke", format!("id={id}")),
+        ("/ui/keys/rotate", format!("id={id}&csrf=")),
+    ] {
+        let req = http::Request::post(format!("{base}{path}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("cookie", &cookie)
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        assert_eq!(send(&c, req).await.0, 403, "{path} {body}");
+    }
+    let keys = listed().await;
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    assert_eq!(keys[0]["status"], "live");
+    assert_eq!(keyed_call(&c, &proxy, &key, "k2@example.com").await.0, 200);
+
+    // Rotate through the form: the old secret is refused, the new one works.
+    let rotated = tokio::task::block_in_place(|| {
+        b.goto(&format!("{base}/ui/keys"));
+        b.click(
+            "#keys tr.key[data-name=\"console-key\"] button.rotate",
+            true,
+        );
+        b.eval("document.querySelector('#new-key').value")
+            .as_str()
+            .unwrap()
+            .to_owned()
+    });
+    assert!(rotated.starts_with("cmk_") && rotated != key);
+    assert_eq!(keyed_call(&c, &proxy, &key, "k3@example.com").await.0, 401);
+    assert_eq!(
+        keyed_call(&c, &proxy, &rotated, "k4@example.com").await,
+        (200, Some(("Keyed table".into(), "keyed-flow".into())))
+    );
+
+    // Revoke through the form: the next call is a 401.
+    tokio::task::block_in_place(|| {
+        b.goto(&format!("{base}/ui/keys"));
+        b.click(
+            "#keys tr.key[data-name=\"console-key\"] button.revoke",
+            true,
+        );
+        assert_eq!(b.eval("location.pathname"), "/ui/keys");
+        assert!(b.eval("document.querySelector('#revoked') !== null") == json!(true));
+        assert_eq!(
+            b.eval("document.querySelector('#keys tr.key').dataset.status"),
+            "revoked"
+        );
+    });
+    assert_eq!(
+        keyed_call(&c, &proxy, &rotated, "k5@example.com").await.0,
+        401
+    );
+
+    // The audit log has the three changes, by the console.
+    let (_, _, body) = get(&format!("{base}/api/audit")).await;
+    let audit: Value = serde_json::from_slice(&body).unwrap();
+    let by_console: Vec<(String, String)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == id.as_str())
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let actions: Vec<&str> = by_console.iter().map(|(_, a)| a.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["key_created", "key_rotated", "key_revoked"],
+        "{audit}"
+    );
+    assert!(
+        by_console.iter().all(|(a, _)| a == "console:admin"),
+        "{by_console:?}"
+    );
+    let audit_text = audit.to_string();
+    assert!(!audit_text.contains(&key) && !audit_text.contains(&rotated));
+}

@@ -4,7 +4,7 @@
 //! carrying the session's CSRF token, and go through the same [`crate::guard::Guard`] calls as
 //! `POST /api/holds` and `DELETE /api/holds/{id}`.
 //!
-//! Virtual keys (`/api/keys`) are not on this page yet: it is added once that API exists.
+//! Virtual keys have their own page ([`super::keys`], `/ui/keys`), linked from here.
 
 use maud::{html, Markup};
 use serde_json::Value;
@@ -126,7 +126,7 @@ pub fn render(ctx: &Ctx, q: &Query) -> Result<Markup, PageError> {
             }
         }
         h2 { "Virtual keys" }
-        p.note { "Not in the console yet: the keys page arrives with the admin API's /api/keys. Use creditmeter keys create|list|revoke|rotate meanwhile." }
+        p { "Create, revoke and rotate virtual keys on the " a href="/ui/keys" { "Keys page" } "." }
     };
     Ok(layout::page(ctx, "Guardrails", "/ui/guardrails", body))
 }

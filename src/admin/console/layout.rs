@@ -46,10 +46,12 @@ input[type=text], input[type=password] { font: inherit; padding: 3px 6px; }
 "#;
 
 /// Navigation entries: (path, label).
-const NAV: [(&str, &str); 3] = [
+const NAV: [(&str, &str); 5] = [
     ("/ui/", "Overview"),
+    ("/ui/repeats", "Repeats"),
     ("/ui/reconcile", "Reconciliation"),
     ("/ui/guardrails", "Guardrails"),
+    ("/ui/keys", "Keys"),
 ];
 
 /// A whole page: `title`, the nav entry to mark, and the body.

@@ -8,8 +8,8 @@
 //! external asset, so the console works offline and behind a firewall.
 //!
 //! Pages: the overview ([`overview`]), one page per table, workflow, key or endpoint
-//! ([`entity`]), reconciliation ([`reconcile`]) and guardrails ([`guardrails`]: budgets,
-//! holds and the emergency stop).
+//! ([`entity`]), reconciliation ([`reconcile`]), guardrails ([`guardrails`]: budgets,
+//! holds and the emergency stop), the waste finder ([`repeats`]) and virtual keys ([`keys`]).
 //!
 //! Access ([`session`]): with an admin token configured, a login form takes the token and sets
 //! an `HttpOnly`, `SameSite=Strict` session cookie (`Secure` behind TLS); without one (allowed
@@ -20,9 +20,11 @@
 pub mod charts;
 pub mod entity;
 pub mod guardrails;
+pub mod keys;
 pub mod layout;
 pub mod overview;
 pub mod reconcile;
+pub mod repeats;
 pub mod session;
 
 use std::path::PathBuf;
@@ -70,6 +72,10 @@ pub struct Ctx {
     pub csrf: Option<String>,
     /// An admin token is configured, so the console asks for it.
     pub login_required: bool,
+    /// `[keys]`, to check a new key's upstream and say whether the proxy takes keys.
+    pub keys_config: crate::keys::KeysConfig,
+    /// Who the console's changes are audited as: `console:` and the admin API's actor.
+    pub actor: String,
     pub now: i64,
 }
 
@@ -436,6 +442,8 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> AdminResponse {
         ledger_healthy: admin.ledger.is_healthy(),
         csrf: None,
         login_required,
+        keys_config: admin.keys.config.clone(),
+        actor: format!("console:{}", admin.keys.actor),
         now,
     };
     let method = req.method().clone();
@@ -554,6 +562,9 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> AdminResponse {
             }
             "/ui/holds" => guardrails::place(&ctx, &form).await,
             "/ui/holds/release" => guardrails::release(&ctx, &form).await,
+            "/ui/keys" => keys::create(&ctx, &form).await,
+            "/ui/keys/revoke" => keys::revoke(&ctx, &form).await,
+            "/ui/keys/rotate" => keys::rotate(&ctx, &form).await,
             _ => message_page(
                 &ctx,
                 StatusCode::NOT_FOUND,
@@ -580,6 +591,8 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> AdminResponse {
             "/ui/reconcile" => reconcile::render(&ctx, &q),
             "/ui/guardrails" => guardrails::render(&ctx, &q),
             "/ui/stop" => guardrails::confirm_stop(&ctx, &q),
+            "/ui/repeats" => repeats::render(&ctx, &q),
+            "/ui/keys" => keys::render(&ctx, &q),
             _ => {
                 return message_page(
                     &ctx,
