@@ -327,6 +327,20 @@ async fn past_the_limits_calls_get_a_503_and_connections_wait() {
         .unwrap();
     assert_eq!(rows, 1, "the refused call is no ledger row");
 
+    // The clients above are dropped; wait until the proxy has seen their connections close,
+    // so the two below are the only ones open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = proxy.metrics().await;
+        if metric_sum(&m, "creditmeter_connections_open", &[]) == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "earlier connections never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Two connections open (idle keep-alive after a call each) fill max_connections = 2.
     let mut held = Vec::new();
     for i in 0..2 {
@@ -338,7 +352,8 @@ async fn past_the_limits_calls_get_a_503_and_connections_wait() {
         .unwrap();
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "connection {i}: {head:?}");
         held.push(s);
     }
     let m = proxy.metrics().await;
