@@ -118,12 +118,7 @@ fn endpoint_of(route: &str, catalog: &Catalog) -> String {
 /// Whether the ledger has the tables: a ledger no server of this version has migrated yet
 /// (schema version 6, see `creditmeter_ledger::schema`) is read without them.
 pub fn has_tables(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'reconcile_calls'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n > 0)
+    crate::ledger::reconcile::has_call_tables(conn)
 }
 
 /// Stores one reading.
@@ -483,15 +478,7 @@ pub fn load_outside(
 
 /// Calls outside creditmeter per endpoint over all windows, to start the counter from.
 pub fn outside_totals(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
-    if !has_tables(conn)? {
-        return Ok(Vec::new());
-    }
-    let mut stmt = conn.prepare(
-        "SELECT endpoint, sum(outside_calls) FROM reconcile_calls
-          GROUP BY endpoint HAVING sum(outside_calls) > 0",
-    )?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+    crate::ledger::reconcile::outside_totals(conn)
 }
 
 impl CallWindow {

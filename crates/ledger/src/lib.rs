@@ -23,6 +23,7 @@ pub mod identifiers;
 pub mod keys;
 pub mod maintenance;
 pub mod queries;
+pub mod reconcile;
 pub mod schema;
 pub mod settings;
 pub mod sqlite;
@@ -40,7 +41,8 @@ pub use writer::{CommitError, LedgerHandle, LedgerMetrics, LedgerWriter, WriterC
 pub use settings::{OnLedgerError, Synchronous};
 pub use sqlite::SqliteStore;
 pub use store::{
-    CallSink, Guardrails, PendingCall, Reports, Rows, SettleStore, SharedStore, SinkOptions, Store,
+    CallSink, Guardrails, PendingCall, ReconcileStore, Reports, Rows, SettleStore, SharedStore,
+    SinkOptions, Store,
 };
 
 /// Why the ledger could not be opened, read or written.

@@ -22,6 +22,7 @@
 //!   the metrics' seed totals).
 //! - [`Guardrails`]: the spend budgets rebuild from, and the `holds` table.
 //! - [`SettleStore`]: deferred charges still pending.
+//! - [`ReconcileStore`]: reconciliation's tables (so far the totals its metrics start from).
 //! - [`Store`]: all of the above, plus the install secret, the writer's sink and retention.
 //!
 //! Local spools (`<ledger>.spool` for call rows, `<ledger>.holds-spool` for hold changes) are
@@ -76,6 +77,7 @@ use crate::maintenance::{PruneOutcome, Retention};
 use crate::queries::{
     Aggregate, CallRow, CallsQuery, Cursor, Filter, GroupBy, SeedTotals, Source, Window,
 };
+use crate::reconcile::LatestBalance;
 use crate::{CallRecord, LedgerError};
 
 /// A batch of call rows handed to [`CallSink::commit`], borrowed from the writer: live rows as
@@ -221,6 +223,18 @@ pub trait Guardrails {
     fn write_hold(&self, op: Option<&HoldOp>) -> Result<(), LedgerError>;
 }
 
+/// Reconciliation's tables ([`crate::reconcile`]): so far the totals its metrics start from.
+pub trait ReconcileStore {
+    /// Unmetered credits per stored credit type over all reconciled windows.
+    fn unmetered_totals(&self) -> Result<Vec<(String, i64)>, LedgerError>;
+
+    /// The latest balance snapshot of each of `credit_types` that has one, in that order.
+    fn latest_balances(&self, credit_types: &[&str]) -> Result<Vec<LatestBalance>, LedgerError>;
+
+    /// Calls outside creditmeter per endpoint over all windows (endpoints with any).
+    fn outside_totals(&self) -> Result<Vec<(String, i64)>, LedgerError>;
+}
+
 /// A call whose deferred charge has no settlement row yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingCall {
@@ -260,7 +274,7 @@ pub struct SinkOptions {
 }
 
 /// The ledger, whatever keeps it. See the module documentation.
-pub trait Store: Reports + Guardrails + SettleStore + Send + Sync {
+pub trait Store: Reports + Guardrails + SettleStore + ReconcileStore + Send + Sync {
     /// `sqlite` (later `postgres`), for logs.
     fn backend(&self) -> &'static str;
 
