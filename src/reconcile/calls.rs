@@ -451,29 +451,23 @@ pub fn load_outside(
     since_ms: i64,
     until_ms: i64,
 ) -> rusqlite::Result<Vec<CallWindow>> {
-    if !has_tables(conn)? {
-        return Ok(Vec::new());
+    let rows = crate::ledger::reconcile::outside_windows(conn, since_ms, until_ms)?;
+    Ok(rows.into_iter().map(CallWindow::from).collect())
+}
+
+impl From<crate::ledger::reconcile::OutsideWindow> for CallWindow {
+    fn from(w: crate::ledger::reconcile::OutsideWindow) -> CallWindow {
+        CallWindow {
+            endpoint: w.endpoint,
+            routes: w.routes,
+            window_start: w.window_start,
+            window_end: w.window_end,
+            apollo_calls: w.apollo_calls,
+            ledger_calls: w.ledger_calls,
+            drift_calls: w.drift_calls,
+            outside_calls: w.outside_calls,
+        }
     }
-    let mut stmt = conn.prepare(
-        "SELECT endpoint, routes, window_start, window_end, apollo_calls, ledger_calls,
-                drift_calls, outside_calls
-           FROM reconcile_calls
-          WHERE outside_calls > 0 AND window_end > ?1 AND window_start < ?2
-          ORDER BY window_start, endpoint",
-    )?;
-    let rows = stmt.query_map(params![since_ms, until_ms], |r| {
-        Ok(CallWindow {
-            endpoint: r.get(0)?,
-            routes: r.get(1)?,
-            window_start: r.get(2)?,
-            window_end: r.get(3)?,
-            apollo_calls: r.get(4)?,
-            ledger_calls: r.get(5)?,
-            drift_calls: r.get(6)?,
-            outside_calls: r.get(7)?,
-        })
-    })?;
-    rows.collect()
 }
 
 /// Calls outside creditmeter per endpoint over all windows, to start the counter from.

@@ -5,11 +5,11 @@
 //! `unified`); what they mean, and the drift arithmetic over these rows, stay with
 //! `creditmeter::reconcile`.
 //!
-//! So far the totals the metrics start from go through the store; the windows' own reads and
-//! writes (`creditmeter::reconcile::{store, calls, answer}`) still open a connection of their
-//! own.
+//! So far the totals the metrics start from and the reconciled windows a report reads go
+//! through the store; the poller's own reads and writes (`creditmeter::reconcile::{store,
+//! calls}`'s `reconcile_pending` and inserts) still open a connection of their own.
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
 /// The latest balance snapshot of one credit type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +17,137 @@ pub struct LatestBalance {
     pub credit_type: String,
     pub consumed_milli: i64,
     pub left_milli: Option<i64>,
+}
+
+/// One stored window of one credit type (a `reconciliation` row, as a report reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowRecord {
+    pub credit_type: String,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub cycle_reset: bool,
+    pub apollo_delta_milli: Option<i64>,
+    pub edge_milli: i64,
+    pub metered_milli: i64,
+    pub unmetered_milli: i64,
+    pub drift_milli: i64,
+    pub calls: i64,
+    /// The `by_endpoint` JSON, as stored.
+    pub by_endpoint: String,
+}
+
+/// One window of one endpoint with calls outside creditmeter (a `reconcile_calls` row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutsideWindow {
+    pub endpoint: String,
+    pub routes: String,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub apollo_calls: i64,
+    pub ledger_calls: i64,
+    pub drift_calls: i64,
+    pub outside_calls: i64,
+}
+
+/// What a reconciliation report reads for `[since, until)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowsRead {
+    /// Polls (distinct `request_id`s) with a snapshot sent inside the range.
+    pub snapshots: i64,
+    /// The latest snapshot's `sent_at`, whenever it was.
+    pub last_snapshot: Option<i64>,
+    /// Windows overlapping the range, in `(window_start, window_end, id)` order.
+    pub windows: Vec<WindowRecord>,
+    /// [`outside_windows`] for the range.
+    pub outside: Vec<OutsideWindow>,
+}
+
+/// The balance tables and windows overlapping `[since_ms, until_ms)`, or `None` when the
+/// ledger has no `balance_snapshots` and `reconciliation` tables.
+pub fn read_windows(
+    conn: &Connection,
+    since_ms: i64,
+    until_ms: i64,
+) -> rusqlite::Result<Option<WindowsRead>> {
+    let tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'
+            AND name IN ('balance_snapshots', 'reconciliation')",
+        [],
+        |r| r.get(0),
+    )?;
+    if tables < 2 {
+        return Ok(None);
+    }
+    let (snapshots, last_snapshot) = conn.query_row(
+        "SELECT (SELECT count(DISTINCT request_id) FROM balance_snapshots
+                  WHERE sent_at >= ?1 AND sent_at < ?2),
+                (SELECT max(sent_at) FROM balance_snapshots)",
+        params![since_ms, until_ms],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut stmt = conn.prepare(
+        "SELECT credit_type, window_start, window_end, cycle_reset, apollo_delta_milli,
+                edge_milli, metered_milli, unmetered_milli, drift_milli, calls, by_endpoint
+           FROM reconciliation
+          WHERE window_end > ?1 AND window_start < ?2
+          ORDER BY window_start, window_end, id",
+    )?;
+    let windows = stmt
+        .query_map(params![since_ms, until_ms], |r| {
+            Ok(WindowRecord {
+                credit_type: r.get(0)?,
+                window_start: r.get(1)?,
+                window_end: r.get(2)?,
+                cycle_reset: r.get(3)?,
+                apollo_delta_milli: r.get(4)?,
+                edge_milli: r.get(5)?,
+                metered_milli: r.get(6)?,
+                unmetered_milli: r.get(7)?,
+                drift_milli: r.get(8)?,
+                calls: r.get(9)?,
+                by_endpoint: r.get(10)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let outside = outside_windows(conn, since_ms, until_ms)?;
+    Ok(Some(WindowsRead {
+        snapshots,
+        last_snapshot,
+        windows,
+        outside,
+    }))
+}
+
+/// Windows with calls outside creditmeter that overlap `[since_ms, until_ms)`, oldest first
+/// (empty on a ledger without the call-count tables).
+pub fn outside_windows(
+    conn: &Connection,
+    since_ms: i64,
+    until_ms: i64,
+) -> rusqlite::Result<Vec<OutsideWindow>> {
+    if !has_call_tables(conn)? {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT endpoint, routes, window_start, window_end, apollo_calls, ledger_calls,
+                drift_calls, outside_calls
+           FROM reconcile_calls
+          WHERE outside_calls > 0 AND window_end > ?1 AND window_start < ?2
+          ORDER BY window_start, endpoint",
+    )?;
+    let rows = stmt.query_map(params![since_ms, until_ms], |r| {
+        Ok(OutsideWindow {
+            endpoint: r.get(0)?,
+            routes: r.get(1)?,
+            window_start: r.get(2)?,
+            window_end: r.get(3)?,
+            apollo_calls: r.get(4)?,
+            ledger_calls: r.get(5)?,
+            drift_calls: r.get(6)?,
+            outside_calls: r.get(7)?,
+        })
+    })?;
+    rows.collect()
 }
 
 /// Whether the ledger has the call-count tables: a ledger no server of this version has
@@ -89,7 +220,7 @@ mod tests {
                 c.execute(
                     "INSERT INTO balance_snapshots (request_id, sent_at, received_at, credit_type,
                          consumed_milli, left_milli)
-                     VALUES ('p', ?1, ?1 + 10, ?2, ?3, ?4)",
+                     VALUES ('p' || ?1, ?1, ?1 + 10, ?2, ?3, ?4)",
                     rusqlite::params![sent, t, consumed, left],
                 )?;
                 Ok(())
@@ -166,6 +297,48 @@ mod tests {
         assert_eq!(
             store.outside_totals().unwrap(),
             vec![("people_match".to_owned(), 7)]
+        );
+    }
+
+    /// A report's read through the store: the windows overlapping the range in order, with
+    /// their rows as stored, the polls inside it, the latest snapshot whenever it was, and the
+    /// outside-call windows that overlap it.
+    #[test]
+    fn a_reports_windows_read_through_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("l.db"), Synchronous::Normal).unwrap();
+        let empty = store.reconcile_windows(0, 10_000).unwrap().unwrap();
+        assert_eq!(
+            (empty.snapshots, empty.last_snapshot, empty.windows.len()),
+            (0, None, 0)
+        );
+        snapshot(&store, 1000, "lead", 1000, Some(9000));
+        snapshot(&store, 2000, "lead", 3000, Some(7000));
+        snapshot(&store, 20_000, "lead", 3000, Some(7000));
+        window(&store, "lead", 2, 1500); // window_end 2: overlaps [0, 10000)
+        window(&store, "lead", 3, 500); // window_end 3
+        outside(&store, "people_match", 4);
+        outside(&store, "org_enrich", -2);
+        let got = store.reconcile_windows(0, 10_000).unwrap().unwrap();
+        assert_eq!((got.snapshots, got.last_snapshot), (2, Some(20_000)));
+        let ends: Vec<(i64, i64)> = got
+            .windows
+            .iter()
+            .map(|w| (w.window_end, w.unmetered_milli))
+            .collect();
+        assert_eq!(ends, vec![(2, 1500), (3, 500)]);
+        assert_eq!(got.windows[0].by_endpoint, "{}");
+        let outside: Vec<(&str, i64)> = got
+            .outside
+            .iter()
+            .map(|w| (w.endpoint.as_str(), w.outside_calls))
+            .collect();
+        assert_eq!(outside, vec![("people_match", 4)]);
+        // A range after every window holds none of them.
+        let later = store.reconcile_windows(5, 10_000).unwrap().unwrap();
+        assert!(
+            later.windows.is_empty() && later.outside.is_empty(),
+            "{later:?}"
         );
     }
 }

@@ -22,7 +22,7 @@ use crate::maintenance::{self, LedgerStats, PruneOutcome, Retention, VacuumOutco
 use crate::queries::{
     self, Aggregate, CallRow, CallsQuery, Cursor, Filter, GroupBy, SeedTotals, Source, Window,
 };
-use crate::reconcile::{self, LatestBalance};
+use crate::reconcile::{self, LatestBalance, WindowsRead};
 use crate::store::{
     CallSink, Guardrails, PendingCall, ReconcileStore, Reports, Rows, SettleStore, SinkOptions,
     Store,
@@ -259,6 +259,14 @@ impl SettleStore for SqliteStore {
 }
 
 impl ReconcileStore for SqliteStore {
+    fn reconcile_windows(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<WindowsRead>, LedgerError> {
+        self.read(|c| reconcile::read_windows(c, since_ms, until_ms))
+    }
+
     fn unmetered_totals(&self) -> Result<Vec<(String, i64)>, LedgerError> {
         self.read(reconcile::unmetered_totals)
     }

@@ -22,7 +22,8 @@
 //!   the metrics' seed totals).
 //! - [`Guardrails`]: the spend budgets rebuild from, and the `holds` table.
 //! - [`SettleStore`]: deferred charges still pending.
-//! - [`ReconcileStore`]: reconciliation's tables (so far the totals its metrics start from).
+//! - [`ReconcileStore`]: reconciliation's tables (so far the totals its metrics start from and
+//!   the windows its report reads).
 //! - [`Store`]: all of the above, plus the install secret, the writer's sink and retention.
 //!
 //! Local spools (`<ledger>.spool` for call rows, `<ledger>.holds-spool` for hold changes) are
@@ -77,7 +78,7 @@ use crate::maintenance::{PruneOutcome, Retention};
 use crate::queries::{
     Aggregate, CallRow, CallsQuery, Cursor, Filter, GroupBy, SeedTotals, Source, Window,
 };
-use crate::reconcile::LatestBalance;
+use crate::reconcile::{LatestBalance, WindowsRead};
 use crate::{CallRecord, LedgerError};
 
 /// A batch of call rows handed to [`CallSink::commit`], borrowed from the writer: live rows as
@@ -223,8 +224,17 @@ pub trait Guardrails {
     fn write_hold(&self, op: Option<&HoldOp>) -> Result<(), LedgerError>;
 }
 
-/// Reconciliation's tables ([`crate::reconcile`]): so far the totals its metrics start from.
+/// Reconciliation's tables ([`crate::reconcile`]): so far the totals its metrics start from and
+/// the windows its report reads.
 pub trait ReconcileStore {
+    /// The windows overlapping `[since_ms, until_ms)` and what a report says beside them
+    /// ([`crate::reconcile::read_windows`]); `None` when the ledger has no balance tables.
+    fn reconcile_windows(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<WindowsRead>, LedgerError>;
+
     /// Unmetered credits per stored credit type over all reconciled windows.
     fn unmetered_totals(&self) -> Result<Vec<(String, i64)>, LedgerError>;
 
