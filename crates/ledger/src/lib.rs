@@ -3,8 +3,8 @@
 //!
 //! Callers outside this crate hold an `Arc<dyn Store>` ([`SharedStore`]); see [`store`] for the
 //! traits, why they are synchronous, how a table or a query is added, and the callers that do
-//! not go through it yet (reconciliation, virtual keys and the audit log, the repeats, FOCUS and
-//! raw-calls reports, `creditmeter_sim::synth`).
+//! not go through it yet (the reconcile poller's window settling and inserts, virtual keys and
+//! the audit log, the repeats, FOCUS and raw-calls reports, `creditmeter_sim::synth`).
 //!
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
 //! block the writer. One writer thread owns the store's [`CallSink`] and group-commits rows

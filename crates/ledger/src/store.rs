@@ -1,11 +1,14 @@
 //! The store seam: what creditmeter asks of its ledger, whatever keeps it.
 //!
-//! The server, the spend/timeline/spike reports, the admin API's usage and calls, the guard
-//! (budget rebuild and holds), the settler and the ledger CLI reach the ledger through these
-//! traits, never through a database connection: they hold an `Arc<dyn Store>`, and the writer
-//! thread holds a `Box<dyn CallSink>`. Not behind the seam yet (each still opens a connection of
-//! its own, and each is the next piece of work before a second backend): reconciliation's
-//! tables (`creditmeter::reconcile`), virtual keys and the audit log ([`crate::keys`],
+//! The server, the spend/timeline/spike reports, the admin API's usage, calls and reconcile
+//! answer, the guard (budget rebuild and holds), the settler, the reconcile metrics' seed and
+//! `report --reconcile`, and the ledger CLI reach the ledger through these traits, never
+//! through a database connection: they hold an `Arc<dyn Store>`, and the writer thread holds a
+//! `Box<dyn CallSink>`. Not behind the seam yet (each still opens a connection of its own, and
+//! each is the next piece of work before a second backend): the reconcile poller's window
+//! settling and its snapshot and poll inserts (`creditmeter::reconcile::{store, calls}`'s
+//! `reconcile_pending`, `insert_snapshot`, `insert_poll`; the console's overview and reconcile
+//! pages read the windows through [`crate::reconcile`] on a connection too), virtual keys and the audit log ([`crate::keys`],
 //! [`crate::audit`], used by `creditmeter::keys`), the waste finder's, FOCUS and raw-calls
 //! reports (`creditmeter::report::{repeats, focus, calls}`), and `sim-ledger`'s generator. SQLite ([`crate::sqlite::SqliteStore`]) is the first implementation;
 //! Postgres (issue 16, DESIGN.md "Backends") is meant to be the second, added beside it without
