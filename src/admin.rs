@@ -258,11 +258,9 @@ impl Admin {
                 }
             }
         }
-        let path = self.ledger_path.clone();
+        let store = self.store.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            let conn = crate::ledger::open_for_read(&path)?;
-            crate::reconcile::answer::load(&conn, since, until)
-                .map_err(crate::ledger::LedgerError::from)
+            crate::reconcile::answer::load_in(&*store, since, until)
         })
         .await;
         match loaded {

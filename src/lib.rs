@@ -142,9 +142,9 @@ pub fn load_catalog(config: &Config) -> Result<Catalog, catalog::CatalogError> {
 /// balance seen, so a restart neither loses increments nor shows an empty balance.
 fn seed_reconcile_metrics(
     config: &Config,
-    conn: &rusqlite::Connection,
+    store: &dyn ledger::Store,
     metrics: &Metrics,
-) -> rusqlite::Result<()> {
+) -> Result<(), ledger::LedgerError> {
     if config.reconcile.enabled {
         let types: Vec<&str> = reconcile::CreditType::pools(config.reconcile.pool)
             .iter()
@@ -152,13 +152,13 @@ fn seed_reconcile_metrics(
             .collect();
         metrics.init_reconcile(&types, &reconcile::poller::POLL_RESULTS);
     }
-    for (endpoint, n) in reconcile::calls::outside_totals(conn)? {
+    for (endpoint, n) in store.outside_totals()? {
         metrics.add_outside_calls(&endpoint, n);
     }
-    for (t, milli) in reconcile::store::unmetered_totals(conn)? {
+    for (t, milli) in reconcile::store::unmetered_totals_in(store)? {
         metrics.add_unmetered(t.as_str(), milli);
     }
-    for (t, consumed, left) in reconcile::store::latest_balances(conn)? {
+    for (t, consumed, left) in reconcile::store::latest_balances_in(store)? {
         metrics.observe_balance(t.as_str(), consumed, left);
     }
     Ok(())
@@ -217,11 +217,7 @@ pub async fn run_with_reload(
         config.ledger.on_error,
     )?);
     metrics.seed(&store.seed_totals()?);
-    // Reconciliation's tables are not behind the store yet: it reads them through a connection
-    // of its own.
-    let conn = ledger::open_for_read(&config.ledger.path)?;
-    seed_reconcile_metrics(&config, &conn, &metrics).map_err(ledger::LedgerError::Query)?;
-    drop(conn);
+    seed_reconcile_metrics(&config, &*store, &metrics)?;
     let edge_metrics =
         proxy::limits::EdgeMetrics::register_with(metrics.registry(), metrics.refused())
             .map_err(metrics::MetricsError::from)?;

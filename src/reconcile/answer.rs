@@ -21,11 +21,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{credits, CreditType};
+use crate::ledger::reconcile::WindowsRead;
+use crate::ledger::{LedgerError, ReconcileStore};
 use crate::report::{Format, ReportError};
 use creditmeter_base::format_time;
 
@@ -342,63 +344,57 @@ pub struct Answer {
 
 /// Reads the windows overlapping `[since_ms, until_ms)`.
 pub fn load(conn: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Result<Answer> {
+    let read = crate::ledger::reconcile::read_windows(conn, since_ms, until_ms)?;
+    Ok(answer_of(since_ms, until_ms, read))
+}
+
+/// [`load`] through the store.
+pub fn load_in<S: ReconcileStore + ?Sized>(
+    store: &S,
+    since_ms: i64,
+    until_ms: i64,
+) -> Result<Answer, LedgerError> {
+    let read = store.reconcile_windows(since_ms, until_ms)?;
+    Ok(answer_of(since_ms, until_ms, read))
+}
+
+/// The answer from the rows read: windows of a credit type this build does not know are left
+/// out, and a `by_endpoint` that does not parse counts as empty.
+fn answer_of(since_ms: i64, until_ms: i64, read: Option<WindowsRead>) -> Answer {
     let mut a = Answer {
         since_ms,
         until_ms,
         ..Default::default()
     };
-    let tables: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table'
-            AND name IN ('balance_snapshots', 'reconciliation')",
-        [],
-        |r| r.get(0),
-    )?;
-    if tables < 2 {
-        return Ok(a);
-    }
+    let Some(read) = read else {
+        return a;
+    };
     a.has_tables = true;
-    (a.snapshots, a.last_snapshot) = conn.query_row(
-        "SELECT (SELECT count(DISTINCT request_id) FROM balance_snapshots
-                  WHERE sent_at >= ?1 AND sent_at < ?2),
-                (SELECT max(sent_at) FROM balance_snapshots)",
-        params![since_ms, until_ms],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    let mut stmt = conn.prepare(
-        "SELECT credit_type, window_start, window_end, cycle_reset, apollo_delta_milli,
-                edge_milli, metered_milli, unmetered_milli, drift_milli, calls, by_endpoint
-           FROM reconciliation
-          WHERE window_end > ?1 AND window_start < ?2
-          ORDER BY window_start, window_end, id",
-    )?;
-    let rows = stmt.query_map(params![since_ms, until_ms], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            WindowRow {
-                credit_type: CreditType::Lead,
-                start: r.get(1)?,
-                end: r.get(2)?,
-                cycle_reset: r.get(3)?,
-                apollo_delta: r.get(4)?,
-                edge: r.get(5)?,
-                metered: r.get(6)?,
-                unmetered: r.get(7)?,
-                drift: r.get(8)?,
-                calls: r.get(9)?,
-                by_endpoint: serde_json::from_str(&r.get::<_, String>(10)?).unwrap_or_default(),
-            },
-        ))
-    })?;
-    for row in rows {
-        let (t, mut w) = row?;
-        if let Some(t) = CreditType::parse(&t) {
-            w.credit_type = t;
-            a.windows.push(w);
+    (a.snapshots, a.last_snapshot) = (read.snapshots, read.last_snapshot);
+    for w in read.windows {
+        if let Some(t) = CreditType::parse(&w.credit_type) {
+            a.windows.push(WindowRow {
+                credit_type: t,
+                start: w.window_start,
+                end: w.window_end,
+                cycle_reset: w.cycle_reset,
+                apollo_delta: w.apollo_delta_milli,
+                edge: w.edge_milli,
+                metered: w.metered_milli,
+                unmetered: w.unmetered_milli,
+                drift: w.drift_milli,
+                calls: w.calls,
+                by_endpoint: serde_json::from_str(&w.by_endpoint).unwrap_or_default(),
+            });
         }
     }
     a.windows.sort_by_key(|w| (w.start, w.end, w.credit_type));
-    a.outside_calls = super::calls::load_outside(conn, since_ms, until_ms)?;
-    Ok(a)
+    a.outside_calls = read
+        .outside
+        .into_iter()
+        .map(super::calls::CallWindow::from)
+        .collect();
+    a
 }
 
 /// What `creditmeter report --reconcile` asks for.
@@ -417,9 +413,8 @@ pub fn report(req: &Request) -> Result<String, ReportError> {
             path: req.db.clone(),
         });
     }
-    let conn = crate::ledger::open_for_read(&req.db)?;
-    let answer =
-        load(&conn, req.since_ms, req.until_ms).map_err(crate::ledger::LedgerError::Query)?;
+    let store = crate::ledger::SqliteStore::open_read(&req.db)?;
+    let answer = load_in(&store, req.since_ms, req.until_ms)?;
     Ok(match req.format {
         Format::Json => format!("{:#}\n", answer.to_json()),
         Format::Csv | Format::Focus => answer.to_csv(),

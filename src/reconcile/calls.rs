@@ -118,12 +118,7 @@ fn endpoint_of(route: &str, catalog: &Catalog) -> String {
 /// Whether the ledger has the tables: a ledger no server of this version has migrated yet
 /// (schema version 6, see `creditmeter_ledger::schema`) is read without them.
 pub fn has_tables(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'reconcile_calls'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n > 0)
+    crate::ledger::reconcile::has_call_tables(conn)
 }
 
 /// Stores one reading.
@@ -456,42 +451,28 @@ pub fn load_outside(
     since_ms: i64,
     until_ms: i64,
 ) -> rusqlite::Result<Vec<CallWindow>> {
-    if !has_tables(conn)? {
-        return Ok(Vec::new());
+    let rows = crate::ledger::reconcile::outside_windows(conn, since_ms, until_ms)?;
+    Ok(rows.into_iter().map(CallWindow::from).collect())
+}
+
+impl From<crate::ledger::reconcile::OutsideWindow> for CallWindow {
+    fn from(w: crate::ledger::reconcile::OutsideWindow) -> CallWindow {
+        CallWindow {
+            endpoint: w.endpoint,
+            routes: w.routes,
+            window_start: w.window_start,
+            window_end: w.window_end,
+            apollo_calls: w.apollo_calls,
+            ledger_calls: w.ledger_calls,
+            drift_calls: w.drift_calls,
+            outside_calls: w.outside_calls,
+        }
     }
-    let mut stmt = conn.prepare(
-        "SELECT endpoint, routes, window_start, window_end, apollo_calls, ledger_calls,
-                drift_calls, outside_calls
-           FROM reconcile_calls
-          WHERE outside_calls > 0 AND window_end > ?1 AND window_start < ?2
-          ORDER BY window_start, endpoint",
-    )?;
-    let rows = stmt.query_map(params![since_ms, until_ms], |r| {
-        Ok(CallWindow {
-            endpoint: r.get(0)?,
-            routes: r.get(1)?,
-            window_start: r.get(2)?,
-            window_end: r.get(3)?,
-            apollo_calls: r.get(4)?,
-            ledger_calls: r.get(5)?,
-            drift_calls: r.get(6)?,
-            outside_calls: r.get(7)?,
-        })
-    })?;
-    rows.collect()
 }
 
 /// Calls outside creditmeter per endpoint over all windows, to start the counter from.
 pub fn outside_totals(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
-    if !has_tables(conn)? {
-        return Ok(Vec::new());
-    }
-    let mut stmt = conn.prepare(
-        "SELECT endpoint, sum(outside_calls) FROM reconcile_calls
-          GROUP BY endpoint HAVING sum(outside_calls) > 0",
-    )?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+    crate::ledger::reconcile::outside_totals(conn)
 }
 
 impl CallWindow {

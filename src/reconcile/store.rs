@@ -17,6 +17,8 @@ use serde_json::{json, Map, Value};
 use super::drift::{self, Carry};
 use super::usage::UsageStats;
 use super::{CreditType, Pool, POLLER_TABLE};
+use crate::ledger::reconcile::LatestBalance;
+use crate::ledger::{LedgerError, ReconcileStore};
 use crate::meter::now_ms;
 
 /// Timing rules for settling windows, milliseconds.
@@ -384,38 +386,50 @@ fn edge_credits(
     )
 }
 
-/// Unmetered credits per credit type over all windows, to start the counter from.
+/// Unmetered credits per credit type over all windows, to start the counter from (rows of a
+/// credit type this build does not know are left out).
 pub fn unmetered_totals(conn: &Connection) -> rusqlite::Result<Vec<(CreditType, i64)>> {
-    let mut stmt =
-        conn.prepare("SELECT credit_type, sum(unmetered_milli) FROM reconciliation GROUP BY 1")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (t, milli) = row?;
-        if let Some(t) = CreditType::parse(&t) {
-            out.push((t, milli));
-        }
-    }
-    Ok(out)
+    Ok(typed_unmetered(crate::ledger::reconcile::unmetered_totals(
+        conn,
+    )?))
+}
+
+/// [`unmetered_totals`] through the store.
+pub fn unmetered_totals_in<S: ReconcileStore + ?Sized>(
+    store: &S,
+) -> Result<Vec<(CreditType, i64)>, LedgerError> {
+    Ok(typed_unmetered(store.unmetered_totals()?))
+}
+
+fn typed_unmetered(rows: Vec<(String, i64)>) -> Vec<(CreditType, i64)> {
+    rows.into_iter()
+        .filter_map(|(t, milli)| CreditType::parse(&t).map(|t| (t, milli)))
+        .collect()
 }
 
 /// The latest snapshot per credit type: `(type, consumed, left)`, for the gauges at start-up.
 pub fn latest_balances(conn: &Connection) -> rusqlite::Result<Vec<(CreditType, i64, Option<i64>)>> {
-    let mut out = Vec::new();
-    for t in CreditType::ALL {
-        let row: Option<(i64, Option<i64>)> = conn
-            .query_row(
-                "SELECT consumed_milli, left_milli FROM balance_snapshots
-                  WHERE credit_type = ?1 ORDER BY sent_at DESC, id DESC LIMIT 1",
-                [t.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        if let Some((consumed, left)) = row {
-            out.push((t, consumed, left));
-        }
-    }
-    Ok(out)
+    let rows = crate::ledger::reconcile::latest_balances(conn, &all_types())?;
+    Ok(typed_balances(rows))
+}
+
+/// [`latest_balances`] through the store.
+pub fn latest_balances_in<S: ReconcileStore + ?Sized>(
+    store: &S,
+) -> Result<Vec<(CreditType, i64, Option<i64>)>, LedgerError> {
+    Ok(typed_balances(store.latest_balances(&all_types())?))
+}
+
+fn all_types() -> [&'static str; 3] {
+    CreditType::ALL.map(CreditType::as_str)
+}
+
+fn typed_balances(rows: Vec<LatestBalance>) -> Vec<(CreditType, i64, Option<i64>)> {
+    rows.into_iter()
+        .filter_map(|b| {
+            CreditType::parse(&b.credit_type).map(|t| (t, b.consumed_milli, b.left_milli))
+        })
+        .collect()
 }
 
 #[cfg(test)]

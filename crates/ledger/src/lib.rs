@@ -3,8 +3,8 @@
 //!
 //! Callers outside this crate hold an `Arc<dyn Store>` ([`SharedStore`]); see [`store`] for the
 //! traits, why they are synchronous, how a table or a query is added, and the callers that do
-//! not go through it yet (reconciliation, virtual keys and the audit log, the repeats, FOCUS and
-//! raw-calls reports, `creditmeter_sim::synth`).
+//! not go through it yet (the reconcile poller's window settling and inserts, virtual keys and
+//! the audit log, the repeats, FOCUS and raw-calls reports, `creditmeter_sim::synth`).
 //!
 //! The file runs in WAL mode so that readers (a person in `sqlite3`, `creditmeter report`) never
 //! block the writer. One writer thread owns the store's [`CallSink`] and group-commits rows
@@ -23,6 +23,7 @@ pub mod identifiers;
 pub mod keys;
 pub mod maintenance;
 pub mod queries;
+pub mod reconcile;
 pub mod schema;
 pub mod settings;
 pub mod sqlite;
@@ -40,7 +41,8 @@ pub use writer::{CommitError, LedgerHandle, LedgerMetrics, LedgerWriter, WriterC
 pub use settings::{OnLedgerError, Synchronous};
 pub use sqlite::SqliteStore;
 pub use store::{
-    CallSink, Guardrails, PendingCall, Reports, Rows, SettleStore, SharedStore, SinkOptions, Store,
+    CallSink, Guardrails, PendingCall, ReconcileStore, Reports, Rows, SettleStore, SharedStore,
+    SinkOptions, Store,
 };
 
 /// Why the ledger could not be opened, read or written.

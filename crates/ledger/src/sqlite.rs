@@ -22,8 +22,10 @@ use crate::maintenance::{self, LedgerStats, PruneOutcome, Retention, VacuumOutco
 use crate::queries::{
     self, Aggregate, CallRow, CallsQuery, Cursor, Filter, GroupBy, SeedTotals, Source, Window,
 };
+use crate::reconcile::{self, LatestBalance, WindowsRead};
 use crate::store::{
-    CallSink, Guardrails, PendingCall, Reports, Rows, SettleStore, SinkOptions, Store,
+    CallSink, Guardrails, PendingCall, ReconcileStore, Reports, Rows, SettleStore, SinkOptions,
+    Store,
 };
 use crate::{CallRecord, LedgerError, Synchronous};
 
@@ -253,6 +255,28 @@ impl SettleStore for SqliteStore {
                 |row| row.get(0),
             )
         })
+    }
+}
+
+impl ReconcileStore for SqliteStore {
+    fn reconcile_windows(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<WindowsRead>, LedgerError> {
+        self.read(|c| reconcile::read_windows(c, since_ms, until_ms))
+    }
+
+    fn unmetered_totals(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.read(reconcile::unmetered_totals)
+    }
+
+    fn latest_balances(&self, credit_types: &[&str]) -> Result<Vec<LatestBalance>, LedgerError> {
+        self.read(|c| reconcile::latest_balances(c, credit_types))
+    }
+
+    fn outside_totals(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.read(reconcile::outside_totals)
     }
 }
 

@@ -1,11 +1,14 @@
 //! The store seam: what creditmeter asks of its ledger, whatever keeps it.
 //!
-//! The server, the spend/timeline/spike reports, the admin API's usage and calls, the guard
-//! (budget rebuild and holds), the settler and the ledger CLI reach the ledger through these
-//! traits, never through a database connection: they hold an `Arc<dyn Store>`, and the writer
-//! thread holds a `Box<dyn CallSink>`. Not behind the seam yet (each still opens a connection of
-//! its own, and each is the next piece of work before a second backend): reconciliation's
-//! tables (`creditmeter::reconcile`), virtual keys and the audit log ([`crate::keys`],
+//! The server, the spend/timeline/spike reports, the admin API's usage, calls and reconcile
+//! answer, the guard (budget rebuild and holds), the settler, the reconcile metrics' seed and
+//! `report --reconcile`, and the ledger CLI reach the ledger through these traits, never
+//! through a database connection: they hold an `Arc<dyn Store>`, and the writer thread holds a
+//! `Box<dyn CallSink>`. Not behind the seam yet (each still opens a connection of its own, and
+//! each is the next piece of work before a second backend): the reconcile poller's window
+//! settling and its snapshot and poll inserts (`creditmeter::reconcile::{store, calls}`'s
+//! `reconcile_pending`, `insert_snapshot`, `insert_poll`; the console's overview and reconcile
+//! pages read the windows through [`crate::reconcile`] on a connection too), virtual keys and the audit log ([`crate::keys`],
 //! [`crate::audit`], used by `creditmeter::keys`), the waste finder's, FOCUS and raw-calls
 //! reports (`creditmeter::report::{repeats, focus, calls}`), and `sim-ledger`'s generator. SQLite ([`crate::sqlite::SqliteStore`]) is the first implementation;
 //! Postgres (issue 16, DESIGN.md "Backends") is meant to be the second, added beside it without
@@ -22,6 +25,8 @@
 //!   the metrics' seed totals).
 //! - [`Guardrails`]: the spend budgets rebuild from, and the `holds` table.
 //! - [`SettleStore`]: deferred charges still pending.
+//! - [`ReconcileStore`]: reconciliation's tables (so far the totals its metrics start from and
+//!   the windows its report reads).
 //! - [`Store`]: all of the above, plus the install secret, the writer's sink and retention.
 //!
 //! Local spools (`<ledger>.spool` for call rows, `<ledger>.holds-spool` for hold changes) are
@@ -76,6 +81,7 @@ use crate::maintenance::{PruneOutcome, Retention};
 use crate::queries::{
     Aggregate, CallRow, CallsQuery, Cursor, Filter, GroupBy, SeedTotals, Source, Window,
 };
+use crate::reconcile::{LatestBalance, WindowsRead};
 use crate::{CallRecord, LedgerError};
 
 /// A batch of call rows handed to [`CallSink::commit`], borrowed from the writer: live rows as
@@ -221,6 +227,27 @@ pub trait Guardrails {
     fn write_hold(&self, op: Option<&HoldOp>) -> Result<(), LedgerError>;
 }
 
+/// Reconciliation's tables ([`crate::reconcile`]): so far the totals its metrics start from and
+/// the windows its report reads.
+pub trait ReconcileStore {
+    /// The windows overlapping `[since_ms, until_ms)` and what a report says beside them
+    /// ([`crate::reconcile::read_windows`]); `None` when the ledger has no balance tables.
+    fn reconcile_windows(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<WindowsRead>, LedgerError>;
+
+    /// Unmetered credits per stored credit type over all reconciled windows.
+    fn unmetered_totals(&self) -> Result<Vec<(String, i64)>, LedgerError>;
+
+    /// The latest balance snapshot of each of `credit_types` that has one, in that order.
+    fn latest_balances(&self, credit_types: &[&str]) -> Result<Vec<LatestBalance>, LedgerError>;
+
+    /// Calls outside creditmeter per endpoint over all windows (endpoints with any).
+    fn outside_totals(&self) -> Result<Vec<(String, i64)>, LedgerError>;
+}
+
 /// A call whose deferred charge has no settlement row yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingCall {
@@ -260,7 +287,7 @@ pub struct SinkOptions {
 }
 
 /// The ledger, whatever keeps it. See the module documentation.
-pub trait Store: Reports + Guardrails + SettleStore + Send + Sync {
+pub trait Store: Reports + Guardrails + SettleStore + ReconcileStore + Send + Sync {
     /// `sqlite` (later `postgres`), for logs.
     fn backend(&self) -> &'static str;
 
