@@ -302,8 +302,10 @@ say "stopping creditmeter with SIGTERM"
 before=$(ledger_sums)
 stop_cm
 after=$(ledger_sums)
-if [ "$rc" = 0 ] && [ "$before" = "$after" ]; then
-    pass "creditmeter exits 0 on SIGTERM, ledger unchanged $after (rows, credits_milli)"
+# Credits must not change. Rows may: with reconcile on, creditmeter's own free balance polls
+# (0 credits, table _creditmeter) go on being recorded until the listener closes.
+if [ "$rc" = 0 ] && [ "${before#*, }" = "${after#*, }" ]; then
+    pass "creditmeter exits 0 on SIGTERM, credits unchanged: before $before, after $after (rows, credits_milli)"
 else
     fail "creditmeter exits 0 on SIGTERM (exit: $rc; ledger before $before, after $after)"
 fi
